@@ -1,0 +1,330 @@
+// Python binding for the ring (sage_ray_comm._core).
+//
+// This file only moves bytes between Python objects and sage::Ring and turns
+// sage::Status codes into the exception types defined in
+// sage_ray_comm/errors.py. The GIL is released only around waits and copies,
+// in inner blocks that touch no Python object.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cerrno>
+#include <cstddef>
+#include <cstring>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "ring.hpp"
+
+namespace py = pybind11;
+using sage::Ring;
+using sage::Status;
+
+namespace {
+
+py::object error_type(const char* name) {
+  // Imported lazily: errors.py is plain Python and imports nothing from here.
+  return py::module_::import("sage_ray_comm.errors").attr(name);
+}
+
+[[noreturn]] void raise(const char* type, const std::string& msg) {
+  py::object exc = error_type(type)(msg);
+  PyErr_SetObject(exc.get_type().ptr(), exc.ptr());
+  throw py::error_already_set();
+}
+
+std::string fmt_bytes(uint64_t n) { return std::to_string(n) + " bytes"; }
+
+// Converts a failed status into the matching typed exception.
+[[noreturn]] void raise_status(Status st, const std::string& label, const std::string& detail, int err,
+                               const char* op, uint64_t size = 0, uint64_t limit = 0) {
+  switch (st) {
+    case Status::kTimeout:
+      if (std::strcmp(op, "put") == 0)
+        raise("QueueFull", label + " is full: no room for " + fmt_bytes(size) + " before the timeout");
+      raise("QueueEmpty", label + " is empty: nothing arrived before the timeout");
+    case Status::kClosed:
+      raise("QueueClosed", label + " is closed" +
+                               (std::strcmp(op, "get") == 0 ? " and drained" : "; " + std::string(op) + " refused"));
+    case Status::kTooLarge:
+      raise("MessageTooLarge", "message of " + fmt_bytes(size) + " exceeds the maximum frame of " +
+                                   fmt_bytes(limit) + " for " + label +
+                                   " (a frame may use at most half the ring; create the queue with a larger maxsize)");
+    case Status::kCorrupt:
+      raise("QueueCorrupted", label + " is corrupted: " + (detail.empty() ? "validation failed" : detail));
+    case Status::kNotFound:
+      raise("QueueNotFound", label + " does not exist (no shared-memory segment by that name on this node)");
+    case Status::kExists:
+      raise("QueueExists", label + " already exists");
+    case Status::kBadMagic:
+      raise("IncompatibleSegment", label + ": the segment is not a sage_ray_comm ring (bad magic number)");
+    case Status::kBadVersion:
+      raise("IncompatibleSegment", label + ": the segment uses another ring layout version (this build reads version " +
+                                       std::to_string(sage::kVersion) + ")");
+    case Status::kInvalidArg:
+      raise("InvalidQueueArgument", label + ": invalid segment name or capacity for " + op);
+    case Status::kSysError:
+      raise("SharedMemoryError", label + ": " + op + " failed: " + std::strerror(err));
+    case Status::kBufferTooSmall:
+    case Status::kOk:
+      break;
+  }
+  raise("SageCommError", label + ": unexpected status from " + op);
+}
+
+int64_t to_ns(py::object timeout) {
+  if (timeout.is_none()) return -1;
+  double s = timeout.cast<double>();
+  if (s < 0) throw py::value_error("'timeout' must be a non-negative number");
+  if (s > 9.0e9) return -1;  // practically forever; avoids overflow
+  return int64_t(s * 1e9);
+}
+
+// Holds Py_buffer views for the duration of a put.
+struct Views {
+  std::vector<Py_buffer> bufs;
+  ~Views() {
+    for (auto& b : bufs) PyBuffer_Release(&b);
+  }
+  void add(PyObject* o) {
+    Py_buffer b;
+    if (PyObject_GetBuffer(o, &b, PyBUF_C_CONTIGUOUS) != 0) throw py::error_already_set();
+    bufs.push_back(b);
+  }
+};
+
+class PyRing {
+ public:
+  PyRing(const std::string& shm_name, uint64_t capacity, int mode, std::string label)
+      : label_(std::move(label)) {
+    if (label_.empty()) label_ = "ring " + shm_name;
+    Ring* r = nullptr;
+    bool created = false;
+    int err = 0;
+    std::string detail;
+    Status st;
+    {
+      py::gil_scoped_release nogil;  // may wait on a creator's flock
+      st = Ring::open(shm_name, capacity, sage::OpenMode(mode), &r, &created, &err, &detail);
+    }
+    if (st != Status::kOk) raise_status(st, label_, detail, err, "open");
+    ring_.reset(r);
+    created_ = created;
+  }
+
+  Ring& ring() {
+    if (!ring_) raise("QueueClosed", label_ + " was released by this process");
+    return *ring_;
+  }
+
+  void put_parts(const py::sequence& parts, uint16_t kind, py::object timeout) {
+    Ring& r = ring();
+    int64_t ns = to_ns(timeout);
+    Views views;
+    views.bufs.reserve(parts.size());
+    for (auto item : parts) views.add(item.ptr());
+    std::vector<sage::IoPart> io(views.bufs.size());
+    uint64_t total = 0;
+    for (size_t i = 0; i < io.size(); ++i) {
+      io[i].data = views.bufs[i].buf;
+      io[i].len = size_t(views.bufs[i].len);
+      total += io[i].len;
+    }
+    Status st;
+    {
+      py::gil_scoped_release nogil;
+      st = r.put(io.data(), io.size(), kind, ns);
+    }
+    if (st != Status::kOk) raise_status(st, label_, r.detail(), r.last_errno(), "put", total, r.max_payload());
+  }
+
+  void put(py::handle data, uint16_t kind, py::object timeout) {
+    Ring& r = ring();
+    int64_t ns = to_ns(timeout);
+    Views views;
+    views.add(data.ptr());
+    sage::IoPart part{views.bufs[0].buf, size_t(views.bufs[0].len)};
+    Status st;
+    {
+      py::gil_scoped_release nogil;
+      st = r.put(&part, 1, kind, ns);
+    }
+    if (st != Status::kOk) raise_status(st, label_, r.detail(), r.last_errno(), "put", part.len, r.max_payload());
+  }
+
+  // Returns (payload, kind). writable=True gives a bytearray, so buffers
+  // reconstructed from it (numpy arrays) are writable.
+  py::tuple get(py::object timeout, bool writable) {
+    Ring& r = ring();
+    int64_t ns = to_ns(timeout);
+    // Guess the size from the last message so the common case is one
+    // allocation and one copy straight from the ring into the result.
+    size_t want = last_len_ < 64 ? 64 : last_len_;
+    for (;;) {
+      PyObject* obj = writable ? PyByteArray_FromStringAndSize(nullptr, Py_ssize_t(want))
+                               : PyBytes_FromStringAndSize(nullptr, Py_ssize_t(want));
+      if (!obj) throw py::error_already_set();
+      char* dst = writable ? PyByteArray_AS_STRING(obj) : PyBytes_AS_STRING(obj);
+      size_t got = 0;
+      uint16_t kind = 0;
+      Status st;
+      {
+        py::gil_scoped_release nogil;
+        st = r.get(dst, want, &got, &kind, ns);
+      }
+      if (st == Status::kBufferTooSmall) {
+        Py_DECREF(obj);
+        want = got;  // exact size of the frame at head; retry at once
+        continue;
+      }
+      if (st != Status::kOk) {
+        Py_DECREF(obj);
+        raise_status(st, label_, r.detail(), r.last_errno(), "get");
+      }
+      last_len_ = got;
+      if (got != want) {
+        int rc = writable ? PyByteArray_Resize(obj, Py_ssize_t(got)) : _PyBytes_Resize(&obj, Py_ssize_t(got));
+        if (rc != 0) throw py::error_already_set();
+      }
+      return py::make_tuple(py::reinterpret_steal<py::object>(obj), kind);
+    }
+  }
+
+  py::tuple count() {
+    Ring& r = ring();
+    uint64_t m = 0, b = 0;
+    Status st;
+    {
+      py::gil_scoped_release nogil;
+      st = r.count(&m, &b);
+    }
+    if (st != Status::kOk) raise_status(st, label_, r.detail(), r.last_errno(), "qsize");
+    return py::make_tuple(m, b);
+  }
+
+  bool unblock() {
+    Ring& r = ring();
+    bool skipped = false;
+    Status st;
+    {
+      py::gil_scoped_release nogil;
+      st = r.unblock(&skipped);
+    }
+    if (st != Status::kOk) raise_status(st, label_, r.detail(), r.last_errno(), "unblock");
+    return skipped;
+  }
+
+  py::dict stats() {
+    sage::Stats s;
+    ring().stats(&s);
+    py::dict d;
+    d["capacity"] = s.capacity;
+    d["max_message_size"] = s.max_payload;
+    d["head"] = s.head;
+    d["tail"] = s.tail;
+    d["messages_in"] = s.msgs_in;
+    d["bytes_in"] = s.bytes_in;
+    d["messages_out"] = s.msgs_out;
+    d["bytes_out"] = s.bytes_out;
+    d["frames_dropped"] = s.frames_dropped;
+    d["lock_recoveries"] = s.lock_recoveries;
+    d["creator_pid"] = s.creator_pid;
+    d["closed"] = bool(s.closed);
+    d["created_unix_ns"] = s.created_unix_ns;
+    return d;
+  }
+
+  py::memoryview raw_view() {
+    Ring& r = ring();
+    return py::memoryview::from_memory(r.base(), Py_ssize_t(r.map_size()), false);
+  }
+
+  void release() { ring_.reset(); }
+  bool released() const { return !ring_; }
+  bool created() const { return created_; }
+  const std::string& label() const { return label_; }
+
+ private:
+  std::unique_ptr<Ring> ring_;
+  std::string label_;
+  bool created_ = false;
+  size_t last_len_ = 0;
+};
+
+}  // namespace
+
+PYBIND11_MODULE(_core, m) {
+  m.doc() = "Shared-memory MPMC ring buffer (private; use sage_ray_comm.SageQueue).";
+  m.attr("LAYOUT_VERSION") = sage::kVersion;
+  m.attr("HEADER_SIZE") = sage::kHeaderSize;
+  m.attr("FRAME_HEADER_SIZE") = sage::kFrameHeader;
+  m.attr("MIN_CAPACITY") = sage::kMinCapacity;
+  m.attr("MAX_CAPACITY") = sage::kMaxCapacity;
+  m.attr("OPEN_OR_CREATE") = int(sage::OpenMode::kCreateOrOpen);
+  m.attr("OPEN_ONLY") = int(sage::OpenMode::kOpenOnly);
+  m.attr("CREATE_ONLY") = int(sage::OpenMode::kCreateOnly);
+
+  // Byte offsets of header fields, for tests that corrupt a segment on purpose.
+  py::dict offsets;
+  offsets["magic"] = offsetof(sage::Header, magic);
+  offsets["version"] = offsetof(sage::Header, version);
+  offsets["capacity"] = offsetof(sage::Header, capacity);
+  offsets["tail"] = offsetof(sage::Header, tail);
+  offsets["head"] = offsetof(sage::Header, head);
+  offsets["prod_lock"] = offsetof(sage::Header, prod_lock);
+  offsets["cons_lock"] = offsetof(sage::Header, cons_lock);
+  offsets["locks_end"] = offsetof(sage::Header, cons_lock) + sizeof(pthread_mutex_t);
+  offsets["closed"] = offsetof(sage::Header, closed);
+  offsets["data"] = sage::kHeaderSize;
+  m.attr("_HEADER_OFFSETS") = offsets;
+
+  py::class_<PyRing>(m, "Ring")
+      .def(py::init<const std::string&, uint64_t, int, std::string>(), py::arg("shm_name"),
+           py::arg("capacity"), py::arg("mode") = 0, py::arg("label") = "")
+      .def("put", &PyRing::put, py::arg("data"), py::arg("kind") = 0, py::arg("timeout") = py::none())
+      .def("put_parts", &PyRing::put_parts, py::arg("parts"), py::arg("kind") = 0,
+           py::arg("timeout") = py::none())
+      .def("get", &PyRing::get, py::arg("timeout") = py::none(), py::arg("writable") = false)
+      .def("count", &PyRing::count)
+      .def("would_block_put", [](PyRing& self, uint64_t n) { return self.ring().would_block_put(n); })
+      .def("close_queue", [](PyRing& self) { self.ring().close_queue(); })
+      .def_property_readonly("closed", [](PyRing& self) { return self.ring().is_closed(); })
+      .def("unblock", &PyRing::unblock)
+      .def("stats", &PyRing::stats)
+      .def("reset_stats", [](PyRing& self) { self.ring().reset_stats(); })
+      .def("set_spin_ns", [](PyRing& self, int64_t ns) { self.ring().set_spin_ns(ns); })
+      .def("_set_test_hook", [](PyRing& self, int hook, int fd) { self.ring().set_test_hook(hook, fd); })
+      .def("release", &PyRing::release)
+      .def("raw_view", &PyRing::raw_view)
+      .def_property_readonly("released", &PyRing::released)
+      .def_property_readonly("created", &PyRing::created)
+      .def_property_readonly("label", &PyRing::label)
+      .def_property_readonly("shm_name", [](PyRing& self) { return self.ring().name(); })
+      .def_property_readonly("capacity", [](PyRing& self) { return self.ring().capacity(); })
+      .def_property_readonly("max_message_size", [](PyRing& self) { return self.ring().max_payload(); });
+
+  m.def("unlink", [](const std::string& name) {
+    int err = 0;
+    Status st = Ring::unlink(name, &err);
+    if (st == Status::kNotFound) return false;
+    if (st != Status::kOk) raise_status(st, "segment " + name, "", err, "unlink");
+    return true;
+  });
+  m.def("inspect", [](const std::string& name) -> py::object {
+    sage::Inspect in;
+    int err = 0;
+    Status st = Ring::inspect(name, &in, &err);
+    if (st == Status::kNotFound) return py::none();
+    if (st != Status::kOk) raise_status(st, "segment " + name, "", err, "inspect");
+    py::dict d;
+    d["valid"] = in.valid;
+    d["initializing"] = in.initializing;
+    d["file_size"] = in.file_size;
+    d["creator_pid"] = in.creator_pid;
+    d["creator_alive"] = in.creator_alive;
+    d["live_attached"] = in.live_attached;
+    return d;
+  });
+  m.def("process_alive", &sage::process_alive, py::arg("pid"), py::arg("start_time") = 0);
+  m.def("process_start_time", &sage::process_start_time, py::arg("pid"));
+}

@@ -1,0 +1,154 @@
+"""Shared-memory segment names, node identity and garbage collection.
+
+Segments live in ``/dev/shm`` as ``sage_rc.<namespace>.<name>.<digest>``. The
+digest covers the exact (namespace, name) pair, so two namespaces never share
+a segment even when their sanitised names collide, and every process that
+asks for the same pair on a node opens the same segment (the seed derived
+names from the pid, so two processes never met).
+
+>>> from sage_ray_comm import shm
+>>> shm.segment_name("jobs", "ingest").startswith("/sage_rc.jobs.ingest.")
+True
+>>> removed = shm.gc()          # unlink segments whose processes are all dead
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import re
+import sys
+from typing import Optional
+
+from . import _core
+
+__all__ = [
+    "PREFIX",
+    "DEFAULT_NAMESPACE",
+    "SHM_DIR",
+    "SegmentInfo",
+    "segment_name",
+    "default_namespace",
+    "host_id",
+    "current_node_id",
+    "list_segments",
+    "gc",
+]
+
+PREFIX = "sage_rc."
+SHM_DIR = "/dev/shm"
+DEFAULT_NAMESPACE = "default"
+_UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
+
+
+def default_namespace() -> str:
+    """The namespace used when none is given: ``$SAGE_COMM_NAMESPACE`` or ``"default"``."""
+    return os.environ.get("SAGE_COMM_NAMESPACE") or DEFAULT_NAMESPACE
+
+
+def segment_name(namespace: str, name: str) -> str:
+    """The POSIX shared-memory name (leading ``/``) for ``name`` in ``namespace``."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"queue name must be a non-empty string, got {name!r}")
+    if not isinstance(namespace, str) or not namespace:
+        raise ValueError(f"namespace must be a non-empty string, got {namespace!r}")
+    digest = hashlib.blake2b(f"{namespace}\x00{name}".encode(), digest_size=8).hexdigest()
+    ns = _UNSAFE.sub("_", namespace)[:40]
+    nm = _UNSAFE.sub("_", name)[:60]
+    return f"/{PREFIX}{ns}.{nm}.{digest}"
+
+
+_HOST_ID: Optional[str] = None
+
+
+def host_id() -> str:
+    """Identity of the running kernel: processes with the same one share /dev/shm."""
+    global _HOST_ID
+    if _HOST_ID is None:
+        try:
+            with open("/proc/sys/kernel/random/boot_id") as f:
+                _HOST_ID = f.read().strip()
+        except OSError:  # not Linux /proc: fall back to the host name
+            _HOST_ID = os.uname().nodename
+    return _HOST_ID
+
+
+def current_node_id() -> Optional[str]:
+    """The Ray node id of this process, or None when Ray is not initialised here.
+
+    Ray is never imported by this function: a process that does not use Ray
+    does not pay for importing it.
+    """
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return None
+    try:
+        return ray.get_runtime_context().get_node_id()
+    except Exception:  # a worker shutting down
+        return None
+
+
+@dataclasses.dataclass(frozen=True)
+class SegmentInfo:
+    """One sage_ray_comm segment found in /dev/shm."""
+
+    shm_name: str
+    size: int
+    valid: bool
+    initializing: bool
+    creator_pid: int
+    creator_alive: bool
+    live_attached: int
+
+    @property
+    def stale(self) -> bool:
+        """No live process created or attached it, and nobody is laying it out."""
+        if self.initializing:
+            return False
+        if not self.valid:
+            return True  # creator died before finishing the header
+        return not self.creator_alive and self.live_attached == 0
+
+
+def list_segments(namespace: Optional[str] = None) -> list[SegmentInfo]:
+    """Every sage_ray_comm segment on this node (optionally only one namespace)."""
+    try:
+        names = sorted(os.listdir(SHM_DIR))
+    except FileNotFoundError:
+        return []
+    want = None if namespace is None else f"{PREFIX}{_UNSAFE.sub('_', namespace)[:40]}."
+    out = []
+    for fname in names:
+        if not fname.startswith(PREFIX) or (want and not fname.startswith(want)):
+            continue
+        info = _core.inspect("/" + fname)
+        if info is None:  # removed while we looked
+            continue
+        out.append(
+            SegmentInfo(
+                shm_name="/" + fname,
+                size=info["file_size"],
+                valid=info["valid"],
+                initializing=info["initializing"],
+                creator_pid=info["creator_pid"],
+                creator_alive=info["creator_alive"],
+                live_attached=info["live_attached"],
+            )
+        )
+    return out
+
+
+def gc(namespace: Optional[str] = None, dry_run: bool = False) -> list[SegmentInfo]:
+    """Unlink segments left behind by dead processes; return what was (or would be) removed.
+
+    A segment is stale when its creator is dead and no live process is in its
+    attach table (64 slots; a process beyond that is not seen, so run gc when
+    the segment's users are known to be gone).
+    """
+    removed = []
+    for seg in list_segments(namespace):
+        if seg.stale:
+            if dry_run or _core.unlink(seg.shm_name):
+                removed.append(seg)
+    return removed

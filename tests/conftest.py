@@ -1,0 +1,50 @@
+"""Shared fixtures.
+
+- ``ns``: a fresh namespace per test, so every test gets its own shared-memory
+  names; at teardown no segment of that namespace may be left behind.
+- ``ray_session``: one local Ray instance for the whole session (started on
+  first use); actors get fractional ``num_cpus``.
+"""
+
+from __future__ import annotations
+
+import gc as _pygc
+import os
+import re
+import uuid
+
+import pytest
+
+from sage_ray_comm import shm
+
+
+@pytest.fixture
+def ns(request) -> str:
+    base = re.sub(r"[^A-Za-z0-9]+", "-", request.node.name)[:24].strip("-")
+    name = f"t-{base}-{uuid.uuid4().hex[:8]}"
+    yield name
+    # Handles dropped by the test are released by their finalizers.
+    _pygc.collect()
+    left = [s for s in shm.list_segments(name)]
+    for s in left:
+        try:
+            os.unlink(shm.SHM_DIR + s.shm_name)
+        except FileNotFoundError:
+            pass
+    assert not left, f"test leaked shared-memory segments: {[s.shm_name for s in left]}"
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(
+            num_cpus=4,  # logical CPUs for scheduling fractional actors; the machine has 2 cores
+            include_dashboard=False,
+            log_to_driver=False,
+            configure_logging=False,
+            namespace="sage_ray_comm_tests",
+        )
+    yield ray
+    ray.shutdown()
