@@ -130,36 +130,33 @@ class PyRing {
       io[i].len = size_t(views.bufs[i].len);
       total += io[i].len;
     }
-    Status st;
-    {
-      py::gil_scoped_release nogil;
-      st = r.put(io.data(), io.size(), kind, ns);
-    }
-    if (st != Status::kOk) raise_status(st, label_, r.detail(), r.last_errno(), "put", total, r.max_payload());
+    do_put(r, io.data(), io.size(), total, kind, ns);
   }
 
   void put(py::handle data, uint16_t kind, py::object timeout) {
     Ring& r = ring();
     int64_t ns = to_ns(timeout);
-    Views views;
-    views.add(data.ptr());
-    sage::IoPart part{views.bufs[0].buf, size_t(views.bufs[0].len)};
-    Status st;
-    {
-      py::gil_scoped_release nogil;
-      st = r.put(&part, 1, kind, ns);
+    Py_buffer view;
+    if (PyObject_GetBuffer(data.ptr(), &view, PyBUF_C_CONTIGUOUS) != 0) throw py::error_already_set();
+    sage::IoPart part{view.buf, size_t(view.len)};
+    try {
+      do_put(r, &part, 1, part.len, kind, ns);
+    } catch (...) {
+      PyBuffer_Release(&view);
+      throw;
     }
-    if (st != Status::kOk) raise_status(st, label_, r.detail(), r.last_errno(), "put", part.len, r.max_payload());
+    PyBuffer_Release(&view);
   }
 
-  // Returns (payload, kind). writable=True gives a bytearray, so buffers
-  // reconstructed from it (numpy arrays) are writable.
-  py::tuple get(py::object timeout, bool writable) {
+  // Returns (payload, kind). Frames of kind `writable_kind` are returned in a
+  // bytearray (numpy arrays rebuilt on it are writable), others as bytes.
+  py::tuple get(py::object timeout, int writable_kind) {
     Ring& r = ring();
     int64_t ns = to_ns(timeout);
-    // Guess the size from the last message so the common case is one
+    // Guess size and type from the last message, so the common case is one
     // allocation and one copy straight from the ring into the result.
     size_t want = last_len_ < 64 ? 64 : last_len_;
+    bool writable = last_kind_ == writable_kind;
     for (;;) {
       PyObject* obj = writable ? PyByteArray_FromStringAndSize(nullptr, Py_ssize_t(want))
                                : PyBytes_FromStringAndSize(nullptr, Py_ssize_t(want));
@@ -167,14 +164,19 @@ class PyRing {
       char* dst = writable ? PyByteArray_AS_STRING(obj) : PyBytes_AS_STRING(obj);
       size_t got = 0;
       uint16_t kind = 0;
-      Status st;
-      {
+      Status st = Status::kTimeout;
+      if (want <= kSmall) st = r.get(dst, want, &got, &kind, Ring::kTryOnce, writable_kind, writable);
+      if (st == Status::kTimeout && ns != Ring::kTryOnce) {
         py::gil_scoped_release nogil;
-        st = r.get(dst, want, &got, &kind, ns);
+        st = r.get(dst, want, &got, &kind, ns, writable_kind, writable);
       }
       if (st == Status::kBufferTooSmall) {
+        // The frame at head is larger, or wants the other buffer type: retry
+        // at once with exactly what it needs (it stays at head meanwhile,
+        // unless another consumer takes it, which the loop also handles).
         Py_DECREF(obj);
-        want = got;  // exact size of the frame at head; retry at once
+        want = got;
+        writable = int(kind) == writable_kind;
         continue;
       }
       if (st != Status::kOk) {
@@ -182,6 +184,7 @@ class PyRing {
         raise_status(st, label_, r.detail(), r.last_errno(), "get");
       }
       last_len_ = got;
+      last_kind_ = kind;
       if (got != want) {
         int rc = writable ? PyByteArray_Resize(obj, Py_ssize_t(got)) : _PyBytes_Resize(&obj, Py_ssize_t(got));
         if (rc != 0) throw py::error_already_set();
@@ -245,10 +248,25 @@ class PyRing {
   const std::string& label() const { return label_; }
 
  private:
+  // Payloads up to this size are first tried once with the GIL held: for
+  // them, releasing and re-taking the GIL costs more than the copy.
+  static constexpr size_t kSmall = 64 * 1024;
+
+  void do_put(Ring& r, const sage::IoPart* io, size_t n, uint64_t total, uint16_t kind, int64_t ns) {
+    Status st = Status::kTimeout;
+    if (total <= kSmall) st = r.put(io, n, kind, Ring::kTryOnce);
+    if (st == Status::kTimeout) {
+      py::gil_scoped_release nogil;
+      st = r.put(io, n, kind, ns);
+    }
+    if (st != Status::kOk) raise_status(st, label_, r.detail(), r.last_errno(), "put", total, r.max_payload());
+  }
+
   std::unique_ptr<Ring> ring_;
   std::string label_;
   bool created_ = false;
   size_t last_len_ = 0;
+  int last_kind_ = -1;
 };
 
 }  // namespace
@@ -284,7 +302,7 @@ PYBIND11_MODULE(_core, m) {
       .def("put", &PyRing::put, py::arg("data"), py::arg("kind") = 0, py::arg("timeout") = py::none())
       .def("put_parts", &PyRing::put_parts, py::arg("parts"), py::arg("kind") = 0,
            py::arg("timeout") = py::none())
-      .def("get", &PyRing::get, py::arg("timeout") = py::none(), py::arg("writable") = false)
+      .def("get", &PyRing::get, py::arg("timeout") = py::none(), py::arg("writable_kind") = -1)
       .def("count", &PyRing::count)
       .def("would_block_put", [](PyRing& self, uint64_t n) { return self.ring().would_block_put(n); })
       .def("close_queue", [](PyRing& self) { self.ring().close_queue(); })

@@ -134,6 +134,21 @@ uint64_t load_magic(const Header* h) {
   return reinterpret_cast<const std::atomic<uint64_t>*>(&h->magic)->load(std::memory_order_acquire);
 }
 
+// getpid() is a system call on current glibc; a put needs the pid for its
+// claim, so cache it and refresh it in fork children.
+std::atomic<uint32_t> g_pid{0};
+void refresh_pid() { g_pid.store(uint32_t(getpid()), std::memory_order_relaxed); }
+uint32_t my_pid() {
+  uint32_t p = g_pid.load(std::memory_order_relaxed);
+  if (p == 0) {
+    static bool registered = [] { return pthread_atfork(nullptr, nullptr, refresh_pid) == 0; }();
+    (void)registered;
+    refresh_pid();
+    p = g_pid.load(std::memory_order_relaxed);
+  }
+  return p;
+}
+
 }  // namespace
 
 const char* status_name(Status s) {
@@ -392,7 +407,7 @@ Ring::~Ring() {
 // Records this process in the segment's attach table, so gc knows the
 // segment is in use. A full table only makes gc less precise.
 void Ring::attach() {
-  uint32_t me = uint32_t(getpid());
+  uint32_t me = my_pid();
   uint64_t st = process_start_time(me);
   for (int i = 0; i < kAttachSlots; ++i) {
     AttachSlot& s = hdr_->attached[i];
@@ -416,7 +431,7 @@ void Ring::attach() {
 
 void Ring::detach() {
   if (attach_slot_ < 0 || !hdr_) return;
-  uint32_t me = uint32_t(getpid());
+  uint32_t me = my_pid();
   uint32_t expected = me;
   // After fork the child holds the parent's handle: leave the parent's slot.
   hdr_->attached[attach_slot_].pid.compare_exchange_strong(expected, 0);
@@ -451,6 +466,19 @@ Status Ring::lock(pthread_mutex_t* m, int64_t deadline) {
     return Status::kOk;
   }
   if (rc == ETIMEDOUT) return Status::kTimeout;
+  detail_ = std::string("lock failed: ") + std::strerror(rc);
+  return Status::kCorrupt;
+}
+
+Status Ring::trylock(pthread_mutex_t* m) {
+  int rc = pthread_mutex_trylock(m);
+  if (rc == 0) return Status::kOk;
+  if (rc == EBUSY) return Status::kTimeout;
+  if (rc == EOWNERDEAD) {
+    pthread_mutex_consistent(m);
+    hdr_->lock_recoveries.fetch_add(1, std::memory_order_relaxed);
+    return Status::kOk;
+  }
   detail_ = std::string("lock failed: ") + std::strerror(rc);
   return Status::kCorrupt;
 }
@@ -572,26 +600,35 @@ Status Ring::put(const IoPart* parts, size_t nparts, uint16_t kind, int64_t time
   Status st = check_magic();
   if (st != Status::kOk) return st;
 
-  const int64_t deadline = deadline_from(timeout_ns);
+  const bool try_once = timeout_ns == kTryOnce;
+  const int64_t deadline = try_once ? 0 : deadline_from(timeout_ns);
   const uint64_t need = align_up(kFrameHeader + len, kAlign);
-  const uint32_t me = uint32_t(getpid());
+  const uint32_t me = my_pid();
   for (;;) {
     if (hdr_->closed.load(std::memory_order_acquire)) return Status::kClosed;
-    // Non-blocking calls still wait briefly for the lock: its holders only
-    // run a few dozen instructions.
-    int64_t lock_deadline = timeout_ns == 0 ? now_ns() + 50'000'000 : deadline;
-    st = lock(&hdr_->prod_lock, lock_deadline);
+    if (try_once) {
+      st = trylock(&hdr_->prod_lock);
+    } else {
+      // Non-blocking calls still wait briefly for the lock: its holders only
+      // run a few dozen instructions (or one copy, for consumers).
+      int64_t lock_deadline = timeout_ns == 0 ? now_ns() + 50'000'000 : deadline;
+      st = lock(&hdr_->prod_lock, lock_deadline);
+    }
     if (st != Status::kOk) return st;
 
     uint64_t tail = hdr_->tail.load(std::memory_order_relaxed);
-    uint64_t head = hdr_->head.load(std::memory_order_acquire);
+    uint64_t off = tail % capacity_;
+    uint64_t pad = off + need > capacity_ ? capacity_ - off : 0;
+    uint64_t head = hdr_->head_cache.load(std::memory_order_relaxed);
+    if (head > tail || tail + pad + need - head > capacity_) {
+      head = hdr_->head.load(std::memory_order_acquire);
+      hdr_->head_cache.store(head, std::memory_order_relaxed);
+    }
     st = validate_positions(head, tail);
     if (st != Status::kOk) {
       pthread_mutex_unlock(&hdr_->prod_lock);
       return st;
     }
-    uint64_t off = tail % capacity_;
-    uint64_t pad = off + need > capacity_ ? capacity_ - off : 0;
     if (tail + pad + need - head <= capacity_) {
       if (pad) {
         FrameHeader* p = frame_at(tail);
@@ -627,7 +664,7 @@ Status Ring::put(const IoPart* parts, size_t nparts, uint16_t kind, int64_t time
     pthread_mutex_unlock(&hdr_->prod_lock);
 
     // Full. Spin a little, then sleep until a consumer releases space.
-    if (timeout_ns == 0) return Status::kTimeout;
+    if (timeout_ns == 0 || try_once) return Status::kTimeout;
     int64_t left = remaining(deadline);
     if (left == 0) return Status::kTimeout;
     int64_t spin_until = now_ns() + spin_ns_;
@@ -651,15 +688,21 @@ Status Ring::put(const IoPart* parts, size_t nparts, uint16_t kind, int64_t time
 
 // ---------------------------------------------------------------------- get
 
-Status Ring::get(void* buf, size_t cap, size_t* out_len, uint16_t* out_kind, int64_t timeout_ns) {
+Status Ring::get(void* buf, size_t cap, size_t* out_len, uint16_t* out_kind, int64_t timeout_ns,
+                 int needs_writable, bool buf_writable) {
   *out_len = 0;
   *out_kind = 0;
   Status st = check_magic();
   if (st != Status::kOk) return st;
-  const int64_t deadline = deadline_from(timeout_ns);
+  const bool try_once = timeout_ns == kTryOnce;
+  const int64_t deadline = try_once ? 0 : deadline_from(timeout_ns);
   for (;;) {
-    int64_t lock_deadline = timeout_ns == 0 ? now_ns() + 50'000'000 : deadline;
-    st = lock(&hdr_->cons_lock, lock_deadline);
+    if (try_once) {
+      st = trylock(&hdr_->cons_lock);
+    } else {
+      int64_t lock_deadline = timeout_ns == 0 ? now_ns() + 50'000'000 : deadline;
+      st = lock(&hdr_->cons_lock, lock_deadline);
+    }
     if (st != Status::kOk) return st;
     FrameHeader* f = nullptr;
     uint64_t pos = 0;
@@ -673,7 +716,7 @@ Status Ring::get(void* buf, size_t cap, size_t* out_len, uint16_t* out_kind, int
       size_t len = f->len;
       *out_len = len;
       *out_kind = uint16_t(f->state.load(std::memory_order_relaxed) >> 16);
-      if (len > cap) {
+      if (len > cap || (int(*out_kind) == needs_writable && !buf_writable)) {
         pthread_mutex_unlock(&hdr_->cons_lock);
         return Status::kBufferTooSmall;
       }
@@ -691,7 +734,7 @@ Status Ring::get(void* buf, size_t cap, size_t* out_len, uint16_t* out_kind, int
     pthread_mutex_unlock(&hdr_->cons_lock);
     // Padding or dead claims may have been skipped: producers may have room.
     if (hdr_->closed.load(std::memory_order_acquire) && !blocked) return Status::kClosed;
-    if (timeout_ns == 0) return Status::kTimeout;
+    if (timeout_ns == 0 || try_once) return Status::kTimeout;
     int64_t left = remaining(deadline);
     if (left == 0) return Status::kTimeout;
 

@@ -104,6 +104,10 @@ struct alignas(64) Header {
   uint64_t created_unix_ns;
 
   alignas(64) std::atomic<uint64_t> tail;  // producers' side
+  // Producers' last view of head (written under prod_lock). It is never
+  // ahead of head, so space computed from it is never overstated; producers
+  // re-read the consumers' line only when it says the ring is full.
+  std::atomic<uint64_t> head_cache;
   alignas(64) std::atomic<uint64_t> head;  // consumers' side
 
   alignas(64) pthread_mutex_t prod_lock;
@@ -176,11 +180,16 @@ class Ring {
   Ring(const Ring&) = delete;
   Ring& operator=(const Ring&) = delete;
 
-  // timeout_ns < 0: wait forever; 0: do not wait.
+  // timeout_ns < 0: wait forever; 0: do not wait (but take a busy lock);
+  // kTryOnce: one attempt with trylock, never sleeping (lets the binding try
+  // small operations without releasing the GIL).
+  static constexpr int64_t kTryOnce = INT64_MIN;
   Status put(const IoPart* parts, size_t nparts, uint16_t kind, int64_t timeout_ns);
-  // Copies the next frame into buf. If it does not fit, returns
-  // kBufferTooSmall with *out_len set and leaves the frame in place.
-  Status get(void* buf, size_t cap, size_t* out_len, uint16_t* out_kind, int64_t timeout_ns);
+  // Copies the next frame into buf. If it does not fit, or its kind equals
+  // `needs_writable` and buf_writable is false, returns kBufferTooSmall with
+  // *out_len and *out_kind set and leaves the frame in place.
+  Status get(void* buf, size_t cap, size_t* out_len, uint16_t* out_kind, int64_t timeout_ns,
+             int needs_writable = -1, bool buf_writable = true);
 
   // Number of committed messages and their payload bytes, counted in shared
   // memory (walks the frames under the consumer lock).
@@ -219,6 +228,7 @@ class Ring {
   Ring() = default;
   Status check_magic();
   Status lock(pthread_mutex_t* m, int64_t deadline_ns);
+  Status trylock(pthread_mutex_t* m);
   Status validate_positions(uint64_t head, uint64_t tail);
   // Under cons_lock: move head past padding and dead claims. Sets *frame to
   // the committed frame at head, or nullptr if none is ready.

@@ -58,7 +58,7 @@ _OOB_HEAD = struct.Struct("<4sIQ")  # magic, buffer count, pickle length
 _OOB_MAGIC = b"SQ5B"
 _ALIGN = 16
 _ZEROS = bytes(_ALIGN)
-# Buffers smaller than this are cheaper in-band than as a separate part.
+# Out-of-band buffers totalling less than this are cheaper in-band.
 _OOB_MIN = 1024
 
 
@@ -78,22 +78,12 @@ def _pad(n: int) -> int:
 
 
 def _encode(obj: Any, label: str) -> tuple[list, int]:
-    """Pickles ``obj`` (protocol 5). Large contiguous buffers stay out-of-band,
-    so they are copied once, straight into the ring."""
+    """Pickles ``obj`` (protocol 5). Contiguous buffers (numpy arrays,
+    bytearrays, PickleBuffers) stay out-of-band, so they are copied once,
+    straight into the ring."""
     bufs: list = []
-
-    def keep_out_of_band(pb: pickle.PickleBuffer) -> bool:
-        try:
-            raw = pb.raw()
-        except BufferError:  # not contiguous: let pickle copy it in-band
-            return True
-        if raw.nbytes < _OOB_MIN:
-            return True
-        bufs.append(raw)
-        return False
-
     try:
-        data = pickle.dumps(obj, protocol=5, buffer_callback=keep_out_of_band)
+        data = pickle.dumps(obj, protocol=5, buffer_callback=bufs.append)
     except Exception as e:  # pickling runs user code: anything can come out
         raise SerializationError(
             f"cannot pickle a {type(obj).__module__}.{type(obj).__qualname__} for {label}: "
@@ -101,17 +91,24 @@ def _encode(obj: Any, label: str) -> tuple[list, int]:
         ) from e
     if not bufs:
         return [data], KIND_PICKLE
-    head = _OOB_HEAD.pack(_OOB_MAGIC, len(bufs), len(data))
-    lens = struct.pack(f"<{len(bufs)}Q", *(b.nbytes for b in bufs))
+    try:
+        raws = [b.raw() for b in bufs]
+    except BufferError:
+        # A non-contiguous buffer: let pickle copy everything in-band.
+        return [pickle.dumps(obj, protocol=5)], KIND_PICKLE
+    if sum(r.nbytes for r in raws) < _OOB_MIN:
+        return [pickle.dumps(obj, protocol=5)], KIND_PICKLE  # tiny: the frame header costs more
+    head = _OOB_HEAD.pack(_OOB_MAGIC, len(raws), len(data))
+    lens = struct.pack(f"<{len(raws)}Q", *(r.nbytes for r in raws))
     parts: list = [head, lens, data]
     offset = len(head) + len(lens) + len(data)
-    for b in bufs:
+    for r in raws:
         p = _pad(offset)
         if p:
             parts.append(_ZEROS[:p])
             offset += p
-        parts.append(b)
-        offset += b.nbytes
+        parts.append(r)
+        offset += r.nbytes
     return parts, KIND_PICKLE_OOB
 
 
@@ -120,7 +117,7 @@ def _decode(payload: Any, kind: int, label: str) -> Any:
         if kind == KIND_PICKLE:
             return pickle.loads(payload)
         if kind == KIND_RAW:
-            return bytes(payload)
+            return payload  # already a bytes object
         if kind == KIND_PICKLE_OOB:
             return _decode_oob(memoryview(payload))
     except DeserializationError:
@@ -264,7 +261,12 @@ class SageQueue:
         False), MessageTooLarge if it can never fit, SerializationError if it
         cannot be pickled, QueueClosed after :meth:`close`.
         """
-        t = _timeout_for(block, timeout)
+        t = None if (block and timeout is None) else _timeout_for(block, timeout)
+        if type(obj) is bytes:
+            # bytes need no pickling: one copy into the ring, and get()
+            # returns an equal bytes object.
+            self._ring.put(obj, KIND_RAW, t)
+            return
         parts, kind = _encode(obj, self._label)
         if kind == KIND_PICKLE:
             self._ring.put(parts[0], kind, t)
@@ -279,7 +281,15 @@ class SageQueue:
         message is consumed and the queue stays usable), QueueClosed once a
         closed queue is drained.
         """
-        payload, kind = self._ring.get(_timeout_for(block, timeout), True)
+        t = None if (block and timeout is None) else _timeout_for(block, timeout)
+        payload, kind = self._ring.get(t, KIND_PICKLE_OOB)
+        if kind == KIND_RAW:  # the common cases, inline
+            return payload
+        if kind == KIND_PICKLE:
+            try:
+                return pickle.loads(payload)
+            except Exception:
+                pass  # _decode raises the typed error with context
         return _decode(payload, kind, self._label)
 
     def put_nowait(self, obj: Any) -> None:
@@ -297,7 +307,7 @@ class SageQueue:
 
     def get_bytes(self, block: bool = True, timeout: Optional[float] = None) -> bytes:
         """Removes the next frame and returns its raw bytes, whatever put it."""
-        payload, _kind = self._ring.get(_timeout_for(block, timeout), False)
+        payload, _kind = self._ring.get(_timeout_for(block, timeout))
         return payload
 
     # --------------------------------------------------------------- batch

@@ -688,6 +688,10 @@ def test_corrupt_counters_and_frames_raise_corrupted(ns):
         with pytest.raises(QueueCorrupted) as ei:
             q.get(timeout=1)
         assert "head/tail" in str(ei.value)
+        # Producers read the consumers' head only when the ring looks full,
+        # so a put notices a corrupt counter of its own side.
+        tail = OFF["tail"]
+        view[tail : tail + 8] = (1 << 61).to_bytes(8, "little")
         with pytest.raises(QueueCorrupted):
             q.put(1)
         del view
