@@ -16,13 +16,15 @@ import time
 from typing import Optional, Sequence
 
 from . import shm
+from .errors import QueueEmpty
 from .queue import SageQueue
 
 __all__ = ["main"]
 
 
-def _demo_consumer(ref, n: int, out) -> None:
-    q = ref.get_queue()
+def _demo_consumer(ref, n: int, out_ref) -> None:
+    q, out = ref.get_queue(), out_ref.get_queue()
+    out.put_bytes(b"ready")
     total = 0
     for _ in range(n):
         total += q.get(timeout=30)["value"]
@@ -36,10 +38,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
     with SageQueue("records", maxsize=4 << 20, namespace=ns) as q, SageQueue("result", namespace=ns) as out:
         proc = ctx.Process(target=_demo_consumer, args=(q.get_reference(), n, out.get_reference()))
         proc.start()
+        assert out.get_bytes(timeout=60) == b"ready"  # time the transfer, not the child's start-up
         t0 = time.perf_counter()
         for i in range(n):
             q.put({"value": i, "payload": "x" * 48})
-        total = int(out.get_bytes(timeout=60))
+        while True:
+            try:
+                total = int(out.get_bytes(timeout=0.5))
+                break
+            except QueueEmpty:
+                if not proc.is_alive():  # do not wait for a result that cannot come
+                    print(f"consumer process died (exit code {proc.exitcode})", file=sys.stderr)
+                    return 1
         dt = time.perf_counter() - t0
         proc.join(10)
         expect = n * (n - 1) // 2
