@@ -29,7 +29,7 @@ py::object error_type(const char* name) {
 
 [[noreturn]] void raise(const char* type, const std::string& msg) {
   py::object exc = error_type(type)(msg);
-  PyErr_SetObject(exc.get_type().ptr(), exc.ptr());
+  PyErr_SetObject(py::type::handle_of(exc).ptr(), exc.ptr());
   throw py::error_already_set();
 }
 
@@ -248,9 +248,10 @@ class PyRing {
   const std::string& label() const { return label_; }
 
  private:
-  // Payloads up to this size are first tried once with the GIL held: for
-  // them, releasing and re-taking the GIL costs more than the copy.
-  static constexpr size_t kSmall = 64 * 1024;
+  // Payloads up to this size are first tried once with the GIL held (a
+  // trylock, never a wait): releasing and re-taking the GIL costs more than
+  // copying them. Larger copies and every wait run with the GIL released.
+  static constexpr size_t kSmall = 4 * 1024;
 
   void do_put(Ring& r, const sage::IoPart* io, size_t n, uint64_t total, uint16_t kind, int64_t ns) {
     Status st = Status::kTimeout;
@@ -274,6 +275,11 @@ class PyRing {
 PYBIND11_MODULE(_core, m) {
   m.doc() = "Shared-memory MPMC ring buffer (private; use sage_ray_comm.SageQueue).";
   m.attr("LAYOUT_VERSION") = sage::kVersion;
+#ifdef SAGE_SANITIZED
+  m.attr("SANITIZED") = true;
+#else
+  m.attr("SANITIZED") = false;
+#endif
   m.attr("HEADER_SIZE") = sage::kHeaderSize;
   m.attr("FRAME_HEADER_SIZE") = sage::kFrameHeader;
   m.attr("MIN_CAPACITY") = sage::kMinCapacity;

@@ -4,6 +4,7 @@ from collections.abc import Buffer, Sequence
 from typing import Optional
 
 LAYOUT_VERSION: int
+SANITIZED: bool
 HEADER_SIZE: int
 FRAME_HEADER_SIZE: int
 MIN_CAPACITY: int

@@ -2,6 +2,7 @@
 
 - ``ns``: a fresh namespace per test, so every test gets its own shared-memory
   names; at teardown no segment of that namespace may be left behind.
+- ``SAGE_TEST_CORE=path``: use that build of ``sage_ray_comm._core``.
 - ``ray_session``: one local Ray instance for the whole session (started on
   first use); actors get fractional ``num_cpus``.
 """
@@ -15,7 +16,8 @@ import uuid
 
 import pytest
 
-from sage_ray_comm import shm
+import _core_override  # noqa: F401  (must precede the package import)
+from sage_ray_comm import shm  # noqa: E402
 
 
 @pytest.fixture
