@@ -44,7 +44,7 @@ def test_queue_tests_pass_under_asan_and_ubsan(tmp_path):
     assert cmake, "cmake not found (it is in the test extras)"
     subprocess.run(
         [
-            cmake, "-S", REPO, "-B", str(build), "-DSAGE_SANITIZE=ON", "-DCMAKE_BUILD_TYPE=RelWithDebInfo",
+            cmake, "-S", os.path.join(REPO, "csrc"), "-B", str(build), "-DSAGE_SANITIZE=ON", "-DCMAKE_BUILD_TYPE=RelWithDebInfo",
             f"-Dpybind11_DIR={pybind11.get_cmake_dir()}", f"-DPython_EXECUTABLE={sys.executable}",
             f"-DSKBUILD_PROJECT_NAME=sage_ray_comm", f"-DSKBUILD_PROJECT_VERSION={sage_ray_comm.__version__}",
         ],
