@@ -581,6 +581,30 @@ void Ring::test_stop(int hook) {
   for (;;) pause();
 }
 
+// Spins up to spin_ns_ for `ready`, then sleeps on the futex `seq` for at
+// most one slice (bounded by the deadline). Callers loop: a return means
+// "look again", not "ready". Announcing ourselves in `waiters` before reading
+// `seq` pairs with signal(): either we see the change or the signaller sees
+// us and wakes the futex.
+template <typename Ready>
+void Ring::wait_until(std::atomic<uint32_t>* seq, std::atomic<uint32_t>* waiters, int64_t deadline,
+                      int64_t slice_cap, Ready ready) {
+  int64_t spin_until = now_ns() + spin_ns_;
+  for (int i = 0;; ++i) {
+    if (ready()) return;
+    if ((i & 63) == 63 && now_ns() > spin_until) break;
+    SAGE_CPU_RELAX();
+  }
+  waiters->fetch_add(1, std::memory_order_seq_cst);
+  uint32_t s = seq->load(std::memory_order_seq_cst);
+  if (!ready()) {
+    int64_t left = remaining(deadline);
+    int64_t slice = left == kForever || left > slice_cap ? slice_cap : left;
+    if (slice > 0) futex_wait(seq, s, slice);
+  }
+  waiters->fetch_sub(1, std::memory_order_seq_cst);
+}
+
 // ---------------------------------------------------------------------- put
 
 bool Ring::would_block_put(uint64_t payload) {
@@ -665,24 +689,10 @@ Status Ring::put(const IoPart* parts, size_t nparts, uint16_t kind, int64_t time
 
     // Full. Spin a little, then sleep until a consumer releases space.
     if (timeout_ns == 0 || try_once) return Status::kTimeout;
-    int64_t left = remaining(deadline);
-    if (left == 0) return Status::kTimeout;
-    int64_t spin_until = now_ns() + spin_ns_;
-    bool room = false;
-    for (int i = 0; !room; ++i) {
-      room = !would_block_put(len) || hdr_->closed.load(std::memory_order_relaxed);
-      if ((i & 63) == 63 && now_ns() > spin_until) break;
-      SAGE_CPU_RELAX();
-    }
-    if (room) continue;
-    hdr_->space_waiters.fetch_add(1, std::memory_order_seq_cst);
-    uint32_t seq = hdr_->space_seq.load(std::memory_order_seq_cst);
-    if (would_block_put(len) && !hdr_->closed.load(std::memory_order_seq_cst)) {
-      left = remaining(deadline);
-      int64_t slice = left == kForever || left > kSliceNs ? kSliceNs : left;
-      if (slice > 0) futex_wait(&hdr_->space_seq, seq, slice);
-    }
-    hdr_->space_waiters.fetch_sub(1, std::memory_order_seq_cst);
+    if (remaining(deadline) == 0) return Status::kTimeout;
+    wait_until(&hdr_->space_seq, &hdr_->space_waiters, deadline, kSliceNs, [&] {
+      return !would_block_put(len) || hdr_->closed.load(std::memory_order_relaxed);
+    });
   }
 }
 
@@ -735,28 +745,11 @@ Status Ring::get(void* buf, size_t cap, size_t* out_len, uint16_t* out_kind, int
     // Padding or dead claims may have been skipped: producers may have room.
     if (hdr_->closed.load(std::memory_order_acquire) && !blocked) return Status::kClosed;
     if (timeout_ns == 0 || try_once) return Status::kTimeout;
-    int64_t left = remaining(deadline);
-    if (left == 0) return Status::kTimeout;
-
-    int64_t spin_until = now_ns() + spin_ns_;
-    bool ready = false;
-    for (int i = 0; !ready; ++i) {
-      ready = frame_ready_hint();
-      if ((i & 63) == 63 && now_ns() > spin_until) break;
-      SAGE_CPU_RELAX();
-    }
-    if (ready) continue;
-    hdr_->data_waiters.fetch_add(1, std::memory_order_seq_cst);
-    uint32_t seq = hdr_->data_seq.load(std::memory_order_seq_cst);
-    if (!frame_ready_hint()) {
-      left = remaining(deadline);
-      // Behind a live claim we re-check often: its producer may die without
-      // ever waking us.
-      int64_t cap_ns = blocked ? kSliceClaimNs : kSliceNs;
-      int64_t slice = left == kForever || left > cap_ns ? cap_ns : left;
-      if (slice > 0) futex_wait(&hdr_->data_seq, seq, slice);
-    }
-    hdr_->data_waiters.fetch_sub(1, std::memory_order_seq_cst);
+    if (remaining(deadline) == 0) return Status::kTimeout;
+    // Behind a live claim we re-check often: its producer may die without
+    // ever waking us.
+    wait_until(&hdr_->data_seq, &hdr_->data_waiters, deadline, blocked ? kSliceClaimNs : kSliceNs,
+               [&] { return frame_ready_hint(); });
   }
 }
 

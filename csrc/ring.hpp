@@ -236,6 +236,9 @@ class Ring {
   FrameHeader* frame_at(uint64_t pos) const;
   uint32_t tag_for(uint64_t pos) const;
   bool frame_ready_hint();
+  template <typename Ready>
+  void wait_until(std::atomic<uint32_t>* seq, std::atomic<uint32_t>* waiters, int64_t deadline,
+                  int64_t slice_cap, Ready ready);
   void attach();
   void detach();
 

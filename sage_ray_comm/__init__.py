@@ -10,23 +10,8 @@ Same-node traffic goes through a C++ ring buffer in shared memory
 """
 
 from . import shm
-from .errors import (
-    DeserializationError,
-    IncompatibleSegment,
-    InvalidQueueArgument,
-    MessageTooLarge,
-    QueueClosed,
-    QueueCorrupted,
-    QueueEmpty,
-    QueueError,
-    QueueExists,
-    QueueFull,
-    QueueNotFound,
-    SageCommError,
-    SerializationError,
-    SharedMemoryError,
-    WrongNode,
-)
+from . import errors
+from .errors import *  # noqa: F403  (the whole hierarchy is public)
 from .queue import DEFAULT_MAXSIZE, SageQueue, SageQueueRef, destroy_queue
 
 __version__ = "0.1.0"
@@ -38,19 +23,5 @@ __all__ = [
     "SageQueueRef",
     "DEFAULT_MAXSIZE",
     "destroy_queue",
-    "SageCommError",
-    "QueueError",
-    "QueueEmpty",
-    "QueueFull",
-    "QueueClosed",
-    "QueueNotFound",
-    "QueueExists",
-    "WrongNode",
-    "QueueCorrupted",
-    "IncompatibleSegment",
-    "InvalidQueueArgument",
-    "SharedMemoryError",
-    "MessageTooLarge",
-    "SerializationError",
-    "DeserializationError",
+    *errors.__all__,
 ]
