@@ -9,6 +9,7 @@
 #include <ctime>
 #include <fcntl.h>
 #include <linux/futex.h>
+#include <sched.h>
 #include <signal.h>
 #include <sys/file.h>
 #include <sys/mman.h>
@@ -592,8 +593,15 @@ void Ring::wait_until(std::atomic<uint32_t>* seq, std::atomic<uint32_t>* waiters
   int64_t spin_until = now_ns() + spin_ns_;
   for (int i = 0;; ++i) {
     if (ready()) return;
-    if ((i & 63) == 63 && now_ns() > spin_until) break;
-    SAGE_CPU_RELAX();
+    if (i < 256) {
+      SAGE_CPU_RELAX();  // the peer is likely running on another core right now
+      continue;
+    }
+    if (now_ns() > spin_until) break;
+    // Then yield while spinning: if the peer shares this CPU (an
+    // oversubscribed node, or the scheduler placed both here), it runs now
+    // instead of waiting out our spin.
+    sched_yield();
   }
   waiters->fetch_add(1, std::memory_order_seq_cst);
   uint32_t s = seq->load(std::memory_order_seq_cst);
@@ -668,6 +676,10 @@ Status Ring::put(const IoPart* parts, size_t nparts, uint16_t kind, int64_t time
       f->tag = tag_for(pos);
       f->state.store(kStateClaimed, std::memory_order_relaxed);
       test_stop(kHookInProdLock);
+      // Counted at claim, under the lock, so a plain load/store suffices (a
+      // claim that is never committed is also counted in frames_dropped).
+      hdr_->msgs_in.store(hdr_->msgs_in.load(std::memory_order_relaxed) + 1, std::memory_order_relaxed);
+      hdr_->bytes_in.store(hdr_->bytes_in.load(std::memory_order_relaxed) + len, std::memory_order_relaxed);
       // Publishing tail is the last act of the critical section: a producer
       // killed before it claimed nothing.
       hdr_->tail.store(pos + need, std::memory_order_release);
@@ -680,8 +692,6 @@ Status Ring::put(const IoPart* parts, size_t nparts, uint16_t kind, int64_t time
         dst += parts[i].len;
       }
       f->state.store((uint32_t(kind) << 16) | kStateCommitted, std::memory_order_release);
-      hdr_->msgs_in.fetch_add(1, std::memory_order_relaxed);
-      hdr_->bytes_in.fetch_add(len, std::memory_order_relaxed);
       signal(&hdr_->data_seq, &hdr_->data_waiters);
       return Status::kOk;
     }
@@ -734,10 +744,10 @@ Status Ring::get(void* buf, size_t cap, size_t* out_len, uint16_t* out_kind, int
       // leaves the message for the next one (no loss).
       if (len) std::memcpy(buf, reinterpret_cast<uint8_t*>(f) + kFrameHeader, len);
       test_stop(kHookInConsLock);
+      hdr_->msgs_out.store(hdr_->msgs_out.load(std::memory_order_relaxed) + 1, std::memory_order_relaxed);
+      hdr_->bytes_out.store(hdr_->bytes_out.load(std::memory_order_relaxed) + len, std::memory_order_relaxed);
       hdr_->head.store(pos + align_up(kFrameHeader + len, kAlign), std::memory_order_release);
       pthread_mutex_unlock(&hdr_->cons_lock);
-      hdr_->msgs_out.fetch_add(1, std::memory_order_relaxed);
-      hdr_->bytes_out.fetch_add(len, std::memory_order_relaxed);
       signal(&hdr_->space_seq, &hdr_->space_waiters);
       return Status::kOk;
     }

@@ -32,7 +32,8 @@
 // that died before publishing tail claimed nothing, and a consumer that died
 // before publishing head took nothing (the message stays for the next one).
 //
-// Waiting: spin briefly, then sleep on a futex word in the segment
+// Waiting: spin briefly (pause, then sched_yield so a peer on the same CPU
+// can run), then sleep on a futex word in the segment
 // (data_seq for consumers, space_seq for producers). Sleeps are sliced so a
 // consumer blocked behind a dead producer's claim notices within kSliceNs.
 #pragma once
