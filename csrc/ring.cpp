@@ -514,7 +514,7 @@ bool Ring::frame_ready_hint() {
   return code != kStateClaimed;
 }
 
-Status Ring::advance_to_ready(FrameHeader** frame, uint64_t* pos, bool* blocked) {
+Status Ring::advance_to_ready(FrameHeader** frame, uint64_t* pos, bool* blocked, bool check_liveness) {
   *frame = nullptr;
   *blocked = false;
   for (;;) {
@@ -564,7 +564,7 @@ Status Ring::advance_to_ready(FrameHeader** frame, uint64_t* pos, bool* blocked)
       return Status::kOk;
     }
     // Claimed, not committed yet. Skip it only if its producer is dead.
-    if (!process_alive(f->pid, 0)) {
+    if (check_liveness && !process_alive(f->pid, 0)) {
       hdr_->head.store(head + need, std::memory_order_release);
       hdr_->frames_dropped.fetch_add(1, std::memory_order_relaxed);
       signal(&hdr_->space_seq, &hdr_->space_waiters);
@@ -716,7 +716,9 @@ Status Ring::get(void* buf, size_t cap, size_t* out_len, uint16_t* out_kind, int
   if (st != Status::kOk) return st;
   const bool try_once = timeout_ns == kTryOnce;
   const int64_t deadline = try_once ? 0 : deadline_from(timeout_ns);
-  for (;;) {
+  // Non-blocking calls check claims' liveness at once: they get no second look.
+  bool check_liveness = timeout_ns == 0;
+  for (;; check_liveness = true) {
     if (try_once) {
       st = trylock(&hdr_->cons_lock);
     } else {
@@ -727,7 +729,7 @@ Status Ring::get(void* buf, size_t cap, size_t* out_len, uint16_t* out_kind, int
     FrameHeader* f = nullptr;
     uint64_t pos = 0;
     bool blocked = false;
-    st = advance_to_ready(&f, &pos, &blocked);
+    st = advance_to_ready(&f, &pos, &blocked, check_liveness);
     if (st != Status::kOk) {
       pthread_mutex_unlock(&hdr_->cons_lock);
       return st;
@@ -823,7 +825,7 @@ Status Ring::unblock(bool* skipped) {
   FrameHeader* f;
   uint64_t pos;
   bool blocked;
-  st = advance_to_ready(&f, &pos, &blocked);
+  st = advance_to_ready(&f, &pos, &blocked, true);
   pthread_mutex_unlock(&hdr_->cons_lock);
   *skipped = hdr_->frames_dropped.load() != before;
   return st;

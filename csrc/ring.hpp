@@ -231,9 +231,11 @@ class Ring {
   Status lock(pthread_mutex_t* m, int64_t deadline_ns);
   Status trylock(pthread_mutex_t* m);
   Status validate_positions(uint64_t head, uint64_t tail);
-  // Under cons_lock: move head past padding and dead claims. Sets *frame to
-  // the committed frame at head, or nullptr if none is ready.
-  Status advance_to_ready(FrameHeader** frame, uint64_t* pos, bool* blocked_by_live_claim);
+  // Under cons_lock: move head past padding (and, if check_liveness, past
+  // claims of dead producers). Sets *frame to the committed frame at head, or
+  // nullptr if none is ready. Liveness costs a read of /proc, so the first
+  // look of a get skips it: a fresh claim is almost always a live copy.
+  Status advance_to_ready(FrameHeader** frame, uint64_t* pos, bool* blocked_by_claim, bool check_liveness);
   FrameHeader* frame_at(uint64_t pos) const;
   uint32_t tag_for(uint64_t pos) const;
   bool frame_ready_hint();

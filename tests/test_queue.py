@@ -514,6 +514,16 @@ def test_producer_killed_between_claim_and_commit_is_skipped_and_counted(ns):
         assert q.qsize() == 0
 
 
+def test_unblock_skips_a_dead_claim_on_request(ns):
+    with SageQueue("q", namespace=ns) as q:
+        assert q.unblock() is False  # nothing to skip
+        _stall_and_kill(ns, "q", hook=1)
+        assert q.stats()["tail"] > q.stats()["head"]  # the dead claim sits at head
+        assert q.unblock() is True
+        assert q.stats()["head"] == q.stats()["tail"] and q.stats()["frames_dropped"] == 1
+        assert q.unblock() is False
+
+
 def test_consumer_blocked_behind_claim_notices_producer_death(ns):
     with SageQueue("q", namespace=ns) as q:
         got = []
