@@ -112,6 +112,13 @@ def _encode(obj: Any, label: str) -> tuple[list, int]:
     return parts, KIND_PICKLE_OOB
 
 
+def _unpickle_error(e: Exception, payload: Any, label: str) -> DeserializationError:
+    return DeserializationError(
+        f"could not unpickle a {len(payload)}-byte message from {label}: {type(e).__name__}: {e} "
+        "(the message was consumed; the queue is still usable)"
+    )
+
+
 def _decode(payload: Any, kind: int, label: str) -> Any:
     try:
         if kind == KIND_PICKLE:
@@ -120,13 +127,8 @@ def _decode(payload: Any, kind: int, label: str) -> Any:
             return payload  # already a bytes object
         if kind == KIND_PICKLE_OOB:
             return _decode_oob(memoryview(payload))
-    except DeserializationError:
-        raise
     except Exception as e:  # unpickling runs user code: anything can come out
-        raise DeserializationError(
-            f"could not unpickle a {len(payload)}-byte message from {label}: {type(e).__name__}: {e} "
-            "(the message was consumed; the queue is still usable)"
-        ) from e
+        raise _unpickle_error(e, payload, label) from e
     raise DeserializationError(f"message of unknown kind {kind} ({len(payload)} bytes) from {label}")
 
 
@@ -288,8 +290,8 @@ class SageQueue:
         if kind == KIND_PICKLE:
             try:
                 return pickle.loads(payload)
-            except Exception:
-                pass  # _decode raises the typed error with context
+            except Exception as e:  # never unpickle twice: user code may have side effects
+                raise _unpickle_error(e, payload, self._label) from e
         return _decode(payload, kind, self._label)
 
     def put_nowait(self, obj: Any) -> None:

@@ -221,7 +221,11 @@ class _Boom:
         return (_explode, ("bad payload",))
 
 
+_EXPLODE_CALLS = []
+
+
 def _explode(msg):
+    _EXPLODE_CALLS.append(msg)
     raise RuntimeError(msg)
 
 
@@ -230,8 +234,10 @@ def test_unpickle_failure_raises_and_queue_stays_usable(ns):
     with SageQueue("q", namespace=ns) as q:
         q.put(_Boom())
         q.put("after")
+        _EXPLODE_CALLS.clear()
         with pytest.raises(DeserializationError) as ei:
             q.get(timeout=1)
+        assert _EXPLODE_CALLS == ["bad payload"]  # the payload's code ran once, not again for the error
         assert "bad payload" in str(ei.value) and "queue 'q'" in str(ei.value)
         assert isinstance(ei.value.__cause__, RuntimeError)
         assert q.get(timeout=1) == "after"
