@@ -80,7 +80,18 @@ int64_t to_ns(py::object timeout) {
   return int64_t(s * 1e9);
 }
 
-// Holds Py_buffer views for the duration of a put.
+// Holds one Py_buffer view for the duration of a put.
+struct View {
+  Py_buffer b;
+  explicit View(PyObject* o) {
+    if (PyObject_GetBuffer(o, &b, PyBUF_C_CONTIGUOUS) != 0) throw py::error_already_set();
+  }
+  ~View() { PyBuffer_Release(&b); }
+  View(const View&) = delete;
+  View& operator=(const View&) = delete;
+};
+
+// Holds several Py_buffer views for the duration of a put.
 struct Views {
   std::vector<Py_buffer> bufs;
   ~Views() {
@@ -136,16 +147,9 @@ class PyRing {
   void put(py::handle data, uint16_t kind, py::object timeout) {
     Ring& r = ring();
     int64_t ns = to_ns(timeout);
-    Py_buffer view;
-    if (PyObject_GetBuffer(data.ptr(), &view, PyBUF_C_CONTIGUOUS) != 0) throw py::error_already_set();
-    sage::IoPart part{view.buf, size_t(view.len)};
-    try {
-      do_put(r, &part, 1, part.len, kind, ns);
-    } catch (...) {
-      PyBuffer_Release(&view);
-      throw;
-    }
-    PyBuffer_Release(&view);
+    View view(data.ptr());
+    sage::IoPart part{view.b.buf, size_t(view.b.len)};
+    do_put(r, &part, 1, part.len, kind, ns);
   }
 
   // Returns (payload, kind). Frames of kind `writable_kind` are returned in a
@@ -166,7 +170,7 @@ class PyRing {
       uint16_t kind = 0;
       Status st = Status::kTimeout;
       if (want <= kSmall) st = r.get(dst, want, &got, &kind, Ring::kTryOnce, writable_kind, writable);
-      if (st == Status::kTimeout && ns != Ring::kTryOnce) {
+      if (st == Status::kTimeout) {
         py::gil_scoped_release nogil;
         st = r.get(dst, want, &got, &kind, ns, writable_kind, writable);
       }

@@ -449,16 +449,7 @@ Status Ring::check_magic() {
   return Status::kOk;
 }
 
-Status Ring::lock(pthread_mutex_t* m, int64_t deadline) {
-  int rc;
-  if (deadline == kForever) {
-    rc = pthread_mutex_lock(m);
-  } else {
-    timespec ts;
-    ts.tv_sec = deadline / 1'000'000'000LL;
-    ts.tv_nsec = deadline % 1'000'000'000LL;
-    rc = pthread_mutex_clocklock(m, CLOCK_MONOTONIC, &ts);
-  }
+Status Ring::lock_result(pthread_mutex_t* m, int rc) {
   if (rc == 0) return Status::kOk;
   if (rc == EOWNERDEAD) {
     // The holder died. Nothing to repair (see ring.hpp): mark it usable.
@@ -466,22 +457,21 @@ Status Ring::lock(pthread_mutex_t* m, int64_t deadline) {
     hdr_->lock_recoveries.fetch_add(1, std::memory_order_relaxed);
     return Status::kOk;
   }
-  if (rc == ETIMEDOUT) return Status::kTimeout;
+  if (rc == ETIMEDOUT || rc == EBUSY) return Status::kTimeout;
   detail_ = std::string("lock failed: ") + std::strerror(rc);
   return Status::kCorrupt;
 }
 
-Status Ring::trylock(pthread_mutex_t* m) {
-  int rc = pthread_mutex_trylock(m);
-  if (rc == 0) return Status::kOk;
-  if (rc == EBUSY) return Status::kTimeout;
-  if (rc == EOWNERDEAD) {
-    pthread_mutex_consistent(m);
-    hdr_->lock_recoveries.fetch_add(1, std::memory_order_relaxed);
-    return Status::kOk;
-  }
-  detail_ = std::string("lock failed: ") + std::strerror(rc);
-  return Status::kCorrupt;
+Status Ring::acquire(pthread_mutex_t* m, int64_t timeout_ns, int64_t deadline) {
+  if (timeout_ns == kTryOnce) return lock_result(m, pthread_mutex_trylock(m));
+  // Non-blocking calls still wait briefly for the lock: its holders only run
+  // a few dozen instructions (or one copy, for consumers).
+  if (timeout_ns == 0) deadline = now_ns() + 50'000'000;
+  if (deadline == kForever) return lock_result(m, pthread_mutex_lock(m));
+  timespec ts;
+  ts.tv_sec = deadline / 1'000'000'000LL;
+  ts.tv_nsec = deadline % 1'000'000'000LL;
+  return lock_result(m, pthread_mutex_clocklock(m, CLOCK_MONOTONIC, &ts));
 }
 
 Status Ring::validate_positions(uint64_t head, uint64_t tail) {
@@ -638,14 +628,7 @@ Status Ring::put(const IoPart* parts, size_t nparts, uint16_t kind, int64_t time
   const uint32_t me = my_pid();
   for (;;) {
     if (hdr_->closed.load(std::memory_order_acquire)) return Status::kClosed;
-    if (try_once) {
-      st = trylock(&hdr_->prod_lock);
-    } else {
-      // Non-blocking calls still wait briefly for the lock: its holders only
-      // run a few dozen instructions (or one copy, for consumers).
-      int64_t lock_deadline = timeout_ns == 0 ? now_ns() + 50'000'000 : deadline;
-      st = lock(&hdr_->prod_lock, lock_deadline);
-    }
+    st = acquire(&hdr_->prod_lock, timeout_ns, deadline);
     if (st != Status::kOk) return st;
 
     uint64_t tail = hdr_->tail.load(std::memory_order_relaxed);
@@ -719,12 +702,7 @@ Status Ring::get(void* buf, size_t cap, size_t* out_len, uint16_t* out_kind, int
   // Non-blocking calls check claims' liveness at once: they get no second look.
   bool check_liveness = timeout_ns == 0;
   for (;; check_liveness = true) {
-    if (try_once) {
-      st = trylock(&hdr_->cons_lock);
-    } else {
-      int64_t lock_deadline = timeout_ns == 0 ? now_ns() + 50'000'000 : deadline;
-      st = lock(&hdr_->cons_lock, lock_deadline);
-    }
+    st = acquire(&hdr_->cons_lock, timeout_ns, deadline);
     if (st != Status::kOk) return st;
     FrameHeader* f = nullptr;
     uint64_t pos = 0;
@@ -772,7 +750,7 @@ Status Ring::count(uint64_t* msgs, uint64_t* bytes) {
   *bytes = 0;
   Status st = check_magic();
   if (st != Status::kOk) return st;
-  st = lock(&hdr_->cons_lock, now_ns() + 5'000'000'000LL);
+  st = acquire(&hdr_->cons_lock, 5'000'000'000LL, now_ns() + 5'000'000'000LL);
   if (st != Status::kOk) return st;
   // Holding cons_lock pins head, so no producer can reuse [head, tail).
   uint64_t head = hdr_->head.load(std::memory_order_relaxed);
@@ -820,7 +798,7 @@ Status Ring::unblock(bool* skipped) {
   Status st = check_magic();
   if (st != Status::kOk) return st;
   uint64_t before = hdr_->frames_dropped.load();
-  st = lock(&hdr_->cons_lock, now_ns() + 5'000'000'000LL);
+  st = acquire(&hdr_->cons_lock, 5'000'000'000LL, now_ns() + 5'000'000'000LL);
   if (st != Status::kOk) return st;
   FrameHeader* f;
   uint64_t pos;

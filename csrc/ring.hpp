@@ -228,8 +228,10 @@ class Ring {
  private:
   Ring() = default;
   Status check_magic();
-  Status lock(pthread_mutex_t* m, int64_t deadline_ns);
-  Status trylock(pthread_mutex_t* m);
+  // Takes a robust lock: one trylock for kTryOnce, up to 50 ms for a
+  // non-blocking call (timeout 0), else until `deadline` (kForever: no limit).
+  Status acquire(pthread_mutex_t* m, int64_t timeout_ns, int64_t deadline);
+  Status lock_result(pthread_mutex_t* m, int rc);  // EOWNERDEAD recovered here
   Status validate_positions(uint64_t head, uint64_t tail);
   // Under cons_lock: move head past padding (and, if check_liveness, past
   // claims of dead producers). Sets *frame to the committed frame at head, or
