@@ -123,13 +123,17 @@ class PyRing {
     created_ = created;
   }
 
-  Ring& ring() {
+  // Every operation holds its own reference while it runs (taken with the GIL
+  // held), so release() from another thread never unmaps a segment under a
+  // waiting get or put: the mapping goes when the last operation returns.
+  std::shared_ptr<Ring> ring() {
     if (!ring_) raise("QueueClosed", label_ + " was released by this process");
-    return *ring_;
+    return ring_;
   }
 
   void put_parts(const py::sequence& parts, uint16_t kind, py::object timeout) {
-    Ring& r = ring();
+    auto keep = ring();
+    Ring& r = *keep;
     int64_t ns = to_ns(timeout);
     Views views;
     views.bufs.reserve(parts.size());
@@ -145,7 +149,8 @@ class PyRing {
   }
 
   void put(py::handle data, uint16_t kind, py::object timeout) {
-    Ring& r = ring();
+    auto keep = ring();
+    Ring& r = *keep;
     int64_t ns = to_ns(timeout);
     View view(data.ptr());
     sage::IoPart part{view.b.buf, size_t(view.b.len)};
@@ -155,7 +160,8 @@ class PyRing {
   // Returns (payload, kind). Frames of kind `writable_kind` are returned in a
   // bytearray (numpy arrays rebuilt on it are writable), others as bytes.
   py::tuple get(py::object timeout, int writable_kind) {
-    Ring& r = ring();
+    auto keep = ring();
+    Ring& r = *keep;
     int64_t ns = to_ns(timeout);
     // Guess size and type from the last message, so the common case is one
     // allocation and one copy straight from the ring into the result.
@@ -198,7 +204,8 @@ class PyRing {
   }
 
   py::tuple count() {
-    Ring& r = ring();
+    auto keep = ring();
+    Ring& r = *keep;
     uint64_t m = 0, b = 0;
     Status st;
     {
@@ -210,7 +217,8 @@ class PyRing {
   }
 
   bool unblock() {
-    Ring& r = ring();
+    auto keep = ring();
+    Ring& r = *keep;
     bool skipped = false;
     Status st;
     {
@@ -223,7 +231,7 @@ class PyRing {
 
   py::dict stats() {
     sage::Stats s;
-    ring().stats(&s);
+    ring()->stats(&s);
     py::dict d;
     d["capacity"] = s.capacity;
     d["max_message_size"] = s.max_payload;
@@ -242,7 +250,8 @@ class PyRing {
   }
 
   py::memoryview raw_view() {
-    Ring& r = ring();
+    auto keep = ring();
+    Ring& r = *keep;
     return py::memoryview::from_memory(r.base(), Py_ssize_t(r.map_size()), false);
   }
 
@@ -267,7 +276,7 @@ class PyRing {
     if (st != Status::kOk) raise_status(st, label_, r.detail(), r.last_errno(), "put", total, r.max_payload());
   }
 
-  std::unique_ptr<Ring> ring_;
+  std::shared_ptr<Ring> ring_;
   std::string label_;
   bool created_ = false;
   size_t last_len_ = 0;
@@ -314,22 +323,22 @@ PYBIND11_MODULE(_core, m) {
            py::arg("timeout") = py::none())
       .def("get", &PyRing::get, py::arg("timeout") = py::none(), py::arg("writable_kind") = -1)
       .def("count", &PyRing::count)
-      .def("would_block_put", [](PyRing& self, uint64_t n) { return self.ring().would_block_put(n); })
-      .def("close_queue", [](PyRing& self) { self.ring().close_queue(); })
-      .def_property_readonly("closed", [](PyRing& self) { return self.ring().is_closed(); })
+      .def("would_block_put", [](PyRing& self, uint64_t n) { return self.ring()->would_block_put(n); })
+      .def("close_queue", [](PyRing& self) { self.ring()->close_queue(); })
+      .def_property_readonly("closed", [](PyRing& self) { return self.ring()->is_closed(); })
       .def("unblock", &PyRing::unblock)
       .def("stats", &PyRing::stats)
-      .def("reset_stats", [](PyRing& self) { self.ring().reset_stats(); })
-      .def("set_spin_ns", [](PyRing& self, int64_t ns) { self.ring().set_spin_ns(ns); })
-      .def("_set_test_hook", [](PyRing& self, int hook, int fd) { self.ring().set_test_hook(hook, fd); })
+      .def("reset_stats", [](PyRing& self) { self.ring()->reset_stats(); })
+      .def("set_spin_ns", [](PyRing& self, int64_t ns) { self.ring()->set_spin_ns(ns); })
+      .def("_set_test_hook", [](PyRing& self, int hook, int fd) { self.ring()->set_test_hook(hook, fd); })
       .def("release", &PyRing::release)
       .def("raw_view", &PyRing::raw_view)
       .def_property_readonly("released", &PyRing::released)
       .def_property_readonly("created", &PyRing::created)
       .def_property_readonly("label", &PyRing::label)
-      .def_property_readonly("shm_name", [](PyRing& self) { return self.ring().name(); })
-      .def_property_readonly("capacity", [](PyRing& self) { return self.ring().capacity(); })
-      .def_property_readonly("max_message_size", [](PyRing& self) { return self.ring().max_payload(); });
+      .def_property_readonly("shm_name", [](PyRing& self) { return self.ring()->name(); })
+      .def_property_readonly("capacity", [](PyRing& self) { return self.ring()->capacity(); })
+      .def_property_readonly("max_message_size", [](PyRing& self) { return self.ring()->max_payload(); });
 
   m.def("unlink", [](const std::string& name) {
     int err = 0;

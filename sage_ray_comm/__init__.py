@@ -13,6 +13,10 @@ from . import shm
 from . import errors
 from .errors import *  # noqa: F403  (the whole hierarchy is public)
 from .queue import DEFAULT_MAXSIZE, SageQueue, SageQueueRef, destroy_queue
+from .message import CommunicationPattern, Message, MessageType
+from .service import BaseService, ServiceFunction, ServiceHandle, sage_service, service_function, subscribe
+from .client import FunctionClient
+from .bus import CommunicationBus, get_communication_bus
 
 __version__ = "0.1.0"
 
@@ -23,5 +27,17 @@ __all__ = [
     "SageQueueRef",
     "DEFAULT_MAXSIZE",
     "destroy_queue",
+    "Message",
+    "MessageType",
+    "CommunicationPattern",
+    "BaseService",
+    "ServiceFunction",
+    "ServiceHandle",
+    "sage_service",
+    "service_function",
+    "subscribe",
+    "FunctionClient",
+    "CommunicationBus",
+    "get_communication_bus",
     *errors.__all__,
 ]

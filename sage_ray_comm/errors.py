@@ -14,6 +14,18 @@
      │    ├── IncompatibleSegment        not a ring, or another layout version
      │    ├── InvalidQueueArgument       (also ValueError)  bad name, size or timeout
      │    └── SharedMemoryError          (also OSError)     a system call failed
+     ├── ServiceError                    a call to a service failed
+     │    ├── ServiceNotFound            (also LookupError) no such service on the bus; lists the known ones
+     │    ├── FunctionNotFound           (also LookupError) the service has no such function; lists its functions
+     │    ├── ServiceUnavailable         no live replica could take the call (died, stopped, unreachable)
+     │    ├── CallTimeout                (also TimeoutError) no reply before the call's timeout or deadline
+     │    ├── ValidationError            (also ValueError)  arguments failed the handler's type annotations
+     │    └── RemoteError                the handler raised; carries the remote type, message and traceback.
+     │                                   Where the original type unpickles, the raised error is also an
+     │                                   instance of it: ``except ValueError`` still works.
+     ├── BusError                        the bus itself could not do what was asked
+     │    ├── NameConflict               a different service class is registered under that name
+     │    └── RouterUnavailable          the bus's router actor cannot be reached or created
      ├── MessageTooLarge                 (also ValueError)  can never fit; names both sizes
      └── SerializationError              a payload could not be pickled
           └── DeserializationError       a received payload could not be unpickled
@@ -40,6 +52,16 @@ __all__ = [
     "IncompatibleSegment",
     "InvalidQueueArgument",
     "SharedMemoryError",
+    "ServiceError",
+    "ServiceNotFound",
+    "FunctionNotFound",
+    "ServiceUnavailable",
+    "CallTimeout",
+    "ValidationError",
+    "RemoteError",
+    "BusError",
+    "NameConflict",
+    "RouterUnavailable",
     "MessageTooLarge",
     "SerializationError",
     "DeserializationError",
@@ -100,6 +122,81 @@ class InvalidQueueArgument(QueueError, ValueError):
 
 class SharedMemoryError(QueueError, OSError):
     """A system call on the shared-memory segment failed."""
+
+
+class ServiceError(SageCommError):
+    """A call to a service failed. Subclasses say how; each names the service and function."""
+
+
+class ServiceNotFound(ServiceError, LookupError):
+    """No service of that name is registered on the bus. The message lists the known services."""
+
+
+class FunctionNotFound(ServiceError, LookupError):
+    """The service exposes no function of that name. The message lists the functions it has."""
+
+
+class ServiceUnavailable(ServiceError):
+    """No live replica could take the call: it died, was stopped, or its node is unreachable."""
+
+
+class CallTimeout(ServiceError, TimeoutError):
+    """No reply arrived before the call's timeout (or the message's deadline passed first)."""
+
+
+class ValidationError(ServiceError, ValueError):
+    """The arguments do not match the handler's type annotations. The message names the field.
+
+    ``errors`` holds pydantic's list of error dicts (``loc``, ``msg``, ``type``).
+    """
+
+    def __init__(self, message: str, errors: list | None = None) -> None:
+        super().__init__(message)
+        self.errors = errors or []
+
+    def __reduce__(self):
+        return (type(self), (str(self), self.errors))
+
+
+class RemoteError(ServiceError):
+    """The handler raised. ``remote_type``, ``remote_message`` and ``remote_traceback``
+    describe the original exception; ``service`` and ``function`` say where.
+
+    When the original exception could be pickled back, the error raised at the
+    caller is an instance of both RemoteError and the original type, with the
+    original's ``args`` and attributes:
+
+    >>> try:
+    ...     client.call("calc", "div", 1, 0)          # doctest: +SKIP
+    ... except ZeroDivisionError as e:                # also a RemoteError
+    ...     print(e.remote_traceback)
+    """
+
+    remote_type: str = ""
+    remote_message: str = ""
+    remote_traceback: str = ""
+    service: str = ""
+    function: str = ""
+
+    def __str__(self) -> str:
+        if self.remote_type:
+            return (
+                f"{self.remote_type}: {self.remote_message} "
+                f"(raised by {self.service}.{self.function}; remote traceback in .remote_traceback)"
+            )
+        return super().__str__()
+
+
+class BusError(SageCommError):
+    """The bus itself (its router or registry) could not do what was asked."""
+
+
+class NameConflict(BusError):
+    """A different service class is already registered under that name on this bus."""
+
+
+class RouterUnavailable(BusError):
+    """The bus's router actor could not be reached or created (is Ray running?)."""
 
 
 class MessageTooLarge(SageCommError, ValueError):

@@ -41,6 +41,9 @@ def ray_session():
     import ray
 
     if not ray.is_initialized():
+        # Workers import service classes defined in test modules by name.
+        here = os.path.dirname(os.path.abspath(__file__))
+        os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p)
         ray.init(
             num_cpus=4,  # logical CPUs for scheduling fractional actors; the machine has 2 cores
             include_dashboard=False,
@@ -50,3 +53,27 @@ def ray_session():
         )
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture
+def bus(request, ray_session) -> str:
+    """A fresh bus (router, registry, shared-memory namespace) for one test.
+
+    At teardown the bus is shut down (its services stopped, its router
+    killed), and no segment of its namespace may be left behind.
+    """
+    from sage_ray_comm import get_communication_bus
+    from sage_ray_comm.router import bus_namespace
+
+    base = re.sub(r"[^A-Za-z0-9]+", "-", request.node.name)[:24].strip("-")
+    name = f"t-{base}-{uuid.uuid4().hex[:8]}"
+    yield name
+    get_communication_bus(name).shutdown()
+    _pygc.collect()
+    left = shm.list_segments(bus_namespace(name))
+    for s in left:
+        try:
+            os.unlink(shm.SHM_DIR + s.shm_name)
+        except FileNotFoundError:
+            pass
+    assert not left, f"bus leaked shared-memory segments: {[s.shm_name for s in left]}"

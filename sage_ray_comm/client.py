@@ -1,0 +1,711 @@
+"""FunctionClient: call services by name, in four patterns.
+
+>>> client = FunctionClient()                                   # doctest: +SKIP
+>>> client.call("calculator", "calculate", 42)                  # request-response
+{'result': 84}
+>>> fut = client.call_async("calculator", "add", 1, 2)          # a concurrent.futures.Future
+>>> await client.acall("calculator", "calculate", 1)            # from async code
+>>> client.send("logger", "write", "hello")                     # point-to-point, no reply
+>>> client.broadcast("sensor.kitchen.temp", 21.5)               # publish-subscribe
+
+Calls to a service with several replicas are load-balanced (``round_robin``
+or ``least_outstanding``, same-node replicas first). The client never asks the
+router on the way: it keeps the bus registry cached in the process (one
+:class:`_Endpoint` per bus, shared by every client), kept fresh by a long poll
+on the router, and refreshed at once when a name is not found.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import itertools
+import logging
+import os
+import pickle
+import random
+import threading
+import time
+import uuid
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
+
+from . import _core, shm
+from .errors import (
+    CallTimeout,
+    DeserializationError,
+    FunctionNotFound,
+    InvalidQueueArgument,
+    RemoteError,
+    RouterUnavailable,
+    SageCommError,
+    SerializationError,
+    ServiceNotFound,
+    ServiceUnavailable,
+    ValidationError,
+)
+from .message import (
+    ERR_FUNCTION,
+    ERR_REMOTE,
+    ERR_SERIALIZATION,
+    ERR_TIMEOUT,
+    ERR_UNAVAILABLE,
+    ERR_VALIDATION,
+    OP_CALL,
+    OP_EVENT,
+    OP_SEND,
+    ST_OK,
+    ErrorInfo,
+    Message,
+    Reply,
+    Request,
+)
+from .queue import SageQueue
+from .router import (
+    InstanceInfo,
+    Subscription,
+    bus_namespace,
+    get_router,
+    topic_matches,
+    validate_bus_name,
+    validate_pattern,
+    validate_topic,
+)
+from .transport import EVENT_RING_BYTES, RayTransport, ShmTransport, Transport
+
+__all__ = ["FunctionClient", "POLICIES", "pick_instance"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TIMEOUT = 30.0
+POLICIES = ("least_outstanding", "round_robin")
+_MISSING = object()
+
+
+# ------------------------------------------------------------ pure routing
+def pick_instance(
+    candidates: Sequence[InstanceInfo],
+    policy: str,
+    outstanding: Dict[str, int],
+    local_node: Optional[str],
+    rr: Iterable[int],
+    rng: random.Random = random,  # type: ignore[assignment]
+) -> InstanceInfo:
+    """Chooses a replica: same-node ones first, then by ``policy``.
+
+    - ``round_robin``: the next replica in instance-id order.
+    - ``least_outstanding``: power of two choices: two replicas at random,
+      the one with fewer calls this process has in flight (ties: either).
+    """
+    local = [c for c in candidates if c.node_id == local_node]
+    pool = sorted(local or candidates, key=lambda c: c.instance_id)
+    if len(pool) == 1:
+        return pool[0]
+    if policy == "round_robin":
+        return pool[next(iter(rr)) % len(pool)]
+    a, b = rng.sample(pool, 2)
+    oa, ob = outstanding.get(a.instance_id, 0), outstanding.get(b.instance_id, 0)
+    return a if oa <= ob else b
+
+
+def _remote_error(info: ErrorInfo, service: str, function: str) -> BaseException:
+    """The exception a caller sees for a handler that raised."""
+    original = None
+    if info.exc_pickle is not None:
+        try:
+            original = pickle.loads(info.exc_pickle)
+        except Exception:
+            original = None
+    cls: type = RemoteError
+    if isinstance(original, Exception) and not isinstance(original, RemoteError):
+        cls = _dual_class(type(original))
+    try:
+        err = cls.__new__(cls)
+        Exception.__init__(err, *(original.args if original is not None else (info.message,)))
+        if original is not None:
+            err.__dict__.update(getattr(original, "__dict__", {}))
+    except Exception:
+        err = RemoteError(info.message)
+    err.remote_type = info.type_name
+    err.remote_message = info.message
+    err.remote_traceback = info.traceback
+    err.service = service
+    err.function = function
+    return err
+
+
+_DUALS: Dict[type, type] = {}
+
+
+def _dual_class(t: type) -> type:
+    """A subclass of both RemoteError and ``t``, so ``except t`` still catches it."""
+    d = _DUALS.get(t)
+    if d is None:
+        try:
+            d = type(f"RemoteError[{t.__name__}]", (RemoteError, t), {"__str__": RemoteError.__str__})
+        except TypeError:  # layout conflict (a C type with its own fields): plain RemoteError
+            d = RemoteError
+        _DUALS[t] = d
+    return d
+
+
+def outcome(rep: Reply, service: str, function: str) -> Any:
+    """The value of a reply, or its typed exception raised."""
+    if rep.status == ST_OK:
+        return rep.value
+    info = ErrorInfo(*rep.value)
+    code = info.code
+    if code == ERR_REMOTE:
+        raise _remote_error(info, service, function)
+    if code == ERR_FUNCTION:
+        raise FunctionNotFound(info.message)
+    if code == ERR_VALIDATION:
+        raise ValidationError(info.message, info.extra)
+    if code == ERR_TIMEOUT:
+        raise CallTimeout(info.message)
+    if code == ERR_SERIALIZATION:
+        raise SerializationError(info.message)
+    if code == ERR_UNAVAILABLE:
+        raise ServiceUnavailable(info.message)
+    raise RemoteError(f"{service}.{function} failed: {info.message}")
+
+
+# --------------------------------------------------------------- endpoint
+class _Endpoint:
+    """Per process and bus: the registry cache, transports, outstanding counts."""
+
+    _by_bus: Dict[str, "_Endpoint"] = {}
+    _lock = threading.Lock()
+
+    @classmethod
+    def for_bus(cls, bus: str) -> "_Endpoint":
+        ep = cls._by_bus.get(bus)
+        if ep is not None and not ep.closed and ep._ray_alive():
+            return ep
+        with cls._lock:
+            ep = cls._by_bus.get(bus)
+            if ep is None or ep.closed or not ep._ray_alive():
+                if ep is not None:
+                    ep.close()
+                ep = cls._by_bus[bus] = _Endpoint(bus)
+            return ep
+
+    def __init__(self, bus: str) -> None:
+        import ray
+
+        from .service import _ensure_ray
+
+        _ensure_ray()
+        self.bus = bus
+        self.namespace = bus_namespace(bus)
+        self.router = get_router(bus)
+        self._ray_session = ray.get_runtime_context().get_job_id()
+        self.node_id = ray.get_runtime_context().get_node_id()
+        self.host_id = shm.host_id()
+        self.shm = ShmTransport(self.namespace)
+        self.ray = RayTransport(self.namespace)
+        self.snapshot: dict = {"version": -1, "services": {}, "subscriptions": [], "load": {}}
+        self.outstanding: Dict[str, int] = {}
+        self.dead: set = set()  # instances seen dead here before the router dropped them
+        self.rr: Dict[str, Iterable[int]] = {}
+        self.stats = {"calls": 0, "shm": 0, "ray": 0, "errors": 0, "timeouts": 0, "retries": 0,
+                      "published": 0, "delivered": 0, "dropped": 0, "by_instance": {}}
+        self.closed = False
+        self.refs = 0
+        self._snap_lock = threading.Lock()
+        self._inbox: Optional["_Inbox"] = None
+        self.refresh()
+        self._watcher = threading.Thread(target=self._watch, name=f"sage-registry-{bus}", daemon=True)
+        self._watcher.start()
+
+    @classmethod
+    def offline(cls, bus: str, snapshot: dict, node_id: Optional[str], shm_t: Transport, ray_t: Transport) -> "_Endpoint":
+        """An endpoint with a fixed registry and given transports, no Ray and no
+        router: the client's routing logic, tested on its own."""
+        ep = cls.__new__(cls)
+        ep.bus, ep.namespace, ep.router = bus, bus_namespace(bus), None
+        ep._ray_session = None
+        ep.node_id, ep.host_id = node_id, shm.host_id()
+        ep.shm, ep.ray = shm_t, ray_t
+        ep.snapshot = snapshot
+        ep.outstanding, ep.dead, ep.rr = {}, set(), {}
+        ep.stats = {"calls": 0, "shm": 0, "ray": 0, "errors": 0, "timeouts": 0, "retries": 0,
+                    "published": 0, "delivered": 0, "dropped": 0, "by_instance": {}}
+        ep.closed, ep.refs = False, 1
+        ep._snap_lock = threading.Lock()
+        ep._inbox = None
+        return ep
+
+    def _ray_alive(self) -> bool:
+        import ray
+
+        try:
+            return ray.is_initialized() and ray.get_runtime_context().get_job_id() == self._ray_session
+        except Exception:
+            return False
+
+    # -- registry cache
+    def _install(self, snap: Optional[dict]) -> None:
+        if snap is None:
+            return
+        with self._snap_lock:
+            if snap["version"] >= self.snapshot.get("version", -1) or snap.get("bus") != self.snapshot.get("bus"):
+                self.snapshot = snap
+                live = {iid for insts in snap["services"].values() for iid in insts}
+                self.dead &= live
+
+    def refresh(self) -> dict:
+        import ray
+
+        if self.router is None:  # offline
+            return self.snapshot
+        try:
+            self._install(ray.get(self.router.snapshot.remote(), timeout=30))
+        except Exception as e:
+            try:
+                self.router = get_router(self.bus)
+                self._install(ray.get(self.router.snapshot.remote(), timeout=30))
+            except Exception:
+                raise RouterUnavailable(f"bus '{self.bus}': cannot read the registry from its router: {e}") from None
+        return self.snapshot
+
+    def ensure_version(self, version: int) -> None:
+        if self.snapshot.get("version", -1) < version:
+            self.refresh()
+
+    def _watch(self) -> None:
+        import ray
+
+        failures = 0
+        while not self.closed:
+            try:
+                snap = ray.get(self.router.wait_for_change.remote(self.snapshot.get("version", -1), 5.0), timeout=20)
+                self._install(snap)
+                failures = 0
+            except Exception:
+                if self.closed or not self._ray_alive():
+                    return
+                failures += 1
+                time.sleep(min(0.1 * failures, 1.0))  # back off while the router restarts
+                try:
+                    self.router = get_router(self.bus, create=False)
+                except Exception:
+                    pass
+
+    def instances(self, service: str) -> List[InstanceInfo]:
+        insts = self.snapshot["services"].get(service)
+        if not insts:
+            self.refresh()
+            insts = self.snapshot["services"].get(service)
+            if not insts:
+                known = sorted(self.snapshot["services"])
+                raise ServiceNotFound(
+                    f"no service '{service}' on bus '{self.bus}'; known services: {', '.join(known) or '(none)'}"
+                )
+        live = [i for i in insts.values() if i.instance_id not in self.dead]
+        if not live:
+            raise ServiceUnavailable(
+                f"service '{service}' on bus '{self.bus}' has {len(insts)} replica(s), none of them alive"
+            )
+        return live
+
+    def transport(self, node_id: Optional[str]) -> Transport:
+        return self.shm if node_id == self.node_id else self.ray
+
+    # -- pub/sub
+    def inbox(self) -> "_Inbox":
+        if self._inbox is None:
+            with self._snap_lock:
+                if self._inbox is None:
+                    self._inbox = _Inbox(self)
+        return self._inbox
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self._inbox is not None:
+            self._inbox.close()
+        self.shm.close()
+        with _Endpoint._lock:
+            if _Endpoint._by_bus.get(self.bus) is self:
+                del _Endpoint._by_bus[self.bus]
+
+
+class _Inbox:
+    """A process's ring for events to ``bus.subscribe`` callbacks, and its reader thread."""
+
+    def __init__(self, ep: _Endpoint) -> None:
+        self.ep = ep
+        self.name = f"evt.{os.getpid()}.{uuid.uuid4().hex[:10]}"
+        self.queue = SageQueue(self.name, EVENT_RING_BYTES, auto_cleanup=True, namespace=ep.namespace)
+        self.callbacks: Dict[str, Callable] = {}
+        self.wants_message: Dict[str, bool] = {}
+        self.stats = {"received": 0, "errors": 0}
+        self._thread = threading.Thread(target=self._run, name=f"sage-events-{ep.bus}", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        from .message import envelope
+        from .transport import SegmentBlob
+
+        while True:
+            try:
+                req = self.queue.get()
+            except SageCommError as e:
+                if self.queue.closed:
+                    return
+                log.warning("dropped an undecodable event: %s", e)
+                continue
+            cb = self.callbacks.get(req.function)
+            if cb is None:
+                continue  # unsubscribed meanwhile
+            self.stats["received"] += 1
+            try:
+                args = req.args
+                if isinstance(args, SegmentBlob):
+                    args, _ = args.get()
+                if self.wants_message[req.function]:
+                    cb(*args, message=envelope(req))
+                else:
+                    cb(*args)
+            except Exception:
+                self.stats["errors"] += 1
+                log.exception("subscriber callback %r raised", cb)
+
+    def close(self) -> None:
+        self.queue.close()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout=5)
+        self.queue.release()
+
+
+# ------------------------------------------------------------------ client
+class FunctionClient:
+    """Calls functions of services on a bus.
+
+    Args:
+        client_id: names this caller in messages (default: generated).
+        bus: the bus name (default ``"default"``) or a CommunicationBus.
+        timeout: default timeout of calls, in seconds, when the function
+            declares none (``$SAGE_COMM_TIMEOUT`` or 30).
+        policy: override every service's load-balancing policy.
+
+    >>> client = FunctionClient(bus="production_bus")                # doctest: +SKIP
+    >>> client.call("calculator", "add", 1, 2, timeout=5)            # doctest: +SKIP
+    3
+    """
+
+    def __init__(
+        self,
+        client_id: Optional[str] = None,
+        bus: Any = None,
+        *,
+        timeout: Optional[float] = None,
+        policy: Optional[str] = None,
+    ) -> None:
+        if bus is not None and not isinstance(bus, str):
+            bus = getattr(bus, "name", bus)
+        self.bus = validate_bus_name(bus or "default")
+        if policy is not None and policy not in POLICIES:
+            raise InvalidQueueArgument(f"policy must be one of {POLICIES}, got {policy!r}")
+        self.client_id = client_id or f"client-{uuid.uuid4().hex[:8]}"
+        self.default_timeout = float(timeout if timeout is not None else os.environ.get("SAGE_COMM_TIMEOUT", DEFAULT_TIMEOUT))
+        self.policy = policy
+        self._ep: Optional[_Endpoint] = None
+        self._subs: List[str] = []
+        self._closed = False
+
+    @property
+    def endpoint(self) -> _Endpoint:
+        ep = self._ep
+        if ep is None or ep.closed:
+            if self._closed:
+                raise ServiceUnavailable(f"client '{self.client_id}' is closed")
+            ep = self._ep = _Endpoint.for_bus(self.bus)
+            ep.refs += 1
+        return ep
+
+    # -- routing
+    def _route(self, service: str, function: str, instance: Optional[str], exclude: Sequence[str] = ()) -> tuple:
+        ep = self.endpoint
+        if not isinstance(service, str) or not isinstance(function, str):
+            raise InvalidQueueArgument(f"service and function must be strings, got {service!r}, {function!r}")
+        cands = ep.instances(service)
+        if instance is not None:
+            chosen = [c for c in cands if c.instance_id == instance or c.actor_name == instance]
+            if not chosen:
+                raise ServiceNotFound(
+                    f"service '{service}' has no live replica '{instance}'; replicas: "
+                    f"{', '.join(c.instance_id for c in cands)}"
+                )
+            inst = chosen[0]
+        else:
+            pool = [c for c in cands if c.instance_id not in exclude] or cands
+            policy = self.policy or pool[0].policy
+            rr = ep.rr.get(service)
+            if rr is None:
+                rr = ep.rr[service] = itertools.count()
+            inst = pick_instance(pool, policy, ep.outstanding, ep.node_id, rr)
+        finfo = inst.functions.get(function)
+        if finfo is None:
+            raise FunctionNotFound(
+                f"service '{service}' has no function '{function}'; it has: "
+                f"{', '.join(sorted(inst.functions)) or '(none)'}"
+            )
+        return ep, inst, finfo
+
+    def _request(self, op: int, service: str, function: str, args: tuple, kwargs: dict, deadline: Optional[float], headers: Optional[dict]) -> Request:
+        return Request(op, 0, function, args, kwargs or None, None, deadline, self.client_id, headers, service)
+
+    def _account(self, ep: _Endpoint, inst: InstanceInfo, transport: Transport, delta: int) -> None:
+        iid = inst.instance_id
+        ep.outstanding[iid] = ep.outstanding.get(iid, 0) + delta
+        if delta > 0:
+            s = ep.stats
+            s["calls"] += 1
+            s[transport.name] += 1
+            s["by_instance"][iid] = s["by_instance"].get(iid, 0) + 1
+
+    def call(self, service: str, function: str, *args: Any, timeout: Optional[float] = None, instance: Optional[str] = None, headers: Optional[dict] = None, **kwargs: Any) -> Any:
+        """Calls ``service.function(*args, **kwargs)`` and returns its result.
+
+        Raises ServiceNotFound, FunctionNotFound, ValidationError, CallTimeout
+        (no reply within ``timeout``, default the function's own),
+        ServiceUnavailable (the replica died; idempotent functions are retried
+        on another replica first) or the handler's exception as a RemoteError.
+        """
+        excluded: List[str] = []
+        while True:
+            ep, inst, finfo = self._route(service, function, instance, excluded)
+            t = _check_timeout(timeout if timeout is not None else finfo.timeout, service, function)
+            transport = ep.transport(inst.node_id)
+            req = self._request(OP_CALL, service, function, args, kwargs, time.time() + t, headers)
+            self._account(ep, inst, transport, 1)
+            try:
+                rep = transport.call(inst, req, t)
+            except ServiceUnavailable:
+                ep.dead.add(inst.instance_id)
+                ep.stats["errors"] += 1
+                if finfo.idempotent and instance is None and len(excluded) < 3:
+                    excluded.append(inst.instance_id)
+                    ep.stats["retries"] += 1
+                    continue
+                raise
+            except CallTimeout:
+                ep.stats["timeouts"] += 1
+                raise
+            finally:
+                self._account(ep, inst, transport, -1)
+            try:
+                return outcome(rep, service, function)
+            except SageCommError:
+                ep.stats["errors"] += 1
+                raise
+
+    def call_async(self, service: str, function: str, *args: Any, timeout: Optional[float] = None, instance: Optional[str] = None, headers: Optional[dict] = None, **kwargs: Any) -> concurrent.futures.Future:
+        """Like :meth:`call`, but returns a ``concurrent.futures.Future`` at once.
+
+        The request is already on its way when this returns (it blocks only
+        while the replica's request queue is full: backpressure).
+        """
+        ep, inst, finfo = self._route(service, function, instance)
+        t = _check_timeout(timeout if timeout is not None else finfo.timeout, service, function)
+        transport = ep.transport(inst.node_id)
+        req = self._request(OP_CALL, service, function, args, kwargs, time.time() + t, headers)
+        self._account(ep, inst, transport, 1)
+        out: concurrent.futures.Future = concurrent.futures.Future()
+        try:
+            inner = transport.call_async(inst, req, t)
+        except BaseException:
+            self._account(ep, inst, transport, -1)
+            raise
+
+        def done(f: concurrent.futures.Future) -> None:
+            self._account(ep, inst, transport, -1)
+            try:
+                out.set_result(outcome(f.result(), service, function))
+            except BaseException as e:
+                if isinstance(e, ServiceUnavailable):
+                    ep.dead.add(inst.instance_id)
+                if isinstance(e, SageCommError):
+                    ep.stats["timeouts" if isinstance(e, CallTimeout) else "errors"] += 1
+                out.set_exception(e)
+
+        inner.add_done_callback(done)
+        return out
+
+    async def acall(self, service: str, function: str, *args: Any, timeout: Optional[float] = None, instance: Optional[str] = None, headers: Optional[dict] = None, **kwargs: Any) -> Any:
+        """``await``-able :meth:`call`, for async code (an async Ray actor, a notebook)."""
+        return await asyncio.wrap_future(
+            self.call_async(service, function, *args, timeout=timeout, instance=instance, headers=headers, **kwargs)
+        )
+
+    def send(self, service: str, function: str, *args: Any, instance: Optional[str] = None, timeout: Optional[float] = None, headers: Optional[dict] = None, **kwargs: Any) -> str:
+        """Point-to-point: delivers the call with no reply (fire-and-forget).
+
+        ``instance=`` (an instance id or actor name) targets one replica.
+        Returns the replica's instance id. Blocks only while its queue is full.
+        """
+        ep, inst, finfo = self._route(service, function, instance)
+        t = _check_timeout(timeout if timeout is not None else finfo.timeout, service, function)
+        transport = ep.transport(inst.node_id)
+        req = self._request(OP_SEND, service, function, args, kwargs, None, headers)
+        transport.send(inst, req, t)
+        ep.stats["by_instance"][inst.instance_id] = ep.stats["by_instance"].get(inst.instance_id, 0) + 1
+        ep.stats[transport.name] += 1
+        return inst.instance_id
+
+    # -- pub/sub
+    def broadcast(self, topic: str, payload: Any, *, headers: Optional[dict] = None) -> int:
+        """Publishes ``payload`` on ``topic`` to every matching subscriber (one
+        per service group); returns how many took it. A subscriber whose buffer
+        is full misses it (counted in ``stats()['dropped']``): at-most-once,
+        and a slow subscriber never blocks the publisher."""
+        validate_topic(topic)
+        ep = self.endpoint
+        hdrs = {"topic": topic, **(headers or {})}
+        groups: Dict[str, List[Subscription]] = {}
+        targets: List[Subscription] = []
+        for sub in ep.snapshot["subscriptions"]:
+            if topic_matches(sub.pattern, topic):
+                if sub.group:
+                    groups.setdefault(sub.group + "\0" + sub.pattern, []).append(sub)
+                else:
+                    targets.append(sub)
+        for key, members in groups.items():
+            rr = ep.rr.get("\0pub" + key)
+            if rr is None:
+                rr = ep.rr["\0pub" + key] = itertools.count()
+            local = [m for m in members if m.node_id == ep.node_id] or members
+            local.sort(key=lambda m: m.sub_id)
+            targets.append(local[next(rr) % len(local)])
+        delivered = 0
+        for sub in targets:
+            req = Request(OP_EVENT, 0, sub.function or "", (payload,), None, None, None, self.client_id, hdrs, sub.group or "")
+            if ep.transport(sub.node_id).deliver(sub, req):
+                delivered += 1
+            else:
+                ep.stats["dropped"] += 1
+        ep.stats["published"] += 1
+        ep.stats["delivered"] += delivered
+        return delivered
+
+    publish = broadcast
+
+    def subscribe(self, pattern: str, callback: Callable) -> str:
+        """Runs ``callback(payload)`` (or ``callback(payload, message=...)``) in a
+        background thread for each event matching ``pattern``. Returns the
+        subscription id for :meth:`unsubscribe`."""
+        import inspect
+
+        import ray
+
+        validate_pattern(pattern)
+        if not callable(callback):
+            raise InvalidQueueArgument(f"subscribe({pattern!r}): callback must be callable, got {callback!r}")
+        ep = self.endpoint
+        inbox = ep.inbox()
+        sub_id = f"{ep.host_id}:{os.getpid()}/{uuid.uuid4().hex[:10]}"
+        try:
+            inbox.wants_message[sub_id] = "message" in inspect.signature(callback).parameters
+        except (TypeError, ValueError):
+            inbox.wants_message[sub_id] = False
+        inbox.callbacks[sub_id] = callback
+        pid = os.getpid()
+        sub = Subscription(sub_id, pattern, inbox.name, ep.node_id, ep.host_id, pid, _core.process_start_time(pid), None, sub_id)
+        ep.ensure_version(ray.get(ep.router.subscribe.remote(sub), timeout=30))
+        self._subs.append(sub_id)
+        return sub_id
+
+    def unsubscribe(self, sub_id: str) -> bool:
+        import ray
+
+        ep = self.endpoint
+        ok = ray.get(ep.router.unsubscribe.remote(sub_id), timeout=30)
+        if ep._inbox is not None:
+            ep._inbox.callbacks.pop(sub_id, None)
+        if sub_id in self._subs:
+            self._subs.remove(sub_id)
+        ep.refresh()
+        return ok
+
+    def wait_for_subscribers(self, topic: str, count: int = 1, timeout: float = 10.0) -> int:
+        """Waits until this process's registry shows ``count`` subscribers for
+        ``topic`` (subscriptions made elsewhere reach it asynchronously)."""
+        validate_topic(topic)
+        ep = self.endpoint
+        end = time.monotonic() + timeout
+        while True:
+            n = sum(1 for s in ep.snapshot["subscriptions"] if topic_matches(s.pattern, topic))
+            if n >= count:
+                return n
+            if time.monotonic() >= end:
+                raise CallTimeout(f"topic '{topic}' on bus '{self.bus}' has {n} subscriber(s), not {count}, after {timeout} s")
+            ep.refresh()
+            time.sleep(0.02)  # polling the router's version; a change usually lands within one poll
+
+    # -- registry views
+    def list_services(self) -> List[str]:
+        """Names of the services registered on the bus."""
+        return sorted(self.endpoint.refresh()["services"])
+
+    def list_functions(self, service: Optional[str] = None) -> Dict[str, Any]:
+        """``{service: {function: signature}}`` (or just one service's dict)."""
+        snap = self.endpoint.refresh()
+        out = {
+            name: {f.name: f.signature for inst in list(insts.values())[:1] for f in inst.functions.values()}
+            for name, insts in snap["services"].items()
+        }
+        if service is None:
+            return out
+        if service not in out:
+            raise ServiceNotFound(f"no service '{service}' on bus '{self.bus}'; known services: {', '.join(sorted(out)) or '(none)'}")
+        return out[service]
+
+    def refresh(self) -> None:
+        """Re-reads the registry from the router now."""
+        self.endpoint.refresh()
+
+    def stats(self) -> dict:
+        """Calls made from this process on this bus, by transport (``shm`` / ``ray``) and replica."""
+        s = dict(self.endpoint.stats)
+        s["by_instance"] = dict(s["by_instance"])
+        s["stale_replies"] = getattr(self.endpoint.shm, "stale_replies", 0)
+        return s
+
+    def close(self) -> None:
+        """Drops this client's subscriptions; the last client of the bus in this
+        process also removes the process's reply and event rings."""
+        if self._closed:
+            return
+        self._closed = True
+        ep, self._ep = self._ep, None
+        if ep is None or ep.closed:
+            return
+        for sid in list(self._subs):
+            try:
+                import ray
+
+                ray.get(ep.router.unsubscribe.remote(sid), timeout=10)
+            except Exception:
+                pass
+            if ep._inbox is not None:
+                ep._inbox.callbacks.pop(sid, None)
+        ep.refs -= 1
+        if ep.refs <= 0:
+            ep.close()
+
+    def __enter__(self) -> "FunctionClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"FunctionClient({self.client_id!r}, bus={self.bus!r})"
+
+
+def _check_timeout(t: Any, service: str, function: str) -> float:
+    if not isinstance(t, (int, float)) or t != t or t <= 0:
+        raise InvalidQueueArgument(f"timeout of the call to {service}.{function} must be a positive number of seconds, got {t!r}")
+    return float(t)

@@ -1,0 +1,398 @@
+"""The router: one named Ray actor per bus, holding the registry.
+
+The router knows which services exist, their replicas (node, request queue,
+functions, liveness, load) and the topic subscriptions. It is **not** on the
+data path: clients keep a cached copy of the registry, kept fresh by a long
+poll (:meth:`_RouterActor.wait_for_change`), and call replicas directly.
+
+Pure logic (the :class:`Registry`, NATS-style :func:`topic_matches`) lives
+here without Ray, so it is unit-tested on its own; :class:`_RouterActor` wraps
+it in an async Ray actor named ``sage:<bus>:router`` in the Ray namespace
+``sage_ray_comm``, so every job on the cluster finds the same router.
+
+>>> r = Registry("demo")
+>>> topic_matches("sensor.*.temp", "sensor.kitchen.temp"), topic_matches("sensor.>", "sensor")
+(True, False)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import re
+import time
+from typing import Any, Dict, List, Optional
+
+from .errors import InvalidQueueArgument, NameConflict, RouterUnavailable
+
+__all__ = [
+    "FunctionInfo",
+    "InstanceInfo",
+    "Subscription",
+    "Registry",
+    "topic_matches",
+    "validate_topic",
+    "validate_pattern",
+    "get_router",
+    "router_name",
+    "ROUTER_NAMESPACE",
+]
+
+ROUTER_NAMESPACE = "sage_ray_comm"
+# An instance that has not sent a heartbeat for this long is dropped.
+HEARTBEAT_INTERVAL = 0.5
+HEARTBEAT_GRACE = 3.0
+
+_BUS_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}$")
+_TOKEN = re.compile(r"^[^.*>\s]+$")
+
+
+def validate_bus_name(name: str) -> str:
+    if not isinstance(name, str) or not _BUS_NAME.match(name):
+        raise InvalidQueueArgument(
+            f"bus name must be 1-100 characters of letters, digits, '_', '.', '-', got {name!r}"
+        )
+    return name
+
+
+def router_name(bus: str) -> str:
+    """The Ray actor name of a bus's router (namespace :data:`ROUTER_NAMESPACE`)."""
+    return f"sage:{bus}:router"
+
+
+def bus_namespace(bus: str) -> str:
+    """The shared-memory namespace of a bus: its rings are invisible to other buses."""
+    return f"bus.{bus}"
+
+
+# ------------------------------------------------------------------ topics
+def validate_topic(topic: str) -> str:
+    """A publish subject: dot-separated tokens, no wildcards."""
+    if not isinstance(topic, str) or not topic or not all(_TOKEN.match(t) for t in topic.split(".")):
+        raise InvalidQueueArgument(
+            f"topic must be dot-separated non-empty tokens without '*', '>' or spaces, got {topic!r}"
+        )
+    return topic
+
+
+def validate_pattern(pattern: str) -> str:
+    """A subscription pattern: tokens, ``*`` for exactly one token, a final ``>`` for one or more."""
+    if not isinstance(pattern, str) or not pattern:
+        raise InvalidQueueArgument(f"subscription pattern must be a non-empty string, got {pattern!r}")
+    toks = pattern.split(".")
+    for i, t in enumerate(toks):
+        if t == "*" or (t == ">" and i == len(toks) - 1) or _TOKEN.match(t):
+            continue
+        raise InvalidQueueArgument(
+            f"bad subscription pattern {pattern!r}: token {i + 1} ({t!r}) must be a word, '*', "
+            "or a final '>'"
+        )
+    return pattern
+
+
+def topic_matches(pattern: str, topic: str) -> bool:
+    """NATS subject matching: ``*`` matches one token, a final ``>`` one or more.
+
+    >>> [topic_matches(p, "a.b.c") for p in ("a.b.c", "a.*.c", "a.>", "*.b", "a.b.c.>")]
+    [True, True, True, False, False]
+    """
+    p = pattern.split(".")
+    t = topic.split(".")
+    for i, tok in enumerate(p):
+        if tok == ">":
+            return len(t) > i
+        if i >= len(t) or (tok != "*" and tok != t[i]):
+            return False
+    return len(p) == len(t)
+
+
+# ---------------------------------------------------------------- registry
+@dataclasses.dataclass(frozen=True)
+class FunctionInfo:
+    """One exposed function of a service."""
+
+    name: str
+    timeout: float
+    idempotent: bool = False
+    is_async: bool = False
+    signature: str = ""
+    pattern: str = "request_response"
+
+
+@dataclasses.dataclass(frozen=True)
+class InstanceInfo:
+    """One replica of a service, as registered."""
+
+    service: str
+    instance_id: str
+    class_id: str
+    node_id: Optional[str]
+    host_id: str
+    pid: int
+    pid_start: int
+    request_queue: str  # ring name in the bus namespace
+    functions: Dict[str, FunctionInfo]
+    actor_name: Optional[str] = None
+    replica_index: int = 0
+    max_concurrency: int = 1
+    policy: str = "least_outstanding"
+    started_at: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Subscription:
+    """A subscriber: a ring on some node, fed every event whose topic matches ``pattern``.
+
+    Subscriptions with a ``group`` (a service's replicas) share the events:
+    each event goes to one member of the group, like NATS queue groups.
+    """
+
+    sub_id: str
+    pattern: str
+    queue: str  # ring name in the bus namespace
+    node_id: Optional[str]
+    host_id: str
+    pid: int
+    pid_start: int
+    group: Optional[str] = None
+    function: Optional[str] = None  # the subscriber method of a service, None for a callback inbox
+
+
+class Registry:
+    """The router's state, without Ray: services, replicas, subscriptions.
+
+    Every change bumps :attr:`version`; :meth:`snapshot` is what clients cache.
+    """
+
+    def __init__(self, bus: str) -> None:
+        self.bus = bus
+        self.version = 0
+        self.services: Dict[str, Dict[str, InstanceInfo]] = {}
+        self.class_ids: Dict[str, str] = {}
+        self.last_seen: Dict[str, float] = {}
+        self.load: Dict[str, dict] = {}
+        self.subs: Dict[str, Subscription] = {}
+
+    def _bump(self) -> int:
+        self.version += 1
+        return self.version
+
+    def register(self, inst: InstanceInfo, replace: bool = False, now: Optional[float] = None) -> int:
+        """Adds a replica. A different class under a taken name raises NameConflict,
+        unless ``replace``: then the old class's replicas are dropped."""
+        taken = self.class_ids.get(inst.service)
+        live = self.services.get(inst.service)
+        if taken is not None and taken != inst.class_id and live:
+            if not replace:
+                raise NameConflict(
+                    f"service name '{inst.service}' on bus '{self.bus}' is taken by class {taken} "
+                    f"({len(live)} replica(s)); cannot register class {inst.class_id} under it "
+                    "(stop the old service, pick another name, or deploy with replace=True)"
+                )
+            for iid in list(live):
+                self._drop_instance(iid)
+        self.class_ids[inst.service] = inst.class_id
+        self.services.setdefault(inst.service, {})[inst.instance_id] = inst
+        self.last_seen[inst.instance_id] = now if now is not None else time.time()
+        return self._bump()
+
+    def _drop_instance(self, instance_id: str) -> Optional[InstanceInfo]:
+        for name, insts in list(self.services.items()):
+            inst = insts.pop(instance_id, None)
+            if inst is not None:
+                if not insts:
+                    del self.services[name]
+                    self.class_ids.pop(name, None)
+                self.last_seen.pop(instance_id, None)
+                self.load.pop(instance_id, None)
+                for sid in [s.sub_id for s in self.subs.values() if s.sub_id.startswith(instance_id + "/")]:
+                    del self.subs[sid]
+                return inst
+        return None
+
+    def deregister(self, instance_id: str) -> bool:
+        """Removes a replica (and its subscriptions); False if it was unknown."""
+        if self._drop_instance(instance_id) is None:
+            return False
+        self._bump()
+        return True
+
+    def heartbeat(self, instance_id: str, load: Optional[dict] = None, now: Optional[float] = None) -> bool:
+        """Marks a replica alive; False if unknown (the router restarted: re-register)."""
+        if not any(instance_id in insts for insts in self.services.values()):
+            return False
+        self.last_seen[instance_id] = now if now is not None else time.time()
+        if load is not None:
+            self.load[instance_id] = load
+        return True
+
+    def expire(self, grace: float = HEARTBEAT_GRACE, now: Optional[float] = None) -> List[InstanceInfo]:
+        """Drops replicas silent for more than ``grace`` seconds; returns them."""
+        now = now if now is not None else time.time()
+        gone = [iid for iid, t in self.last_seen.items() if now - t > grace]
+        dropped = [i for i in (self._drop_instance(iid) for iid in gone) if i is not None]
+        if dropped:
+            self._bump()
+        return dropped
+
+    def subscribe(self, sub: Subscription) -> int:
+        validate_pattern(sub.pattern)
+        self.subs[sub.sub_id] = sub
+        return self._bump()
+
+    def unsubscribe(self, sub_id: str) -> bool:
+        if self.subs.pop(sub_id, None) is None:
+            return False
+        self._bump()
+        return True
+
+    def drop_subscriber_process(self, host_id: str, pid: int) -> int:
+        """Removes every callback subscription of one process (it closed or died)."""
+        gone = [s.sub_id for s in self.subs.values() if s.host_id == host_id and s.pid == pid and s.group is None]
+        for sid in gone:
+            del self.subs[sid]
+        if gone:
+            self._bump()
+        return len(gone)
+
+    def snapshot(self) -> dict:
+        """What clients cache: plain data, picklable."""
+        return {
+            "bus": self.bus,
+            "version": self.version,
+            "services": {n: dict(insts) for n, insts in self.services.items()},
+            "subscriptions": list(self.subs.values()),
+            "last_seen": dict(self.last_seen),
+            "load": dict(self.load),
+        }
+
+
+# ------------------------------------------------------------ router actor
+class _RouterActor:
+    """Async Ray actor around a :class:`Registry` (see :func:`get_router`)."""
+
+    def __init__(self, bus: str) -> None:
+        self.reg = Registry(bus)
+        self.started_at = time.time()
+        self._changed: Optional[asyncio.Condition] = None
+        self._reaper: Optional[asyncio.Task] = None
+
+    def _cond(self) -> asyncio.Condition:
+        # Created lazily: the actor's event loop does not exist in __init__.
+        if self._changed is None:
+            self._changed = asyncio.Condition()
+            self._reaper = asyncio.get_running_loop().create_task(self._reap())
+        return self._changed
+
+    async def _notify(self) -> None:
+        c = self._cond()
+        async with c:
+            c.notify_all()
+
+    async def _reap(self) -> None:
+        while True:
+            await asyncio.sleep(HEARTBEAT_INTERVAL)
+            if self.reg.expire():
+                await self._notify()
+
+    async def ping(self) -> dict:
+        self._cond()
+        return {"bus": self.reg.bus, "version": self.reg.version, "started_at": self.started_at}
+
+    async def register(self, inst: InstanceInfo, replace: bool = False) -> int:
+        v = self.reg.register(inst, replace)
+        await self._notify()
+        return v
+
+    async def deregister(self, instance_id: str) -> bool:
+        ok = self.reg.deregister(instance_id)
+        await self._notify()
+        return ok
+
+    async def heartbeat(self, instance_id: str, load: Optional[dict] = None) -> bool:
+        self._cond()
+        return self.reg.heartbeat(instance_id, load)
+
+    async def subscribe(self, sub: Subscription) -> int:
+        v = self.reg.subscribe(sub)
+        await self._notify()
+        return v
+
+    async def unsubscribe(self, sub_id: str) -> bool:
+        ok = self.reg.unsubscribe(sub_id)
+        await self._notify()
+        return ok
+
+    async def drop_subscriber_process(self, host_id: str, pid: int) -> int:
+        n = self.reg.drop_subscriber_process(host_id, pid)
+        await self._notify()
+        return n
+
+    async def snapshot(self) -> dict:
+        self._cond()
+        return self.reg.snapshot()
+
+    async def wait_for_change(self, version: int, timeout: float) -> Optional[dict]:
+        """Long poll: the snapshot as soon as the version passes ``version``;
+        None after ``timeout`` seconds without a change."""
+        c = self._cond()
+        if self.reg.version != version:
+            return self.reg.snapshot()
+        async with c:
+            try:
+                await asyncio.wait_for(c.wait_for(lambda: self.reg.version != version), timeout)
+            except asyncio.TimeoutError:
+                return None
+        return self.reg.snapshot()
+
+
+def _ray():
+    import ray
+
+    return ray
+
+
+def get_router(bus: str, create: bool = True) -> Any:
+    """The router actor of ``bus``, created if missing (race-safe across processes).
+
+    Ray must be initialized. Raises RouterUnavailable if it cannot be found or made.
+    """
+    ray = _ray()
+    if not ray.is_initialized():
+        raise RouterUnavailable(f"bus '{bus}': Ray is not initialized (call ray.init() or bus.start())")
+    name = router_name(bus)
+    last: Optional[BaseException] = None
+    for _ in range(20):
+        try:
+            return ray.get_actor(name, namespace=ROUTER_NAMESPACE)
+        except ValueError as e:
+            last = e
+            if not create:
+                break
+        try:
+            # Concurrent creators: get_if_exists turns the loser's create into a get,
+            # and a ValueError from a lost race is retried by the loop.
+            return (
+                ray.remote(_RouterActor)
+                .options(
+                    name=name,
+                    namespace=ROUTER_NAMESPACE,
+                    get_if_exists=True,
+                    num_cpus=0,
+                    max_concurrency=10_000,
+                    max_restarts=-1,
+                    # A bus outlives the process that happened to create it (like
+                    # Ray Serve's controller); CommunicationBus.shutdown() ends it.
+                    lifetime="detached",
+                )
+                .remote(bus)
+            )
+        except ValueError as e:
+            last = e
+            time.sleep(0.05)  # a creation race: the winner's name appears shortly
+    raise RouterUnavailable(f"cannot find or create the router '{name}' of bus '{bus}': {last}")
+
+
+def class_id_of(cls: type) -> str:
+    """A service class's identity across redefinitions (a notebook re-running its cell)."""
+    return f"{cls.__module__}:{cls.__qualname__}"

@@ -1,0 +1,584 @@
+"""Transports: how a request reaches a replica and its reply comes back.
+
+One small interface, :class:`Transport`, with two implementations:
+
+- :class:`ShmTransport` (caller and replica on the same Ray node): the request
+  frame goes into the replica's request ring, the reply into the caller's
+  reply ring, matched by correlation id. Synchronous calls use a reply ring
+  per calling thread, read by that thread itself: no hand-off between threads
+  on the hot path. Asynchronous calls share one ring per process, read by one
+  thread that completes the futures.
+- :class:`RayTransport` (different nodes): a Ray actor call to the
+  :class:`_GatewayActor` of the replica's node, which makes the same shared
+  memory call there and returns the reply. Same semantics, one more hop.
+
+Payloads larger than a ring's frame limit travel in a one-off segment (the
+frame carries a :class:`SegmentBlob`); across nodes, Ray's object store
+carries them.
+
+The client's routing logic only sees :class:`Transport`, so it is unit-tested
+with a fake one (``tests/test_client_routing.py``).
+"""
+
+from __future__ import annotations
+
+import abc
+import collections
+import concurrent.futures
+import itertools
+import logging
+import os
+import threading
+import time
+import uuid
+from typing import Any, Dict, Optional, Tuple
+
+from . import _core, shm
+from .errors import (
+    CallTimeout,
+    MessageTooLarge,
+    QueueClosed,
+    QueueEmpty,
+    QueueFull,
+    QueueNotFound,
+    SageCommError,
+    ServiceUnavailable,
+)
+from .message import ST_OK, ST_OK_BLOB, Reply, Request
+from .queue import SageQueue, _encode
+from .router import InstanceInfo, Subscription
+
+__all__ = ["Transport", "ShmTransport", "RayTransport", "SegmentBlob", "RingPool", "get_gateway"]
+
+log = logging.getLogger(__name__)
+
+REQUEST_RING_BYTES = 8 << 20  # one frame may be half: 4 MiB
+REPLY_RING_BYTES = 8 << 20
+EVENT_RING_BYTES = 4 << 20
+# While waiting for a reply, check this often that the replica still lives, so
+# a dead replica costs a caller at most this long, not its whole timeout.
+LIVENESS_SLICE = 0.25
+GATEWAY_NAMESPACE = "sage_ray_comm"
+
+
+# ------------------------------------------------------------ oversize
+class SegmentBlob:
+    """An oversize payload in a one-off shared-memory segment of its own.
+
+    A frame may hold at most half its ring. A larger request or reply is
+    written into a fresh segment sized for it, and the frame carries only
+    this small handle. The receiver reads it and unlinks the segment; the
+    sender unlinks it too once the call is over (for a receiver that died
+    first), so none is left behind. Same node only: across nodes the Ray
+    transport carries large payloads through Ray's object store itself.
+
+    (Ray's ObjectRefs cannot be used here: an ObjectRef pickled outside Ray's
+    own task arguments cannot be fetched by another worker in Ray 2.x; see
+    ``tests/test_transport.py::test_out_of_band_object_refs_do_not_resolve``.)
+    """
+
+    __slots__ = ("name", "namespace", "nbytes")
+
+    def __init__(self, name: str, namespace: str, nbytes: int) -> None:
+        self.name = name
+        self.namespace = namespace
+        self.nbytes = nbytes
+
+    @classmethod
+    def put(cls, obj: Any, namespace: str) -> "SegmentBlob":
+        parts, kind = _encode(obj, f"an oversize payload in namespace '{namespace}'")
+        nbytes = sum(memoryview(p).nbytes for p in parts)
+        name = f"blob.{os.getpid()}.{uuid.uuid4().hex[:12]}"
+        cap = 2 * (nbytes + 64) + 4096
+        if cap > _core.MAX_CAPACITY:
+            raise MessageTooLarge(
+                f"a {nbytes}-byte payload exceeds the largest shared-memory segment ({_core.MAX_CAPACITY // 2} bytes)"
+            )
+        q = SageQueue(name, cap, auto_cleanup=False, namespace=namespace)
+        try:
+            q._ring.put_parts(parts, kind, 0.0)
+        except BaseException:
+            q.unlink()
+            raise
+        finally:
+            q.release()
+        return cls(name, namespace, nbytes)
+
+    def get(self) -> Any:
+        """Reads the payload and removes the segment (each blob is read once)."""
+        try:
+            q = SageQueue(self.name, auto_cleanup=False, namespace=self.namespace, create=False)
+        except QueueNotFound:
+            raise ServiceUnavailable(
+                f"the {self.nbytes}-byte payload segment '{self.name}' is gone (its sender gave up or died)"
+            ) from None
+        try:
+            return q.get(timeout=0)
+        finally:
+            q.unlink()
+            q.release()
+
+    def discard(self) -> None:
+        """Removes the segment if the receiver has not (it died, or never came)."""
+        try:
+            _core.unlink(shm.segment_name(self.namespace, self.name))
+        except Exception:
+            pass
+
+    def __reduce__(self):
+        return (SegmentBlob, (self.name, self.namespace, self.nbytes))
+
+
+# ------------------------------------------------------------------- rings
+class RingPool:
+    """Open handles to other processes' rings in one bus namespace, by name."""
+
+    def __init__(self, namespace: str, limit: int = 512) -> None:
+        self.namespace = namespace
+        self.limit = limit
+        self._rings: "collections.OrderedDict[str, SageQueue]" = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, name: str) -> SageQueue:
+        q = self._rings.get(name)  # lock-free hit: dict reads are atomic under the GIL
+        if q is not None:
+            return q
+        with self._lock:
+            q = self._rings.get(name)
+            if q is None:
+                q = SageQueue(name, namespace=self.namespace, auto_cleanup=False, create=False)
+                self._rings[name] = q
+                while len(self._rings) > self.limit:
+                    _, old = self._rings.popitem(last=False)
+                    old.release()
+            return q
+
+    def drop(self, name: str) -> None:
+        with self._lock:
+            q = self._rings.pop(name, None)
+        if q is not None:
+            q.release()
+
+    def close(self) -> None:
+        with self._lock:
+            rings, self._rings = list(self._rings.values()), collections.OrderedDict()
+        for q in rings:
+            q.release()
+
+
+def instance_alive(inst: InstanceInfo) -> bool:
+    """Whether the replica's process still runs (same host only)."""
+    return _core.process_alive(inst.pid, inst.pid_start)
+
+
+# --------------------------------------------------------------- interface
+class Transport(abc.ABC):
+    """Carries requests to one replica. ``name`` is what stats call it."""
+
+    name = "?"
+
+    @abc.abstractmethod
+    def call(self, inst: InstanceInfo, req: Request, timeout: float) -> Reply:
+        """Sends ``req`` and waits for its reply. Raises CallTimeout, ServiceUnavailable."""
+
+    @abc.abstractmethod
+    def call_async(self, inst: InstanceInfo, req: Request, timeout: float) -> "concurrent.futures.Future[Reply]":
+        """Sends ``req``; the future completes with its reply or a typed error."""
+
+    @abc.abstractmethod
+    def send(self, inst: InstanceInfo, req: Request, timeout: float) -> None:
+        """Delivers ``req`` with no reply. Blocks (up to ``timeout``) while the replica is full."""
+
+    @abc.abstractmethod
+    def deliver(self, sub: Subscription, req: Request) -> bool:
+        """Offers an event to a subscriber without blocking; False if its buffer was full."""
+
+    def close(self) -> None:
+        pass
+
+
+class _ReplyRing:
+    __slots__ = ("queue", "cids", "name")
+
+    def __init__(self, namespace: str) -> None:
+        self.name = f"rep.{os.getpid()}.{uuid.uuid4().hex[:12]}"
+        self.queue = SageQueue(self.name, REPLY_RING_BYTES, auto_cleanup=True, namespace=namespace)
+        self.cids = itertools.count(1)
+
+
+class ShmTransport(Transport):
+    """Same-node calls through shared-memory rings (see the module docstring)."""
+
+    name = "shm"
+
+    def __init__(self, namespace: str) -> None:
+        self.namespace = namespace
+        self.pool = RingPool(namespace)
+        self._tls = threading.local()
+        self._rings: list = []  # every reply ring made, released by close()
+        self._lock = threading.Lock()
+        self._async: Optional[_ReplyRing] = None
+        self._pending: Dict[int, Tuple[concurrent.futures.Future, InstanceInfo, float, Optional[SegmentBlob]]] = {}
+        self._reader: Optional[threading.Thread] = None
+        self._closed = False
+        self.stale_replies = 0
+
+    # -- request side
+    def _put(self, inst: InstanceInfo, req: Request, timeout: Optional[float]) -> Optional[SegmentBlob]:
+        """Puts the request frame; returns the blob it had to park, if any."""
+        try:
+            q = self.pool.get(inst.request_queue)
+        except QueueNotFound:
+            raise ServiceUnavailable(
+                f"replica {inst.instance_id} of service '{inst.service}' is gone (its request queue "
+                f"no longer exists) while calling '{req.function}'"
+            ) from None
+        blob = None
+        try:
+            try:
+                q.put(req, timeout=timeout)
+            except MessageTooLarge as e:
+                blob = SegmentBlob.put((req.args, req.kwargs), self.namespace)
+                q.put(req._replace(args=blob, kwargs=None), timeout=timeout)
+        except QueueFull:
+            if blob is not None:
+                blob.discard()
+            raise CallTimeout(
+                f"call to {inst.service}.{req.function}: replica {inst.instance_id}'s request queue "
+                f"stayed full for {timeout:.3g} s (backpressure: the replica is overloaded)"
+            ) from None
+        except QueueClosed:
+            if blob is not None:
+                blob.discard()
+            self.pool.drop(inst.request_queue)
+            raise ServiceUnavailable(
+                f"replica {inst.instance_id} of service '{inst.service}' is stopping (its request "
+                f"queue is closed); call to '{req.function}' not delivered"
+            ) from None
+        return blob
+
+    @staticmethod
+    def _resolve(inst: InstanceInfo, rep: Reply) -> Reply:
+        """Reads an oversize reply out of its segment."""
+        if rep.status != ST_OK_BLOB:
+            return rep
+        return Reply(rep.cid, ST_OK, rep.value.get())
+
+    def _thread_ring(self) -> _ReplyRing:
+        r = getattr(self._tls, "ring", None)
+        if r is None:
+            r = _ReplyRing(self.namespace)
+            self._tls.ring = r
+            with self._lock:
+                self._rings.append(r)
+        return r
+
+    def call(self, inst: InstanceInfo, req: Request, timeout: float) -> Reply:
+        ring = self._thread_ring()
+        cid = next(ring.cids)
+        end = time.monotonic() + timeout
+        blob = self._put(inst, req._replace(cid=cid, reply_to=ring.name), timeout)
+        try:
+            get = ring.queue.get
+            while True:
+                left = end - time.monotonic()
+                if left <= 0:
+                    raise CallTimeout(
+                        f"call to {inst.service}.{req.function} (replica {inst.instance_id}) got no "
+                        f"reply within {timeout:.3g} s"
+                    )
+                try:
+                    rep = get(timeout=min(left, LIVENESS_SLICE))
+                except QueueEmpty:
+                    if not instance_alive(inst):
+                        raise ServiceUnavailable(
+                            f"replica {inst.instance_id} of service '{inst.service}' (pid {inst.pid}) "
+                            f"died while handling '{req.function}'"
+                        ) from None
+                    continue
+                if rep[0] == cid:
+                    return self._resolve(inst, Reply(*rep))
+                self._stale(inst, rep)
+        finally:
+            if blob is not None:
+                blob.discard()
+
+    def _stale(self, inst: InstanceInfo, rep: tuple) -> None:
+        # The reply to a call that already timed out: drop it (and its segment).
+        self.stale_replies += 1
+        if rep[1] == ST_OK_BLOB:
+            rep[2].discard()
+
+    # -- asynchronous calls: one shared ring, one reader thread
+    def _async_ring(self) -> _ReplyRing:
+        if self._async is None:
+            with self._lock:
+                if self._async is None:
+                    if self._closed:
+                        raise ServiceUnavailable("the client is closed")
+                    r = _ReplyRing(self.namespace)
+                    self._rings.append(r)
+                    self._reader = threading.Thread(target=self._read_loop, args=(r,), name="sage-replies", daemon=True)
+                    self._async = r
+                    self._reader.start()
+        return self._async
+
+    def call_async(self, inst: InstanceInfo, req: Request, timeout: float) -> concurrent.futures.Future:
+        ring = self._async_ring()
+        cid = next(ring.cids)
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        self._pending[cid] = (fut, inst, time.monotonic() + timeout, None)
+        try:
+            blob = self._put(inst, req._replace(cid=cid, reply_to=ring.name), timeout)
+        except BaseException:
+            self._pending.pop(cid, None)
+            raise
+        if blob is not None:
+            entry = self._pending.get(cid)
+            if entry is not None:
+                self._pending[cid] = entry[:3] + (blob,)
+            else:
+                blob.discard()
+        return fut
+
+    def _finish(self, cid: int, rep: Optional[Reply] = None, exc: Optional[BaseException] = None) -> None:
+        entry = self._pending.pop(cid, None)
+        if entry is None:
+            return
+        fut, inst, _, blob = entry
+        if blob is not None:
+            blob.discard()
+        if exc is None:
+            try:
+                rep = self._resolve(inst, rep)  # type: ignore[arg-type]
+            except BaseException as e:  # ray.get of an oversize reply failed
+                exc = e
+        if fut.done():
+            return
+        if exc is not None:
+            fut.set_exception(exc)
+        else:
+            fut.set_result(rep)
+
+    def _read_loop(self, ring: _ReplyRing) -> None:
+        last_sweep = time.monotonic()
+        while True:
+            try:
+                rep = ring.queue.get(timeout=LIVENESS_SLICE)
+                cid = rep[0]
+                if cid in self._pending:
+                    self._finish(cid, Reply(*rep))
+                else:
+                    self._stale(None, rep)
+            except QueueEmpty:
+                pass
+            except QueueClosed:
+                break
+            except Exception:  # a reply that failed to unpickle: its call times out
+                log.exception("undecodable reply on %s", ring.name)
+            now = time.monotonic()
+            if self._pending and now - last_sweep >= LIVENESS_SLICE:
+                last_sweep = now
+                self._sweep(now)
+        for cid in list(self._pending):
+            self._finish(cid, exc=ServiceUnavailable("the client was closed before the reply arrived"))
+
+    def _sweep(self, now: float) -> None:
+        """Fails calls past their timeout, and calls to replicas that died."""
+        dead: Dict[str, bool] = {}
+        for cid, (fut, inst, end, _) in list(self._pending.items()):
+            if now >= end:
+                self._finish(cid, exc=CallTimeout(f"call to {inst.service} (replica {inst.instance_id}) got no reply in time"))
+                continue
+            alive = dead.get(inst.instance_id)
+            if alive is None:
+                alive = dead[inst.instance_id] = instance_alive(inst)
+            if not alive:
+                self._finish(
+                    cid,
+                    exc=ServiceUnavailable(
+                        f"replica {inst.instance_id} of service '{inst.service}' (pid {inst.pid}) died "
+                        "before replying"
+                    ),
+                )
+
+    # -- no reply
+    def send(self, inst: InstanceInfo, req: Request, timeout: float) -> None:
+        self._put(inst, req, timeout)
+        # An oversize fire-and-forget payload's segment is removed by its reader
+        # (or by gc, should the replica die before reading it).
+
+    def deliver(self, sub: Subscription, req: Request) -> bool:
+        try:
+            q = self.pool.get(sub.queue)
+        except QueueNotFound:
+            return False
+        try:
+            q.put(req, block=False)
+            return True
+        except (QueueFull, QueueClosed):
+            return False
+        except MessageTooLarge as e:
+            blob = SegmentBlob.put((req.args, req.kwargs), self.namespace)
+            try:
+                q.put(req._replace(args=blob, kwargs=None), block=False)
+                return True
+            except (QueueFull, QueueClosed):
+                blob.discard()
+                return False
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            rings, self._rings = self._rings, []
+        for r in rings:
+            r.queue.close()
+        if self._reader is not None and self._reader is not threading.current_thread():
+            self._reader.join(timeout=2)
+        for r in rings:
+            r.queue.release()
+        self.pool.close()
+
+
+# --------------------------------------------------------------- Ray path
+class _GatewayActor:
+    """One per node (named ``sage:gateway:<node id>``): makes shared-memory calls
+    on its node for callers on other nodes."""
+
+    def __init__(self) -> None:
+        self._transports: Dict[str, ShmTransport] = {}
+        self._lock = threading.Lock()
+
+    def _shm(self, namespace: str) -> ShmTransport:
+        t = self._transports.get(namespace)
+        if t is None:
+            with self._lock:
+                t = self._transports.setdefault(namespace, ShmTransport(namespace))
+        return t
+
+    def ping(self) -> str:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
+    def call(self, namespace: str, inst: InstanceInfo, req: Request, timeout: float):
+        try:
+            return ("ok", self._shm(namespace).call(inst, req, timeout))
+        except SageCommError as e:
+            return ("err", e)
+
+    def send(self, namespace: str, inst: InstanceInfo, req: Request, timeout: float):
+        try:
+            self._shm(namespace).send(inst, req, timeout)
+            return ("ok", None)
+        except SageCommError as e:
+            return ("err", e)
+
+    def deliver(self, namespace: str, sub: Subscription, req: Request) -> bool:
+        return self._shm(namespace).deliver(sub, req)
+
+
+def gateway_name(node_id: str) -> str:
+    return f"sage:gateway:{node_id}"
+
+
+def get_gateway(node_id: str) -> Any:
+    """The gateway actor on ``node_id``, created there if missing."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    name = gateway_name(node_id)
+    for _ in range(20):
+        try:
+            return ray.get_actor(name, namespace=GATEWAY_NAMESPACE)
+        except ValueError:
+            pass
+        try:
+            return (
+                ray.remote(_GatewayActor)
+                .options(
+                    name=name,
+                    namespace=GATEWAY_NAMESPACE,
+                    get_if_exists=True,
+                    num_cpus=0,
+                    max_concurrency=64,
+                    max_restarts=-1,
+                    lifetime="detached",  # serves every job's callers on that node
+                    scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
+                )
+                .remote()
+            )
+        except ValueError:
+            time.sleep(0.05)
+    raise ServiceUnavailable(f"cannot find or create the gateway actor on node {node_id}")
+
+
+class RayTransport(Transport):
+    """Cross-node calls: a Ray actor call to the replica node's gateway."""
+
+    name = "ray"
+
+    def __init__(self, namespace: str) -> None:
+        self.namespace = namespace
+        self._gateways: Dict[str, Any] = {}
+
+    def _gw(self, inst_or_sub: Any) -> Any:
+        node = inst_or_sub.node_id
+        gw = self._gateways.get(node)
+        if gw is None:
+            gw = self._gateways[node] = get_gateway(node)
+        return gw
+
+    @staticmethod
+    def _unwrap(inst: InstanceInfo, fn: str, out: Any) -> Any:
+        kind, value = out
+        if kind == "err":
+            raise value
+        return value
+
+    def _ray_error(self, inst: InstanceInfo, fn: str, e: BaseException) -> SageCommError:
+        import ray
+
+        self._gateways.pop(inst.node_id, None)
+        if isinstance(e, ray.exceptions.GetTimeoutError):
+            return CallTimeout(f"call to {inst.service}.{fn} on node {inst.node_id} got no reply in time")
+        return ServiceUnavailable(
+            f"call to {inst.service}.{fn}: node {inst.node_id} of replica {inst.instance_id} is unreachable "
+            f"({type(e).__name__}: {e})"
+        )
+
+    def call(self, inst: InstanceInfo, req: Request, timeout: float) -> Reply:
+        import ray
+
+        try:
+            ref = self._gw(inst).call.remote(self.namespace, inst, req, timeout)
+            # A little slack: the gateway's own timeout error should win the race.
+            out = ray.get(ref, timeout=timeout + 1.0)
+        except (ray.exceptions.RayError, ServiceUnavailable) as e:
+            raise self._ray_error(inst, req.function, e) from None
+        return self._unwrap(inst, req.function, out)
+
+    def call_async(self, inst: InstanceInfo, req: Request, timeout: float) -> concurrent.futures.Future:
+        import ray
+
+        result: concurrent.futures.Future = concurrent.futures.Future()
+        ref = self._gw(inst).call.remote(self.namespace, inst, req, timeout)
+        inner = ref.future()
+
+        def done(f: concurrent.futures.Future) -> None:
+            try:
+                result.set_result(self._unwrap(inst, req.function, f.result()))
+            except ray.exceptions.RayError as e:
+                result.set_exception(self._ray_error(inst, req.function, e))
+            except BaseException as e:
+                result.set_exception(e)
+
+        inner.add_done_callback(done)
+        return result
+
+    def send(self, inst: InstanceInfo, req: Request, timeout: float) -> None:
+        self._gw(inst).send.remote(self.namespace, inst, req, timeout)
+
+    def deliver(self, sub: Subscription, req: Request) -> bool:
+        self._gw(sub).deliver.remote(self.namespace, sub, req)
+        return True

@@ -1,0 +1,248 @@
+"""The client's routing logic against a fake transport (no Ray), as Ray Serve's
+router tests do: which replica and which transport each call takes, retries,
+and how replies turn into values and typed errors."""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import itertools
+import pickle
+import random
+
+import pytest
+
+from sage_ray_comm import (
+    CallTimeout,
+    FunctionClient,
+    FunctionNotFound,
+    RemoteError,
+    ServiceNotFound,
+    ServiceUnavailable,
+    ValidationError,
+)
+from sage_ray_comm.client import _Endpoint, outcome, pick_instance
+from sage_ray_comm.message import ERR_REMOTE, ERR_VALIDATION, OP_CALL, OP_EVENT, ST_ERROR, ST_OK, ErrorInfo, Reply
+from sage_ray_comm.router import FunctionInfo, InstanceInfo, Subscription
+from sage_ray_comm.transport import Transport
+
+
+def inst(iid, node="local", service="calc", idempotent=False, policy="least_outstanding", timeout=7.0):
+    return InstanceInfo(
+        service=service, instance_id=iid, class_id="m:C", node_id=node, host_id="h", pid=1, pid_start=1,
+        request_queue=f"req.{iid}",
+        functions={"add": FunctionInfo("add", timeout, idempotent=idempotent), "get": FunctionInfo("get", 30.0)},
+        policy=policy,
+    )
+
+
+class FakeTransport(Transport):
+    """Answers add(a, b) = a + b; can be told that some replicas are dead."""
+
+    def __init__(self, name):
+        self.name = name
+        self.calls = []  # (instance_id, request, timeout)
+        self.dead = set()
+        self.delivered = []
+        self.full = set()
+
+    def call(self, inst, req, timeout):
+        self.calls.append((inst.instance_id, req, timeout))
+        if inst.instance_id in self.dead:
+            raise ServiceUnavailable(f"{inst.instance_id} died")
+        return Reply(req.cid, ST_OK, sum(req.args))
+
+    def call_async(self, inst, req, timeout):
+        f = concurrent.futures.Future()
+        try:
+            f.set_result(self.call(inst, req, timeout))
+        except Exception as e:
+            f.set_exception(e)
+        return f
+
+    def send(self, inst, req, timeout):
+        self.calls.append((inst.instance_id, req, timeout))
+
+    def deliver(self, sub, req):
+        if sub.sub_id in self.full:
+            return False
+        self.delivered.append((sub.sub_id, req))
+        return True
+
+
+def make_client(instances, subs=(), policy=None):
+    services = collections.defaultdict(dict)
+    for i in instances:
+        services[i.service][i.instance_id] = i
+    snap = {"bus": "b", "version": 1, "services": dict(services), "subscriptions": list(subs), "load": {}, "last_seen": {}}
+    shm_t, ray_t = FakeTransport("shm"), FakeTransport("ray")
+    c = FunctionClient("tester", bus="b", policy=policy)
+    c._ep = _Endpoint.offline("b", snap, "local", shm_t, ray_t)
+    return c, shm_t, ray_t
+
+
+# ---------------------------------------------------------------- policies
+def test_round_robin_cycles_in_instance_order():
+    pool = [inst("c"), inst("a"), inst("b")]
+    rr = itertools.count()
+    got = [pick_instance(pool, "round_robin", {}, "local", rr).instance_id for _ in range(6)]
+    assert got == ["a", "b", "c", "a", "b", "c"]
+
+
+def test_power_of_two_choices_prefers_the_less_loaded():
+    pool = [inst("a"), inst("b")]
+    out = {"a": 5, "b": 0}
+    got = {pick_instance(pool, "least_outstanding", out, "local", itertools.count(), random.Random(i)).instance_id for i in range(50)}
+    assert got == {"b"}
+
+
+def test_power_of_two_choices_spreads_equal_load():
+    pool = [inst(x) for x in "abcd"]
+    rng = random.Random(7)
+    counts = collections.Counter(
+        pick_instance(pool, "least_outstanding", {}, "local", itertools.count(), rng).instance_id for _ in range(400)
+    )
+    assert set(counts) == set("abcd") and min(counts.values()) > 50
+
+
+def test_same_node_replicas_are_preferred():
+    pool = [inst("far1", node="other"), inst("near", node="local"), inst("far2", node="other")]
+    for policy in ("round_robin", "least_outstanding"):
+        got = {pick_instance(pool, policy, {}, "local", itertools.count()).instance_id for _ in range(20)}
+        assert got == {"near"}
+
+
+def test_remote_replicas_are_used_when_no_local_one_exists():
+    pool = [inst("far1", node="x"), inst("far2", node="y")]
+    rr = itertools.count()
+    got = {pick_instance(pool, "round_robin", {}, "local", rr).instance_id for _ in range(4)}
+    assert got == {"far1", "far2"}
+
+
+# ---------------------------------------------------------------- client
+def test_calls_take_the_transport_of_the_replica_node():
+    c, shm_t, ray_t = make_client([inst("near"), inst("far", node="other", service="remote")])
+    assert c.call("calc", "add", 1, 2) == 3
+    assert c.call("remote", "add", 3, 4) == 7
+    assert [x[0] for x in shm_t.calls] == ["near"] and [x[0] for x in ray_t.calls] == ["far"]
+    s = c.stats()
+    assert (s["shm"], s["ray"], s["calls"]) == (1, 1, 2)
+
+
+def test_round_robin_policy_spreads_client_calls():
+    c, shm_t, _ = make_client([inst("a", policy="round_robin"), inst("b", policy="round_robin")])
+    for _ in range(6):
+        c.call("calc", "add", 1, 1)
+    assert collections.Counter(x[0] for x in shm_t.calls) == {"a": 3, "b": 3}
+
+
+def test_the_function_timeout_is_the_default_and_travels_as_a_deadline():
+    c, shm_t, _ = make_client([inst("a", timeout=7.0)])
+    c.call("calc", "add", 1, 1)
+    _, req, t = shm_t.calls[-1]
+    assert t == 7.0 and req.op == OP_CALL and req.deadline is not None and req.sender == "tester"
+    c.call("calc", "add", 1, 1, timeout=0.5)
+    assert shm_t.calls[-1][2] == 0.5
+
+
+def test_unknown_service_and_function_name_what_exists():
+    c, _, _ = make_client([inst("a")])
+    with pytest.raises(ServiceNotFound, match=r"no service 'nope' on bus 'b'; known services: calc"):
+        c.call("nope", "add")
+    with pytest.raises(FunctionNotFound, match=r"no function 'mul'; it has: add, get"):
+        c.call("calc", "mul")
+
+
+def test_idempotent_calls_retry_on_another_replica():
+    c, shm_t, _ = make_client([inst("a", idempotent=True), inst("b", idempotent=True)], policy="round_robin")
+    shm_t.dead.add("a")
+    assert [c.call("calc", "add", 2, 2) for _ in range(3)] == [4, 4, 4]
+    assert c.stats()["retries"] == 1, "only the first call met the dead replica; then it was avoided"
+    assert "a" in c.endpoint.dead
+
+
+def test_non_idempotent_calls_surface_the_death():
+    c, shm_t, _ = make_client([inst("a"), inst("b")], policy="round_robin")
+    shm_t.dead.add("a")
+    with pytest.raises(ServiceUnavailable, match="a died"):
+        c.call("calc", "add", 1, 1)
+    # the dead replica is not chosen again until the registry drops it
+    assert c.call("calc", "add", 1, 1) == 2
+
+
+def test_all_replicas_dead_is_service_unavailable():
+    c, shm_t, _ = make_client([inst("a")])
+    c.endpoint.dead.add("a")
+    with pytest.raises(ServiceUnavailable, match="none of them alive"):
+        c.call("calc", "add", 1, 1)
+
+
+def test_instance_targets_one_replica_and_unknown_instance_is_typed():
+    c, shm_t, _ = make_client([inst("a"), inst("b")])
+    for _ in range(4):
+        assert c.send("calc", "add", 1, instance="b") == "b"
+    assert {x[0] for x in shm_t.calls} == {"b"}
+    with pytest.raises(ServiceNotFound, match="no live replica 'zz'"):
+        c.send("calc", "add", 1, instance="zz")
+
+
+def test_call_async_resolves_through_the_same_decoding():
+    c, _, _ = make_client([inst("a")])
+    assert c.call_async("calc", "add", 5, 6).result(timeout=1) == 11
+
+
+def test_broadcast_reaches_each_callback_and_one_member_per_group():
+    subs = [
+        Subscription("cb1", "sensor.*", "evt1", "local", "h", 1, 1),
+        Subscription("cb2", "sensor.>", "evt2", "other", "h", 2, 1),
+        Subscription("g1", "sensor.*", "req1", "local", "h", 3, 1, group="mon", function="@event:on"),
+        Subscription("g2", "sensor.*", "req2", "local", "h", 4, 1, group="mon", function="@event:on"),
+        Subscription("no", "motor.*", "evt3", "local", "h", 5, 1),
+    ]
+    c, shm_t, ray_t = make_client([], subs)
+    for _ in range(4):
+        assert c.broadcast("sensor.t", 1) == 3
+    local = collections.Counter(s for s, _ in shm_t.delivered)
+    assert local == {"cb1": 4, "g1": 2, "g2": 2}
+    assert [s for s, _ in ray_t.delivered] == ["cb2"] * 4
+    req = shm_t.delivered[0][1]
+    assert req.op == OP_EVENT and req.args == (1,) and req.headers["topic"] == "sensor.t"
+
+
+def test_a_full_subscriber_is_counted_as_a_drop():
+    subs = [Subscription("cb1", "x", "e1", "local", "h", 1, 1), Subscription("cb2", "x", "e2", "local", "h", 2, 1)]
+    c, shm_t, _ = make_client([], subs)
+    shm_t.full.add("cb1")
+    assert c.broadcast("x", "p") == 1
+    assert c.stats()["dropped"] == 1
+
+
+# -------------------------------------------------------------- outcomes
+def test_remote_errors_keep_their_type_message_and_traceback():
+    e = KeyError("missing")
+    info = ErrorInfo(ERR_REMOTE, "builtins.KeyError", "'missing'", "Traceback...\nKeyError", pickle.dumps(e))
+    with pytest.raises(KeyError) as ei:
+        outcome(Reply(1, ST_ERROR, tuple(info)), "svc", "fn")
+    err = ei.value
+    assert isinstance(err, RemoteError) and err.args == ("missing",)
+    assert err.remote_type == "builtins.KeyError" and "Traceback" in err.remote_traceback
+    assert "svc.fn" in str(err)
+
+
+def test_an_exception_that_does_not_unpickle_is_a_plain_remote_error():
+    info = ErrorInfo(ERR_REMOTE, "mod.Weird", "weird happened", "tb", None)
+    with pytest.raises(RemoteError) as ei:
+        outcome(Reply(1, ST_ERROR, tuple(info)), "svc", "fn")
+    assert type(ei.value) is RemoteError and ei.value.remote_type == "mod.Weird"
+    assert "weird happened" in str(ei.value)
+
+
+def test_validation_errors_carry_the_field_list():
+    info = ErrorInfo(ERR_VALIDATION, "", "invalid arguments for s.f: data: bad", "", None, [{"field": "data"}])
+    with pytest.raises(ValidationError) as ei:
+        outcome(Reply(1, ST_ERROR, tuple(info)), "s", "f")
+    assert ei.value.errors == [{"field": "data"}] and isinstance(ei.value, ValueError)
+
+
+def test_call_timeout_is_also_a_timeout_error():
+    assert issubclass(CallTimeout, TimeoutError)
