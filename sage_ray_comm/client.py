@@ -150,9 +150,9 @@ def _dual_class(t: type) -> type:
 
 def outcome(rep: Reply, service: str, function: str) -> Any:
     """The value of a reply, or its typed exception raised."""
-    if rep.status == ST_OK:
-        return rep.value
-    info = ErrorInfo(*rep.value)
+    if rep[1] == ST_OK:
+        return rep[2]
+    info = ErrorInfo(*rep[2])
     code = info.code
     if code == ERR_REMOTE:
         raise _remote_error(info, service, function)
@@ -350,7 +350,7 @@ class _Inbox:
 
         while True:
             try:
-                req = self.queue.get()
+                req = Request._make(self.queue.get())
             except SageCommError as e:
                 if self.queue.closed:
                     return
@@ -513,26 +513,30 @@ class FunctionClient:
         transport = ep.transport(inst.node_id)
         req = self._request(OP_CALL, service, function, args, kwargs, time.time() + t, headers)
         self._account(ep, inst, transport, 1)
-        out: concurrent.futures.Future = concurrent.futures.Future()
+
+        iid = inst.instance_id
+        outstanding = ep.outstanding
+
+        def finish(rep: Optional[Reply], exc: Optional[BaseException]) -> Any:
+            # Runs in the thread that got the reply: account, then decode.
+            outstanding[iid] -= 1
+            if exc is None:
+                try:
+                    return outcome(rep, service, function)  # type: ignore[arg-type]
+                except SageCommError:
+                    ep.stats["errors"] += 1
+                    raise
+            if isinstance(exc, ServiceUnavailable):
+                ep.dead.add(inst.instance_id)
+            if isinstance(exc, SageCommError):
+                ep.stats["timeouts" if isinstance(exc, CallTimeout) else "errors"] += 1
+            raise exc
+
         try:
-            inner = transport.call_async(inst, req, t)
+            return transport.call_async(inst, req, t, finish)
         except BaseException:
             self._account(ep, inst, transport, -1)
             raise
-
-        def done(f: concurrent.futures.Future) -> None:
-            self._account(ep, inst, transport, -1)
-            try:
-                out.set_result(outcome(f.result(), service, function))
-            except BaseException as e:
-                if isinstance(e, ServiceUnavailable):
-                    ep.dead.add(inst.instance_id)
-                if isinstance(e, SageCommError):
-                    ep.stats["timeouts" if isinstance(e, CallTimeout) else "errors"] += 1
-                out.set_exception(e)
-
-        inner.add_done_callback(done)
-        return out
 
     async def acall(self, service: str, function: str, *args: Any, timeout: Optional[float] = None, instance: Optional[str] = None, headers: Optional[dict] = None, **kwargs: Any) -> Any:
         """``await``-able :meth:`call`, for async code (an async Ray actor, a notebook)."""

@@ -83,7 +83,7 @@ from .router import (
     validate_bus_name,
     validate_pattern,
 )
-from .transport import REQUEST_RING_BYTES, SegmentBlob, RingPool
+from .transport import REQUEST_RING_BYTES, RingPool, SegmentBlob, tune_malloc
 
 __all__ = [
     "BaseService",
@@ -288,6 +288,7 @@ class _Runtime:
         import ray
 
         _ensure_ray()
+        tune_malloc()
         self.svc = svc
         self.bus = bus
         self.namespace = bus_namespace(bus)
@@ -477,7 +478,7 @@ class _Runtime:
                     if self._idle == 0 and len(self._threads) < self.max_concurrency:
                         self._spawn()  # every thread is busy: one more waits on the ring
             try:
-                self._handle(req)
+                self._handle(_make_request(req))
             except Exception:  # never lose the dispatcher thread
                 log.exception("service %s failed handling a request", self.info.service)
             with self._lock:
@@ -596,6 +597,9 @@ class _Runtime:
             # The caller is gone or stopped reading: drop and count, and forget its ring.
             self.stats["replies_dropped"] += 1
             self.replies.drop(req.reply_to)
+
+
+_make_request = Request._make
 
 
 def _ensure_ray() -> None:

@@ -31,7 +31,7 @@ import os
 import threading
 import time
 import uuid
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 from . import _core, shm
 from .errors import (
@@ -129,6 +129,36 @@ class SegmentBlob:
         return (SegmentBlob, (self.name, self.namespace, self.nbytes))
 
 
+# ------------------------------------------------------------------ malloc
+_TUNED = False
+
+
+def tune_malloc() -> bool:
+    """Keeps glibc from returning freed memory to the OS after every large message.
+
+    By default glibc serves allocations over 128 KiB with fresh mmaps and trims
+    the heap when its top is free, so each 1 MiB message pays for 256 page
+    faults (measured: 1.1 ms against 0.09 ms for a 1 MiB ring round trip).
+    Raising both thresholds keeps up to 128 MiB of freed memory for reuse.
+    Applied once per process that makes or serves calls; set
+    ``SAGE_COMM_TUNE_MALLOC=0`` to leave malloc alone.
+    """
+    global _TUNED
+    if _TUNED or os.environ.get("SAGE_COMM_TUNE_MALLOC", "1") == "0":
+        return _TUNED
+    _TUNED = True
+    try:
+        import ctypes
+        import ctypes.util
+
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+        ok = libc.mallopt(M_MMAP_THRESHOLD, 32 << 20) and libc.mallopt(M_TRIM_THRESHOLD, 128 << 20)
+        return bool(ok)
+    except (OSError, AttributeError):  # not glibc: nothing to tune
+        return False
+
+
 # ------------------------------------------------------------------- rings
 class RingPool:
     """Open handles to other processes' rings in one bus namespace, by name."""
@@ -172,6 +202,22 @@ def instance_alive(inst: InstanceInfo) -> bool:
 
 
 # --------------------------------------------------------------- interface
+# finish(reply, error) -> value, or raises: turns a reply into the call's outcome.
+Finish = Callable[[Optional[Reply], Optional[BaseException]], Any]
+
+
+def settle(fut: concurrent.futures.Future, finish: Finish, rep: Optional[Reply], exc: Optional[BaseException]) -> None:
+    """Completes ``fut`` with ``finish(rep, exc)``."""
+    try:
+        value = finish(rep, exc)
+    except BaseException as e:
+        if not fut.done():
+            fut.set_exception(e)
+        return
+    if not fut.done():
+        fut.set_result(value)
+
+
 class Transport(abc.ABC):
     """Carries requests to one replica. ``name`` is what stats call it."""
 
@@ -182,8 +228,10 @@ class Transport(abc.ABC):
         """Sends ``req`` and waits for its reply. Raises CallTimeout, ServiceUnavailable."""
 
     @abc.abstractmethod
-    def call_async(self, inst: InstanceInfo, req: Request, timeout: float) -> "concurrent.futures.Future[Reply]":
-        """Sends ``req``; the future completes with its reply or a typed error."""
+    def call_async(self, inst: InstanceInfo, req: Request, timeout: float, finish: Finish) -> concurrent.futures.Future:
+        """Sends ``req`` and returns a future at once. When the reply (or a
+        transport error) arrives, the future gets ``finish(reply, None)`` (or
+        ``finish(None, error)``): its return value, or what it raises."""
 
     @abc.abstractmethod
     def send(self, inst: InstanceInfo, req: Request, timeout: float) -> None:
@@ -212,20 +260,22 @@ class ShmTransport(Transport):
     name = "shm"
 
     def __init__(self, namespace: str) -> None:
+        tune_malloc()
         self.namespace = namespace
         self.pool = RingPool(namespace)
         self._tls = threading.local()
         self._rings: list = []  # every reply ring made, released by close()
         self._lock = threading.Lock()
         self._async: Optional[_ReplyRing] = None
-        self._pending: Dict[int, Tuple[concurrent.futures.Future, InstanceInfo, float, Optional[SegmentBlob]]] = {}
+        self._pending: Dict[int, tuple] = {}  # cid -> (future, instance, monotonic end, blob, finish)
         self._reader: Optional[threading.Thread] = None
         self._closed = False
         self.stale_replies = 0
 
     # -- request side
-    def _put(self, inst: InstanceInfo, req: Request, timeout: Optional[float]) -> Optional[SegmentBlob]:
-        """Puts the request frame; returns the blob it had to park, if any."""
+    def _put(self, inst: InstanceInfo, req: Request, timeout: Optional[float], cid: int = 0, reply_to: Optional[str] = None) -> Optional[SegmentBlob]:
+        """Puts the request frame (with ``cid`` and ``reply_to`` filled in);
+        returns the blob it had to park, if any."""
         try:
             q = self.pool.get(inst.request_queue)
         except QueueNotFound:
@@ -236,10 +286,12 @@ class ShmTransport(Transport):
         blob = None
         try:
             try:
-                q.put(req, timeout=timeout)
-            except MessageTooLarge as e:
+                # A plain tuple pickles 4x faster than the NamedTuple, and building it
+                # directly beats NamedTuple._replace by 10x.
+                q.put((req[0], cid, req[2], req[3], req[4], reply_to, req[6], req[7], req[8], req[9]), timeout=timeout)
+            except MessageTooLarge:
                 blob = SegmentBlob.put((req.args, req.kwargs), self.namespace)
-                q.put(req._replace(args=blob, kwargs=None), timeout=timeout)
+                q.put((req[0], cid, req[2], blob, None, reply_to, req[6], req[7], req[8], req[9]), timeout=timeout)
         except QueueFull:
             if blob is not None:
                 blob.discard()
@@ -277,7 +329,7 @@ class ShmTransport(Transport):
         ring = self._thread_ring()
         cid = next(ring.cids)
         end = time.monotonic() + timeout
-        blob = self._put(inst, req._replace(cid=cid, reply_to=ring.name), timeout)
+        blob = self._put(inst, req, timeout, cid, ring.name)
         try:
             get = ring.queue.get
             while True:
@@ -323,20 +375,20 @@ class ShmTransport(Transport):
                     self._reader.start()
         return self._async
 
-    def call_async(self, inst: InstanceInfo, req: Request, timeout: float) -> concurrent.futures.Future:
+    def call_async(self, inst: InstanceInfo, req: Request, timeout: float, finish: Finish) -> concurrent.futures.Future:
         ring = self._async_ring()
         cid = next(ring.cids)
         fut: concurrent.futures.Future = concurrent.futures.Future()
-        self._pending[cid] = (fut, inst, time.monotonic() + timeout, None)
+        self._pending[cid] = (fut, inst, time.monotonic() + timeout, None, finish)
         try:
-            blob = self._put(inst, req._replace(cid=cid, reply_to=ring.name), timeout)
+            blob = self._put(inst, req, timeout, cid, ring.name)
         except BaseException:
             self._pending.pop(cid, None)
             raise
         if blob is not None:
             entry = self._pending.get(cid)
             if entry is not None:
-                self._pending[cid] = entry[:3] + (blob,)
+                self._pending[cid] = entry[:3] + (blob, finish)
             else:
                 blob.discard()
         return fut
@@ -345,31 +397,30 @@ class ShmTransport(Transport):
         entry = self._pending.pop(cid, None)
         if entry is None:
             return
-        fut, inst, _, blob = entry
+        fut, inst, _, blob, finish = entry
         if blob is not None:
             blob.discard()
         if exc is None:
             try:
                 rep = self._resolve(inst, rep)  # type: ignore[arg-type]
-            except BaseException as e:  # ray.get of an oversize reply failed
-                exc = e
-        if fut.done():
-            return
-        if exc is not None:
-            fut.set_exception(exc)
-        else:
-            fut.set_result(rep)
+            except BaseException as e:  # the oversize reply's segment could not be read
+                rep, exc = None, e
+        settle(fut, finish, rep, exc)
 
     def _read_loop(self, ring: _ReplyRing) -> None:
         last_sweep = time.monotonic()
+        get, pending = ring.queue.get, self._pending
         while True:
             try:
-                rep = ring.queue.get(timeout=LIVENESS_SLICE)
-                cid = rep[0]
-                if cid in self._pending:
-                    self._finish(cid, Reply(*rep))
-                else:
+                rep = get(timeout=LIVENESS_SLICE)
+                entry = pending.pop(rep[0], None)
+                if entry is None:
                     self._stale(None, rep)
+                elif entry[3] is None and rep[1] == ST_OK:
+                    settle(entry[0], entry[4], rep, None)  # the common case, inline
+                else:
+                    pending[rep[0]] = entry
+                    self._finish(rep[0], Reply(*rep))
             except QueueEmpty:
                 pass
             except QueueClosed:
@@ -386,7 +437,7 @@ class ShmTransport(Transport):
     def _sweep(self, now: float) -> None:
         """Fails calls past their timeout, and calls to replicas that died."""
         dead: Dict[str, bool] = {}
-        for cid, (fut, inst, end, _) in list(self._pending.items()):
+        for cid, (fut, inst, end, *_) in list(self._pending.items()):
             if now >= end:
                 self._finish(cid, exc=CallTimeout(f"call to {inst.service} (replica {inst.instance_id}) got no reply in time"))
                 continue
@@ -414,14 +465,14 @@ class ShmTransport(Transport):
         except QueueNotFound:
             return False
         try:
-            q.put(req, block=False)
+            q.put(tuple(req), block=False)
             return True
         except (QueueFull, QueueClosed):
             return False
         except MessageTooLarge as e:
             blob = SegmentBlob.put((req.args, req.kwargs), self.namespace)
             try:
-                q.put(req._replace(args=blob, kwargs=None), block=False)
+                q.put(tuple(req._replace(args=blob, kwargs=None)), block=False)
                 return True
             except (QueueFull, QueueClosed):
                 blob.discard()
@@ -558,22 +609,22 @@ class RayTransport(Transport):
             raise self._ray_error(inst, req.function, e) from None
         return self._unwrap(inst, req.function, out)
 
-    def call_async(self, inst: InstanceInfo, req: Request, timeout: float) -> concurrent.futures.Future:
+    def call_async(self, inst: InstanceInfo, req: Request, timeout: float, finish: Finish) -> concurrent.futures.Future:
         import ray
 
         result: concurrent.futures.Future = concurrent.futures.Future()
         ref = self._gw(inst).call.remote(self.namespace, inst, req, timeout)
-        inner = ref.future()
 
         def done(f: concurrent.futures.Future) -> None:
             try:
-                result.set_result(self._unwrap(inst, req.function, f.result()))
+                rep, exc = self._unwrap(inst, req.function, f.result()), None
             except ray.exceptions.RayError as e:
-                result.set_exception(self._ray_error(inst, req.function, e))
+                rep, exc = None, self._ray_error(inst, req.function, e)
             except BaseException as e:
-                result.set_exception(e)
+                rep, exc = None, e
+            settle(result, finish, rep, exc)
 
-        inner.add_done_callback(done)
+        ref.future().add_done_callback(done)
         return result
 
     def send(self, inst: InstanceInfo, req: Request, timeout: float) -> None:

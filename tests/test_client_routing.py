@@ -24,7 +24,7 @@ from sage_ray_comm import (
 from sage_ray_comm.client import _Endpoint, outcome, pick_instance
 from sage_ray_comm.message import ERR_REMOTE, ERR_VALIDATION, OP_CALL, OP_EVENT, ST_ERROR, ST_OK, ErrorInfo, Reply
 from sage_ray_comm.router import FunctionInfo, InstanceInfo, Subscription
-from sage_ray_comm.transport import Transport
+from sage_ray_comm.transport import Transport, settle
 
 
 def inst(iid, node="local", service="calc", idempotent=False, policy="least_outstanding", timeout=7.0):
@@ -52,12 +52,13 @@ class FakeTransport(Transport):
             raise ServiceUnavailable(f"{inst.instance_id} died")
         return Reply(req.cid, ST_OK, sum(req.args))
 
-    def call_async(self, inst, req, timeout):
+    def call_async(self, inst, req, timeout, finish):
         f = concurrent.futures.Future()
         try:
-            f.set_result(self.call(inst, req, timeout))
+            rep, exc = self.call(inst, req, timeout), None
         except Exception as e:
-            f.set_exception(e)
+            rep, exc = None, e
+        settle(f, finish, rep, exc)
         return f
 
     def send(self, inst, req, timeout):

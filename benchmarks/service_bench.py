@@ -1,0 +1,236 @@
+"""Same-node request-response: FunctionClient against plain Ray actor calls and
+a Ray Compiled Graph, in one run on one machine (ratios, not absolute numbers).
+
+    python benchmarks/service_bench.py [--quick] [--out benchmarks/results]
+
+Measures, for 8 B, 1 KiB, 64 KiB and 1 MiB payloads (bytes, echoed back):
+
+  (a) FunctionClient.call            (shared-memory rings)
+  (b) a plain Ray actor method call  (actor.echo.remote(x), ray.get)
+  (c) a Ray Compiled Graph           driver -> actor -> driver, experimental_compile
+
+plus pipelined throughput (call_async vs pipelined .remote() calls), and the
+cost of building a Message with and without validation. Prints a table,
+writes JSON and a PNG plot of p50 latency against payload size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import ray
+
+from sage_ray_comm import BaseService, FunctionClient, Message, MessageType, get_communication_bus, sage_service, service_function
+
+SIZES = [8, 1024, 64 * 1024, 1024 * 1024]
+TARGETS = {
+    "p50_vs_ray_small": 10.0,  # (b)/(a) for <= 1 KiB
+    "p50_vs_cgraph_small": 1.0,  # (c)/(a) for <= 1 KiB: (a) at most (c)
+    "p50_vs_ray_1mib": 5.0,
+    "pipelined_vs_ray": 20.0,
+}
+
+
+@sage_service(name="echo", replicas=1, num_cpus=0.1)
+class Echo(BaseService):
+    @service_function
+    def echo(self, x):
+        return x
+
+
+@ray.remote(num_cpus=0.1)
+class RayEcho:
+    def echo(self, x):
+        return x
+
+
+def pct(xs: list, q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))]
+
+
+def timed(fn, payload, n: int, warm: int) -> list:
+    for _ in range(warm):
+        fn(payload)
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter_ns()
+        fn(payload)
+        out.append((time.perf_counter_ns() - t0) / 1000.0)
+    return out
+
+
+def iters_for(size: int, quick: bool) -> int:
+    base = 300 if quick else 2000
+    return max(50, base // (1 + size // (64 * 1024)))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="fewer iterations (for tests)")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    ap.add_argument("--no-cgraph", action="store_true", help="skip the compiled graph")
+    args = ap.parse_args()
+
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    bus_name = f"bench-{os.getpid()}"
+    bus = get_communication_bus(bus_name)
+    Echo.deploy(bus=bus_name)
+    client = FunctionClient(bus=bus_name)
+    ray_actor = RayEcho.remote()
+    ray.get(ray_actor.echo.remote(b""))
+
+    cgraph = None
+    if not args.no_cgraph:
+        from ray.dag import InputNode
+
+        cg_actor = RayEcho.remote()
+        with InputNode() as inp:
+            dag = cg_actor.echo.bind(inp)
+        cgraph = dag.experimental_compile(_buffer_size_bytes=2 * max(SIZES) + 4096)
+
+    results: dict = {"latency_us": {}, "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "ray": ray.__version__}}
+    rows = []
+    for size in SIZES:
+        payload = os.urandom(size)
+        n = iters_for(size, args.quick)
+        warm = max(20, n // 10)
+        assert client.call("echo", "echo", payload) == payload
+        a = timed(lambda p: client.call("echo", "echo", p), payload, n, warm)
+        b = timed(lambda p: ray.get(ray_actor.echo.remote(p)), payload, n, warm)
+        entry = {
+            "sage_call": {"p50": pct(a, 0.5), "p99": pct(a, 0.99), "n": n},
+            "ray_actor": {"p50": pct(b, 0.5), "p99": pct(b, 0.99), "n": n},
+        }
+        if cgraph is not None:
+            assert ray.get(cgraph.execute(payload)) == payload
+            c = timed(lambda p: ray.get(cgraph.execute(p)), payload, n, warm)
+            entry["ray_cgraph"] = {"p50": pct(c, 0.5), "p99": pct(c, 0.99), "n": n}
+        results["latency_us"][str(size)] = entry
+        rows.append((size, entry))
+        print(f"  measured {size} B", file=sys.stderr, flush=True)
+
+    # Pipelined throughput: keep many calls in flight, then collect them all.
+    n_pipe = 2000 if args.quick else 10000
+    small = b"x" * 8
+    for f in [client.call_async("echo", "echo", small) for _ in range(200)]:
+        f.result(timeout=60)
+    t0 = time.perf_counter()
+    futs = [client.call_async("echo", "echo", small) for _ in range(n_pipe)]
+    for f in futs:
+        f.result(timeout=120)
+    sage_tput = n_pipe / (time.perf_counter() - t0)
+    n_ray = n_pipe // 5
+    ray.get([ray_actor.echo.remote(small) for _ in range(200)])
+    t0 = time.perf_counter()
+    ray.get([ray_actor.echo.remote(small) for _ in range(n_ray)])
+    ray_tput = n_ray / (time.perf_counter() - t0)
+    results["pipelined_msgs_per_s"] = {"sage_call_async": sage_tput, "ray_actor": ray_tput}
+
+    # Message: validated construction (user input) vs unvalidated (hot path).
+    k = 20000
+    t0 = time.perf_counter()
+    for i in range(k):
+        Message(type=MessageType.REQUEST, sender="a", receiver="b", function="f", payload=i)
+    validated = (time.perf_counter() - t0) / k * 1e6
+    t0 = time.perf_counter()
+    for i in range(k):
+        Message.model_construct(type=MessageType.REQUEST, sender="a", receiver="b", function="f", payload=i)
+    constructed = (time.perf_counter() - t0) / k * 1e6
+    results["message_us"] = {"validated": validated, "model_construct": constructed}
+
+    # Ratios and targets.
+    lat = results["latency_us"]
+    ratios = {
+        "p50_vs_ray": {s: lat[s]["ray_actor"]["p50"] / lat[s]["sage_call"]["p50"] for s in lat},
+        "pipelined_vs_ray": sage_tput / ray_tput,
+    }
+    if cgraph is not None:
+        ratios["p50_vs_cgraph"] = {s: lat[s]["ray_cgraph"]["p50"] / lat[s]["sage_call"]["p50"] for s in lat}
+    results["ratios"] = ratios
+    checks = {
+        "p50 >= 10x lower than Ray actor call (<= 1 KiB)": all(ratios["p50_vs_ray"][str(s)] >= 10 for s in (8, 1024)),
+        "1 MiB >= 5x faster than Ray actor call": ratios["p50_vs_ray"][str(1 << 20)] >= 5,
+        "pipelined >= 20x Ray": ratios["pipelined_vs_ray"] >= 20,
+    }
+    if cgraph is not None:
+        checks["p50 <= compiled graph (<= 1 KiB)"] = all(ratios["p50_vs_cgraph"][str(s)] >= 1 for s in (8, 1024))
+    results["targets_met"] = checks
+    results["client_stats"] = {k: v for k, v in client.stats().items() if k != "by_instance"}
+
+    hdr = f"{'payload':>9} | {'sage p50':>9} {'p99':>9} | {'ray p50':>9} {'p99':>9} | {'cgraph p50':>10} {'p99':>9} | {'vs ray':>7} {'vs cg':>6}"
+    print("\nsame-node request-response latency (microseconds)")
+    print(hdr)
+    print("-" * len(hdr))
+    for size, e in rows:
+        cg = e.get("ray_cgraph")
+        print(
+            f"{_fmt_size(size):>9} | {e['sage_call']['p50']:9.1f} {e['sage_call']['p99']:9.1f} | "
+            f"{e['ray_actor']['p50']:9.1f} {e['ray_actor']['p99']:9.1f} | "
+            + (f"{cg['p50']:10.1f} {cg['p99']:9.1f} | " if cg else f"{'-':>10} {'-':>9} | ")
+            + f"{e['ray_actor']['p50'] / e['sage_call']['p50']:6.1f}x "
+            + (f"{cg['p50'] / e['sage_call']['p50']:5.2f}x" if cg else "")
+        )
+    print(f"\npipelined 8 B: call_async {sage_tput:,.0f} calls/s, Ray actor {ray_tput:,.0f} calls/s ({ratios['pipelined_vs_ray']:.1f}x)")
+    print(f"Message(...) validated {validated:.2f} us, model_construct {constructed:.2f} us")
+    for name, ok in checks.items():
+        print(f"  [{'ok' if ok else 'MISSED'}] {name}")
+
+    os.makedirs(args.out, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path = os.path.join(args.out, f"service_bench-{stamp}.json")
+    with open(path, "w") as f:
+        json.dump(results, f, indent=2)
+    print(f"\nwrote {path}")
+    png = _plot(results, os.path.join(args.out, f"service_bench-{stamp}.png"))
+    if png:
+        print(f"wrote {png}")
+
+    if cgraph is not None:
+        cgraph.teardown()
+    client.close()
+    bus.shutdown()
+    ray.shutdown()
+    return 0
+
+
+def _fmt_size(n: int) -> str:
+    return f"{n >> 20} MiB" if n >= 1 << 20 else (f"{n >> 10} KiB" if n >= 1024 else f"{n} B")
+
+
+def _plot(results: dict, path: str):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed (pip install -e '.[bench]'): no plot", file=sys.stderr)
+        return None
+    lat = results["latency_us"]
+    sizes = [int(s) for s in lat]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for key, label in (("sage_call", "(a) FunctionClient.call (shm)"), ("ray_actor", "(b) Ray actor call"), ("ray_cgraph", "(c) Ray Compiled Graph")):
+        if key in lat[str(sizes[0])]:
+            ax.plot(sizes, [lat[str(s)][key]["p50"] for s in sizes], marker="o", label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xticks(sizes, [_fmt_size(s) for s in sizes])
+    ax.set_xlabel("payload (echoed back)")
+    ax.set_ylabel("p50 round trip (µs)")
+    ax.set_title("Same-node request-response, one run")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return path
+
+
+if __name__ == "__main__":
+    sys.exit(main())
