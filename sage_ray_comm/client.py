@@ -206,6 +206,8 @@ class _Endpoint:
         self.snapshot: dict = {"version": -1, "services": {}, "subscriptions": [], "load": {}}
         self.outstanding: Dict[str, int] = {}
         self.dead: set = set()  # instances seen dead here before the router dropped them
+        self._live: Dict[str, tuple] = {}
+        self._gen = 0  # bumped whenever the registry or the dead set changes
         self.rr: Dict[str, Iterable[int]] = {}
         self.stats = {"calls": 0, "shm": 0, "ray": 0, "errors": 0, "timeouts": 0, "retries": 0,
                       "published": 0, "delivered": 0, "dropped": 0, "by_instance": {}}
@@ -227,7 +229,7 @@ class _Endpoint:
         ep.node_id, ep.host_id = node_id, shm.host_id()
         ep.shm, ep.ray = shm_t, ray_t
         ep.snapshot = snapshot
-        ep.outstanding, ep.dead, ep.rr = {}, set(), {}
+        ep.outstanding, ep.dead, ep.rr, ep._live, ep._gen = {}, set(), {}, {}, 0
         ep.stats = {"calls": 0, "shm": 0, "ray": 0, "errors": 0, "timeouts": 0, "retries": 0,
                     "published": 0, "delivered": 0, "dropped": 0, "by_instance": {}}
         ep.closed, ep.refs = False, 1
@@ -252,6 +254,7 @@ class _Endpoint:
                 self.snapshot = snap
                 live = {iid for insts in snap["services"].values() for iid in insts}
                 self.dead &= live
+                self._gen += 1
 
     def refresh(self) -> dict:
         import ray
@@ -292,6 +295,11 @@ class _Endpoint:
                     pass
 
     def instances(self, service: str) -> List[InstanceInfo]:
+        # Cached per registry snapshot and set of locally seen deaths: the
+        # common call re-uses the list instead of rebuilding it.
+        hit = self._live.get(service)
+        if hit is not None and hit[0] == self._gen:
+            return hit[1]
         insts = self.snapshot["services"].get(service)
         if not insts:
             self.refresh()
@@ -306,7 +314,13 @@ class _Endpoint:
             raise ServiceUnavailable(
                 f"service '{service}' on bus '{self.bus}' has {len(insts)} replica(s), none of them alive"
             )
+        self._live[service] = (self._gen, live)
         return live
+
+    def mark_dead(self, instance_id: str) -> None:
+        """Stops routing to a replica seen dead here, until the registry drops it."""
+        self.dead.add(instance_id)
+        self._gen += 1
 
     def transport(self, node_id: Optional[str]) -> Transport:
         return self.shm if node_id == self.node_id else self.ray
@@ -484,7 +498,7 @@ class FunctionClient:
             try:
                 rep = transport.call(inst, req, t)
             except ServiceUnavailable:
-                ep.dead.add(inst.instance_id)
+                ep.mark_dead(inst.instance_id)
                 ep.stats["errors"] += 1
                 if finfo.idempotent and instance is None and len(excluded) < 3:
                     excluded.append(inst.instance_id)
@@ -514,24 +528,7 @@ class FunctionClient:
         req = self._request(OP_CALL, service, function, args, kwargs, time.time() + t, headers)
         self._account(ep, inst, transport, 1)
 
-        iid = inst.instance_id
-        outstanding = ep.outstanding
-
-        def finish(rep: Optional[Reply], exc: Optional[BaseException]) -> Any:
-            # Runs in the thread that got the reply: account, then decode.
-            outstanding[iid] -= 1
-            if exc is None:
-                try:
-                    return outcome(rep, service, function)  # type: ignore[arg-type]
-                except SageCommError:
-                    ep.stats["errors"] += 1
-                    raise
-            if isinstance(exc, ServiceUnavailable):
-                ep.dead.add(inst.instance_id)
-            if isinstance(exc, SageCommError):
-                ep.stats["timeouts" if isinstance(exc, CallTimeout) else "errors"] += 1
-            raise exc
-
+        finish = _Finish(ep, inst.instance_id, service, function)
         try:
             return transport.call_async(inst, req, t, finish)
         except BaseException:
@@ -707,6 +704,31 @@ class FunctionClient:
 
     def __repr__(self) -> str:
         return f"FunctionClient({self.client_id!r}, bus={self.bus!r})"
+
+
+class _Finish:
+    """Turns an async call's reply into its outcome, in the thread that got the
+    reply. One small object per pending call (a closure would be nine)."""
+
+    __slots__ = ("ep", "iid", "service", "function")
+
+    def __init__(self, ep: _Endpoint, iid: str, service: str, function: str) -> None:
+        self.ep, self.iid, self.service, self.function = ep, iid, service, function
+
+    def __call__(self, rep: Optional[Reply], exc: Optional[BaseException]) -> Any:
+        ep = self.ep
+        ep.outstanding[self.iid] -= 1
+        if exc is None:
+            try:
+                return outcome(rep, self.service, self.function)  # type: ignore[arg-type]
+            except SageCommError:
+                ep.stats["errors"] += 1
+                raise
+        if isinstance(exc, ServiceUnavailable):
+            ep.mark_dead(self.iid)
+        if isinstance(exc, SageCommError):
+            ep.stats["timeouts" if isinstance(exc, CallTimeout) else "errors"] += 1
+        raise exc
 
 
 def _check_timeout(t: Any, service: str, function: str) -> float:

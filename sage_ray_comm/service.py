@@ -83,7 +83,7 @@ from .router import (
     validate_bus_name,
     validate_pattern,
 )
-from .transport import REQUEST_RING_BYTES, RingPool, SegmentBlob, tune_malloc
+from .transport import REQUEST_RING_BYTES, REQUEST_SPIN_US, RingPool, SegmentBlob, tune_malloc
 
 __all__ = [
     "BaseService",
@@ -298,7 +298,11 @@ class _Runtime:
         self.router = get_router(bus)
         shm.gc(self.namespace)  # rings left by replicas and callers that were killed
         self.queue = SageQueue(
-            f"req.{svc.service_name}.{self.instance_id}", REQUEST_RING_BYTES, auto_cleanup=True, namespace=self.namespace
+            f"req.{svc.service_name}.{self.instance_id}",
+            REQUEST_RING_BYTES,
+            auto_cleanup=True,
+            namespace=self.namespace,
+            spin_us=REQUEST_SPIN_US,
         )
         self.replies = RingPool(self.namespace)
         # Oversize replies not yet known to be read: (blob, reply ring), swept by the heartbeat.

@@ -34,6 +34,7 @@ import uuid
 from typing import Any, Callable, Dict, Optional, Tuple
 
 from . import _core, shm
+from ._future import CallFuture
 from .errors import (
     CallTimeout,
     MessageTooLarge,
@@ -53,6 +54,11 @@ __all__ = ["Transport", "ShmTransport", "RayTransport", "SegmentBlob", "RingPool
 log = logging.getLogger(__name__)
 
 REQUEST_RING_BYTES = 8 << 20  # one frame may be half: 4 MiB
+# How long a waiting reader spins before it sleeps on the futex. A caller
+# waiting for a reply spins longer than a queue consumer's default 20 us: a
+# futex wake-up costs ~40 us here, more than most handlers take.
+REPLY_SPIN_US = 100.0
+REQUEST_SPIN_US = 50.0
 REPLY_RING_BYTES = 8 << 20
 EVENT_RING_BYTES = 4 << 20
 # While waiting for a reply, check this often that the replica still lives, so
@@ -250,7 +256,7 @@ class _ReplyRing:
 
     def __init__(self, namespace: str) -> None:
         self.name = f"rep.{os.getpid()}.{uuid.uuid4().hex[:12]}"
-        self.queue = SageQueue(self.name, REPLY_RING_BYTES, auto_cleanup=True, namespace=namespace)
+        self.queue = SageQueue(self.name, REPLY_RING_BYTES, auto_cleanup=True, namespace=namespace, spin_us=REPLY_SPIN_US)
         self.cids = itertools.count(1)
 
 
@@ -378,7 +384,7 @@ class ShmTransport(Transport):
     def call_async(self, inst: InstanceInfo, req: Request, timeout: float, finish: Finish) -> concurrent.futures.Future:
         ring = self._async_ring()
         cid = next(ring.cids)
-        fut: concurrent.futures.Future = concurrent.futures.Future()
+        fut: concurrent.futures.Future = CallFuture()
         self._pending[cid] = (fut, inst, time.monotonic() + timeout, None, finish)
         try:
             blob = self._put(inst, req, timeout, cid, ring.name)
@@ -612,7 +618,7 @@ class RayTransport(Transport):
     def call_async(self, inst: InstanceInfo, req: Request, timeout: float, finish: Finish) -> concurrent.futures.Future:
         import ray
 
-        result: concurrent.futures.Future = concurrent.futures.Future()
+        result: concurrent.futures.Future = CallFuture()
         ref = self._gw(inst).call.remote(self.namespace, inst, req, timeout)
 
         def done(f: concurrent.futures.Future) -> None:

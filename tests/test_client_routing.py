@@ -173,7 +173,7 @@ def test_non_idempotent_calls_surface_the_death():
 
 def test_all_replicas_dead_is_service_unavailable():
     c, shm_t, _ = make_client([inst("a")])
-    c.endpoint.dead.add("a")
+    c.endpoint.mark_dead("a")
     with pytest.raises(ServiceUnavailable, match="none of them alive"):
         c.call("calc", "add", 1, 1)
 
