@@ -69,6 +69,10 @@ class CommunicationBus:
         if ep is not None:
             ep.close()
         if ray.is_initialized():
+            from .router import bus_namespace
+            from .transport import forget_bus_on_gateways
+
+            forget_bus_on_gateways(bus_namespace(self.name))
             try:
                 ray.kill(ray.get_actor(router_name(self.name), namespace=ROUTER_NAMESPACE), no_restart=True)
             except ValueError:

@@ -534,6 +534,35 @@ class _GatewayActor:
     def deliver(self, namespace: str, sub: Subscription, req: Request) -> bool:
         return self._shm(namespace).deliver(sub, req)
 
+    def forget(self, namespace: str) -> bool:
+        """The bus is shutting down: drop its rings (reply rings, open handles)."""
+        with self._lock:
+            t = self._transports.pop(namespace, None)
+        if t is not None:
+            t.close()
+        return t is not None
+
+
+def forget_bus_on_gateways(namespace: str, timeout: float = 10.0) -> int:
+    """Tells every node's gateway to drop a bus's rings; returns how many had any."""
+    import ray
+
+    names = [
+        a["name"]
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if a.get("namespace") == GATEWAY_NAMESPACE and a["name"].startswith("sage:gateway:")
+    ]
+    refs = []
+    for n in names:
+        try:
+            refs.append(ray.get_actor(n, namespace=GATEWAY_NAMESPACE).forget.remote(namespace))
+        except ValueError:
+            pass
+    try:
+        return sum(ray.get(refs, timeout=timeout))
+    except Exception:  # a gateway on a lost node: its rings went with the node
+        return 0
+
 
 def gateway_name(node_id: str) -> str:
     return f"sage:gateway:{node_id}"

@@ -1,0 +1,104 @@
+"""Run by tests/test_multinode.py in its own process: a two-raylet cluster on
+this machine, services on both nodes, calls and events across them. Prints
+one JSON line of observations; the test asserts on it."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import sys
+
+import numpy as np
+import ray
+from ray.cluster_utils import Cluster
+
+from sage_ray_comm import (
+    BaseService,
+    FunctionClient,
+    FunctionNotFound,
+    get_communication_bus,
+    sage_service,
+    service_function,
+    shm,
+)
+from sage_ray_comm.router import bus_namespace
+
+
+@sage_service(name="far", num_cpus=0.1, resources={"worker_node": 0.01})
+class Far(BaseService):
+    @service_function
+    def where(self):
+        return ray.get_runtime_context().get_node_id()
+
+    @service_function
+    def echo(self, x):
+        return x
+
+    @service_function
+    def div(self, a, b):
+        return a / b
+
+
+class Near(BaseService):
+    @service_function
+    def where(self):
+        return ray.get_runtime_context().get_node_id()
+
+
+@ray.remote(num_cpus=0.1, resources={"worker_node": 0.01})
+def caller_on_worker(bus: str) -> dict:
+    from sage_ray_comm import FunctionClient
+
+    with FunctionClient(bus=bus) as c:
+        far = c.call("far", "where")
+        near = c.call("near", "where")
+        delivered = c.broadcast("events.from_worker", {"node": ray.get_runtime_context().get_node_id()})
+        s = c.stats()
+    return {"far": far, "near": near, "shm": s["shm"], "ray": s["ray"], "delivered": delivered,
+            "node": ray.get_runtime_context().get_node_id()}
+
+
+def main() -> int:
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
+    worker = cluster.add_node(num_cpus=2, resources={"worker_node": 1})
+    ray.init(address=cluster.address, log_to_driver=False)
+    cluster.wait_for_nodes()
+    head_id = ray.get_runtime_context().get_node_id()
+    bus_name = f"multinode-{os.getpid()}"
+    out: dict = {"head": head_id, "worker": worker.node_id}
+    bus = get_communication_bus(bus_name).start()
+    got = queue.Queue()
+    bus.subscribe("events.>", lambda payload: got.put(payload))
+    Far.deploy(bus=bus_name)
+    near = Near("near").start(bus=bus_name)
+    client = FunctionClient(bus=bus_name)
+
+    out["far_node"] = client.call("far", "where")
+    out["after_far"] = dict(client.stats())
+    out["near_node"] = client.call("near", "where")
+    out["after_near"] = dict(client.stats())
+    big = np.arange(3 << 20, dtype=np.float64)  # 24 MiB: Ray's object store carries it
+    out["big_ok"] = bool(np.array_equal(client.call("far", "echo", big), big))
+    try:
+        client.call("far", "div", 1, 0)
+    except ZeroDivisionError as e:
+        out["remote_error"] = type(e).__mro__[1].__name__ + ":" + e.remote_type
+    try:
+        client.call("far", "nope")
+    except FunctionNotFound as e:
+        out["function_not_found"] = str(e)
+    out["worker_caller"] = ray.get(caller_on_worker.remote(bus_name), timeout=120)
+    out["event"] = got.get(timeout=60)
+    near.stop()
+    client.close()
+    bus.shutdown()
+    out["leaked"] = [s.shm_name for s in shm.list_segments(bus_namespace(bus_name))]
+    print("RESULT " + json.dumps(out, default=str), flush=True)
+    ray.shutdown()
+    cluster.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
