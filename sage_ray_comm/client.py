@@ -491,7 +491,7 @@ class FunctionClient:
         excluded: List[str] = []
         while True:
             ep, inst, finfo = self._route(service, function, instance, excluded)
-            t = _check_timeout(timeout if timeout is not None else finfo.timeout, service, function)
+            t = _check_timeout(_pick_timeout(timeout, finfo.timeout, self.default_timeout), service, function)
             transport = ep.transport(inst.node_id)
             req = self._request(OP_CALL, service, function, args, kwargs, time.time() + t, headers)
             self._account(ep, inst, transport, 1)
@@ -523,7 +523,7 @@ class FunctionClient:
         while the replica's request queue is full: backpressure).
         """
         ep, inst, finfo = self._route(service, function, instance)
-        t = _check_timeout(timeout if timeout is not None else finfo.timeout, service, function)
+        t = _check_timeout(_pick_timeout(timeout, finfo.timeout, self.default_timeout), service, function)
         transport = ep.transport(inst.node_id)
         req = self._request(OP_CALL, service, function, args, kwargs, time.time() + t, headers)
         self._account(ep, inst, transport, 1)
@@ -548,7 +548,7 @@ class FunctionClient:
         Returns the replica's instance id. Blocks only while its queue is full.
         """
         ep, inst, finfo = self._route(service, function, instance)
-        t = _check_timeout(timeout if timeout is not None else finfo.timeout, service, function)
+        t = _check_timeout(_pick_timeout(timeout, finfo.timeout, self.default_timeout), service, function)
         transport = ep.transport(inst.node_id)
         req = self._request(OP_SEND, service, function, args, kwargs, None, headers)
         transport.send(inst, req, t)
@@ -729,6 +729,11 @@ class _Finish:
         if isinstance(exc, SageCommError):
             ep.stats["timeouts" if isinstance(exc, CallTimeout) else "errors"] += 1
         raise exc
+
+
+def _pick_timeout(given: Optional[float], declared: Optional[float], default: float) -> float:
+    """The call's own timeout, else the function's declared one, else the client's default."""
+    return given if given is not None else (declared if declared is not None else default)
 
 
 def _check_timeout(t: Any, service: str, function: str) -> float:

@@ -112,7 +112,7 @@ class FunctionInfo:
     """One exposed function of a service."""
 
     name: str
-    timeout: float
+    timeout: Optional[float]  # None: the caller's default
     idempotent: bool = False
     is_async: bool = False
     signature: str = ""

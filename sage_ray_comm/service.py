@@ -109,7 +109,8 @@ class ServiceFunction:
 
     Args:
         name: the name callers use (default: the method's name).
-        timeout: the default timeout, in seconds, of calls to this function.
+        timeout: the default timeout, in seconds, of calls to this function
+            (unset: the caller's default, 30 s unless configured).
         pattern: the communication pattern it is meant for (informational).
         idempotent: safe to run twice; a call whose replica died is retried on another.
 
@@ -122,14 +123,14 @@ class ServiceFunction:
     def __init__(
         self,
         name: Optional[str] = None,
-        timeout: float = DEFAULT_TIMEOUT,
+        timeout: Optional[float] = None,
         pattern: Any = CommunicationPattern.REQUEST_RESPONSE,
         idempotent: bool = False,
     ) -> None:
-        if not isinstance(timeout, (int, float)) or timeout <= 0:
+        if timeout is not None and (not isinstance(timeout, (int, float)) or timeout <= 0):
             raise InvalidQueueArgument(f"ServiceFunction timeout must be a positive number of seconds, got {timeout!r}")
         self.name = name
-        self.timeout = float(timeout)
+        self.timeout = None if timeout is None else float(timeout)
         self.pattern = pattern.value if isinstance(pattern, CommunicationPattern) else str(pattern)
         self.idempotent = idempotent
 
@@ -202,7 +203,7 @@ class _Handler:
         )
         self.info = FunctionInfo(
             name=name,
-            timeout=meta.timeout if meta else DEFAULT_TIMEOUT,
+            timeout=meta.timeout if meta else None,
             idempotent=meta.idempotent if meta else False,
             is_async=self.is_async,
             signature=f"{name}{sig}",
@@ -771,8 +772,13 @@ class _ServiceActor:
     inside the actor, so its instances (locks, files, loggers) are never pickled."""
 
     def __init__(self, cls: type, args: tuple, kwargs: dict, bus: str, index: int, actor_name: str, replace: bool) -> None:
+        import ray
+
         self._args = (cls, args, kwargs, bus, index, actor_name, replace)
         self.svc: Optional[BaseService] = None
+        if ray.get_runtime_context().was_current_actor_reconstructed:
+            # Ray restarted this replica (max_restarts): serve and register again.
+            self.start()
 
     def start(self) -> InstanceInfo:
         cls, args, kwargs, bus, index, actor_name, replace = self._args

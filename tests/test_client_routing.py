@@ -31,7 +31,7 @@ def inst(iid, node="local", service="calc", idempotent=False, policy="least_outs
     return InstanceInfo(
         service=service, instance_id=iid, class_id="m:C", node_id=node, host_id="h", pid=1, pid_start=1,
         request_queue=f"req.{iid}",
-        functions={"add": FunctionInfo("add", timeout, idempotent=idempotent), "get": FunctionInfo("get", 30.0)},
+        functions={"add": FunctionInfo("add", timeout, idempotent=idempotent), "get": FunctionInfo("get", None)},
         policy=policy,
     )
 
@@ -71,13 +71,13 @@ class FakeTransport(Transport):
         return True
 
 
-def make_client(instances, subs=(), policy=None):
+def make_client(instances, subs=(), policy=None, timeout=None):
     services = collections.defaultdict(dict)
     for i in instances:
         services[i.service][i.instance_id] = i
     snap = {"bus": "b", "version": 1, "services": dict(services), "subscriptions": list(subs), "load": {}, "last_seen": {}}
     shm_t, ray_t = FakeTransport("shm"), FakeTransport("ray")
-    c = FunctionClient("tester", bus="b", policy=policy)
+    c = FunctionClient("tester", bus="b", policy=policy, timeout=timeout)
     c._ep = _Endpoint.offline("b", snap, "local", shm_t, ray_t)
     return c, shm_t, ray_t
 
@@ -144,6 +144,16 @@ def test_the_function_timeout_is_the_default_and_travels_as_a_deadline():
     assert t == 7.0 and req.op == OP_CALL and req.deadline is not None and req.sender == "tester"
     c.call("calc", "add", 1, 1, timeout=0.5)
     assert shm_t.calls[-1][2] == 0.5
+
+
+def test_functions_without_a_declared_timeout_use_the_client_default(monkeypatch):
+    c, shm_t, _ = make_client([inst("a")], timeout=3.0)
+    c.call("calc", "get", 1)
+    assert shm_t.calls[-1][2] == 3.0
+    monkeypatch.setenv("SAGE_COMM_TIMEOUT", "4.5")
+    c2, shm2, _ = make_client([inst("a")])
+    c2.call("calc", "get", 1)
+    assert shm2.calls[-1][2] == 4.5
 
 
 def test_unknown_service_and_function_name_what_exists():

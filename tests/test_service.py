@@ -421,3 +421,29 @@ def test_service_calls_service_without_deadlock(bus):
     with FunctionClient(bus=bus) as c:
         assert c.call("chain", "depth", 5, timeout=60) == 5
     h.shutdown()
+
+
+@sage_service(name="phoenix", max_restarts=1)
+class Phoenix(BaseService):
+    @service_function
+    def pid(self):
+        return os.getpid()
+
+
+def test_a_restarted_replica_registers_again_and_serves(bus):
+    h = Phoenix.deploy(bus=bus)
+    b = get_communication_bus(bus)
+    with FunctionClient(bus=bus) as c:
+        first = c.call("phoenix", "pid")
+        old_instance = h.instances[0].instance_id
+        os.kill(first, 9)
+        deadline = time.monotonic() + 60
+        while True:  # wait for the restart to show in the registry (the old entry expires by heartbeat)
+            rows = b.services()
+            if [r["instance"] for r in rows if r["alive"]] and old_instance not in [r["instance"] for r in rows]:
+                break
+            assert time.monotonic() < deadline, rows
+            time.sleep(0.1)
+        c.refresh()
+        second = c.call("phoenix", "pid")
+        assert second != first
