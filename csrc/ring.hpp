@@ -109,7 +109,13 @@ struct alignas(64) Header {
   // ahead of head, so space computed from it is never overstated; producers
   // re-read the consumers' line only when it says the ring is full.
   std::atomic<uint64_t> head_cache;
+  // CPU (plus one; 0 = unknown) of the last producer and the last consumer.
+  // A waiter whose peer last ran on its own CPU does not spin: spinning
+  // there only delays the peer it is waiting for. (Added in free space of
+  // their cache lines: segments from before read 0, "unknown".)
+  std::atomic<uint32_t> put_cpu;
   alignas(64) std::atomic<uint64_t> head;  // consumers' side
+  std::atomic<uint32_t> get_cpu;
 
   alignas(64) pthread_mutex_t prod_lock;
   alignas(64) pthread_mutex_t cons_lock;
@@ -242,8 +248,8 @@ class Ring {
   uint32_t tag_for(uint64_t pos) const;
   bool frame_ready_hint();
   template <typename Ready>
-  void wait_until(std::atomic<uint32_t>* seq, std::atomic<uint32_t>* waiters, int64_t deadline,
-                  int64_t slice_cap, Ready ready);
+  void wait_until(std::atomic<uint32_t>* seq, std::atomic<uint32_t>* waiters, const std::atomic<uint32_t>* peer_cpu,
+                  int64_t deadline, int64_t slice_cap, Ready ready);
   void attach();
   void detach();
 
