@@ -352,6 +352,28 @@ def _ray():
     return ray
 
 
+def get_or_create_actor(cls: type, name: str, namespace: str, args: tuple = (), create: bool = True, **options: Any) -> Any:
+    """The named actor, created with ``options`` if missing. Safe when many
+    processes race to create it: ``get_if_exists`` turns a loser's create into
+    a get, and the ValueError of a lost race is retried. Raises ValueError
+    when it cannot be found (``create=False``) or made."""
+    ray = _ray()
+    last: Optional[BaseException] = None
+    for _ in range(20):
+        try:
+            return ray.get_actor(name, namespace=namespace)
+        except ValueError as e:
+            last = e
+            if not create:
+                break
+        try:
+            return ray.remote(cls).options(name=name, namespace=namespace, get_if_exists=True, **options).remote(*args)
+        except ValueError as e:
+            last = e
+            time.sleep(0.05)  # a creation race: the winner's name appears shortly
+    raise ValueError(str(last))
+
+
 def get_router(bus: str, create: bool = True) -> Any:
     """The router actor of ``bus``, created if missing (race-safe across processes).
 
@@ -361,36 +383,22 @@ def get_router(bus: str, create: bool = True) -> Any:
     if not ray.is_initialized():
         raise RouterUnavailable(f"bus '{bus}': Ray is not initialized (call ray.init() or bus.start())")
     name = router_name(bus)
-    last: Optional[BaseException] = None
-    for _ in range(20):
-        try:
-            return ray.get_actor(name, namespace=ROUTER_NAMESPACE)
-        except ValueError as e:
-            last = e
-            if not create:
-                break
-        try:
-            # Concurrent creators: get_if_exists turns the loser's create into a get,
-            # and a ValueError from a lost race is retried by the loop.
-            return (
-                ray.remote(_RouterActor)
-                .options(
-                    name=name,
-                    namespace=ROUTER_NAMESPACE,
-                    get_if_exists=True,
-                    num_cpus=0,
-                    max_concurrency=10_000,
-                    max_restarts=-1,
-                    # A bus outlives the process that happened to create it (like
-                    # Ray Serve's controller); CommunicationBus.shutdown() ends it.
-                    lifetime="detached",
-                )
-                .remote(bus)
-            )
-        except ValueError as e:
-            last = e
-            time.sleep(0.05)  # a creation race: the winner's name appears shortly
-    raise RouterUnavailable(f"cannot find or create the router '{name}' of bus '{bus}': {last}")
+    try:
+        return get_or_create_actor(
+            _RouterActor,
+            name,
+            ROUTER_NAMESPACE,
+            (bus,),
+            create=create,
+            num_cpus=0,
+            max_concurrency=10_000,
+            max_restarts=-1,
+            # A bus outlives the process that happened to create it (like
+            # Ray Serve's controller); CommunicationBus.shutdown() ends it.
+            lifetime="detached",
+        )
+    except ValueError as last:
+        raise RouterUnavailable(f"cannot find or create the router '{name}' of bus '{bus}': {last}") from None
 
 
 def class_id_of(cls: type) -> str:

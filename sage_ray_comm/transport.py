@@ -47,7 +47,7 @@ from .errors import (
 )
 from .message import ST_OK, ST_OK_BLOB, Reply, Request
 from .queue import SageQueue, _encode
-from .router import InstanceInfo, Subscription
+from .router import InstanceInfo, Subscription, get_or_create_actor
 
 __all__ = ["Transport", "ShmTransport", "RayTransport", "SegmentBlob", "RingPool", "get_gateway"]
 
@@ -570,33 +570,21 @@ def gateway_name(node_id: str) -> str:
 
 def get_gateway(node_id: str) -> Any:
     """The gateway actor on ``node_id``, created there if missing."""
-    import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    name = gateway_name(node_id)
-    for _ in range(20):
-        try:
-            return ray.get_actor(name, namespace=GATEWAY_NAMESPACE)
-        except ValueError:
-            pass
-        try:
-            return (
-                ray.remote(_GatewayActor)
-                .options(
-                    name=name,
-                    namespace=GATEWAY_NAMESPACE,
-                    get_if_exists=True,
-                    num_cpus=0,
-                    max_concurrency=64,
-                    max_restarts=-1,
-                    lifetime="detached",  # serves every job's callers on that node
-                    scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
-                )
-                .remote()
-            )
-        except ValueError:
-            time.sleep(0.05)
-    raise ServiceUnavailable(f"cannot find or create the gateway actor on node {node_id}")
+    try:
+        return get_or_create_actor(
+            _GatewayActor,
+            gateway_name(node_id),
+            GATEWAY_NAMESPACE,
+            num_cpus=0,
+            max_concurrency=64,
+            max_restarts=-1,
+            lifetime="detached",  # serves every job's callers on that node
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
+        )
+    except ValueError as e:
+        raise ServiceUnavailable(f"cannot find or create the gateway actor on node {node_id}: {e}") from None
 
 
 class RayTransport(Transport):

@@ -20,20 +20,28 @@ import _core_override  # noqa: F401  (must precede the package import)
 from sage_ray_comm import shm  # noqa: E402
 
 
-@pytest.fixture
-def ns(request) -> str:
+def _unique_name(request) -> str:
     base = re.sub(r"[^A-Za-z0-9]+", "-", request.node.name)[:24].strip("-")
-    name = f"t-{base}-{uuid.uuid4().hex[:8]}"
-    yield name
+    return f"t-{base}-{uuid.uuid4().hex[:8]}"
+
+
+def _assert_no_segments(namespace: str, what: str) -> None:
     # Handles dropped by the test are released by their finalizers.
     _pygc.collect()
-    left = [s for s in shm.list_segments(name)]
+    left = shm.list_segments(namespace)
     for s in left:
         try:
             os.unlink(shm.SHM_DIR + s.shm_name)
         except FileNotFoundError:
             pass
-    assert not left, f"test leaked shared-memory segments: {[s.shm_name for s in left]}"
+    assert not left, f"{what} leaked shared-memory segments: {[s.shm_name for s in left]}"
+
+
+@pytest.fixture
+def ns(request) -> str:
+    name = _unique_name(request)
+    yield name
+    _assert_no_segments(name, "test")
 
 
 @pytest.fixture(scope="session")
@@ -65,15 +73,7 @@ def bus(request, ray_session) -> str:
     from sage_ray_comm import get_communication_bus
     from sage_ray_comm.router import bus_namespace
 
-    base = re.sub(r"[^A-Za-z0-9]+", "-", request.node.name)[:24].strip("-")
-    name = f"t-{base}-{uuid.uuid4().hex[:8]}"
+    name = _unique_name(request)
     yield name
     get_communication_bus(name).shutdown()
-    _pygc.collect()
-    left = shm.list_segments(bus_namespace(name))
-    for s in left:
-        try:
-            os.unlink(shm.SHM_DIR + s.shm_name)
-        except FileNotFoundError:
-            pass
-    assert not left, f"bus leaked shared-memory segments: {[s.shm_name for s in left]}"
+    _assert_no_segments(bus_namespace(name), "bus")
