@@ -15,8 +15,9 @@ from .errors import *  # noqa: F403  (the whole hierarchy is public)
 from .queue import DEFAULT_MAXSIZE, SageQueue, SageQueueRef, destroy_queue
 from .message import CommunicationPattern, Message, MessageType
 from .service import BaseService, ServiceFunction, ServiceHandle, sage_service, service_function, subscribe
-from .client import FunctionClient
-from .bus import CommunicationBus, get_communication_bus
+from .client import FunctionClient, ServiceCallMixin, call_service, call_service_async
+from .bus import CommunicationBus, DeliveryReceipt, ServiceManager, get_communication_bus, get_service_manager
+from .adapter import LegacyQueueAdapter, create_queue_adapter, migrate_service
 
 __version__ = "0.1.0"
 
@@ -37,7 +38,16 @@ __all__ = [
     "service_function",
     "subscribe",
     "FunctionClient",
+    "ServiceCallMixin",
+    "call_service",
+    "call_service_async",
     "CommunicationBus",
+    "DeliveryReceipt",
+    "ServiceManager",
     "get_communication_bus",
+    "get_service_manager",
+    "LegacyQueueAdapter",
+    "create_queue_adapter",
+    "migrate_service",
     *errors.__all__,
 ]

@@ -15,12 +15,26 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Union
+
+import pydantic
 
 from .client import FunctionClient, _Endpoint
+from .errors import InvalidQueueArgument, ServiceNotFound, ValidationError
+from .message import CommunicationPattern, Message, MessageType
 from .router import validate_bus_name
 
-__all__ = ["CommunicationBus", "get_communication_bus"]
+__all__ = ["CommunicationBus", "get_communication_bus", "DeliveryReceipt", "ServiceManager", "get_service_manager"]
+
+
+class DeliveryReceipt(pydantic.BaseModel):
+    """What :meth:`CommunicationBus.route_message` returns for patterns without a reply."""
+
+    message_id: str
+    pattern: CommunicationPattern
+    delivered: int  # replicas or subscribers that took it
+    instances: List[str] = []  # replica ids (point-to-point, load-balanced)
+    topic: Optional[str] = None
 
 
 class CommunicationBus:
@@ -55,15 +69,24 @@ class CommunicationBus:
             c.close()
 
     def shutdown(self) -> None:
-        """Ends the bus: stops the services this process deployed on it, drops
-        this process's rings, and kills the router (its registry goes with it)."""
+        """Ends the bus: stops the services this process deployed on it, removes
+        its legacy queues and this process's rings, kills the router (its
+        registry goes with it), and removes rings left by killed processes."""
         import ray
 
         from .router import ROUTER_NAMESPACE, router_name
         from .service import deployed
 
+        m = _managers.get(self.name)
+        if m is not None:
+            m.stop_all()
         for h in deployed(self.name):
             h.shutdown()
+        if ray.is_initialized():
+            from .adapter import _destroy_bus_queues
+
+            self.start()  # the registry lists the bus's legacy queues
+            _destroy_bus_queues(self.name)
         self.stop()
         ep = _Endpoint._by_bus.get(self.name)
         if ep is not None:
@@ -77,6 +100,11 @@ class CommunicationBus:
                 ray.kill(ray.get_actor(router_name(self.name), namespace=ROUTER_NAMESPACE), no_restart=True)
             except ValueError:
                 pass  # no router: nothing to end
+        # Rings of processes that were killed without closing (callers, actors).
+        from . import shm
+        from .router import bus_namespace as _ns
+
+        shm.gc(_ns(self.name))
 
     @property
     def is_running(self) -> bool:
@@ -100,6 +128,58 @@ class CommunicationBus:
 
     def wait_for_subscribers(self, topic: str, count: int = 1, timeout: float = 10.0) -> int:
         return self.client.wait_for_subscribers(topic, count, timeout)
+
+    def route_message(self, message: Union[Message, dict], pattern: Any = CommunicationPattern.REQUEST_RESPONSE) -> Any:
+        """Routes a :class:`Message` by ``pattern``.
+
+        - ``REQUEST_RESPONSE``: calls ``receiver.function(payload)`` and returns the result.
+        - ``LOAD_BALANCED``: delivers it to one replica of ``receiver`` chosen by the
+          service's policy; no reply.
+        - ``POINT_TO_POINT``: delivers it to the replica named by the header
+          ``instance`` (any replica if absent); no reply.
+        - ``PUBLISH_SUBSCRIBE``: publishes ``payload`` on ``topic`` (or ``receiver``).
+
+        The last three return a :class:`DeliveryReceipt`. The timeout is what is
+        left of the message's ``ttl``/``deadline``. A payload of ``None`` calls
+        the function with no argument. Raises the same typed errors as
+        :class:`FunctionClient`; a dict that is not a valid Message raises
+        ValidationError naming the field.
+
+        >>> bus.route_message(Message(receiver="calculator", function="add", payload=2))   # doctest: +SKIP
+        """
+        msg = _as_message(message)
+        try:
+            pat = CommunicationPattern(pattern)
+        except ValueError:
+            raise InvalidQueueArgument(
+                f"unknown communication pattern {pattern!r}; use one of {[p.value for p in CommunicationPattern]}"
+            ) from None
+        c = self.client
+        timeout = None
+        if msg.expires_at is not None:
+            timeout = msg.expires_at - time.time()
+            if timeout <= 0:
+                from .errors import CallTimeout
+
+                raise CallTimeout(f"message {msg.id} to {msg.receiver}.{msg.function} expired before it was routed")
+        args = () if msg.payload is None else (msg.payload,)
+        headers = dict(msg.headers, message_id=msg.id)
+        if pat is CommunicationPattern.PUBLISH_SUBSCRIBE:
+            topic = msg.topic or msg.receiver
+            if not topic:
+                raise InvalidQueueArgument(f"message {msg.id}: publish-subscribe needs a topic (or receiver)")
+            n = c.broadcast(topic, msg.payload, headers=headers)
+            return DeliveryReceipt(message_id=msg.id, pattern=pat, delivered=n, topic=topic)
+        if not msg.receiver or not msg.function:
+            raise InvalidQueueArgument(
+                f"message {msg.id}: {pat.value} needs a receiver (service) and a function, "
+                f"got receiver={msg.receiver!r} function={msg.function!r}"
+            )
+        if pat is CommunicationPattern.REQUEST_RESPONSE:
+            return c.call(msg.receiver, msg.function, *args, timeout=timeout, headers=headers)
+        instance = msg.headers.get("instance") if pat is CommunicationPattern.POINT_TO_POINT else None
+        iid = c.send(msg.receiver, msg.function, *args, instance=instance, timeout=timeout, headers=headers)
+        return DeliveryReceipt(message_id=msg.id, pattern=pat, delivered=1, instances=[iid])
 
     # -- registry view
     def services(self) -> List[Dict[str, Any]]:
@@ -140,6 +220,18 @@ class CommunicationBus:
         return f"CommunicationBus({self.name!r}, running={self.is_running})"
 
 
+def _as_message(message: Any) -> Message:
+    if isinstance(message, Message):
+        return message
+    if isinstance(message, dict):
+        try:
+            return Message(**message)
+        except pydantic.ValidationError as e:
+            fields = ", ".join(".".join(map(str, d["loc"])) + ": " + d["msg"] for d in e.errors(include_url=False))
+            raise ValidationError(f"invalid message: {fields}", [dict(d) for d in e.errors(include_url=False)]) from None
+    raise InvalidQueueArgument(f"route_message takes a Message or a dict, got {type(message).__name__}")
+
+
 _buses: Dict[str, CommunicationBus] = {}
 _buses_lock = threading.Lock()
 
@@ -156,3 +248,80 @@ def get_communication_bus(name: str = "default") -> CommunicationBus:
         if bus is None:
             bus = _buses[name] = CommunicationBus(name)
         return bus
+
+
+class ServiceManager:
+    """The services this process runs or deployed on one bus (the seed's manager).
+
+    >>> mgr = get_service_manager()                              # doctest: +SKIP
+    >>> mgr.register_service(MyService())       # starts it in this process
+    >>> mgr.register_service(Calculator)        # deploys its replicas as actors
+    >>> mgr.list_services(); mgr.stop_all()
+    """
+
+    def __init__(self, bus: str = "default") -> None:
+        self.bus = validate_bus_name(bus)
+        self._services: Dict[str, Any] = {}  # name -> BaseService (in process) or ServiceHandle
+        self._lock = threading.Lock()
+
+    def register_service(self, service: Any, **deploy_options: Any) -> Any:
+        """Starts a BaseService instance here, or deploys a service class; returns it (or its handle)."""
+        from .service import BaseService
+
+        if isinstance(service, BaseService):
+            service.start(bus=self.bus)
+            name, held = service.service_name, service
+        elif isinstance(service, type) and issubclass(service, BaseService):
+            held = service.deploy(bus=self.bus, **deploy_options)
+            name = held.name
+        else:
+            raise InvalidQueueArgument(
+                f"register_service takes a BaseService instance or class, got {type(service).__name__}"
+            )
+        with self._lock:
+            self._services[name] = held
+        return held
+
+    def unregister_service(self, name: str) -> bool:
+        """Stops (or shuts down) the named service; False if this manager does not hold it."""
+        with self._lock:
+            held = self._services.pop(name, None)
+        if held is None:
+            return False
+        (held.stop if hasattr(held, "stop") else held.shutdown)()
+        return True
+
+    def get_service(self, name: str) -> Any:
+        held = self._services.get(name)
+        if held is None:
+            raise ServiceNotFound(
+                f"this process's service manager on bus '{self.bus}' holds no service '{name}'; "
+                f"it holds: {', '.join(sorted(self._services)) or '(none)'}"
+            )
+        return held
+
+    def list_services(self) -> List[str]:
+        return sorted(self._services)
+
+    def stop_all(self) -> None:
+        for name in list(self._services):
+            self.unregister_service(name)
+
+    def get_stats(self) -> Dict[str, Any]:
+        out: Dict[str, Any] = {}
+        for name, held in list(self._services.items()):
+            out[name] = held.get_stats() if hasattr(held, "get_stats") else held.stats()
+        return out
+
+
+_managers: Dict[str, ServiceManager] = {}
+
+
+def get_service_manager(bus: str = "default") -> ServiceManager:
+    """This process's :class:`ServiceManager` for ``bus``."""
+    validate_bus_name(bus)
+    with _buses_lock:
+        m = _managers.get(bus)
+        if m is None:
+            m = _managers[bus] = ServiceManager(bus)
+        return m

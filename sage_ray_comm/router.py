@@ -172,6 +172,8 @@ class Registry:
         self.last_seen: Dict[str, float] = {}
         self.load: Dict[str, dict] = {}
         self.subs: Dict[str, Subscription] = {}
+        # Legacy queues by name: {"ring", "node_id", "host_id", "pid"} of the first opener.
+        self.queues: Dict[str, dict] = {}
 
     def _bump(self) -> int:
         self.version += 1
@@ -255,9 +257,23 @@ class Registry:
             self._bump()
         return len(gone)
 
+    def register_queue(self, name: str, info: dict) -> dict:
+        """Records a legacy queue name (first registration wins); returns the record."""
+        if name not in self.queues:
+            self.queues[name] = dict(info)
+            self._bump()
+        return self.queues[name]
+
+    def unregister_queue(self, name: str) -> bool:
+        if self.queues.pop(name, None) is None:
+            return False
+        self._bump()
+        return True
+
     def snapshot(self) -> dict:
         """What clients cache: plain data, picklable."""
         return {
+            "queues": dict(self.queues),
             "bus": self.bus,
             "version": self.version,
             "services": {n: dict(insts) for n, insts in self.services.items()},
@@ -331,6 +347,16 @@ class _RouterActor:
     async def snapshot(self) -> dict:
         self._cond()
         return self.reg.snapshot()
+
+    async def register_queue(self, name: str, info: dict) -> dict:
+        rec = self.reg.register_queue(name, info)
+        await self._notify()
+        return rec
+
+    async def unregister_queue(self, name: str) -> bool:
+        ok = self.reg.unregister_queue(name)
+        await self._notify()
+        return ok
 
     async def wait_for_change(self, version: int, timeout: float) -> Optional[dict]:
         """Long poll: the snapshot as soon as the version passes ``version``;

@@ -83,6 +83,7 @@ from .router import (
     validate_bus_name,
     validate_pattern,
 )
+from .client import ServiceCallMixin
 from .transport import REQUEST_RING_BYTES, REQUEST_SPIN_US, RingPool, SegmentBlob, tune_malloc
 
 __all__ = [
@@ -616,7 +617,7 @@ def _ensure_ray() -> None:
 
 
 # ------------------------------------------------------------- BaseService
-class BaseService:
+class BaseService(ServiceCallMixin):
     """Base class of every service.
 
     Args:
@@ -741,6 +742,9 @@ class BaseService:
             self._client = FunctionClient(client_id=self.service_id, bus=self.bus_name or "default")
         return self._client
 
+    def _sage_client(self) -> Any:
+        return self.client  # call_service[...] uses the service's own client and bus
+
     def call_function(self, target_service: str, function: str, *args: Any, timeout: Optional[float] = None, **kwargs: Any) -> Any:
         """Calls another service's function and returns its result (the seed's API)."""
         return self.client.call(target_service, function, *args, timeout=timeout, **kwargs)
@@ -793,6 +797,12 @@ class _ServiceActor:
     def stop(self) -> bool:
         if self.svc is not None:
             self.svc.stop()
+        # This process exists for the replica: release every ring its handlers
+        # made while calling out (call_service, other clients) before Ray kills it.
+        from .client import _Endpoint
+
+        for ep in list(_Endpoint._by_bus.values()):
+            ep.close()
         return True
 
     def stats(self) -> dict:

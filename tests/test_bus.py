@@ -54,3 +54,85 @@ def test_bus_services_view_and_idempotent_start(bus):
     assert b.services() == []
     with pytest.raises(ServiceNotFound):
         b.call("viewed", "tag_of")
+
+
+from sage_ray_comm import (  # noqa: E402
+    CallTimeout,
+    CommunicationPattern,
+    DeliveryReceipt,
+    InvalidQueueArgument,
+    Message,
+    ValidationError,
+    get_service_manager,
+    sage_service,
+)
+
+
+@sage_service(name="kv", replicas=2)
+class KV(BaseService):
+    def initialize(self):
+        self.data = {}
+
+    @service_function
+    def put(self, item):
+        self.data[item[0]] = item[1]
+
+    @service_function
+    def get(self, key):
+        return self.data.get(key)
+
+    @service_function
+    def size(self):
+        return len(self.data)
+
+
+def test_route_message_in_all_four_patterns(bus):
+    import queue as _q
+
+    h = KV.deploy(bus=bus)
+    b = get_communication_bus(bus).start()
+    target = h.instances[1].instance_id
+    r = b.route_message(Message(receiver="kv", function="put", payload=("a", 1), headers={"instance": target}),
+                        CommunicationPattern.POINT_TO_POINT)
+    assert isinstance(r, DeliveryReceipt) and r.instances == [target] and r.delivered == 1
+    assert b.call("kv", "get", "a", instance=target) == 1
+    r = b.route_message(Message(receiver="kv", function="put", payload=("b", 2)), "load_balanced")
+    assert r.pattern is CommunicationPattern.LOAD_BALANCED and r.instances[0] in {i.instance_id for i in h.instances}
+    assert b.route_message(Message(receiver="kv", function="get", payload="b", headers={"instance": r.instances[0]}),
+                           CommunicationPattern.POINT_TO_POINT).delivered == 1
+    assert b.route_message({"receiver": "kv", "function": "size"}) in (1, 2)
+    got = _q.Queue()
+    b.subscribe("kv.changed", got.put)
+    r = b.route_message(Message(type="event", topic="kv.changed", payload={"k": "a"}), CommunicationPattern.PUBLISH_SUBSCRIBE)
+    assert r.delivered == 1 and got.get(timeout=10) == {"k": "a"}
+
+
+def test_route_message_bad_input_is_typed(bus):
+    b = get_communication_bus(bus).start()
+    with pytest.raises(ValidationError, match="type"):
+        b.route_message({"type": "nonsense", "receiver": "kv", "function": "get"})
+    with pytest.raises(InvalidQueueArgument, match="needs a receiver"):
+        b.route_message(Message(payload=1))
+    with pytest.raises(InvalidQueueArgument, match="unknown communication pattern"):
+        b.route_message(Message(receiver="kv", function="get"), "carrier_pigeon")
+    with pytest.raises(CallTimeout, match="expired"):
+        b.route_message(Message(receiver="kv", function="get", deadline=1.0))
+    with pytest.raises(ServiceNotFound):
+        b.route_message(Message(receiver="nobody", function="f"))
+
+
+def test_service_manager(bus):
+    mgr = get_service_manager(bus)
+    assert get_service_manager(bus) is mgr
+    svc = mgr.register_service(Tagged("managed", "m"))
+    handle = mgr.register_service(KV)
+    assert mgr.list_services() == ["kv", "managed"]
+    assert mgr.get_service("managed") is svc and mgr.get_service("kv") is handle
+    stats = mgr.get_stats()
+    assert stats["managed"]["running"] is True and len(stats["kv"]) == 2
+    with pytest.raises(ServiceNotFound, match="holds: kv, managed"):
+        mgr.get_service("nope")
+    assert mgr.unregister_service("managed") and not svc.is_running
+    mgr.stop_all()
+    assert mgr.list_services() == []
+    assert FunctionClient(bus=bus).list_services() == []
