@@ -2,7 +2,9 @@
 
 ::
 
-    sage-comm demo          # a short SageQueue demo between two processes
+    sage-comm demo          # a small service pipeline on an embedded local Ray
+    sage-comm status [--bus NAME] [--address ADDR]   # the live registry of a bus
+    sage-comm queue-demo    # a short SageQueue demo between two processes
     sage-comm gc [--dry-run] [--namespace NS]
     sage-comm segments      # list sage_ray_comm segments on this node
 """
@@ -31,7 +33,7 @@ def _demo_consumer(ref, n: int, out_ref) -> None:
     out.put_bytes(str(total).encode())
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
+def cmd_queue_demo(args: argparse.Namespace) -> int:
     n = args.messages
     ns = f"demo-{int(time.time() * 1000)}"
     ctx = mp.get_context("spawn")
@@ -61,6 +63,110 @@ def cmd_demo(args: argparse.Namespace) -> int:
         return 0 if total == expect and proc.exitcode == 0 else 1
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from . import _demo
+
+    return _demo.run(records=args.records, window=args.window)
+
+
+def _connect(address: Optional[str]) -> None:
+    import socket
+
+    import ray
+
+    if address and address != "auto" and "://" not in address:
+        # Ray retries an unreachable GCS for a long time: probe it first.
+        host, _, port = address.rpartition(":")
+        try:
+            socket.create_connection((host or "127.0.0.1", int(port)), timeout=3).close()
+        except (OSError, ValueError) as e:
+            raise SystemExit(
+                f"sage-comm: no running Ray cluster at {address} ({e}); pass --address host:port of a running cluster"
+            ) from None
+    try:
+        ray.init(address=address or "auto", log_to_driver=False, configure_logging=False, logging_level="ERROR")
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        raise SystemExit(
+            f"sage-comm: no running Ray cluster at {address or 'auto'} ({type(e).__name__}: {e}); "
+            "pass --address host:port of a running cluster"
+        ) from None
+
+
+def _known_buses() -> list:
+    import ray
+
+    from .router import ROUTER_NAMESPACE
+
+    return sorted(
+        a["name"].split(":")[1]
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if a.get("namespace") == ROUTER_NAMESPACE and a["name"].startswith("sage:") and a["name"].endswith(":router")
+    )
+
+
+def status_rows(snap: dict, now: Optional[float] = None) -> list:
+    """Rows of the status table from a registry snapshot."""
+    from .router import HEARTBEAT_GRACE
+
+    now = time.time() if now is None else now
+    rows = []
+    for name, insts in sorted(snap["services"].items()):
+        for inst in sorted(insts.values(), key=lambda i: (i.replica_index, i.instance_id)):
+            load = snap["load"].get(inst.instance_id, {})
+            seen = snap["last_seen"].get(inst.instance_id)
+            rows.append(
+                {
+                    "service": name,
+                    "replica": (inst.actor_name or inst.instance_id).split(":")[-1],
+                    "node": (inst.node_id or "?")[:8],
+                    "pid": inst.pid,
+                    "alive": "yes" if seen is not None and now - seen < HEARTBEAT_GRACE else "no",
+                    "in-flight": load.get("in_flight", 0),
+                    "calls": load.get("calls", 0) + load.get("sends", 0) + load.get("events", 0),
+                    "errors": load.get("errors", 0),
+                    "functions": ", ".join(sorted(inst.functions)),
+                }
+            )
+    return rows
+
+
+def format_table(rows: list) -> str:
+    if not rows:
+        return "(no services)"
+    cols = list(rows[0])
+    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in cols}
+    lines = ["  ".join(c.ljust(widths[c]) for c in cols), "  ".join("-" * widths[c] for c in cols)]
+    lines += ["  ".join(str(r[c]).ljust(widths[c]) for c in cols) for r in rows]
+    return "\n".join(lines)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    import ray
+
+    from .errors import RouterUnavailable
+    from .router import get_router
+
+    _connect(args.address)
+    try:
+        router = get_router(args.bus, create=False)
+        snap = ray.get(router.snapshot.remote(), timeout=30)
+    except RouterUnavailable:
+        buses = _known_buses()
+        print(f"sage-comm: no bus '{args.bus}' on this cluster; buses: {', '.join(buses) or '(none)'}", file=sys.stderr)
+        return 1
+    print(f"bus '{args.bus}' (registry version {snap['version']})")
+    print(format_table(status_rows(snap)))
+    if snap["subscriptions"]:
+        print("\nsubscriptions")
+        print(format_table([{"pattern": s.pattern, "group": s.group or "-", "node": (s.node_id or "?")[:8], "pid": s.pid}
+                            for s in snap["subscriptions"]]))
+    if snap.get("queues"):
+        print("\nlegacy queues")
+        print(format_table([{"queue": q, "node": (i.get("node_id") or "?")[:8], "created by pid": i.get("pid")}
+                            for q, i in sorted(snap["queues"].items())]))
+    return 0
+
+
 def cmd_gc(args: argparse.Namespace) -> int:
     removed = shm.gc(namespace=args.namespace, dry_run=args.dry_run)
     verb = "would remove" if args.dry_run else "removed"
@@ -82,9 +188,17 @@ def cmd_segments(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sage-comm", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
-    d = sub.add_parser("demo", help="run the demo")
-    d.add_argument("--messages", type=int, default=20000)
+    d = sub.add_parser("demo", help="a service pipeline on an embedded local Ray, with a report")
+    d.add_argument("--records", type=int, default=3000)
+    d.add_argument("--window", type=int, default=64, help="calls kept in flight")
     d.set_defaults(func=cmd_demo)
+    st = sub.add_parser("status", help="the live registry of a running bus")
+    st.add_argument("--bus", default="default")
+    st.add_argument("--address", default=None, help="Ray cluster address (default: auto)")
+    st.set_defaults(func=cmd_status)
+    q = sub.add_parser("queue-demo", help="SageQueue between two processes")
+    q.add_argument("--messages", type=int, default=20000)
+    q.set_defaults(func=cmd_queue_demo)
     g = sub.add_parser("gc", help="remove shared-memory segments left by dead processes")
     g.add_argument("--namespace", default=None)
     g.add_argument("--dry-run", action="store_true")
