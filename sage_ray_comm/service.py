@@ -385,9 +385,9 @@ class _Runtime:
         import ray
 
         while not self._stopping.wait(HEARTBEAT_INTERVAL):
-            self._sweep_blobs()
-            load = {"in_flight": self.in_flight, "queued": self.queue.qsize(), **self.stats}
             try:
+                self._sweep_blobs()
+                load = {"in_flight": self.in_flight, "queued": self.queue.qsize(), **self.stats}
                 known = ray.get(self.router.heartbeat.remote(self.instance_id, load), timeout=10)
                 if not known and not self._stopping.is_set():
                     # The router restarted and forgot us: register again.
