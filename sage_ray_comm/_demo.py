@@ -121,7 +121,7 @@ class Progress:
         print(f"{self.label} [{bar}] {done}/{self.total}", end=end, file=sys.stderr, flush=True)
 
 
-def run(records: int = 3000, window: int = 64) -> int:
+def run(records: int = 3000, window: int = 16) -> int:
     """Runs the demo; returns the process exit code."""
     import ray
 

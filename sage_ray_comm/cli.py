@@ -190,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     d = sub.add_parser("demo", help="a service pipeline on an embedded local Ray, with a report")
     d.add_argument("--records", type=int, default=3000)
-    d.add_argument("--window", type=int, default=64, help="calls kept in flight")
+    d.add_argument("--window", type=int, default=16, help="calls kept in flight")
     d.set_defaults(func=cmd_demo)
     st = sub.add_parser("status", help="the live registry of a running bus")
     st.add_argument("--bus", default="default")
