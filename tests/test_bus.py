@@ -68,6 +68,15 @@ from sage_ray_comm import (  # noqa: E402
 )
 
 
+def wait_for(cond, timeout=30.0):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.01)
+
+
 @sage_service(name="kv", replicas=2)
 class KV(BaseService):
     def initialize(self):
@@ -95,12 +104,15 @@ def test_route_message_in_all_four_patterns(bus):
     r = b.route_message(Message(receiver="kv", function="put", payload=("a", 1), headers={"instance": target}),
                         CommunicationPattern.POINT_TO_POINT)
     assert isinstance(r, DeliveryReceipt) and r.instances == [target] and r.delivered == 1
-    assert b.call("kv", "get", "a", instance=target) == 1
+    # Sends are fire-and-forget: wait until the replica shows the write.
+    wait_for(lambda: b.call("kv", "get", "a", instance=target) == 1)
     r = b.route_message(Message(receiver="kv", function="put", payload=("b", 2)), "load_balanced")
     assert r.pattern is CommunicationPattern.LOAD_BALANCED and r.instances[0] in {i.instance_id for i in h.instances}
-    assert b.route_message(Message(receiver="kv", function="get", payload="b", headers={"instance": r.instances[0]}),
-                           CommunicationPattern.POINT_TO_POINT).delivered == 1
-    assert b.route_message({"receiver": "kv", "function": "size"}) in (1, 2)
+    wait_for(lambda: b.call("kv", "get", "b", instance=r.instances[0]) == 2)
+    # request-response, from a dict: the reply comes back
+    assert b.route_message({"receiver": "kv", "function": "get", "payload": "missing"}) is None
+    assert b.route_message({"receiver": "kv", "function": "get", "payload": "a",
+                            "headers": {"instance": target}}, CommunicationPattern.POINT_TO_POINT).delivered == 1
     got = _q.Queue()
     b.subscribe("kv.changed", got.put)
     r = b.route_message(Message(type="event", topic="kv.changed", payload={"k": "a"}), CommunicationPattern.PUBLISH_SUBSCRIBE)
