@@ -44,6 +44,7 @@ from .errors import (
     ValidationError,
 )
 from .message import (
+    ERR_DESERIALIZATION,
     ERR_FUNCTION,
     ERR_REMOTE,
     ERR_SERIALIZATION,
@@ -61,6 +62,7 @@ from .message import (
 )
 from .queue import SageQueue
 from .router import (
+    HEARTBEAT_GRACE,
     InstanceInfo,
     Subscription,
     bus_namespace,
@@ -70,7 +72,7 @@ from .router import (
     validate_pattern,
     validate_topic,
 )
-from .transport import EVENT_RING_BYTES, RayTransport, ShmTransport, Transport
+from .transport import EVENT_RING_BYTES, KIND_REQ_OOB, BadRequest, RayTransport, ShmTransport, Transport, decode_request
 
 __all__ = ["FunctionClient", "POLICIES", "pick_instance", "ServiceCallMixin", "call_service", "call_service_async"]
 
@@ -164,6 +166,8 @@ def outcome(rep: Reply, service: str, function: str) -> Any:
         raise CallTimeout(info.message)
     if code == ERR_SERIALIZATION:
         raise SerializationError(info.message)
+    if code == ERR_DESERIALIZATION:
+        raise DeserializationError(info.message)
     if code == ERR_UNAVAILABLE:
         raise ServiceUnavailable(info.message)
     raise RemoteError(f"{service}.{function} failed: {info.message}")
@@ -208,6 +212,8 @@ class _Endpoint:
         self.dead: set = set()  # instances seen dead here before the router dropped them
         self._live: Dict[str, tuple] = {}
         self._gen = 0  # bumped whenever the registry or the dead set changes
+        self._rebuild_until = 0.0
+        self.my_subs: Dict[str, Subscription] = {}  # this process's callback subscriptions
         self.rr: Dict[str, Iterable[int]] = {}
         self.stats = {"calls": 0, "shm": 0, "ray": 0, "errors": 0, "timeouts": 0, "retries": 0,
                       "published": 0, "delivered": 0, "dropped": 0, "by_instance": {}}
@@ -230,6 +236,7 @@ class _Endpoint:
         ep.shm, ep.ray = shm_t, ray_t
         ep.snapshot = snapshot
         ep.outstanding, ep.dead, ep.rr, ep._live, ep._gen = {}, set(), {}, {}, 0
+        ep._rebuild_until, ep.my_subs = 0.0, {}
         ep.stats = {"calls": 0, "shm": 0, "ray": 0, "errors": 0, "timeouts": 0, "retries": 0,
                     "published": 0, "delivered": 0, "dropped": 0, "by_instance": {}}
         ep.closed, ep.refs = False, 1
@@ -249,12 +256,34 @@ class _Endpoint:
     def _install(self, snap: Optional[dict]) -> None:
         if snap is None:
             return
+        resubscribe = False
         with self._snap_lock:
-            if snap["version"] >= self.snapshot.get("version", -1) or snap.get("bus") != self.snapshot.get("bus"):
+            old = self.snapshot
+            restarted = old.get("started_at") is not None and snap.get("started_at") != old.get("started_at")
+            if restarted:
+                # A new router: its registry refills as replicas' heartbeats
+                # re-register them. Meanwhile keep calling the replicas we know.
+                self._rebuild_until = time.monotonic() + 2 * HEARTBEAT_GRACE
+                resubscribe = True
+            if restarted or snap["version"] >= old.get("version", -1) or snap.get("bus") != old.get("bus"):
+                if time.monotonic() < self._rebuild_until:
+                    snap = dict(snap, services={**old["services"], **snap["services"]})
                 self.snapshot = snap
                 live = {iid for insts in snap["services"].values() for iid in insts}
                 self.dead &= live
                 self._gen += 1
+        if resubscribe:
+            self._resubscribe()
+
+    def _resubscribe(self) -> None:
+        """Registers this process's callback subscriptions with a restarted router."""
+        import ray
+
+        for sub in list(self.my_subs.values()):
+            try:
+                ray.get(self.router.subscribe.remote(sub), timeout=10)
+            except Exception as e:  # the next restart notice tries again
+                log.warning("could not re-subscribe %s after a router restart: %s", sub.pattern, e)
 
     def refresh(self) -> dict:
         import ray
@@ -326,11 +355,11 @@ class _Endpoint:
         return self.shm if node_id == self.node_id else self.ray
 
     # -- pub/sub
-    def inbox(self) -> "_Inbox":
+    def inbox(self, buffer_bytes: Optional[int] = None) -> "_Inbox":
         if self._inbox is None:
             with self._snap_lock:
                 if self._inbox is None:
-                    self._inbox = _Inbox(self)
+                    self._inbox = _Inbox(self, buffer_bytes or EVENT_RING_BYTES)
         return self._inbox
 
     def close(self) -> None:
@@ -348,10 +377,10 @@ class _Endpoint:
 class _Inbox:
     """A process's ring for events to ``bus.subscribe`` callbacks, and its reader thread."""
 
-    def __init__(self, ep: _Endpoint) -> None:
+    def __init__(self, ep: _Endpoint, buffer_bytes: int = EVENT_RING_BYTES) -> None:
         self.ep = ep
         self.name = f"evt.{os.getpid()}.{uuid.uuid4().hex[:10]}"
-        self.queue = SageQueue(self.name, EVENT_RING_BYTES, auto_cleanup=True, namespace=ep.namespace)
+        self.queue = SageQueue(self.name, buffer_bytes, auto_cleanup=True, namespace=ep.namespace)
         self.callbacks: Dict[str, Callable] = {}
         self.wants_message: Dict[str, bool] = {}
         self.stats = {"received": 0, "errors": 0}
@@ -364,8 +393,8 @@ class _Inbox:
 
         while True:
             try:
-                req = Request._make(self.queue.get())
-            except SageCommError as e:
+                req = Request._make(decode_request(*self.queue._ring.get(None, KIND_REQ_OOB)))
+            except (SageCommError, ValueError, BadRequest) as e:
                 if self.queue.closed:
                     return
                 log.warning("dropped an undecodable event: %s", e)
@@ -593,10 +622,16 @@ class FunctionClient:
 
     publish = broadcast
 
-    def subscribe(self, pattern: str, callback: Callable) -> str:
+    def subscribe(self, pattern: str, callback: Callable, *, buffer_bytes: Optional[int] = None) -> str:
         """Runs ``callback(payload)`` (or ``callback(payload, message=...)``) in a
         background thread for each event matching ``pattern``. Returns the
-        subscription id for :meth:`unsubscribe`."""
+        subscription id for :meth:`unsubscribe`.
+
+        Events wait in this process's bounded buffer (``buffer_bytes``, 4 MiB by
+        default, sized by the process's first subscription on the bus). When
+        it is full, publishers drop the event for this process and count it:
+        delivery is at-most-once, and a slow callback never blocks a publisher.
+        Callbacks of one process run one at a time, in order."""
         import inspect
 
         import ray
@@ -605,7 +640,7 @@ class FunctionClient:
         if not callable(callback):
             raise InvalidQueueArgument(f"subscribe({pattern!r}): callback must be callable, got {callback!r}")
         ep = self.endpoint
-        inbox = ep.inbox()
+        inbox = ep.inbox(buffer_bytes)
         sub_id = f"{ep.host_id}:{os.getpid()}/{uuid.uuid4().hex[:10]}"
         try:
             inbox.wants_message[sub_id] = "message" in inspect.signature(callback).parameters
@@ -615,6 +650,7 @@ class FunctionClient:
         pid = os.getpid()
         sub = Subscription(sub_id, pattern, inbox.name, ep.node_id, ep.host_id, pid, _core.process_start_time(pid), None, sub_id)
         ep.ensure_version(ray.get(ep.router.subscribe.remote(sub), timeout=30))
+        ep.my_subs[sub_id] = sub
         self._subs.append(sub_id)
         return sub_id
 
@@ -623,6 +659,7 @@ class FunctionClient:
 
         ep = self.endpoint
         ok = ray.get(ep.router.unsubscribe.remote(sub_id), timeout=30)
+        ep.my_subs.pop(sub_id, None)
         if ep._inbox is not None:
             ep._inbox.callbacks.pop(sub_id, None)
         if sub_id in self._subs:
@@ -692,6 +729,7 @@ class FunctionClient:
                 pass
             if ep._inbox is not None:
                 ep._inbox.callbacks.pop(sid, None)
+            ep.my_subs.pop(sid, None)
         ep.refs -= 1
         if ep.refs <= 0:
             ep.close()

@@ -148,7 +148,8 @@ ERR_REMOTE = "remote"  # the handler raised
 ERR_FUNCTION = "function_not_found"
 ERR_VALIDATION = "validation"
 ERR_TIMEOUT = "timeout"
-ERR_SERIALIZATION = "serialization"
+ERR_SERIALIZATION = "serialization"  # the result could not be pickled
+ERR_DESERIALIZATION = "deserialization"  # the arguments could not be unpickled by the replica
 ERR_UNAVAILABLE = "unavailable"
 
 

@@ -41,7 +41,7 @@ __all__ = [
 ROUTER_NAMESPACE = "sage_ray_comm"
 # An instance that has not sent a heartbeat for this long is dropped.
 HEARTBEAT_INTERVAL = 0.5
-HEARTBEAT_GRACE = 3.0
+HEARTBEAT_GRACE = 2.0
 
 _BUS_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}$")
 _TOKEN = re.compile(r"^[^.*>\s]+$")
@@ -137,6 +137,7 @@ class InstanceInfo:
     max_concurrency: int = 1
     policy: str = "least_outstanding"
     started_at: float = 0.0
+    code_id: str = ""  # fingerprint of the class's code: a changed class replaces, an identical one is kept
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,6 +167,7 @@ class Registry:
 
     def __init__(self, bus: str) -> None:
         self.bus = bus
+        self.started_at = time.time()  # a restarted router has a new one: clients re-subscribe
         self.version = 0
         self.services: Dict[str, Dict[str, InstanceInfo]] = {}
         self.class_ids: Dict[str, str] = {}
@@ -228,10 +230,14 @@ class Registry:
             self.load[instance_id] = load
         return True
 
-    def expire(self, grace: float = HEARTBEAT_GRACE, now: Optional[float] = None) -> List[InstanceInfo]:
-        """Drops replicas silent for more than ``grace`` seconds; returns them."""
+    def expire(self, grace: float = HEARTBEAT_GRACE, now: Optional[float] = None, dead: Any = None) -> List[InstanceInfo]:
+        """Drops replicas silent for more than ``grace`` seconds, and those
+        ``dead(instance)`` says are gone; returns them."""
         now = now if now is not None else time.time()
         gone = [iid for iid, t in self.last_seen.items() if now - t > grace]
+        if dead is not None:
+            gone += [i.instance_id for insts in self.services.values() for i in insts.values()
+                     if i.instance_id not in gone and dead(i)]
         dropped = [i for i in (self._drop_instance(iid) for iid in gone) if i is not None]
         if dropped:
             self._bump()
@@ -273,6 +279,7 @@ class Registry:
     def snapshot(self) -> dict:
         """What clients cache: plain data, picklable."""
         return {
+            "started_at": self.started_at,
             "queues": dict(self.queues),
             "bus": self.bus,
             "version": self.version,
@@ -288,10 +295,14 @@ class _RouterActor:
     """Async Ray actor around a :class:`Registry` (see :func:`get_router`)."""
 
     def __init__(self, bus: str) -> None:
+        from . import shm
+
         self.reg = Registry(bus)
-        self.started_at = time.time()
+        self.started_at = self.reg.started_at
+        self.host_id = shm.host_id()
         self._changed: Optional[asyncio.Condition] = None
         self._reaper: Optional[asyncio.Task] = None
+        self._watches: Dict[str, asyncio.Task] = {}
 
     def _cond(self) -> asyncio.Condition:
         # Created lazily: the actor's event loop does not exist in __init__.
@@ -305,11 +316,30 @@ class _RouterActor:
         async with c:
             c.notify_all()
 
+    def _dead_here(self, inst: InstanceInfo) -> bool:
+        # A replica on this router's machine: its process is checked directly.
+        from . import _core
+
+        return inst.host_id == self.host_id and not _core.process_alive(inst.pid, inst.pid_start)
+
     async def _reap(self) -> None:
         while True:
-            await asyncio.sleep(HEARTBEAT_INTERVAL)
-            if self.reg.expire():
+            await asyncio.sleep(HEARTBEAT_INTERVAL / 2)
+            if self.reg.expire(dead=self._dead_here):
                 await self._notify()
+
+    async def _watch(self, inst: InstanceInfo) -> None:
+        """Waits on a replica actor's `watch()` call: Ray fails it the moment the
+        actor dies (Ray's own actor state), and it returns when the replica stops."""
+        ray = _ray()
+        try:
+            handle = ray.get_actor(inst.actor_name, namespace=ROUTER_NAMESPACE)
+            await handle.watch.remote()
+        except Exception:
+            pass  # died, or never reachable: either way it no longer serves
+        self._watches.pop(inst.instance_id, None)
+        if self.reg.deregister(inst.instance_id):
+            await self._notify()
 
     async def ping(self) -> dict:
         self._cond()
@@ -317,6 +347,8 @@ class _RouterActor:
 
     async def register(self, inst: InstanceInfo, replace: bool = False) -> int:
         v = self.reg.register(inst, replace)
+        if inst.actor_name and inst.instance_id not in self._watches:
+            self._watches[inst.instance_id] = asyncio.get_running_loop().create_task(self._watch(inst))
         await self._notify()
         return v
 
@@ -425,6 +457,36 @@ def get_router(bus: str, create: bool = True) -> Any:
         )
     except ValueError as last:
         raise RouterUnavailable(f"cannot find or create the router '{name}' of bus '{bus}': {last}") from None
+
+
+def code_id_of(cls: type) -> str:
+    """A fingerprint of a class's code (methods' bytecode and constants), stable
+    across processes and with no source file needed (notebook cells)."""
+    import hashlib
+    import types
+
+    h = hashlib.blake2b(digest_size=8)
+
+    def feed(code: types.CodeType) -> None:
+        h.update(code.co_code)
+        for c in code.co_consts:
+            if isinstance(c, types.CodeType):
+                feed(c)
+            else:
+                h.update(repr(c).encode())
+        h.update(" ".join(code.co_names).encode())
+
+    for klass in cls.__mro__:
+        if klass is object or klass.__module__.startswith("sage_ray_comm."):
+            continue
+        for name in sorted(vars(klass)):
+            fn = vars(klass)[name]
+            fn = getattr(fn, "__func__", fn)
+            code = getattr(fn, "__code__", None)
+            if code is not None:
+                h.update(name.encode())
+                feed(code)
+    return h.hexdigest()
 
 
 def class_id_of(cls: type) -> str:

@@ -55,6 +55,7 @@ from .errors import (
     ServiceUnavailable,
 )
 from .message import (
+    ERR_DESERIALIZATION,
     ERR_FUNCTION,
     ERR_REMOTE,
     ERR_SERIALIZATION,
@@ -79,11 +80,13 @@ from .router import (
     Subscription,
     bus_namespace,
     class_id_of,
+    code_id_of,
     get_router,
     validate_bus_name,
     validate_pattern,
 )
 from .client import ServiceCallMixin
+from .transport import KIND_REQ_OOB, BadRequest, decode_request
 from .transport import REQUEST_RING_BYTES, REQUEST_SPIN_US, RingPool, SegmentBlob, tune_malloc
 
 __all__ = [
@@ -286,6 +289,8 @@ class _Runtime:
         max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
         policy: str = "least_outstanding",
         replace: bool = False,
+        queue_bytes: int = REQUEST_RING_BYTES,
+        code_id: str = "",
     ) -> None:
         import ray
 
@@ -301,12 +306,13 @@ class _Runtime:
         shm.gc(self.namespace)  # rings left by replicas and callers that were killed
         self.queue = SageQueue(
             f"req.{svc.service_name}.{self.instance_id}",
-            REQUEST_RING_BYTES,
+            queue_bytes,
             auto_cleanup=True,
             namespace=self.namespace,
             spin_us=REQUEST_SPIN_US,
         )
         self.replies = RingPool(self.namespace)
+        self._callers: Dict[str, tuple] = {}  # reply ring -> (checked at, caller alive)
         # Oversize replies not yet known to be read: (blob, reply ring), swept by the heartbeat.
         self.blobs: List[tuple] = []
         self.stats = {"calls": 0, "errors": 0, "expired": 0, "replies_dropped": 0, "events": 0, "sends": 0}
@@ -335,6 +341,7 @@ class _Runtime:
             max_concurrency=self.max_concurrency,
             policy=policy,
             started_at=time.time(),
+            code_id=code_id,
         )
         self._replace = replace
 
@@ -466,17 +473,21 @@ class _Runtime:
         t.start()
 
     def _dispatch(self) -> None:
-        get = self.queue.get
+        get = self.queue._ring.get
         while True:
             with self._leader:  # one thread waits on the ring at a time
                 if self._stopping.is_set():
                     return
                 try:
-                    req = get()
+                    req = decode_request(*get(None, KIND_REQ_OOB))
                 except QueueClosed:
                     return
-                except SageCommError as e:  # a frame that failed to decode: consumed, keep serving
-                    log.warning("service %s dropped an undecodable request: %s", self.info.service, e)
+                except BadRequest as e:  # the arguments did not unpickle: say so to the caller
+                    self.stats["errors"] += 1
+                    self._bad_request(e)
+                    continue
+                except (SageCommError, ValueError) as e:  # not a request at all: consumed, keep serving
+                    log.warning("service %s dropped a frame that is not a request: %s", self.info.service, e)
                     self.stats["errors"] += 1
                     continue
                 with self._lock:
@@ -489,6 +500,18 @@ class _Runtime:
                 log.exception("service %s failed handling a request", self.info.service)
             with self._lock:
                 self._idle += 1
+
+    def _bad_request(self, e: BadRequest) -> None:
+        if e.reply_to is None:
+            log.warning("service %s dropped an event or send whose payload did not unpickle: %s", self.info.service, e)
+            return
+        req = Request(OP_CALL, e.cid, e.function, (), None, e.reply_to, None, None, None, self.info.service)
+        self._reply_error(
+            req,
+            ERR_DESERIALIZATION,
+            f"the arguments of the call to {self.info.service}.{e.function} could not be unpickled by "
+            f"replica {self.instance_id}: {e}",
+        )
 
     def _handle(self, req: Request) -> None:
         op = req.op
@@ -585,8 +608,33 @@ class _Runtime:
                 req, ERR_SERIALIZATION, f"the result of {req.service}.{req.function} cannot be sent back: {e}"
             )
 
+    def _caller_alive(self, reply_to: str) -> bool:
+        """Whether the process that owns a reply ring lives (checked at most every 100 ms per ring)."""
+        now = time.monotonic()
+        hit = self._callers.get(reply_to)
+        if hit is not None and now - hit[0] < 0.1:
+            return hit[1]
+        try:
+            pid = int(reply_to.split(".")[1])  # rep.<pid>.<random>
+        except (IndexError, ValueError):
+            return True
+        alive = _core.process_alive(pid, 0)
+        if len(self._callers) > 4096:
+            self._callers.clear()
+        self._callers[reply_to] = (now, alive)
+        return alive
+
     def _put_reply(self, req: Request, rep: tuple, raise_too_large: bool = False) -> None:
         if req.reply_to is None:
+            return
+        if not self._caller_alive(req.reply_to):
+            # The caller died mid-call: drop the reply, count it, and remove its
+            # ring (its creator is dead, so nobody else will).
+            self.stats["replies_dropped"] += 1
+            self.replies.drop(req.reply_to)
+            _core.unlink(shm.segment_name(self.namespace, req.reply_to))
+            if rep[1] == ST_OK_BLOB:
+                rep[2].discard()
             return
         try:
             q = self.replies.get(req.reply_to)
@@ -671,6 +719,7 @@ class BaseService(ServiceCallMixin):
         replace: bool = False,
         _replica_index: int = 0,
         _actor_name: Optional[str] = None,
+        _code_id: str = "",
     ) -> "BaseService":
         """Serves this instance from the current process and registers it on ``bus``.
 
@@ -690,6 +739,8 @@ class BaseService(ServiceCallMixin):
             max_concurrency=max_concurrency or opts.get("max_concurrency") or DEFAULT_MAX_CONCURRENCY,
             policy=opts.get("policy", "least_outstanding"),
             replace=replace,
+            queue_bytes=opts.get("queue_bytes") or REQUEST_RING_BYTES,
+            code_id=_code_id or code_id_of(type(self)),
         )
         rt.start()
         self._runtime = rt
@@ -775,26 +826,36 @@ class _ServiceActor:
     """The Ray actor that hosts one replica. The user's class is built here,
     inside the actor, so its instances (locks, files, loggers) are never pickled."""
 
-    def __init__(self, cls: type, args: tuple, kwargs: dict, bus: str, index: int, actor_name: str, replace: bool) -> None:
+    def __init__(self, cls: type, args: tuple, kwargs: dict, bus: str, index: int, actor_name: str, replace: bool, code_id: str = "") -> None:
         import ray
 
-        self._args = (cls, args, kwargs, bus, index, actor_name, replace)
+        self._args = (cls, args, kwargs, bus, index, actor_name, replace, code_id)
         self.svc: Optional[BaseService] = None
+        self._stopped = threading.Event()
+        self._start_lock = threading.Lock()  # concurrent deployers call start() at once
         if ray.get_runtime_context().was_current_actor_reconstructed:
             # Ray restarted this replica (max_restarts): serve and register again.
             self.start()
 
     def start(self) -> InstanceInfo:
-        cls, args, kwargs, bus, index, actor_name, replace = self._args
-        if self.svc is None:
-            svc = cls(*args, **kwargs)
-            svc._ensure_base()
-            svc.service_id = f"{svc.service_name}#{index}-{uuid.uuid4().hex[:6]}"
-            svc.start(bus, replace=replace, _replica_index=index, _actor_name=actor_name)
-            self.svc = svc
+        cls, args, kwargs, bus, index, actor_name, replace, code_id = self._args
+        with self._start_lock:
+            if self.svc is None:
+                svc = cls(*args, **kwargs)
+                svc._ensure_base()
+                svc.service_id = f"{svc.service_name}#{index}-{uuid.uuid4().hex[:6]}"
+                svc.start(bus, replace=replace, _replica_index=index, _actor_name=actor_name, _code_id=code_id)
+                self.svc = svc
         return self.svc._runtime.info  # type: ignore[union-attr]
 
+    def watch(self) -> bool:
+        """Returns when the replica stops; the router keeps one call pending, and
+        Ray fails it the moment this actor dies."""
+        self._stopped.wait()
+        return True
+
     def stop(self) -> bool:
+        self._stopped.set()
         if self.svc is not None:
             self.svc.stop()
         # This process exists for the replica: release every ring its handlers
@@ -897,13 +958,14 @@ def _deploy(cls: type, *args: Any, replicas: Optional[int] = None, bus: Optional
     opts.pop("replicas", None)
     bus = validate_bus_name(bus or opts.pop("bus", None) or "default")
     opts.pop("bus", None)
-    for k in ("policy", "max_concurrency"):
+    for k in ("policy", "max_concurrency", "queue_bytes"):
         opts.pop(k, None)
     if n < 1:
         raise InvalidQueueArgument(f"service '{name}' needs at least 1 replica, got {n}")
-    actor_opts = {"num_cpus": 0.1, "max_concurrency": 4, **opts}
+    # Actor threads: start, stop, stats, and the router's pending watch() call.
+    actor_opts = {"num_cpus": 0.1, **opts, "max_concurrency": 4}
+    code = code_id_of(cls)
     router = get_router(bus)
-    # Same class again (a notebook re-running its cell): replace the old replicas cleanly.
     snap = ray.get(router.snapshot.remote(), timeout=30)
     old = snap["services"].get(name, {})
     if old:
@@ -913,26 +975,46 @@ def _deploy(cls: type, *args: Any, replicas: Optional[int] = None, bus: Optional
                 f"service name '{name}' on bus '{bus}' is taken by class {old_class} ({len(old)} replica(s)); "
                 f"cannot deploy class {class_id_of(cls)} under it (stop it first, or deploy(replace=True))"
             )
-        _stop_actors(
-            [a for a in (_named(i.actor_name) for i in old.values()) if a is not None], list(old.values()), bus, 30
-        )
-    actors = []
-    for i in range(1, n + 1):
+        # Replicas running other code (a notebook re-ran a changed cell), or
+        # beyond the new count, are replaced; identical ones are kept, so
+        # deploying the same service from many processes at once is idempotent.
+        stale = [i for i in old.values() if i.code_id != code or i.class_id != class_id_of(cls) or i.replica_index > n]
+        _stop_actors([a for a in (_named(i.actor_name) for i in stale) if a is not None], stale, bus, 30)
+
+    def make(i: int) -> Any:
         an = actor_name(bus, name, i)
-        stale = _named(an)
-        if stale is not None:
-            _stop_actors([stale], [], bus, 10)
-        actors.append(
+        return (
             ray.remote(_ServiceActor)
-            .options(name=an, namespace=ROUTER_NAMESPACE, **actor_opts)
-            .remote(cls, args, kwargs, bus, i, an, replace)
+            .options(name=an, namespace=ROUTER_NAMESPACE, get_if_exists=True, **actor_opts)
+            .remote(cls, args, kwargs, bus, i, an, replace, code)
         )
+
+    actors = [make(i) for i in range(1, n + 1)]
+    infos: List[Any] = [None] * n
     try:
-        infos = ray.get([a.start.remote() for a in actors], timeout=120)
+        for _ in range(5):
+            todo = [k for k in range(n) if infos[k] is None or infos[k].code_id != code]
+            if not todo:
+                break
+            results = []
+            for k in todo:
+                try:
+                    results.append(ray.get(actors[k].start.remote(), timeout=120))
+                except ray.exceptions.RayActorError:
+                    results.append(None)  # another deployer was replacing it: make it again
+            for k, info in zip(todo, results):
+                if info is not None and info.code_id != code:
+                    _stop_actors([actors[k]], [info], bus, 10)  # an older version held the name
+                    info = None
+                if info is None:
+                    actors[k] = make(k + 1)
+                infos[k] = info
+        if any(i is None or i.code_id != code for i in infos):
+            raise ServiceUnavailable(f"could not start the {n} replica(s) of service '{name}' on bus '{bus}'")
     except Exception as e:
-        _stop_actors(actors, [], bus, 10)
         cause = getattr(e, "cause", None)
         if isinstance(cause, SageCommError):
+            _stop_actors(actors, [], bus, 10)
             raise cause from None
         raise
     from .client import _Endpoint
@@ -975,6 +1057,7 @@ def sage_service(
     bus: Optional[str] = None,
     policy: str = "least_outstanding",
     max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
+    queue_bytes: int = REQUEST_RING_BYTES,
     **ray_actor_options: Any,
 ) -> Callable[[type], type]:
     """Declares a service class. Ray actor options (``num_cpus``,
@@ -987,6 +1070,9 @@ def sage_service(
         policy: ``"least_outstanding"`` (power of two choices on in-flight
             calls) or ``"round_robin"``: how callers spread calls over replicas.
         max_concurrency: handler threads per replica.
+        queue_bytes: bytes of each replica's request ring (default 8 MiB). When
+            it is full, callers block up to their timeout (backpressure), then
+            get CallTimeout; nothing is dropped.
 
     >>> @sage_service(name="calculator", replicas=2, num_cpus=0.1)
     ... class Calculator(BaseService):
@@ -1008,6 +1094,7 @@ def sage_service(
             "bus": bus,
             "policy": policy,
             "max_concurrency": max_concurrency,
+            "queue_bytes": queue_bytes,
             **ray_actor_options,
         }
         return cls

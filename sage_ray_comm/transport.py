@@ -28,6 +28,8 @@ import concurrent.futures
 import itertools
 import logging
 import os
+import pickle
+import struct
 import threading
 import time
 import uuid
@@ -46,7 +48,7 @@ from .errors import (
     ServiceUnavailable,
 )
 from .message import ST_OK, ST_OK_BLOB, Reply, Request
-from .queue import SageQueue, _encode
+from .queue import KIND_PICKLE, SageQueue, _decode_oob, _encode
 from .router import InstanceInfo, Subscription, get_or_create_actor
 
 __all__ = ["Transport", "ShmTransport", "RayTransport", "SegmentBlob", "RingPool", "get_gateway"]
@@ -133,6 +135,61 @@ class SegmentBlob:
 
     def __reduce__(self):
         return (SegmentBlob, (self.name, self.namespace, self.nbytes))
+
+
+# ------------------------------------------------------------- framing
+# A request frame is a small header (correlation id, reply ring, function)
+# followed by the pickled request tuple. The header is readable even when the
+# arguments fail to unpickle, so the replica can still answer with a typed
+# error instead of leaving the caller to time out.
+_REQ_HEAD = struct.Struct("<4sQHH")  # magic, cid, len(reply_to), len(function)
+_REQ_MAGIC = b"SQRQ"
+KIND_REQ = 8  # header + pickle
+KIND_REQ_OOB = 9  # header + pickle with out-of-band buffers
+
+
+class BadRequest(Exception):
+    """A request frame whose header decoded but whose body did not."""
+
+    def __init__(self, cid: int, reply_to: Optional[str], function: str, error: BaseException) -> None:
+        super().__init__(f"{type(error).__name__}: {error}")
+        self.cid, self.reply_to, self.function, self.error = cid, reply_to, function, error
+
+
+def encode_request(frame: tuple, label: str) -> Tuple[list, int]:
+    """Parts and kind of a request frame (see above)."""
+    parts, kind = _encode(frame, label)
+    rt = (frame[5] or "").encode()
+    fn = (frame[2] or "").encode()[:65535]
+    head = _REQ_HEAD.pack(_REQ_MAGIC, frame[1], len(rt), len(fn)) + rt + fn
+    head += bytes((-len(head)) % 16)  # keep out-of-band buffers 16-byte aligned
+    return [head, *parts], (KIND_REQ if kind == KIND_PICKLE else KIND_REQ_OOB)
+
+
+def decode_request(payload: Any, kind: int) -> tuple:
+    """The request tuple of a frame. Raises BadRequest (header known) or ValueError (not a request)."""
+    if kind not in (KIND_REQ, KIND_REQ_OOB) or len(payload) < _REQ_HEAD.size:
+        raise ValueError(f"not a request frame (kind {kind}, {len(payload)} bytes)")
+    magic, cid, nrt, nfn = _REQ_HEAD.unpack_from(payload, 0)
+    end = _REQ_HEAD.size + nrt + nfn
+    if magic != _REQ_MAGIC or end > len(payload):
+        raise ValueError("bad request header")
+    view = memoryview(payload)
+    reply_to = bytes(view[_REQ_HEAD.size : _REQ_HEAD.size + nrt]).decode(errors="replace") or None
+    function = bytes(view[_REQ_HEAD.size + nrt : end]).decode(errors="replace")
+    body = view[end + (-end) % 16 :]
+    try:
+        frame = pickle.loads(body) if kind == KIND_REQ else _decode_oob(body)
+        if not isinstance(frame, tuple) or len(frame) != 10:
+            raise ValueError(f"a request must be a 10-tuple, got {type(frame).__name__}")
+        return frame
+    except Exception as e:  # unpickling runs user code: anything can come out
+        raise BadRequest(cid, reply_to, function, e) from None
+
+
+def put_request(q: SageQueue, frame: tuple, timeout: Optional[float]) -> None:
+    parts, kind = encode_request(frame, q._label)
+    q._ring.put_parts(parts, kind, 0.0 if timeout == 0 else timeout)
 
 
 # ------------------------------------------------------------------ malloc
@@ -294,10 +351,10 @@ class ShmTransport(Transport):
             try:
                 # A plain tuple pickles 4x faster than the NamedTuple, and building it
                 # directly beats NamedTuple._replace by 10x.
-                q.put((req[0], cid, req[2], req[3], req[4], reply_to, req[6], req[7], req[8], req[9]), timeout=timeout)
+                put_request(q, (req[0], cid, req[2], req[3], req[4], reply_to, req[6], req[7], req[8], req[9]), timeout)
             except MessageTooLarge:
                 blob = SegmentBlob.put((req.args, req.kwargs), self.namespace)
-                q.put((req[0], cid, req[2], blob, None, reply_to, req[6], req[7], req[8], req[9]), timeout=timeout)
+                put_request(q, (req[0], cid, req[2], blob, None, reply_to, req[6], req[7], req[8], req[9]), timeout)
         except QueueFull:
             if blob is not None:
                 blob.discard()
@@ -471,14 +528,14 @@ class ShmTransport(Transport):
         except QueueNotFound:
             return False
         try:
-            q.put(tuple(req), block=False)
+            put_request(q, tuple(req), 0)
             return True
         except (QueueFull, QueueClosed):
             return False
         except MessageTooLarge as e:
             blob = SegmentBlob.put((req.args, req.kwargs), self.namespace)
             try:
-                q.put(tuple(req._replace(args=blob, kwargs=None)), block=False)
+                put_request(q, tuple(req._replace(args=blob, kwargs=None)), 0)
                 return True
             except (QueueFull, QueueClosed):
                 blob.discard()

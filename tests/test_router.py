@@ -119,3 +119,22 @@ def test_drop_subscriber_process_removes_only_its_callbacks():
     r.subscribe(Subscription("p2", "a", "evt", "n", "h", 11, 1))
     assert r.drop_subscriber_process("h", 10) == 1
     assert [s.sub_id for s in r.snapshot()["subscriptions"]] == ["p2"]
+
+
+def test_code_id_follows_the_code_not_the_object():
+    from sage_ray_comm.router import code_id_of
+
+    class A:
+        def f(self):
+            return 1
+
+    class B:
+        def f(self):
+            return 1
+
+    class C:
+        def f(self):
+            return 2
+
+    assert code_id_of(A) == code_id_of(B), "same code, same fingerprint"
+    assert code_id_of(A) != code_id_of(C), "a changed method changes it"
