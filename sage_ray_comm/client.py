@@ -339,6 +339,10 @@ class _Endpoint:
                     f"no service '{service}' on bus '{self.bus}'; known services: {', '.join(known) or '(none)'}"
                 )
         live = [i for i in insts.values() if i.instance_id not in self.dead]
+        if not live and self.router is not None:
+            # Every replica we know is dead: ask for news (restarted replicas) before failing.
+            insts = self.refresh()["services"].get(service) or {}
+            live = [i for i in insts.values() if i.instance_id not in self.dead]
         if not live:
             raise ServiceUnavailable(
                 f"service '{service}' on bus '{self.bus}' has {len(insts)} replica(s), none of them alive"
