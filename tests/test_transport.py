@@ -8,7 +8,7 @@ import pickle
 import numpy as np
 import pytest
 
-from sage_ray_comm import QueueNotFound, SageQueue, ServiceUnavailable, shm
+from sage_ray_comm import QueueNotFound, SageQueue, ServiceUnavailable, service_function, shm
 from sage_ray_comm.transport import RingPool, SegmentBlob, tune_malloc
 
 
@@ -66,3 +66,73 @@ def test_out_of_band_object_refs_do_not_resolve(ray_session):
 
     ref = ray.put(np.ones(10))
     assert ray.get(fetch.remote(pickle.dumps(ref)), timeout=60) == "timeout"
+
+
+# ------------------------------------------------------------------ fuzzing
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from sage_ray_comm.transport import KIND_REQ, KIND_REQ_OOB, BadRequest, decode_request, encode_request  # noqa: E402
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.binary(max_size=300), st.sampled_from([0, 1, 2, 3, KIND_REQ, KIND_REQ_OOB, 77]))
+def test_request_decoder_survives_random_frames(data, kind):
+    try:
+        decode_request(data, kind)
+    except (ValueError, BadRequest):
+        pass  # the only two outcomes allowed besides success
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(0, 2**63), st.text(max_size=40), st.text(max_size=40), st.binary(max_size=200))
+def test_a_readable_header_with_a_bad_body_names_the_call(cid, reply_to, fn, junk):
+    frame = (1, cid, fn, (1,), None, reply_to or None, None, None, None, "svc")
+    parts, kind = encode_request(frame, "fuzz")
+    good = b"".join(bytes(memoryview(p)) for p in parts)
+    assert decode_request(good, kind) == frame
+    head_len = len(bytes(memoryview(parts[0])))
+    try:
+        decode_request(good[:head_len] + junk, kind)
+    except BadRequest as e:
+        assert (e.cid, e.reply_to, e.function) == (cid, reply_to or None, fn)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.sampled_from(["id", "type", "sender", "receiver", "function", "payload", "headers", "ttl",
+                                        "deadline", "timestamp", "topic", "bogus"]),
+                       st.one_of(st.none(), st.integers(), st.floats(allow_nan=True), st.text(max_size=10),
+                                 st.dictionaries(st.text(max_size=3), st.integers(), max_size=2))))
+def test_message_decoder_only_raises_validation_errors(fields):
+    import pydantic
+
+    from sage_ray_comm import Message
+
+    try:
+        Message(**fields)
+    except pydantic.ValidationError:
+        pass
+
+
+def test_random_frames_in_a_live_request_ring_do_not_stop_the_service(bus):
+    import random
+
+    from sage_ray_comm import BaseService, FunctionClient
+    from sage_ray_comm.router import bus_namespace
+
+    class Target(BaseService):
+        @service_function
+        def echo(self, x):
+            return x
+
+    svc = Target("target").start(bus=bus)
+    q = SageQueue(svc._runtime.queue.name, namespace=bus_namespace(bus), create=False, auto_cleanup=False)
+    rng = random.Random(5)
+    for _ in range(300):
+        kind = rng.choice([1, 2, 3, KIND_REQ, KIND_REQ_OOB, 200])
+        q._ring.put(bytes(rng.getrandbits(8) for _ in range(rng.randrange(0, 200))), kind, 1.0)
+    with FunctionClient(bus=bus) as c:
+        assert c.call("target", "echo", "alive", timeout=30) == "alive"
+    assert svc.get_stats()["errors"] >= 300 - 5
+    q.release()
+    svc.stop()
