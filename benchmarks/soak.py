@@ -29,10 +29,8 @@ import ray
 
 from sage_ray_comm import (
     BaseService,
-    CallTimeout,
     FunctionClient,
     SageCommError,
-    ServiceUnavailable,
     get_communication_bus,
     sage_service,
     service_function,
@@ -85,6 +83,7 @@ def main() -> int:
     acked: list = []
     counts = {"calls": 0, "failed_typed": 0, "failed_untyped": 0, "kills": 0}
     ids = iter(range(10**9))
+    errors: dict = {}
 
     def caller() -> None:
         while not stop.is_set():
@@ -96,14 +95,12 @@ def main() -> int:
                     counts["calls"] += 1
                     if r == rid:
                         acked.append(rid)
-            except (ServiceUnavailable, CallTimeout):
+            except SageCommError as e:
                 with lock:
                     counts["calls"] += 1
                     counts["failed_typed"] += 1
-            except SageCommError:
-                with lock:
-                    counts["calls"] += 1
-                    counts["failed_typed"] += 1
+                    key = f"{type(e).__name__}: {str(e)[:300]}"
+                    errors[key] = errors.get(key, 0) + 1
             except Exception:  # anything untyped is a bug: reported, and fails the run
                 with lock:
                     counts["calls"] += 1
@@ -153,6 +150,7 @@ def main() -> int:
         "messages_lost": len(lost),
         "segments_leaked": len(leaked),
         "calls_per_s": round(counts["calls"] / elapsed, 1),
+        "failures_by_kind": dict(sorted(errors.items(), key=lambda kv: -kv[1])[:8]),
     }
     print("soak report")
     for k, v in report.items():

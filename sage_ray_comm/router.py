@@ -230,14 +230,21 @@ class Registry:
             self.load[instance_id] = load
         return True
 
-    def expire(self, grace: float = HEARTBEAT_GRACE, now: Optional[float] = None, dead: Any = None) -> List[InstanceInfo]:
-        """Drops replicas silent for more than ``grace`` seconds, and those
-        ``dead(instance)`` says are gone; returns them."""
+    def expire(self, grace: float = HEARTBEAT_GRACE, now: Optional[float] = None, alive: Any = None) -> List[InstanceInfo]:
+        """Drops replicas that are gone; returns them.
+
+        ``alive(instance)`` answers True or False where it can tell (a process
+        on the router's machine), and None where it cannot; only then does
+        heartbeat silence of more than ``grace`` seconds count. (A live but busy
+        replica whose heartbeat is late is never dropped for it.)
+        """
         now = now if now is not None else time.time()
-        gone = [iid for iid, t in self.last_seen.items() if now - t > grace]
-        if dead is not None:
-            gone += [i.instance_id for insts in self.services.values() for i in insts.values()
-                     if i.instance_id not in gone and dead(i)]
+        gone = []
+        for insts in self.services.values():
+            for i in insts.values():
+                verdict = alive(i) if alive is not None else None
+                if verdict is False or (verdict is None and now - self.last_seen.get(i.instance_id, now) > grace):
+                    gone.append(i.instance_id)
         dropped = [i for i in (self._drop_instance(iid) for iid in gone) if i is not None]
         if dropped:
             self._bump()
@@ -316,27 +323,37 @@ class _RouterActor:
         async with c:
             c.notify_all()
 
-    def _dead_here(self, inst: InstanceInfo) -> bool:
+    def _alive_here(self, inst: InstanceInfo) -> Optional[bool]:
         # A replica on this router's machine: its process is checked directly.
         from . import _core
 
-        return inst.host_id == self.host_id and not _core.process_alive(inst.pid, inst.pid_start)
+        if inst.host_id != self.host_id:
+            return None
+        return _core.process_alive(inst.pid, inst.pid_start)
 
     async def _reap(self) -> None:
         while True:
             await asyncio.sleep(HEARTBEAT_INTERVAL / 2)
-            if self.reg.expire(dead=self._dead_here):
+            if self.reg.expire(alive=self._alive_here):
                 await self._notify()
 
     async def _watch(self, inst: InstanceInfo) -> None:
-        """Waits on a replica actor's `watch()` call: Ray fails it the moment the
-        actor dies (Ray's own actor state), and it returns when the replica stops."""
+        """Waits on a replica actor's `watch()` call: Ray fails it with
+        ActorDiedError the moment the actor dies (Ray's own actor state), and
+        it returns when the replica stops. Other errors (the actor is briefly
+        unreachable under load) are not taken as death: the call is renewed."""
         ray = _ray()
-        try:
-            handle = ray.get_actor(inst.actor_name, namespace=ROUTER_NAMESPACE)
-            await handle.watch.remote()
-        except Exception:
-            pass  # died, or never reachable: either way it no longer serves
+        while inst.instance_id in self._watches:
+            try:
+                handle = ray.get_actor(inst.actor_name, namespace=ROUTER_NAMESPACE)
+                await handle.watch.remote()
+                break  # it stopped
+            except (ray.exceptions.ActorDiedError, ValueError):
+                break  # dead, or its name is gone
+            except Exception:
+                if self._alive_here(inst) is False:
+                    break
+                await asyncio.sleep(HEARTBEAT_INTERVAL)
         self._watches.pop(inst.instance_id, None)
         if self.reg.deregister(inst.instance_id):
             await self._notify()

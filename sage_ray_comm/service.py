@@ -742,8 +742,14 @@ class BaseService(ServiceCallMixin):
             queue_bytes=opts.get("queue_bytes") or REQUEST_RING_BYTES,
             code_id=_code_id or code_id_of(type(self)),
         )
-        rt.start()
+        # Set before start(): once registered, requests can arrive, and a handler
+        # calling out must see this service's bus (not the default one).
         self._runtime = rt
+        try:
+            rt.start()
+        except BaseException:
+            self._runtime = None
+            raise
         from .client import _Endpoint
 
         _Endpoint.for_bus(bus).ensure_version(rt.version)

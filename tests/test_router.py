@@ -103,6 +103,19 @@ def test_heartbeats_keep_replicas_and_silence_drops_them():
     assert not r.heartbeat("zzz"), "an unknown instance must be told to re-register"
 
 
+def test_a_replica_known_alive_is_kept_however_late_its_heartbeat():
+    r = Registry("b")
+    r.register(inst(iid="busy"), now=100.0)
+    r.register(inst(iid="gone"), now=100.0)
+    r.register(inst(iid="far"), now=100.0)
+    verdicts = {"busy": True, "gone": False, "far": None}
+    dropped = r.expire(grace=3.0, now=101.0, alive=lambda i: verdicts[i.instance_id])
+    assert [i.instance_id for i in dropped] == ["gone"], "a dead process is dropped at once"
+    dropped = r.expire(grace=3.0, now=200.0, alive=lambda i: verdicts[i.instance_id])
+    assert [i.instance_id for i in dropped] == ["far"], "only where liveness is unknown does silence count"
+    assert set(r.snapshot()["services"]["calc"]) == {"busy"}
+
+
 def test_subscriptions_follow_their_instance():
     r = Registry("b")
     r.register(inst(iid="calc#1"))

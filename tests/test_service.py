@@ -449,3 +449,22 @@ def test_a_restarted_replica_registers_again_and_serves(bus):
         c.refresh()
         second = c.call("phoenix", "pid")
         assert second != first
+
+
+@sage_service(name="early")
+class Early(BaseService):
+    def initialize(self):
+        # Requests can arrive as soon as the replica registers, before start()
+        # returns: whatever a handler reaches for must already know the bus.
+        self.bus_at_start = self.bus_name
+        self.client_bus = self.client.bus
+
+    @service_function
+    def seen(self):
+        return self.bus_at_start, self.client_bus
+
+
+def test_a_replica_knows_its_bus_before_it_takes_requests(bus):
+    Early.deploy(bus=bus)
+    with FunctionClient(bus=bus) as c:
+        assert c.call("early", "seen") == (bus, bus)
