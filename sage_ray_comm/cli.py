@@ -4,6 +4,7 @@
 
     sage-comm demo          # a small service pipeline on an embedded local Ray
     sage-comm status [--bus NAME] [--address ADDR]   # the live registry of a bus
+    sage-comm metrics [--bus NAME] [--address ADDR]  # current metric values
     sage-comm queue-demo    # a short SageQueue demo between two processes
     sage-comm gc [--dry-run] [--namespace NS]
     sage-comm segments      # list sage_ray_comm segments on this node
@@ -167,6 +168,39 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def scrape_metrics(bus: Optional[str] = None, timeout: float = 5.0) -> list:
+    """The ``ray_sage_*`` samples exported by every node's metrics agent."""
+    import urllib.request
+
+    import ray
+
+    lines = []
+    for node in ray.nodes():
+        if not node.get("Alive") or not node.get("MetricsExportPort"):
+            continue
+        url = f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+        try:
+            text = urllib.request.urlopen(url, timeout=timeout).read().decode()
+        except OSError as e:
+            print(f"sage-comm: cannot read {url}: {e}", file=sys.stderr)
+            continue
+        for line in text.splitlines():
+            if line.startswith("ray_sage_") and (bus is None or f'bus="{bus}"' in line):
+                lines.append(line)
+    return lines
+
+
+def cmd_metrics(args: argparse.Namespace) -> int:
+    _connect(args.address)
+    lines = scrape_metrics(args.bus)
+    if not lines:
+        print("no sage_ray_comm metrics exported yet (they appear a few seconds after the first calls)")
+        return 0
+    for line in sorted(lines):
+        print(line)
+    return 0
+
+
 def cmd_gc(args: argparse.Namespace) -> int:
     removed = shm.gc(namespace=args.namespace, dry_run=args.dry_run)
     verb = "would remove" if args.dry_run else "removed"
@@ -196,6 +230,10 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--bus", default="default")
     st.add_argument("--address", default=None, help="Ray cluster address (default: auto)")
     st.set_defaults(func=cmd_status)
+    m = sub.add_parser("metrics", help="current sage_ray_comm metric values from the nodes' Prometheus endpoints")
+    m.add_argument("--bus", default=None, help="only this bus")
+    m.add_argument("--address", default=None, help="Ray cluster address (default: auto)")
+    m.set_defaults(func=cmd_metrics)
     q = sub.add_parser("queue-demo", help="SageQueue between two processes")
     q.add_argument("--messages", type=int, default=20000)
     q.set_defaults(func=cmd_queue_demo)

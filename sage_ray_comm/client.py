@@ -60,6 +60,7 @@ from .message import (
     Reply,
     Request,
 )
+from .metrics import recorder
 from .queue import SageQueue
 from .router import (
     HEARTBEAT_GRACE,
@@ -528,11 +529,13 @@ class FunctionClient:
             transport = ep.transport(inst.node_id)
             req = self._request(OP_CALL, service, function, args, kwargs, time.time() + t, headers)
             self._account(ep, inst, transport, 1)
+            t0 = time.perf_counter()
             try:
                 rep = transport.call(inst, req, t)
             except ServiceUnavailable:
                 ep.mark_dead(inst.instance_id)
                 ep.stats["errors"] += 1
+                recorder.call(self.bus, service, function, transport.name, "request_response", None, "ServiceUnavailable")
                 if finfo.idempotent and instance is None and len(excluded) < 3:
                     excluded.append(inst.instance_id)
                     ep.stats["retries"] += 1
@@ -540,14 +543,18 @@ class FunctionClient:
                 raise
             except CallTimeout:
                 ep.stats["timeouts"] += 1
+                recorder.call(self.bus, service, function, transport.name, "request_response", None, "CallTimeout")
                 raise
             finally:
                 self._account(ep, inst, transport, -1)
             try:
-                return outcome(rep, service, function)
-            except SageCommError:
+                value = outcome(rep, service, function)
+            except SageCommError as e:
                 ep.stats["errors"] += 1
+                recorder.call(self.bus, service, function, transport.name, "request_response", time.perf_counter() - t0, type(e).__name__)
                 raise
+            recorder.call(self.bus, service, function, transport.name, "request_response", time.perf_counter() - t0)
+            return value
 
     def call_async(self, service: str, function: str, *args: Any, timeout: Optional[float] = None, instance: Optional[str] = None, headers: Optional[dict] = None, **kwargs: Any) -> concurrent.futures.Future:
         """Like :meth:`call`, but returns a ``concurrent.futures.Future`` at once.
@@ -561,7 +568,7 @@ class FunctionClient:
         req = self._request(OP_CALL, service, function, args, kwargs, time.time() + t, headers)
         self._account(ep, inst, transport, 1)
 
-        finish = _Finish(ep, inst.instance_id, service, function)
+        finish = _Finish(ep, inst.instance_id, service, function, transport.name, self.bus)
         try:
             return transport.call_async(inst, req, t, finish)
         except BaseException:
@@ -587,6 +594,7 @@ class FunctionClient:
         transport.send(inst, req, t)
         ep.stats["by_instance"][inst.instance_id] = ep.stats["by_instance"].get(inst.instance_id, 0) + 1
         ep.stats[transport.name] += 1
+        recorder.call(self.bus, service, function, transport.name, "point_to_point" if instance else "load_balanced", None)
         return inst.instance_id
 
     # -- pub/sub
@@ -616,12 +624,16 @@ class FunctionClient:
         delivered = 0
         for sub in targets:
             req = Request(OP_EVENT, 0, sub.function or "", (payload,), None, None, None, self.client_id, hdrs, sub.group or "")
-            if ep.transport(sub.node_id).deliver(sub, req):
+            tr = ep.transport(sub.node_id)
+            if tr.deliver(sub, req):
                 delivered += 1
+                recorder.count("sage_messages_delivered_total", (self.bus, tr.name))
             else:
                 ep.stats["dropped"] += 1
+                recorder.count("sage_frames_dropped_total", (self.bus, "subscriber_buffer"))
         ep.stats["published"] += 1
         ep.stats["delivered"] += delivered
+        recorder.count("sage_messages_published_total", (self.bus,))
         return delivered
 
     publish = broadcast
@@ -752,24 +764,30 @@ class _Finish:
     """Turns an async call's reply into its outcome, in the thread that got the
     reply. One small object per pending call (a closure would be nine)."""
 
-    __slots__ = ("ep", "iid", "service", "function")
+    __slots__ = ("ep", "iid", "service", "function", "transport", "bus", "t0")
 
-    def __init__(self, ep: _Endpoint, iid: str, service: str, function: str) -> None:
+    def __init__(self, ep: _Endpoint, iid: str, service: str, function: str, transport: str, bus: str) -> None:
         self.ep, self.iid, self.service, self.function = ep, iid, service, function
+        self.transport, self.bus, self.t0 = transport, bus, time.perf_counter()
 
     def __call__(self, rep: Optional[Reply], exc: Optional[BaseException]) -> Any:
         ep = self.ep
         ep.outstanding[self.iid] -= 1
+        dt = time.perf_counter() - self.t0
         if exc is None:
             try:
-                return outcome(rep, self.service, self.function)  # type: ignore[arg-type]
-            except SageCommError:
+                value = outcome(rep, self.service, self.function)  # type: ignore[arg-type]
+            except SageCommError as e:
                 ep.stats["errors"] += 1
+                recorder.call(self.bus, self.service, self.function, self.transport, "request_response", dt, type(e).__name__)
                 raise
+            recorder.call(self.bus, self.service, self.function, self.transport, "request_response", dt)
+            return value
         if isinstance(exc, ServiceUnavailable):
             ep.mark_dead(self.iid)
         if isinstance(exc, SageCommError):
             ep.stats["timeouts" if isinstance(exc, CallTimeout) else "errors"] += 1
+        recorder.call(self.bus, self.service, self.function, self.transport, "request_response", None, type(exc).__name__)
         raise exc
 
 

@@ -71,6 +71,7 @@ from .message import (
     Request,
     envelope,
 )
+from .metrics import recorder
 from .queue import SageQueue
 from .router import (
     HEARTBEAT_INTERVAL,
@@ -313,6 +314,7 @@ class _Runtime:
         )
         self.replies = RingPool(self.namespace)
         self._callers: Dict[str, tuple] = {}  # reply ring -> (checked at, caller alive)
+        self._frames_dropped_seen = 0
         # Oversize replies not yet known to be read: (blob, reply ring), swept by the heartbeat.
         self.blobs: List[tuple] = []
         self.stats = {"calls": 0, "errors": 0, "expired": 0, "replies_dropped": 0, "events": 0, "sends": 0}
@@ -395,6 +397,7 @@ class _Runtime:
             try:
                 self._sweep_blobs()
                 load = {"in_flight": self.in_flight, "queued": self.queue.qsize(), **self.stats}
+                self._record_gauges()
                 known = ray.get(self.router.heartbeat.remote(self.instance_id, load), timeout=10)
                 if not known and not self._stopping.is_set():
                     # The router restarted and forgot us: register again.
@@ -411,6 +414,16 @@ class _Runtime:
                     self.router = get_router(self.bus)
                 except Exception:
                     pass
+
+    def _record_gauges(self) -> None:
+        """Replica gauges for the dashboard, every heartbeat (off the call path)."""
+        tags = (self.bus, self.info.service, (self.info.actor_name or self.instance_id).split(":")[-1])
+        st = self.queue.stats()
+        recorder.gauge("sage_replica_in_flight", tags, self.in_flight)
+        recorder.gauge("sage_ring_fill_ratio", tags, (st["tail"] - st["head"]) / max(1, st["capacity"]))
+        dropped = st["frames_dropped"]
+        recorder.count("sage_frames_dropped_total", (self.bus, "ring"), dropped - self._frames_dropped_seen)
+        self._frames_dropped_seen = dropped
 
     def _sweep_blobs(self) -> None:
         """Removes oversize replies whose caller read them, or died without reading."""

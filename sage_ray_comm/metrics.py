@@ -1,0 +1,167 @@
+"""Metrics for the Ray dashboard, through ``ray.util.metrics``.
+
+Every process that calls or serves records into plain dictionaries on the
+call path (a counter increment, and a latency sample for one call in
+``SAMPLE_EVERY``). A background thread turns them into Ray metrics once a
+second, so the call path never touches Ray's metric machinery. Ray exports
+them (prefixed ``ray_``) at each node's metrics-agent port, which the
+dashboard's Metrics page and Prometheus read.
+
+| metric | kind | tags |
+|---|---|---|
+| ``sage_calls_total`` | counter | bus, service, function, transport, pattern |
+| ``sage_call_errors_total`` | counter | bus, service, function, transport, error |
+| ``sage_call_timeouts_total`` | counter | bus, service, function, transport |
+| ``sage_call_latency_seconds`` | histogram (10 us .. 10 s) | bus, service, function, transport |
+| ``sage_messages_published_total`` | counter | bus |
+| ``sage_messages_delivered_total`` | counter | bus, transport |
+| ``sage_frames_dropped_total`` | counter | bus, where (``subscriber_buffer``, ``ring``) |
+| ``sage_replica_in_flight`` | gauge | bus, service, replica |
+| ``sage_ring_fill_ratio`` | gauge | bus, service, replica |
+
+``SAGE_COMM_METRICS=0`` turns recording off. ``sage-comm metrics`` prints
+the current values from the node's export endpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from typing import Any, Dict, List, Optional, Tuple
+
+__all__ = ["METRICS", "LATENCY_BOUNDARIES", "recorder", "enabled", "set_enabled"]
+
+log = logging.getLogger(__name__)
+
+LATENCY_BOUNDARIES = [
+    1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+]
+SAMPLE_EVERY = 8  # one call in 8 contributes a latency sample
+FLUSH_SECONDS = 1.0
+
+_CALL_TAGS = ("bus", "service", "function", "transport", "pattern")
+METRICS: Dict[str, Tuple[str, str, Tuple[str, ...]]] = {
+    "sage_calls_total": ("counter", "Calls made, by caller-side outcome-independent count", _CALL_TAGS),
+    "sage_call_errors_total": ("counter", "Calls that raised a typed error", ("bus", "service", "function", "transport", "error")),
+    "sage_call_timeouts_total": ("counter", "Calls that timed out", ("bus", "service", "function", "transport")),
+    "sage_call_latency_seconds": ("histogram", "Round-trip latency of calls (sampled)", ("bus", "service", "function", "transport")),
+    "sage_messages_published_total": ("counter", "Events published", ("bus",)),
+    "sage_messages_delivered_total": ("counter", "Events delivered to subscribers", ("bus", "transport")),
+    "sage_frames_dropped_total": ("counter", "Frames or events dropped", ("bus", "where")),
+    "sage_replica_in_flight": ("gauge", "Requests running in a replica", ("bus", "service", "replica")),
+    "sage_ring_fill_ratio": ("gauge", "Fill level of a replica's request ring (0..1)", ("bus", "service", "replica")),
+}
+
+_enabled = os.environ.get("SAGE_COMM_METRICS", "1") != "0"
+
+
+def enabled() -> bool:
+    return _enabled
+
+
+def set_enabled(on: bool) -> None:
+    """Turns recording on or off in this process (the benchmark measures the difference)."""
+    global _enabled
+    _enabled = bool(on)
+
+
+class _Recorder:
+    """Per process: counts and samples on the call path, flushed to Ray by a thread."""
+
+    def __init__(self) -> None:
+        self.counts: Dict[Tuple[str, Tuple[str, ...]], float] = {}
+        self.samples: Dict[Tuple[str, ...], List[float]] = {}
+        self.gauges: Dict[Tuple[str, Tuple[str, ...]], float] = {}
+        self._tick = 0
+        self._metrics: Optional[Dict[str, Any]] = None
+        self._thread: Optional[threading.Thread] = None
+        self._lock = threading.Lock()
+
+    # -- the call path: dictionary updates only
+    def call(self, bus: str, service: str, function: str, transport: str, pattern: str, seconds: Optional[float], error: Optional[str] = None) -> None:
+        if not _enabled:
+            return
+        key = ("sage_calls_total", (bus, service, function, transport, pattern))
+        c = self.counts
+        c[key] = c.get(key, 0) + 1
+        if error is not None:
+            if error == "CallTimeout":
+                k2 = ("sage_call_timeouts_total", (bus, service, function, transport))
+            else:
+                k2 = ("sage_call_errors_total", (bus, service, function, transport, error))
+            c[k2] = c.get(k2, 0) + 1
+        if seconds is not None:
+            self._tick += 1
+            if self._tick % SAMPLE_EVERY == 0:
+                s = self.samples.setdefault((bus, service, function, transport), [])
+                if len(s) < 1000:
+                    s.append(seconds)
+        if self._thread is None:
+            self._start()
+
+    def count(self, name: str, tags: Tuple[str, ...], n: float = 1) -> None:
+        if not _enabled or not n:
+            return
+        key = (name, tags)
+        self.counts[key] = self.counts.get(key, 0) + n
+        if self._thread is None:
+            self._start()
+
+    def gauge(self, name: str, tags: Tuple[str, ...], value: float) -> None:
+        if not _enabled:
+            return
+        self.gauges[(name, tags)] = value
+        if self._thread is None:
+            self._start()
+
+    # -- off the call path
+    def _start(self) -> None:
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="sage-metrics", daemon=True)
+                self._thread.start()
+
+    def _make(self) -> Dict[str, Any]:
+        from ray.util import metrics as rm
+
+        out: Dict[str, Any] = {}
+        for name, (kind, desc, tags) in METRICS.items():
+            if kind == "counter":
+                out[name] = rm.Counter(name, description=desc, tag_keys=tags)
+            elif kind == "gauge":
+                out[name] = rm.Gauge(name, description=desc, tag_keys=tags)
+            else:
+                out[name] = rm.Histogram(name, description=desc, boundaries=LATENCY_BOUNDARIES, tag_keys=tags)
+        return out
+
+    def flush(self) -> None:
+        import ray
+
+        if not ray.is_initialized():
+            return
+        if self._metrics is None:
+            self._metrics = self._make()
+        m = self._metrics
+        counts, self.counts = self.counts, {}
+        samples, self.samples = self.samples, {}
+        for (name, tags), n in counts.items():
+            m[name].inc(n, tags=dict(zip(METRICS[name][2], tags)))
+        lat_tags = METRICS["sage_call_latency_seconds"][2]
+        for tags, values in samples.items():
+            t = dict(zip(lat_tags, tags))
+            for v in values:
+                m["sage_call_latency_seconds"].observe(v, tags=t)
+        for (name, tags), v in list(self.gauges.items()):
+            m[name].set(v, tags=dict(zip(METRICS[name][2], tags)))
+
+    def _run(self) -> None:
+        ev = threading.Event()
+        while not ev.wait(FLUSH_SECONDS):
+            try:
+                self.flush()
+            except Exception as e:  # metrics must never break calls
+                log.debug("metrics flush failed: %s", e)
+
+
+recorder = _Recorder()
