@@ -181,7 +181,7 @@ def run(records: int = 3000, window: int = 16) -> int:
         print(f"  call latency      p50 {pct(0.5):,.0f} us   p99 {pct(0.99):,.0f} us   (source -> featurize -> aggregate -> back, under load)")
         print(f"  transports        {shm_calls} calls over shared memory, {ray_calls} over Ray")
         print("  per-replica load  " + "   ".join(f"{k}: {v}" for k, v in sorted(per_replica.items())))
-        print(f"  aggregate         " + "   ".join(f"{s}: n={v['n']} mean={v['mean']}" for s, v in summary.items() if s != "alerts"))
+        print("  aggregate         " + "   ".join(f"{s}: n={v['n']} mean={v['mean']}" for s, v in summary.items() if s != "alerts"))
         # The driver's callback runs in a background thread: give the last alerts a moment to land.
         deadline = time.monotonic() + 5
         while len(alerts_seen) < summary["alerts"] and time.monotonic() < deadline:

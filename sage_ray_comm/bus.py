@@ -21,7 +21,7 @@ import pydantic
 
 from .client import FunctionClient, _Endpoint
 from .errors import InvalidQueueArgument, ServiceNotFound, ValidationError
-from .message import CommunicationPattern, Message, MessageType
+from .message import CommunicationPattern, Message
 from .router import validate_bus_name
 
 __all__ = ["CommunicationBus", "get_communication_bus", "DeliveryReceipt", "ServiceManager", "get_service_manager"]

@@ -56,7 +56,6 @@ from .message import (
     OP_SEND,
     ST_OK,
     ErrorInfo,
-    Message,
     Reply,
     Request,
 )

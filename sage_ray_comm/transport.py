@@ -532,7 +532,7 @@ class ShmTransport(Transport):
             return True
         except (QueueFull, QueueClosed):
             return False
-        except MessageTooLarge as e:
+        except MessageTooLarge:
             blob = SegmentBlob.put((req.args, req.kwargs), self.namespace)
             try:
                 put_request(q, tuple(req._replace(args=blob, kwargs=None)), 0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 
 import pytest
+from _wait import wait_for
 
 from sage_ray_comm import BaseService, FunctionClient, ServiceNotFound, get_communication_bus, service_function
 
@@ -66,15 +67,6 @@ from sage_ray_comm import (  # noqa: E402
     get_service_manager,
     sage_service,
 )
-
-
-def wait_for(cond, timeout=30.0):
-    import time
-
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.01)
 
 
 @sage_service(name="kv", replicas=2)

@@ -47,7 +47,8 @@ class Frontend(BaseService):
 
 
 def test_both_forms_from_a_service_handler(bus):
-    hc, hf = Cache.deploy(bus=bus), Frontend.deploy(bus=bus)
+    Cache.deploy(bus=bus)
+    Frontend.deploy(bus=bus)
     assert call_service("frontend", "a", method="lookup", bus=bus) == (1, 1, 100, 1)
     futs = [call_service_async("frontend", k, method="lookup", bus=bus) for k in "ab" * 10]
     assert all(isinstance(f, concurrent.futures.Future) for f in futs)

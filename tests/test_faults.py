@@ -12,6 +12,7 @@ import time
 
 import pytest
 import ray
+from _wait import wait_for
 
 from sage_ray_comm import (
     BaseService,
@@ -27,16 +28,6 @@ from sage_ray_comm import (
 from sage_ray_comm.router import ROUTER_NAMESPACE, bus_namespace, router_name
 
 pytestmark = pytest.mark.slow
-
-
-def wait_for(cond, timeout=30.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        v = cond()
-        if v:
-            return v
-        assert time.monotonic() < deadline, f"{what} not met within {timeout} s"
-        time.sleep(0.02)
 
 
 @sage_service(name="worker", replicas=3)
