@@ -153,18 +153,25 @@ def main() -> int:
     # Pipelined throughput: keep many calls in flight, then collect them all.
     n_pipe = 2000 if args.quick else 10000
     small = b"x" * 8
-    for f in [client.call_async("echo", "echo", small) for _ in range(200)]:
-        f.result(timeout=60)
-    t0 = time.perf_counter()
-    futs = [client.call_async("echo", "echo", small) for _ in range(n_pipe)]
-    for f in futs:
-        f.result(timeout=120)
-    sage_tput = n_pipe / (time.perf_counter() - t0)
     n_ray = n_pipe // 5
-    ray.get([ray_actor.echo.remote(small) for _ in range(200)])
-    t0 = time.perf_counter()
-    ray.get([ray_actor.echo.remote(small) for _ in range(n_ray)])
-    ray_tput = n_ray / (time.perf_counter() - t0)
+
+    def sage_round() -> float:
+        t0 = time.perf_counter()
+        futs = [client.call_async("echo", "echo", small) for _ in range(n_pipe)]
+        for f in futs:
+            f.result(timeout=120)
+        return n_pipe / (time.perf_counter() - t0)
+
+    def ray_round() -> float:
+        t0 = time.perf_counter()
+        ray.get([ray_actor.echo.remote(small) for _ in range(n_ray)])
+        return n_ray / (time.perf_counter() - t0)
+
+    # Best of three rounds each, after a warm-up round each: the first large
+    # batch pays one-off costs on both sides (ring pages, allocator, GC).
+    sage_round(), ray_round()
+    sage_tput = max(sage_round() for _ in range(3))
+    ray_tput = max(ray_round() for _ in range(3))
     results["pipelined_msgs_per_s"] = {"sage_call_async": sage_tput, "ray_actor": ray_tput}
 
     # Message: validated construction (user input) vs unvalidated (hot path).
