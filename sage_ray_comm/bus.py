@@ -22,7 +22,7 @@ import pydantic
 from .client import FunctionClient, _Endpoint
 from .errors import InvalidQueueArgument, ServiceNotFound, ValidationError
 from .message import CommunicationPattern, Message
-from .router import validate_bus_name
+from .router import replica_rows, validate_bus_name
 
 __all__ = ["CommunicationBus", "get_communication_bus", "DeliveryReceipt", "ServiceManager", "get_service_manager"]
 
@@ -184,30 +184,7 @@ class CommunicationBus:
     # -- registry view
     def services(self) -> List[Dict[str, Any]]:
         """One row per replica: service, instance, node, functions, liveness, load."""
-        snap = self.client.endpoint.refresh()
-        now = time.time()
-        rows = []
-        for name, insts in sorted(snap["services"].items()):
-            for inst in sorted(insts.values(), key=lambda i: i.instance_id):
-                load = snap["load"].get(inst.instance_id, {})
-                seen = snap["last_seen"].get(inst.instance_id)
-                rows.append(
-                    {
-                        "service": name,
-                        "instance": inst.instance_id,
-                        "actor": inst.actor_name,
-                        "node": inst.node_id,
-                        "pid": inst.pid,
-                        "functions": sorted(inst.functions),
-                        "alive": seen is not None and now - seen < 3.0,
-                        "last_seen_s": None if seen is None else round(now - seen, 3),
-                        "in_flight": load.get("in_flight", 0),
-                        "queued": load.get("queued", 0),
-                        "calls": load.get("calls", 0),
-                        "errors": load.get("errors", 0),
-                    }
-                )
-        return rows
+        return replica_rows(self.client.endpoint.refresh())
 
     def subscriptions(self) -> List[Dict[str, Any]]:
         snap = self.client.endpoint.refresh()

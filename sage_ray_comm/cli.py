@@ -106,29 +106,23 @@ def _known_buses() -> list:
 
 
 def status_rows(snap: dict, now: Optional[float] = None) -> list:
-    """Rows of the status table from a registry snapshot."""
-    from .router import HEARTBEAT_GRACE
+    """Rows of the status table: the registry's replica rows, formatted for a terminal."""
+    from .router import replica_rows
 
-    now = time.time() if now is None else now
-    rows = []
-    for name, insts in sorted(snap["services"].items()):
-        for inst in sorted(insts.values(), key=lambda i: (i.replica_index, i.instance_id)):
-            load = snap["load"].get(inst.instance_id, {})
-            seen = snap["last_seen"].get(inst.instance_id)
-            rows.append(
-                {
-                    "service": name,
-                    "replica": (inst.actor_name or inst.instance_id).split(":")[-1],
-                    "node": (inst.node_id or "?")[:8],
-                    "pid": inst.pid,
-                    "alive": "yes" if seen is not None and now - seen < HEARTBEAT_GRACE else "no",
-                    "in-flight": load.get("in_flight", 0),
-                    "calls": load.get("calls", 0) + load.get("sends", 0) + load.get("events", 0),
-                    "errors": load.get("errors", 0),
-                    "functions": ", ".join(sorted(inst.functions)),
-                }
-            )
-    return rows
+    return [
+        {
+            "service": r["service"],
+            "replica": r["replica"],
+            "node": (r["node"] or "?")[:8],
+            "pid": r["pid"],
+            "alive": "yes" if r["alive"] else "no",
+            "in-flight": r["in_flight"],
+            "calls": r["handled"],
+            "errors": r["errors"],
+            "functions": ", ".join(r["functions"]),
+        }
+        for r in replica_rows(snap, now)
+    ]
 
 
 def format_table(rows: list) -> str:

@@ -506,6 +506,37 @@ def code_id_of(cls: type) -> str:
     return h.hexdigest()
 
 
+def replica_rows(snap: dict, now: Optional[float] = None) -> List[dict]:
+    """One row per replica of a registry snapshot, for people: ``bus.services()``
+    returns them and ``sage-comm status`` prints them. A replica is shown
+    alive while its last heartbeat is within :data:`HEARTBEAT_GRACE`."""
+    now = time.time() if now is None else now
+    rows = []
+    for name, insts in sorted(snap["services"].items()):
+        for inst in sorted(insts.values(), key=lambda i: (i.replica_index, i.instance_id)):
+            load = snap["load"].get(inst.instance_id, {})
+            seen = snap["last_seen"].get(inst.instance_id)
+            rows.append(
+                {
+                    "service": name,
+                    "instance": inst.instance_id,
+                    "actor": inst.actor_name,
+                    "replica": (inst.actor_name or inst.instance_id).split(":")[-1],
+                    "node": inst.node_id,
+                    "pid": inst.pid,
+                    "functions": sorted(inst.functions),
+                    "alive": seen is not None and now - seen < HEARTBEAT_GRACE,
+                    "last_seen_s": None if seen is None else round(now - seen, 3),
+                    "in_flight": load.get("in_flight", 0),
+                    "queued": load.get("queued", 0),
+                    "calls": load.get("calls", 0),
+                    "handled": load.get("calls", 0) + load.get("sends", 0) + load.get("events", 0),
+                    "errors": load.get("errors", 0),
+                }
+            )
+    return rows
+
+
 def class_id_of(cls: type) -> str:
     """A service class's identity across redefinitions (a notebook re-running its cell)."""
     return f"{cls.__module__}:{cls.__qualname__}"
