@@ -64,6 +64,9 @@ std::string fmt_bytes(uint64_t n) { return std::to_string(n) + " bytes"; }
     case Status::kInvalidArg:
       raise("InvalidQueueArgument", label + ": invalid segment name or capacity for " + op);
     case Status::kSysError:
+      if (err == ENOSPC)
+        raise("SharedMemoryFull", label + ": " + op + " failed: /dev/shm has no room for " + fmt_bytes(size) +
+                                      " (" + std::strerror(err) + ")");
       raise("SharedMemoryError", label + ": " + op + " failed: " + std::strerror(err));
     case Status::kBufferTooSmall:
     case Status::kOk:
@@ -118,7 +121,7 @@ class PyRing {
       py::gil_scoped_release nogil;  // may wait on a creator's flock
       st = Ring::open(shm_name, capacity, sage::OpenMode(mode), &r, &created, &err, &detail);
     }
-    if (st != Status::kOk) raise_status(st, label_, detail, err, "open");
+    if (st != Status::kOk) raise_status(st, label_, detail, err, "open", capacity + sage::kHeaderSize);
     ring_.reset(r);
     created_ = created;
   }
@@ -360,6 +363,7 @@ PYBIND11_MODULE(_core, m) {
     d["creator_pid"] = in.creator_pid;
     d["creator_alive"] = in.creator_alive;
     d["live_attached"] = in.live_attached;
+    d["attach_overflow"] = in.attach_overflow;
     return d;
   });
   m.def("process_alive", &sage::process_alive, py::arg("pid"), py::arg("start_time") = 0);

@@ -323,6 +323,13 @@ Status Ring::open(const std::string& shm_name, uint64_t capacity, OpenMode mode,
   }
   if (need_init) {
     if (ftruncate(fd, off_t(kHeaderSize + capacity)) != 0) return fail(Status::kSysError, errno, nullptr);
+    // Reserve the pages now: on a full tmpfs a sparse segment would fault
+    // with SIGBUS on first touch; reserved, the caller gets ENOSPC here.
+    int fa = posix_fallocate(fd, 0, off_t(kHeaderSize + capacity));
+    if (fa != 0 && fa != EOPNOTSUPP && fa != EINVAL) {
+      if (mine) shm_unlink(shm_name.c_str());  // never leave an empty segment behind
+      return fail(Status::kSysError, fa, nullptr);
+    }
     fchmod(fd, 0600);
   }
   r->capacity_ = capacity;
@@ -390,6 +397,7 @@ Status Ring::inspect(const std::string& shm_name, Inspect* out, int* err) {
           uint64_t st = h->attached[i].start_time.load(std::memory_order_acquire);
           if (pid != 0 && process_alive(pid, st)) ++out->live_attached;
         }
+        out->attach_overflow = h->attach_overflow.load(std::memory_order_acquire) != 0;
       }
       munmap(p, kHeaderSize);
     }
@@ -406,7 +414,8 @@ Ring::~Ring() {
 }
 
 // Records this process in the segment's attach table, so gc knows the
-// segment is in use. A full table only makes gc less precise.
+// segment is in use. A full table sets attach_overflow, so gc knows the
+// table is incomplete and checks the processes' mappings instead.
 void Ring::attach() {
   uint32_t me = my_pid();
   uint64_t st = process_start_time(me);
@@ -428,6 +437,7 @@ void Ring::attach() {
       return;
     }
   }
+  hdr_->attach_overflow.store(1, std::memory_order_release);  // unlisted: gc must look further
 }
 
 void Ring::detach() {

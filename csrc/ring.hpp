@@ -137,6 +137,10 @@ struct alignas(64) Header {
   std::atomic<uint64_t> lock_recoveries;  // EOWNERDEAD seen on a lock
 
   alignas(64) AttachSlot attached[kAttachSlots];
+  // Set (never cleared) when a process found every attach slot taken by a
+  // live process: the table no longer lists every user, so gc must not judge
+  // the segment by it. (Free header space: older segments read 0.)
+  alignas(64) std::atomic<uint32_t> attach_overflow;
 };
 static_assert(sizeof(Header) <= kHeaderSize, "header must fit its page");
 
@@ -164,6 +168,7 @@ struct Inspect {
   uint32_t creator_pid;
   bool creator_alive;
   int live_attached;     // attach slots whose process is alive
+  bool attach_overflow;  // more processes attached than the table holds
 };
 
 struct IoPart {

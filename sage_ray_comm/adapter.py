@@ -29,9 +29,9 @@ import os
 import threading
 from typing import Any, Callable, Dict, List, Optional
 
-from . import shm
+from . import lifecycle, shm
 from .client import FunctionClient, _Endpoint
-from .errors import InvalidQueueArgument, QueueClosed, QueueEmpty, SageCommError
+from .errors import InvalidQueueArgument, InvalidServiceDefinition, QueueClosed, QueueEmpty, SageCommError
 from .queue import DEFAULT_MAXSIZE, SageQueue
 from .router import bus_namespace, validate_bus_name, validate_topic
 from .service import BaseService, _ensure_ray, service_function
@@ -59,6 +59,8 @@ class Bridge:
     def _run(self) -> None:
         q = self.adapter._queue
         while not self._stop.is_set():
+            if not lifecycle.ray_alive():
+                return  # ray.shutdown(): nothing to forward to any more
             try:
                 item = q.get(timeout=0.2)  # a short wait, so stop() is seen promptly
             except QueueEmpty:
@@ -134,6 +136,8 @@ class LegacyQueueAdapter:
         )
         self._bridges: List[Bridge] = []
         self.stats = {"to_queue": 0, "to_service": 0, "got": 0}
+        lifecycle.register(self, "bridges", LegacyQueueAdapter.close)
+        lifecycle.note_bus(self.bus)
 
     # -- the old interface
     def _service_up(self) -> bool:
@@ -192,6 +196,7 @@ class LegacyQueueAdapter:
     # -- lifecycle
     def close(self) -> None:
         """Stops this adapter's bridges and releases its handle; the queue stays for the others."""
+        lifecycle.unregister(self, "bridges")
         for b in self._bridges:
             b.stop()
         self._bridges.clear()
@@ -233,7 +238,7 @@ def _handler_of(obj: Any) -> Callable[[Any], Any]:
             return fn
     if callable(obj):
         return obj
-    raise InvalidQueueArgument(
+    raise InvalidServiceDefinition(
         f"migrate_service needs an object with process(), handle() or __call__(); {type(obj).__name__} has none"
     )
 
@@ -278,8 +283,8 @@ def migrate_service(queue_name: str, obj: Any, *, service_name: Optional[str] = 
 
 def _destroy_bus_queues(bus: str) -> int:
     """Removes the legacy queues recorded on ``bus`` that live on this host."""
-    ep = _Endpoint._by_bus.get(bus)
-    snap = ep.refresh() if ep is not None and not ep.closed else None
+    ep = _Endpoint.existing(bus)
+    snap = ep.refresh() if ep is not None else None
     if not snap:
         return 0
     n = 0

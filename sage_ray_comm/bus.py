@@ -20,7 +20,7 @@ from typing import Any, Callable, Dict, List, Optional, Union
 import pydantic
 
 from .client import FunctionClient, _Endpoint
-from .errors import InvalidQueueArgument, ServiceNotFound, ValidationError
+from .errors import InvalidCallArgument, InvalidServiceDefinition, ServiceNotFound, ValidationError
 from .message import CommunicationPattern, Message
 from .router import replica_rows, validate_bus_name
 
@@ -88,7 +88,7 @@ class CommunicationBus:
             self.start()  # the registry lists the bus's legacy queues
             _destroy_bus_queues(self.name)
         self.stop()
-        ep = _Endpoint._by_bus.get(self.name)
+        ep = _Endpoint.existing(self.name)
         if ep is not None:
             ep.close()
         if ray.is_initialized():
@@ -104,7 +104,7 @@ class CommunicationBus:
         from . import shm
         from .router import bus_namespace as _ns
 
-        shm.gc(_ns(self.name))
+        shm.gc(_ns(self.name), keep_legacy=False)
 
     @property
     def is_running(self) -> bool:
@@ -151,7 +151,7 @@ class CommunicationBus:
         try:
             pat = CommunicationPattern(pattern)
         except ValueError:
-            raise InvalidQueueArgument(
+            raise InvalidCallArgument(
                 f"unknown communication pattern {pattern!r}; use one of {[p.value for p in CommunicationPattern]}"
             ) from None
         c = self.client
@@ -167,11 +167,11 @@ class CommunicationBus:
         if pat is CommunicationPattern.PUBLISH_SUBSCRIBE:
             topic = msg.topic or msg.receiver
             if not topic:
-                raise InvalidQueueArgument(f"message {msg.id}: publish-subscribe needs a topic (or receiver)")
+                raise InvalidCallArgument(f"message {msg.id}: publish-subscribe needs a topic (or receiver)")
             n = c.broadcast(topic, msg.payload, headers=headers)
             return DeliveryReceipt(message_id=msg.id, pattern=pat, delivered=n, topic=topic)
         if not msg.receiver or not msg.function:
-            raise InvalidQueueArgument(
+            raise InvalidCallArgument(
                 f"message {msg.id}: {pat.value} needs a receiver (service) and a function, "
                 f"got receiver={msg.receiver!r} function={msg.function!r}"
             )
@@ -206,7 +206,7 @@ def _as_message(message: Any) -> Message:
         except pydantic.ValidationError as e:
             fields = ", ".join(".".join(map(str, d["loc"])) + ": " + d["msg"] for d in e.errors(include_url=False))
             raise ValidationError(f"invalid message: {fields}", [dict(d) for d in e.errors(include_url=False)]) from None
-    raise InvalidQueueArgument(f"route_message takes a Message or a dict, got {type(message).__name__}")
+    raise InvalidCallArgument(f"route_message takes a Message or a dict, got {type(message).__name__}")
 
 
 _buses: Dict[str, CommunicationBus] = {}
@@ -242,17 +242,22 @@ class ServiceManager:
         self._lock = threading.Lock()
 
     def register_service(self, service: Any, **deploy_options: Any) -> Any:
-        """Starts a BaseService instance here, or deploys a service class; returns it (or its handle)."""
+        """Starts a BaseService instance here and returns its service id (as the
+        original API did), or deploys a service class and returns its
+        :class:`~sage_ray_comm.ServiceHandle`."""
         from .service import BaseService
 
         if isinstance(service, BaseService):
             service.start(bus=self.bus)
             name, held = service.service_name, service
+            with self._lock:
+                self._services[name] = held
+            return service.service_id
         elif isinstance(service, type) and issubclass(service, BaseService):
             held = service.deploy(bus=self.bus, **deploy_options)
             name = held.name
         else:
-            raise InvalidQueueArgument(
+            raise InvalidServiceDefinition(
                 f"register_service takes a BaseService instance or class, got {type(service).__name__}"
             )
         with self._lock:

@@ -29,12 +29,13 @@ import time
 import uuid
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
 
-from . import _core, shm
+from . import _core, lifecycle, shm
 from .errors import (
     CallTimeout,
     DeserializationError,
     FunctionNotFound,
-    InvalidQueueArgument,
+    InvalidCallArgument,
+    InvalidSubscription,
     RemoteError,
     RouterUnavailable,
     SageCommError,
@@ -72,7 +73,16 @@ from .router import (
     validate_pattern,
     validate_topic,
 )
-from .transport import EVENT_RING_BYTES, KIND_REQ_OOB, BadRequest, RayTransport, ShmTransport, Transport, decode_request
+from .transport import (
+    EVENT_RING_BYTES,
+    KIND_REQ_OOB,
+    BadRequest,
+    RayTransport,
+    ShmTransport,
+    Transport,
+    decode_request,
+    ensure_janitor,
+)
 
 __all__ = ["FunctionClient", "POLICIES", "pick_instance", "ServiceCallMixin", "call_service", "call_service_async"]
 
@@ -221,9 +231,18 @@ class _Endpoint:
         self.refs = 0
         self._snap_lock = threading.Lock()
         self._inbox: Optional["_Inbox"] = None
+        # Set by close(): wakes the watcher at once, so it drops its Ray refs
+        # before Ray shuts down.
+        self._stop: concurrent.futures.Future = concurrent.futures.Future()
+        # Rings of processes that died on this node (callers, replicas) go now,
+        # not whenever someone remembers `sage-comm gc`.
+        shm.gc(self.namespace)
+        lifecycle.note_bus(bus)
         self.refresh()
         self._watcher = threading.Thread(target=self._watch, name=f"sage-registry-{bus}", daemon=True)
         self._watcher.start()
+        lifecycle.register(self, "endpoints", _Endpoint.close)
+        ensure_janitor(self.node_id)
 
     @classmethod
     def offline(cls, bus: str, snapshot: dict, node_id: Optional[str], shm_t: Transport, ray_t: Transport) -> "_Endpoint":
@@ -305,23 +324,47 @@ class _Endpoint:
             self.refresh()
 
     def _watch(self) -> None:
-        import ray
-
+        """Long-polls the router for registry changes. Waits on Ray's future of
+        the poll and on this endpoint's stop signal, never inside a Ray call,
+        and checks every RAY_CHECK_SECONDS that Ray still runs: after
+        ``ray.shutdown()`` or ``close()`` it drops its refs and ends."""
         failures = 0
         while not self.closed:
             try:
-                snap = ray.get(self.router.wait_for_change.remote(self.snapshot.get("version", -1), 5.0), timeout=20)
-                self._install(snap)
+                fut = self.router.wait_for_change.remote(self.snapshot.get("version", -1), 5.0).future()
+                while not fut.done() and not self.closed:
+                    concurrent.futures.wait(
+                        (fut, self._stop), timeout=lifecycle.RAY_CHECK_SECONDS,
+                        return_when=concurrent.futures.FIRST_COMPLETED,
+                    )
+                    if not self._ray_alive():
+                        break
+                if self.closed or not self._ray_alive():
+                    break
+                self._install(fut.result())
                 failures = 0
             except Exception:
                 if self.closed or not self._ray_alive():
-                    return
+                    break
                 failures += 1
-                time.sleep(min(0.1 * failures, 1.0))  # back off while the router restarts
+                # back off while the router restarts
+                if self._stop_wait(min(0.1 * failures, 1.0)):
+                    break
                 try:
                     self.router = get_router(self.bus, create=False)
                 except Exception:
                     pass
+            finally:
+                fut = None  # noqa: F841  (the poll's ObjectRef goes now, while Ray runs)
+        if not self.closed:  # Ray went away under us: release everything of this endpoint
+            self.close()
+
+    def _stop_wait(self, seconds: float) -> bool:
+        try:
+            self._stop.result(timeout=seconds)
+            return True
+        except concurrent.futures.TimeoutError:
+            return False
 
     def instances(self, service: str) -> List[InstanceInfo]:
         # Cached per registry snapshot and set of locally seen deaths: the
@@ -370,12 +413,31 @@ class _Endpoint:
         if self.closed:
             return
         self.closed = True
+        stop = getattr(self, "_stop", None)
+        if stop is not None and not stop.done():
+            stop.set_result(True)
+        watcher = getattr(self, "_watcher", None)
+        if watcher is not None and watcher is not threading.current_thread():
+            watcher.join(timeout=5)
         if self._inbox is not None:
             self._inbox.close()
         self.shm.close()
         with _Endpoint._lock:
             if _Endpoint._by_bus.get(self.bus) is self:
                 del _Endpoint._by_bus[self.bus]
+        lifecycle.unregister(self, "endpoints")
+
+    @classmethod
+    def close_all(cls) -> None:
+        """Closes every endpoint of this process (a replica that stops, a test that ends)."""
+        for ep in list(cls._by_bus.values()):
+            ep.close()
+
+    @classmethod
+    def existing(cls, bus: str) -> Optional["_Endpoint"]:
+        """This process's open endpoint of ``bus``, without creating one."""
+        ep = cls._by_bus.get(bus)
+        return ep if ep is not None and not ep.closed else None
 
 
 class _Inbox:
@@ -454,7 +516,7 @@ class FunctionClient:
             bus = getattr(bus, "name", bus)
         self.bus = validate_bus_name(bus or "default")
         if policy is not None and policy not in POLICIES:
-            raise InvalidQueueArgument(f"policy must be one of {POLICIES}, got {policy!r}")
+            raise InvalidCallArgument(f"policy must be one of {POLICIES}, got {policy!r}")
         self.client_id = client_id or f"client-{uuid.uuid4().hex[:8]}"
         self.default_timeout = float(timeout if timeout is not None else os.environ.get("SAGE_COMM_TIMEOUT", DEFAULT_TIMEOUT))
         self.policy = policy
@@ -476,7 +538,7 @@ class FunctionClient:
     def _route(self, service: str, function: str, instance: Optional[str], exclude: Sequence[str] = ()) -> tuple:
         ep = self.endpoint
         if not isinstance(service, str) or not isinstance(function, str):
-            raise InvalidQueueArgument(f"service and function must be strings, got {service!r}, {function!r}")
+            raise InvalidCallArgument(f"service and function must be strings, got {service!r}, {function!r}")
         cands = ep.instances(service)
         if instance is not None:
             chosen = [c for c in cands if c.instance_id == instance or c.actor_name == instance]
@@ -653,7 +715,7 @@ class FunctionClient:
 
         validate_pattern(pattern)
         if not callable(callback):
-            raise InvalidQueueArgument(f"subscribe({pattern!r}): callback must be callable, got {callback!r}")
+            raise InvalidSubscription(f"subscribe({pattern!r}): callback must be callable, got {callback!r}")
         ep = self.endpoint
         inbox = ep.inbox(buffer_bytes)
         sub_id = f"{ep.host_id}:{os.getpid()}/{uuid.uuid4().hex[:10]}"
@@ -698,11 +760,53 @@ class FunctionClient:
             time.sleep(0.02)  # polling the router's version; a change usually lands within one poll
 
     # -- registry views
-    def list_services(self) -> List[str]:
-        """Names of the services registered on the bus."""
+    def list_services(self) -> List[Dict[str, Any]]:
+        """The services on the bus, as the original API listed them: one dict
+        per service, ``{"service_id", "service_name", "functions", "metadata"}``.
+
+        ``service_id`` is the id of its first replica; ``metadata`` has every
+        replica's id, node and pid, and the class.
+
+        >>> client.list_services()                       # doctest: +SKIP
+        [{'service_id': 'calc#1-1a2b3c', 'service_name': 'calc', 'functions': ['add'], 'metadata': {...}}]
+        """
+        out = []
+        for name, insts in sorted(self.endpoint.refresh()["services"].items()):
+            reps = sorted(insts.values(), key=lambda i: i.instance_id)
+            if not reps:
+                continue
+            first = reps[0]
+            out.append({
+                "service_id": first.instance_id,
+                "service_name": name,
+                "functions": sorted(first.functions),
+                "metadata": {
+                    "replicas": len(reps),
+                    "instances": [i.instance_id for i in reps],
+                    "nodes": sorted({i.node_id for i in reps if i.node_id}),
+                    "pids": [i.pid for i in reps],
+                    "class": first.class_id,
+                    "policy": first.policy,
+                    "bus": self.bus,
+                },
+            })
+        return out
+
+    def list_functions(self) -> Dict[str, List[str]]:
+        """``{function_name: [service_id, ...]}``: which replicas expose each
+        function (the original API's shape)."""
+        out: Dict[str, List[str]] = {}
+        for insts in self.endpoint.refresh()["services"].values():
+            for inst in sorted(insts.values(), key=lambda i: i.instance_id):
+                for fn in inst.functions:
+                    out.setdefault(fn, []).append(inst.instance_id)
+        return out
+
+    def service_names(self) -> List[str]:
+        """Names of the services registered on the bus, sorted."""
         return sorted(self.endpoint.refresh()["services"])
 
-    def list_functions(self, service: Optional[str] = None) -> Dict[str, Any]:
+    def function_signatures(self, service: Optional[str] = None) -> Dict[str, Any]:
         """``{service: {function: signature}}`` (or just one service's dict)."""
         snap = self.endpoint.refresh()
         out = {
@@ -797,7 +901,7 @@ def _pick_timeout(given: Optional[float], declared: Optional[float], default: fl
 
 def _check_timeout(t: Any, service: str, function: str) -> float:
     if not isinstance(t, (int, float)) or t != t or t <= 0:
-        raise InvalidQueueArgument(f"timeout of the call to {service}.{function} must be a positive number of seconds, got {t!r}")
+        raise InvalidCallArgument(f"timeout of the call to {service}.{function} must be a positive number of seconds, got {t!r}")
     return float(t)
 
 
@@ -836,7 +940,7 @@ class _ServiceTable:
 
     def __getitem__(self, service: str) -> _MethodProxy:
         if not isinstance(service, str):
-            raise InvalidQueueArgument(f"service names are strings, got {service!r}")
+            raise InvalidCallArgument(f"service names are strings, got {service!r}")
         return _MethodProxy(self._client, service, self._async, self._timeout)
 
     def __call__(self, service: str, *args: Any, method: str = "process", timeout: Optional[float] = None, **kwargs: Any) -> Any:

@@ -14,17 +14,25 @@
      │    ├── IncompatibleSegment        not a ring, or another layout version
      │    ├── InvalidQueueArgument       (also ValueError)  bad name, size or timeout
      │    └── SharedMemoryError          (also OSError)     a system call failed
+     │         └── SharedMemoryFull                          /dev/shm has no room for the segment (ENOSPC)
      ├── ServiceError                    a call to a service failed
      │    ├── ServiceNotFound            (also LookupError) no such service on the bus; lists the known ones
      │    ├── FunctionNotFound           (also LookupError) the service has no such function; lists its functions
      │    ├── ServiceUnavailable         no live replica could take the call (died, stopped, unreachable)
      │    ├── CallTimeout                (also TimeoutError) no reply before the call's timeout or deadline
      │    ├── ValidationError            (also ValueError)  arguments failed the handler's type annotations
+     │    ├── InvalidCallArgument        (also ValueError)  a call, send or route_message that can never work:
+     │    │                              a bad timeout, a name that is not a string, a message with no receiver
+     │    ├── InvalidServiceDefinition   (also ValueError)  a service declared wrong: bad name, timeout,
+     │    │                              policy or replica count
      │    └── RemoteError                the handler raised; carries the remote type, message and traceback.
      │                                   Where the original type unpickles, the raised error is also an
      │                                   instance of it: ``except ValueError`` still works.
      ├── BusError                        the bus itself could not do what was asked
      │    ├── NameConflict               a different service class is registered under that name
+     │    ├── InvalidBusName             (also ValueError)  not 1-100 letters, digits, '_', '.', '-'
+     │    ├── InvalidSubscription        (also ValueError)  a bad topic or pattern, a callback that is not
+     │    │                              callable, a subscription with nothing to deliver to
      │    └── RouterUnavailable          the bus's router actor cannot be reached or created
      ├── MessageTooLarge                 (also ValueError)  can never fit; names both sizes
      └── SerializationError              a payload could not be pickled
@@ -52,15 +60,20 @@ __all__ = [
     "IncompatibleSegment",
     "InvalidQueueArgument",
     "SharedMemoryError",
+    "SharedMemoryFull",
     "ServiceError",
     "ServiceNotFound",
     "FunctionNotFound",
     "ServiceUnavailable",
     "CallTimeout",
     "ValidationError",
+    "InvalidCallArgument",
+    "InvalidServiceDefinition",
     "RemoteError",
     "BusError",
     "NameConflict",
+    "InvalidBusName",
+    "InvalidSubscription",
     "RouterUnavailable",
     "MessageTooLarge",
     "SerializationError",
@@ -124,6 +137,11 @@ class SharedMemoryError(QueueError, OSError):
     """A system call on the shared-memory segment failed."""
 
 
+class SharedMemoryFull(SharedMemoryError):
+    """``/dev/shm`` has no room for a new segment (a container's 64 MiB default,
+    say). Services fall back to the Ray path for what does not fit."""
+
+
 class ServiceError(SageCommError):
     """A call to a service failed. Subclasses say how; each names the service and function."""
 
@@ -156,6 +174,17 @@ class ValidationError(ServiceError, ValueError):
 
     def __reduce__(self):
         return (type(self), (str(self), self.errors))
+
+
+class InvalidCallArgument(ServiceError, ValueError):
+    """A call, send or ``route_message`` whose arguments can never work: a bad
+    timeout, a service or function name that is not a string, an unknown
+    pattern, a message with no receiver. Raised before anything is sent."""
+
+
+class InvalidServiceDefinition(ServiceError, ValueError):
+    """A service declared wrong: a bad name, function timeout, policy or
+    replica count, or an object ``migrate_service`` cannot serve."""
 
 
 class RemoteError(ServiceError):
@@ -193,6 +222,15 @@ class BusError(SageCommError):
 
 class NameConflict(BusError):
     """A different service class is already registered under that name on this bus."""
+
+
+class InvalidBusName(BusError, ValueError):
+    """A bus name that is not 1-100 letters, digits, '_', '.' or '-'."""
+
+
+class InvalidSubscription(BusError, ValueError):
+    """A bad topic or subscription pattern, a callback that is not callable,
+    or a subscription with nothing to deliver its events to."""
 
 
 class RouterUnavailable(BusError):

@@ -77,6 +77,7 @@ class _Recorder:
         self._metrics: Optional[Dict[str, Any]] = None
         self._thread: Optional[threading.Thread] = None
         self._lock = threading.Lock()
+        self._stop = threading.Event()
 
     # -- the call path: dictionary updates only
     def call(self, bus: str, service: str, function: str, transport: str, pattern: str, seconds: Optional[float], error: Optional[str] = None) -> None:
@@ -117,10 +118,29 @@ class _Recorder:
 
     # -- off the call path
     def _start(self) -> None:
+        from . import lifecycle
+
+        if not lifecycle.ray_alive():
+            return  # nothing to flush to; the next record after ray.init() starts it
         with self._lock:
             if self._thread is None:
+                self._stop.clear()
                 self._thread = threading.Thread(target=self._run, name="sage-metrics", daemon=True)
                 self._thread.start()
+                lifecycle.register(self, "metrics", _Recorder.close)
+
+    def close(self) -> None:
+        """Flushes what is pending and stops the flusher thread (at exit, before Ray stops)."""
+        with self._lock:
+            t, self._thread = self._thread, None
+        self._stop.set()
+        if t is not None and t is not threading.current_thread():
+            t.join(timeout=5)
+        try:
+            self.flush()
+        except Exception as e:  # metrics must never break an exit
+            log.debug("last metrics flush failed: %s", e)
+        self._metrics = None  # Ray objects of this Ray session: never kept past it
 
     def _make(self) -> Dict[str, Any]:
         from ray.util import metrics as rm
@@ -156,8 +176,17 @@ class _Recorder:
             m[name].set(v, tags=dict(zip(METRICS[name][2], tags)))
 
     def _run(self) -> None:
-        ev = threading.Event()
-        while not ev.wait(FLUSH_SECONDS):
+        from . import lifecycle
+
+        while not self._stop.wait(FLUSH_SECONDS):
+            if not lifecycle.ray_alive():
+                # ray.shutdown(): drop this session's metric objects and stop;
+                # recording after a new ray.init() starts a new thread.
+                with self._lock:
+                    if self._thread is threading.current_thread():
+                        self._thread = None
+                self._metrics = None
+                return
             try:
                 self.flush()
             except Exception as e:  # metrics must never break calls

@@ -77,13 +77,46 @@ def _pad(n: int) -> int:
     return (-n) % _ALIGN
 
 
+# Plain pickle names classes and functions by module; one defined in a script
+# or a notebook is "__main__", which in the receiving process is another file
+# (Ray's default_worker.py). Such a pickle contains these bytes.
+_MAIN = b"__main__"
+
+
+def dumps(obj: Any, bufs: Optional[list] = None) -> bytes:
+    """Pickles ``obj`` as Ray would: by reference where the receiver can import
+    it (plain ``pickle``, the fast path), by value (Ray's cloudpickle) where it
+    cannot: classes, models and dataclasses defined in ``__main__`` (a script
+    or a notebook), lambdas, closures and local functions.
+
+    The receiver always uses plain ``pickle.loads``. ``bufs``, if given,
+    collects the out-of-band buffers (pickle protocol 5).
+
+    >>> import pickle
+    >>> pickle.loads(dumps(lambda x: x + 1))(1)
+    2
+    """
+    callback = None if bufs is None else bufs.append
+    try:
+        data = pickle.dumps(obj, protocol=5, buffer_callback=callback)
+        if _MAIN not in data:
+            return data
+    except (pickle.PicklingError, AttributeError, TypeError):
+        pass  # a lambda, a local function: cloudpickle may still do it
+    from ray import cloudpickle  # ray is a dependency; imported only when needed
+
+    if bufs is not None:
+        bufs.clear()  # the plain attempt may have handed out buffers already
+    return cloudpickle.dumps(obj, protocol=5, buffer_callback=callback)
+
+
 def _encode(obj: Any, label: str) -> tuple[list, int]:
-    """Pickles ``obj`` (protocol 5). Contiguous buffers (numpy arrays,
+    """Pickles ``obj`` (protocol 5, see :func:`dumps`). Contiguous buffers (numpy arrays,
     bytearrays, PickleBuffers) stay out-of-band, so they are copied once,
     straight into the ring."""
     bufs: list = []
     try:
-        data = pickle.dumps(obj, protocol=5, buffer_callback=bufs.append)
+        data = dumps(obj, bufs)
     except Exception as e:  # pickling runs user code: anything can come out
         raise SerializationError(
             f"cannot pickle a {type(obj).__module__}.{type(obj).__qualname__} for {label}: "
@@ -95,9 +128,9 @@ def _encode(obj: Any, label: str) -> tuple[list, int]:
         raws = [b.raw() for b in bufs]
     except BufferError:
         # A non-contiguous buffer: let pickle copy everything in-band.
-        return [pickle.dumps(obj, protocol=5)], KIND_PICKLE
+        return [dumps(obj)], KIND_PICKLE
     if sum(r.nbytes for r in raws) < _OOB_MIN:
-        return [pickle.dumps(obj, protocol=5)], KIND_PICKLE  # tiny: the frame header costs more
+        return [dumps(obj)], KIND_PICKLE  # tiny: the frame header costs more
     head = _OOB_HEAD.pack(_OOB_MAGIC, len(raws), len(data))
     lens = struct.pack(f"<{len(raws)}Q", *(r.nbytes for r in raws))
     parts: list = [head, lens, data]

@@ -23,7 +23,7 @@ import re
 import time
 from typing import Any, Dict, List, Optional
 
-from .errors import InvalidQueueArgument, NameConflict, RouterUnavailable
+from .errors import InvalidBusName, InvalidSubscription, NameConflict, RouterUnavailable
 
 __all__ = [
     "FunctionInfo",
@@ -49,7 +49,7 @@ _TOKEN = re.compile(r"^[^.*>\s]+$")
 
 def validate_bus_name(name: str) -> str:
     if not isinstance(name, str) or not _BUS_NAME.match(name):
-        raise InvalidQueueArgument(
+        raise InvalidBusName(
             f"bus name must be 1-100 characters of letters, digits, '_', '.', '-', got {name!r}"
         )
     return name
@@ -69,7 +69,7 @@ def bus_namespace(bus: str) -> str:
 def validate_topic(topic: str) -> str:
     """A publish subject: dot-separated tokens, no wildcards."""
     if not isinstance(topic, str) or not topic or not all(_TOKEN.match(t) for t in topic.split(".")):
-        raise InvalidQueueArgument(
+        raise InvalidSubscription(
             f"topic must be dot-separated non-empty tokens without '*', '>' or spaces, got {topic!r}"
         )
     return topic
@@ -78,12 +78,12 @@ def validate_topic(topic: str) -> str:
 def validate_pattern(pattern: str) -> str:
     """A subscription pattern: tokens, ``*`` for exactly one token, a final ``>`` for one or more."""
     if not isinstance(pattern, str) or not pattern:
-        raise InvalidQueueArgument(f"subscription pattern must be a non-empty string, got {pattern!r}")
+        raise InvalidSubscription(f"subscription pattern must be a non-empty string, got {pattern!r}")
     toks = pattern.split(".")
     for i, t in enumerate(toks):
         if t == "*" or (t == ">" and i == len(toks) - 1) or _TOKEN.match(t):
             continue
-        raise InvalidQueueArgument(
+        raise InvalidSubscription(
             f"bad subscription pattern {pattern!r}: token {i + 1} ({t!r}) must be a word, '*', "
             "or a final '>'"
         )

@@ -42,9 +42,10 @@ from typing import Any, Callable, Dict, List, Optional
 
 import pydantic
 
-from . import _core, shm
+from . import _core, lifecycle, shm
 from .errors import (
-    InvalidQueueArgument,
+    InvalidServiceDefinition,
+    InvalidSubscription,
     NameConflict,
     QueueClosed,
     QueueFull,
@@ -72,7 +73,7 @@ from .message import (
     envelope,
 )
 from .metrics import recorder
-from .queue import SageQueue
+from .queue import SageQueue, dumps
 from .router import (
     HEARTBEAT_INTERVAL,
     ROUTER_NAMESPACE,
@@ -133,7 +134,7 @@ class ServiceFunction:
         idempotent: bool = False,
     ) -> None:
         if timeout is not None and (not isinstance(timeout, (int, float)) or timeout <= 0):
-            raise InvalidQueueArgument(f"ServiceFunction timeout must be a positive number of seconds, got {timeout!r}")
+            raise InvalidServiceDefinition(f"ServiceFunction timeout must be a positive number of seconds, got {timeout!r}")
         self.name = name
         self.timeout = None if timeout is None else float(timeout)
         self.pattern = pattern.value if isinstance(pattern, CommunicationPattern) else str(pattern)
@@ -183,7 +184,7 @@ def subscribe(pattern: str) -> Callable[[Callable], Callable]:
 class _Handler:
     """One callable function of a running service, ready to invoke."""
 
-    __slots__ = ("name", "fn", "validated", "is_async", "wants_message", "info", "service", "params")
+    __slots__ = ("name", "fn", "validated", "is_async", "wants_message", "info", "service", "params", "takes_payload")
 
     def __init__(self, service: str, name: str, bound: Callable, meta: Optional[ServiceFunction]) -> None:
         self.service = service
@@ -199,6 +200,11 @@ class _Handler:
         ]
         self.is_async = inspect.iscoroutinefunction(bound)
         self.wants_message = "message" in sig.parameters
+        # The original API's `call_function(..., payload=data)`: when the handler
+        # has no parameter of that name, `payload` is its one argument.
+        self.takes_payload = "payload" in sig.parameters or any(
+            p.kind is p.VAR_KEYWORD for p in sig.parameters.values()
+        )
         annotated = any(p.annotation is not inspect.Parameter.empty for p in sig.parameters.values())
         # Validate only annotated handlers: pydantic costs a few microseconds a call.
         self.validated = (
@@ -246,7 +252,7 @@ def _collect(svc: "BaseService") -> tuple:
 
 def _error_info(code: str, e: BaseException, message: Optional[str] = None, extra: Any = None) -> tuple:
     try:
-        exc_pickle = pickle.dumps(e, protocol=5)
+        exc_pickle = dumps(e)  # an exception class from __main__ travels by value
         pickle.loads(exc_pickle)  # some exceptions pickle but cannot be rebuilt
     except Exception:
         exc_pickle = None
@@ -394,6 +400,11 @@ class _Runtime:
         import ray
 
         while not self._stopping.wait(HEARTBEAT_INTERVAL):
+            if not lifecycle.ray_alive():
+                # ray.shutdown() under a running service: it cannot be reached
+                # any more, so it stops (cleanup() runs) and drops its Ray handles.
+                threading.Thread(target=self.svc.stop, name=f"sage-stop-{self.instance_id}", daemon=True).start()
+                return
             try:
                 self._sweep_blobs()
                 load = {"in_flight": self.in_flight, "queued": self.queue.qsize(), **self.stats}
@@ -548,6 +559,9 @@ class _Runtime:
         args, kwargs = req.args, req.kwargs
         if isinstance(args, SegmentBlob):
             args, kwargs = args.get()
+        if not args and kwargs and "payload" in kwargs and not h.takes_payload:
+            kwargs = dict(kwargs)
+            args = (kwargs.pop("payload"),)
         if h.wants_message:
             kwargs = dict(kwargs or {})
             kwargs["message"] = envelope(req)
@@ -678,6 +692,36 @@ def _ensure_ray() -> None:
 
 
 # ------------------------------------------------------------- BaseService
+def _mark_once(fn: Callable) -> Callable:
+    fn.__sage_once__ = True  # type: ignore[attr-defined]
+    return fn
+
+
+def _once_per_phase(fn: Callable, hook: str) -> Callable:
+    """Wraps a service's ``initialize`` or ``cleanup`` so that it runs once
+    per start/stop cycle. ``super()`` calls inside it still run (only the
+    outermost call is counted)."""
+    import functools
+
+    want = "ready" if hook == "initialize" else "clean"
+
+    @functools.wraps(fn)
+    def once(self: Any, *args: Any, **kwargs: Any) -> Any:
+        st = self.__dict__.setdefault("_sage_phase", {"phase": "new", "depth": 0})
+        if st["depth"] == 0 and st["phase"] == want:
+            return None
+        st["depth"] += 1
+        try:
+            return fn(self, *args, **kwargs)
+        finally:
+            st["depth"] -= 1
+            if st["depth"] == 0:
+                st["phase"] = want
+
+    once.__sage_once__ = True  # type: ignore[attr-defined]
+    return once
+
+
 class BaseService(ServiceCallMixin):
     """Base class of every service.
 
@@ -703,26 +747,40 @@ class BaseService(ServiceCallMixin):
     __sage_name__: Optional[str] = None
     __sage_options__: Dict[str, Any] = {}
 
+    def __init_subclass__(cls, **kw: Any) -> None:
+        super().__init_subclass__(**kw)
+        # Code written for the original API calls initialize() and cleanup()
+        # itself, around start() and stop(), which call them too: each runs
+        # once per start/stop however many times it is called.
+        for hook in ("initialize", "cleanup"):
+            fn = cls.__dict__.get(hook)
+            if fn is not None and not getattr(fn, "__sage_once__", False):
+                setattr(cls, hook, _once_per_phase(fn, hook))
+
     def __init__(self, service_name: Optional[str] = None, service_id: Optional[str] = None, **_ignored: Any) -> None:
         name = service_name or type(self).__sage_name__ or type(self).__name__
         if not isinstance(name, str) or not name or any(c in name for c in "/\\\0"):
-            raise InvalidQueueArgument(f"service name must be a non-empty string without '/', got {name!r}")
+            raise InvalidServiceDefinition(f"service name must be a non-empty string without '/', got {name!r}")
         self.service_name = name
         self.service_id = service_id or f"{name}-{uuid.uuid4().hex[:8]}"
         self._runtime: Optional[_Runtime] = None
         self._client: Any = None
 
-    def _ensure_base(self) -> None:
+    def _ensure_base(self) -> None:  # noqa: D401
         # A subclass __init__ that forgot super().__init__() still works.
         if "service_name" not in self.__dict__:
             BaseService.__init__(self)
 
     # lifecycle hooks
+    @_mark_once
     def initialize(self) -> None:
-        """Runs once before the service takes requests. Override it."""
+        """Runs once before the service takes requests. Override it. (Called
+        by ``start()``; an extra call from user code before or after is a no-op.)"""
 
+    @_mark_once
     def cleanup(self) -> None:
-        """Runs once after the service stopped taking requests. Override it."""
+        """Runs once after the service stopped taking requests. Override it.
+        (Called by ``stop()``; an extra call from user code is a no-op.)"""
 
     def start(
         self,
@@ -763,6 +821,7 @@ class BaseService(ServiceCallMixin):
         except BaseException:
             self._runtime = None
             raise
+        lifecycle.register(self, "services", BaseService.stop)
         from .client import _Endpoint
 
         _Endpoint.for_bus(bus).ensure_version(rt.version)
@@ -772,6 +831,7 @@ class BaseService(ServiceCallMixin):
         """Stops serving: deregisters, finishes running handlers, runs ``cleanup()``,
         and removes the request ring."""
         rt, self._runtime = self._runtime, None
+        lifecycle.unregister(self, "services")
         if rt is not None:
             rt.stop()
         c, self._client = self._client, None
@@ -826,18 +886,27 @@ class BaseService(ServiceCallMixin):
     def subscribe(self, pattern: str, callback: Optional[Callable] = None, *, group: Optional[str] = "") -> str:
         """Receives events matching ``pattern`` while the service runs.
 
-        ``callback(payload, message=None)`` defaults to ``self.handle_event``.
+        ``callback(payload, message=None)`` defaults to ``self.handle_event``,
+        else ``self.handle_message`` (the original API); a service with
+        neither still subscribes, and its events are counted
+        (``get_stats()["events_unhandled"]``) and logged at debug level.
         By default the replicas of the service share the events (one gets
         each); ``group=None`` makes this replica get every one.
         """
         if self._runtime is None:
             raise ServiceUnavailable(f"service '{self.service_name}' must be started before it subscribes")
-        cb = callback or getattr(self, "handle_event", None)
+        cb = callback or getattr(self, "handle_event", None) or getattr(self, "handle_message", None)
         if cb is None:
-            raise InvalidQueueArgument(
-                f"service '{self.service_name}': subscribe({pattern!r}) needs a callback or a handle_event method"
-            )
+            cb = self._unhandled_event
+        elif not callable(cb):
+            raise InvalidSubscription(f"service '{self.service_name}': subscribe({pattern!r}) callback is not callable: {cb!r}")
         return self._runtime.add_subscription(pattern, cb, group)
+
+    def _unhandled_event(self, payload: Any, message: Any = None) -> None:
+        rt = self._runtime
+        if rt is not None:
+            rt.stats["events_unhandled"] = rt.stats.get("events_unhandled", 0) + 1
+        log.debug("service %s has no handler for event %s", self.service_name, getattr(message, "topic", None))
 
 
 # ------------------------------------------------------------ as Ray actors
@@ -881,8 +950,7 @@ class _ServiceActor:
         # made while calling out (call_service, other clients) before Ray kills it.
         from .client import _Endpoint
 
-        for ep in list(_Endpoint._by_bus.values()):
-            ep.close()
+        _Endpoint.close_all()
         return True
 
     def stats(self) -> dict:
@@ -905,11 +973,13 @@ class ServiceHandle:
     >>> handle.shutdown()                  # doctest: +SKIP
     """
 
-    def __init__(self, name: str, bus: str, actors: list, infos: List[InstanceInfo]) -> None:
+    def __init__(self, name: str, bus: str, actors: list, infos: List[InstanceInfo], detached: bool = False) -> None:
         self.name = name
         self.bus = bus
         self.actors = actors
         self.instances = infos
+        # lifetime="detached": the replicas outlive this process (and its job).
+        self.detached = detached
 
     @property
     def replicas(self) -> int:
@@ -924,8 +994,16 @@ class ServiceHandle:
         """Stops every replica (deregister, drain, cleanup, remove rings) and kills the actors."""
         _stop_actors(self.actors, self.instances, self.bus, timeout)
         self.actors = []
+        lifecycle.unregister(self, "deployments")
         if _DEPLOYED.get((self.bus, self.name)) is self:
             del _DEPLOYED[(self.bus, self.name)]
+
+    def _close_at_exit(self) -> None:
+        # Replicas owned by this process die with it (Ray kills an owner's
+        # actors); stopping them first runs cleanup() and removes their rings.
+        # Detached ones live on, unless the whole Ray instance ends with us.
+        if not self.detached or lifecycle.owns_ray():
+            self.shutdown(timeout=10.0)
 
     def __repr__(self) -> str:
         return f"ServiceHandle({self.name!r}, bus={self.bus!r}, replicas={self.replicas})"
@@ -980,7 +1058,7 @@ def _deploy(cls: type, *args: Any, replicas: Optional[int] = None, bus: Optional
     for k in ("policy", "max_concurrency", "queue_bytes"):
         opts.pop(k, None)
     if n < 1:
-        raise InvalidQueueArgument(f"service '{name}' needs at least 1 replica, got {n}")
+        raise InvalidServiceDefinition(f"service '{name}' needs at least 1 replica, got {n}")
     # Actor threads: start, stop, stats, and the router's pending watch() call.
     actor_opts = {"num_cpus": 0.1, **opts, "max_concurrency": 4}
     code = code_id_of(cls)
@@ -1039,7 +1117,9 @@ def _deploy(cls: type, *args: Any, replicas: Optional[int] = None, bus: Optional
     from .client import _Endpoint
 
     _Endpoint.for_bus(bus).refresh()
-    handle = _DEPLOYED[(bus, name)] = ServiceHandle(name, bus, actors, infos)
+    handle = _DEPLOYED[(bus, name)] = ServiceHandle(name, bus, actors, infos, detached=opts.get("lifetime") == "detached")
+    lifecycle.register(handle, "deployments", ServiceHandle._close_at_exit)
+    lifecycle.note_bus(bus)
     return handle
 
 
@@ -1100,7 +1180,7 @@ def sage_service(
     ...         return {"result": data * 2}
     """
     if policy not in ("least_outstanding", "round_robin"):
-        raise InvalidQueueArgument(f"policy must be 'least_outstanding' or 'round_robin', got {policy!r}")
+        raise InvalidServiceDefinition(f"policy must be 'least_outstanding' or 'round_robin', got {policy!r}")
 
     def wrap(cls: type) -> type:
         if not (isinstance(cls, type) and issubclass(cls, BaseService)):

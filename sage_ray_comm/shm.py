@@ -34,12 +34,20 @@ __all__ = [
     "current_node_id",
     "list_segments",
     "gc",
+    "gc_buses",
+    "mapped_by_live_process",
+    "shm_space",
+    "LEGACY_PART",
 ]
 
 PREFIX = "sage_rc."
 SHM_DIR = "/dev/shm"
 DEFAULT_NAMESPACE = "default"
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
+# Legacy adapter queues are "legacy.<name>" in a bus namespace ("bus.<bus>");
+# their segment names read "...bus_<bus>.legacy_<name>.<digest>".
+LEGACY_PART = "legacy_"
+_BUS_PART = "bus_"
 
 
 def default_namespace() -> str:
@@ -100,15 +108,61 @@ class SegmentInfo:
     creator_pid: int
     creator_alive: bool
     live_attached: int
+    attach_overflow: bool = False
+
+    @property
+    def legacy(self) -> bool:
+        """A legacy adapter queue of a bus: meant to outlive its creator, with items in it."""
+        parts = self.shm_name[1:].split(".")
+        return len(parts) == 4 and parts[1].startswith(_BUS_PART) and parts[2].startswith(LEGACY_PART)
 
     @property
     def stale(self) -> bool:
-        """No live process created or attached it, and nobody is laying it out."""
+        """No live process created or attached it, and nobody is laying it out.
+
+        When more processes attached than the attach table holds, the table
+        is not trusted: the processes' mappings are checked instead.
+        """
         if self.initializing:
             return False
         if not self.valid:
             return True  # creator died before finishing the header
-        return not self.creator_alive and self.live_attached == 0
+        if self.creator_alive or self.live_attached:
+            return False
+        return not (self.attach_overflow and mapped_by_live_process(self.shm_name))
+
+
+def mapped_by_live_process(shm_name: str) -> bool:
+    """Whether any process on this machine has ``shm_name`` mapped (reads /proc/*/maps).
+
+    Exact but slow (one file per process): used only for segments whose
+    attach table overflowed. A process whose maps cannot be read counts as
+    a user, so a segment is never removed on a guess.
+    """
+    needle = (SHM_DIR + shm_name).encode()
+    try:
+        pids = [p for p in os.listdir("/proc") if p.isdigit()]
+    except OSError:
+        return True
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/maps", "rb") as f:
+                if needle in f.read():
+                    return True
+        except FileNotFoundError:
+            continue  # exited meanwhile
+        except OSError:
+            return True  # cannot tell: keep the segment
+    return False
+
+
+def shm_space() -> tuple[int, int]:
+    """``(total, free)`` bytes of the /dev/shm file system (``(0, 0)`` if it cannot be read)."""
+    try:
+        st = os.statvfs(SHM_DIR)
+    except OSError:
+        return 0, 0
+    return st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize
 
 
 def list_segments(namespace: Optional[str] = None) -> list[SegmentInfo]:
@@ -134,21 +188,32 @@ def list_segments(namespace: Optional[str] = None) -> list[SegmentInfo]:
                 creator_pid=info["creator_pid"],
                 creator_alive=info["creator_alive"],
                 live_attached=info["live_attached"],
+                attach_overflow=info.get("attach_overflow", False),
             )
         )
     return out
 
 
-def gc(namespace: Optional[str] = None, dry_run: bool = False) -> list[SegmentInfo]:
+def gc(namespace: Optional[str] = None, dry_run: bool = False, keep_legacy: bool = True) -> list[SegmentInfo]:
     """Unlink segments left behind by dead processes; return what was (or would be) removed.
 
-    A segment is stale when its creator is dead and no live process is in its
-    attach table (64 slots; a process beyond that is not seen, so run gc when
-    the segment's users are known to be gone).
+    A segment is stale when its creator is dead and no live process uses it
+    (see :attr:`SegmentInfo.stale`). Legacy adapter queues are kept unless
+    ``keep_legacy=False``: they are meant to outlive the process that made
+    them, items and all, until their bus ends.
     """
     removed = []
     for seg in list_segments(namespace):
+        if keep_legacy and seg.legacy:
+            continue
         if seg.stale:
             if dry_run or _core.unlink(seg.shm_name):
                 removed.append(seg)
     return removed
+
+
+def gc_buses(dry_run: bool = False) -> list[SegmentInfo]:
+    """:func:`gc` over every bus namespace on this node (legacy queues kept):
+    what each node's janitor runs. Plain SageQueue namespaces are left alone."""
+    return [s for s in gc(None, dry_run=True) if s.shm_name[1:].split(".")[1].startswith(_BUS_PART)
+            and (dry_run or _core.unlink(s.shm_name))]

@@ -51,7 +51,7 @@ from .message import ST_OK, ST_OK_BLOB, Reply, Request
 from .queue import KIND_PICKLE, SageQueue, _decode_oob, _encode
 from .router import InstanceInfo, Subscription, get_or_create_actor
 
-__all__ = ["Transport", "ShmTransport", "RayTransport", "SegmentBlob", "RingPool", "get_gateway"]
+__all__ = ["Transport", "ShmTransport", "RayTransport", "SegmentBlob", "RingPool", "get_gateway", "ensure_janitor"]
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,8 @@ EVENT_RING_BYTES = 4 << 20
 # a dead replica costs a caller at most this long, not its whole timeout.
 LIVENESS_SLICE = 0.25
 GATEWAY_NAMESPACE = "sage_ray_comm"
+# How often each node's gateway removes segments of processes that died there.
+JANITOR_SECONDS = 5.0
 
 
 # ------------------------------------------------------------ oversize
@@ -556,12 +558,34 @@ class ShmTransport(Transport):
 
 # --------------------------------------------------------------- Ray path
 class _GatewayActor:
-    """One per node (named ``sage:gateway:<node id>``): makes shared-memory calls
-    on its node for callers on other nodes."""
+    """One per node (named ``sage:gateway:<node id>``, detached). Two jobs that
+    need a process on every node:
+
+    - makes shared-memory calls on its node for callers on other nodes;
+    - the node's janitor: every :data:`JANITOR_SECONDS` it removes the bus
+      segments of processes that died on its node (callers, replicas, jobs
+      killed without closing), keeping legacy queues, which outlive their
+      creators until their bus ends.
+    """
 
     def __init__(self) -> None:
         self._transports: Dict[str, ShmTransport] = {}
         self._lock = threading.Lock()
+        self.collected = 0
+        self._janitor = threading.Thread(target=self._sweep_forever, name="sage-janitor", daemon=True)
+        self._janitor.start()
+
+    def _sweep_forever(self) -> None:
+        while True:
+            time.sleep(JANITOR_SECONDS)  # a detached actor: it lives as long as the node
+            try:
+                self.collected += len(shm.gc_buses())
+            except Exception as e:  # /dev/shm unreadable for a moment: try next time
+                log.debug("janitor sweep failed: %s", e)
+
+    def janitor_stats(self) -> dict:
+        """Segments this node's janitor removed so far, and how often it looks."""
+        return {"collected": self.collected, "interval": JANITOR_SECONDS, "pid": os.getpid()}
 
     def _shm(self, namespace: str) -> ShmTransport:
         t = self._transports.get(namespace)
@@ -619,6 +643,20 @@ def forget_bus_on_gateways(namespace: str, timeout: float = 10.0) -> int:
         return sum(ray.get(refs, timeout=timeout))
     except Exception:  # a gateway on a lost node: its rings went with the node
         return 0
+
+
+_JANITORS: set = set()
+
+
+def ensure_janitor(node_id: Optional[str]) -> None:
+    """Makes sure ``node_id`` has its gateway (and so its janitor); once per process and node."""
+    if not node_id or node_id in _JANITORS:
+        return
+    try:
+        get_gateway(node_id)
+        _JANITORS.add(node_id)
+    except SageCommError as e:  # calls still work; only the periodic sweep is missing
+        log.warning("no janitor on node %s: %s", node_id, e)
 
 
 def gateway_name(node_id: str) -> str:

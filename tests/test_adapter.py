@@ -12,6 +12,7 @@ from sage_ray_comm import (
     BaseService,
     FunctionClient,
     InvalidQueueArgument,
+    InvalidServiceDefinition,
     LegacyQueueAdapter,
     QueueEmpty,
     create_queue_adapter,
@@ -158,7 +159,7 @@ def test_migrate_service_serves_calls_and_keeps_draining_the_queue(bus):
 
 
 def test_migrate_needs_a_handler(bus):
-    with pytest.raises(InvalidQueueArgument, match="process\\(\\), handle\\(\\) or __call__"):
+    with pytest.raises(InvalidServiceDefinition, match="process\\(\\), handle\\(\\) or __call__"):
         migrate_service("x", object(), bus=bus)
 
 

@@ -61,7 +61,7 @@ from sage_ray_comm import (  # noqa: E402
     CallTimeout,
     CommunicationPattern,
     DeliveryReceipt,
-    InvalidQueueArgument,
+    InvalidCallArgument,
     Message,
     ValidationError,
     get_service_manager,
@@ -115,9 +115,9 @@ def test_route_message_bad_input_is_typed(bus):
     b = get_communication_bus(bus).start()
     with pytest.raises(ValidationError, match="type"):
         b.route_message({"type": "nonsense", "receiver": "kv", "function": "get"})
-    with pytest.raises(InvalidQueueArgument, match="needs a receiver"):
+    with pytest.raises(InvalidCallArgument, match="needs a receiver"):
         b.route_message(Message(payload=1))
-    with pytest.raises(InvalidQueueArgument, match="unknown communication pattern"):
+    with pytest.raises(InvalidCallArgument, match="unknown communication pattern"):
         b.route_message(Message(receiver="kv", function="get"), "carrier_pigeon")
     with pytest.raises(CallTimeout, match="expired"):
         b.route_message(Message(receiver="kv", function="get", deadline=1.0))
@@ -128,7 +128,8 @@ def test_route_message_bad_input_is_typed(bus):
 def test_service_manager(bus):
     mgr = get_service_manager(bus)
     assert get_service_manager(bus) is mgr
-    svc = mgr.register_service(Tagged("managed", "m"))
+    svc = Tagged("managed", "m")
+    assert mgr.register_service(svc) == svc.service_id  # the original API returns the id
     handle = mgr.register_service(KV)
     assert mgr.list_services() == ["kv", "managed"]
     assert mgr.get_service("managed") is svc and mgr.get_service("kv") is handle

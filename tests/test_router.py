@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from sage_ray_comm import InvalidQueueArgument, NameConflict
+from sage_ray_comm import InvalidSubscription, NameConflict
 from sage_ray_comm.router import (
     FunctionInfo,
     InstanceInfo,
@@ -53,13 +53,13 @@ def test_nats_matching(pattern, topic, expected):
 
 @pytest.mark.parametrize("bad", ["", "a..b", "a.>.b", "a.b>", "a b", ">x", 3])
 def test_bad_patterns_are_typed_errors(bad):
-    with pytest.raises(InvalidQueueArgument):
+    with pytest.raises(InvalidSubscription):
         validate_pattern(bad)
 
 
 @pytest.mark.parametrize("bad", ["", "a.*", "a.>", "a..b", "a b", None])
 def test_publish_topics_take_no_wildcards(bad):
-    with pytest.raises(InvalidQueueArgument):
+    with pytest.raises(InvalidSubscription):
         validate_topic(bad)
 
 

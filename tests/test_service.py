@@ -163,11 +163,11 @@ def test_seed_in_process_form_is_registered_like_any_other(bus):
     reply, shm_calls = ray.get(call_from_another_process.remote(bus), timeout=60)
     assert reply == f"hello actor from {os.getpid()}" and shm_calls == 1
     client = FunctionClient(bus=bus)
-    assert "my_service" in client.list_services()
-    assert client.list_functions("my_service") == {"hello": "hello(name: str) -> str"}
+    assert "my_service" in client.service_names()
+    assert client.function_signatures("my_service") == {"hello": "hello(name: str) -> str"}
     svc.stop()
     assert events == ["initialize", "cleanup"] and not svc.is_running
-    assert "my_service" not in client.list_services()
+    assert "my_service" not in client.service_names()
     with pytest.raises(ServiceNotFound):
         client.call("my_service", "hello", "x")
     client.close()
@@ -282,9 +282,9 @@ def test_replicas_have_readable_actor_names(calc, bus):
 
 def test_shutdown_deregisters(calc, bus):
     handle, client = calc
-    assert client.list_services() == ["calculator"]
+    assert client.service_names() == ["calculator"]
     handle.shutdown()
-    assert client.list_services() == []
+    assert client.service_names() == []
     with pytest.raises(ServiceNotFound):
         client.call("calculator", "add", 1, 1)
 

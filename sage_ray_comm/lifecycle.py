@@ -1,0 +1,177 @@
+"""What the library started in this process, and how all of it stops before Ray does.
+
+Background threads of this library (registry watchers, event readers, reply
+readers, heartbeats, bridges, metrics) hold Ray objects. If one of them still
+runs while Ray's own ``atexit`` shutdown tears down the core worker, touching
+those objects makes Ray end the process with ``_exit(1)``, after the user's
+code already finished well: the driver, and a Ray job, is reported as failed.
+
+So every such object registers here, and one ``atexit`` hook, registered
+after ``import ray`` (``atexit`` runs hooks last-in first-out, and Ray
+registers its own when it is imported), closes them in order while Ray still
+runs:
+
+1. bridges and legacy adapters (they feed services),
+2. services served from this process (deregistered; ``cleanup()`` runs),
+3. services this process deployed, unless detached (``lifetime="detached"``),
+4. endpoints: registry watcher, event inbox, reply rings,
+5. metrics (flushed one last time).
+
+Then, when this process started Ray itself (a local ``ray.init()``), the buses
+it used end with it: their gateway rings, the rings of processes that died
+and their legacy queues are removed, so nothing is left in ``/dev/shm``.
+
+The same objects also notice an explicit ``ray.shutdown()`` (each endpoint's
+watcher checks at least every :data:`RAY_CHECK_SECONDS`) and stop on their own.
+
+>>> from sage_ray_comm import lifecycle
+>>> lifecycle.close_all()        # what the exit hook does; harmless to call twice
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import threading
+import weakref
+from typing import Any, Callable, Dict, List, Set
+
+__all__ = [
+    "STAGES",
+    "RAY_CHECK_SECONDS",
+    "register",
+    "unregister",
+    "note_bus",
+    "close_all",
+    "owns_ray",
+    "ray_alive",
+]
+
+log = logging.getLogger(__name__)
+
+# The order in which close_all() stops things: producers before what they feed.
+STAGES = ("bridges", "services", "deployments", "endpoints", "metrics")
+# How often a background thread checks that Ray still runs (an explicit
+# ray.shutdown() is noticed within this long).
+RAY_CHECK_SECONDS = 0.5
+
+_lock = threading.Lock()
+_objects: Dict[str, "weakref.WeakSet[Any]"] = {s: weakref.WeakSet() for s in STAGES}
+_closers: Dict[str, Dict[int, Callable[[], Any]]] = {s: {} for s in STAGES}
+# Buses used while this process owned Ray: they end when that Ray ends.
+_owned_buses: Set[str] = set()
+_installed = False
+
+
+def _install() -> None:
+    global _installed
+    if _installed:
+        return
+    with _lock:
+        if _installed:
+            return
+        import ray  # noqa: F401  (Ray's atexit hook must be registered before ours, so ours runs first)
+
+        atexit.register(_at_exit)
+        _installed = True
+
+
+def register(obj: Any, stage: str, close: Callable[[Any], Any]) -> None:
+    """Closes ``obj`` with ``close(obj)`` at exit, in ``stage`` (see :data:`STAGES`).
+
+    Held weakly: an object collected earlier is simply not closed again.
+    """
+    if stage not in _objects:
+        raise ValueError(f"unknown lifecycle stage {stage!r}; stages: {STAGES}")
+    _install()
+    with _lock:
+        _objects[stage].add(obj)
+        _closers[stage][id(obj)] = close
+
+
+def unregister(obj: Any, stage: str) -> None:
+    """Forgets ``obj`` (it was closed by its owner)."""
+    with _lock:
+        _objects[stage].discard(obj)
+        _closers[stage].pop(id(obj), None)
+
+
+def note_bus(bus: str) -> None:
+    """Records that this process used ``bus``. If this process started Ray,
+    the bus ends with it, and its segments are collected at exit."""
+    _install()
+    if owns_ray():
+        _owned_buses.add(bus)
+
+
+def ray_alive() -> bool:
+    """Whether Ray is initialised in this process, without importing it."""
+    import sys
+
+    ray = sys.modules.get("ray")
+    try:
+        return ray is not None and ray.is_initialized()
+    except Exception:
+        return False
+
+
+def owns_ray() -> bool:
+    """Whether this process started the Ray instance it is connected to
+    (a local ``ray.init()``), so that Ray, and the buses on it, end with it."""
+    if not ray_alive():
+        return False
+    try:
+        from ray._private import worker
+
+        node = worker._global_node
+        return bool(node is not None and getattr(node, "head", False))
+    except Exception:
+        return False
+
+
+def close_all() -> None:
+    """Closes everything registered, stage by stage. Errors are logged, never raised."""
+    for stage in STAGES:
+        with _lock:
+            objs = list(_objects[stage])
+            closers = {id(o): _closers[stage].get(id(o)) for o in objs}
+        for o in objs:
+            fn = closers.get(id(o))
+            if fn is None:
+                continue
+            try:
+                fn(o)
+            except Exception as e:  # exit must go on; say what failed
+                log.debug("closing %r at exit failed: %s", o, e)
+            unregister(o, stage)
+
+
+def _collect_bus_segments(buses: List[str]) -> None:
+    """This process started Ray, so the buses end with it: remove their rings
+    on every gateway, their rings whose creator is dead, and their legacy queues."""
+    from . import shm
+    from .router import bus_namespace
+
+    from . import _core
+
+    for bus in buses:
+        ns = bus_namespace(bus)
+        if ray_alive():  # else the gateways died with Ray: their rings are stale and go below
+            try:
+                from .transport import forget_bus_on_gateways
+
+                forget_bus_on_gateways(ns, timeout=5.0)
+            except Exception as e:
+                log.debug("gateways of bus %s: %s", bus, e)
+        for seg in shm.list_segments(ns):
+            if seg.legacy:  # the bus ends with this Ray: its legacy queues go too
+                _core.unlink(seg.shm_name)
+        shm.gc(ns, keep_legacy=False)
+
+
+def _at_exit() -> None:
+    # Connected to a cluster now (not ours): its buses go on after us.
+    still_shared = ray_alive() and not owns_ray()
+    close_all()
+    if _owned_buses and not still_shared:
+        _collect_bus_segments(sorted(_owned_buses))
