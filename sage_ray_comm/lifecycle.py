@@ -38,6 +38,8 @@ from typing import Any, Callable, Dict, List, Set
 
 __all__ = [
     "STAGES",
+    "Closers",
+    "closers",
     "RAY_CHECK_SECONDS",
     "register",
     "unregister",
@@ -55,9 +57,43 @@ STAGES = ("bridges", "services", "deployments", "endpoints", "metrics")
 # ray.shutdown() is noticed within this long).
 RAY_CHECK_SECONDS = 0.5
 
-_lock = threading.Lock()
-_objects: Dict[str, "weakref.WeakSet[Any]"] = {s: weakref.WeakSet() for s in STAGES}
-_closers: Dict[str, Dict[int, Callable[[], Any]]] = {s: {} for s in STAGES}
+class Closers:
+    """Objects to close, by stage, held weakly. The process has one
+    (:data:`closers`); tests of the ordering make their own."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._objects: Dict[str, "weakref.WeakSet[Any]"] = {s: weakref.WeakSet() for s in STAGES}
+        self._close: Dict[str, Dict[int, Callable[[Any], Any]]] = {s: {} for s in STAGES}
+
+    def add(self, obj: Any, stage: str, close: Callable[[Any], Any]) -> None:
+        if stage not in self._objects:
+            raise ValueError(f"unknown lifecycle stage {stage!r}; stages: {STAGES}")
+        with self._lock:
+            self._objects[stage].add(obj)
+            self._close[stage][id(obj)] = close
+
+    def discard(self, obj: Any, stage: str) -> None:
+        with self._lock:
+            self._objects[stage].discard(obj)
+            self._close[stage].pop(id(obj), None)
+
+    def close_all(self) -> None:
+        """Closes everything held, stage by stage. Errors are logged, never raised."""
+        for stage in STAGES:
+            with self._lock:
+                todo = [(o, self._close[stage].get(id(o))) for o in list(self._objects[stage])]
+            for o, fn in todo:
+                if fn is not None:
+                    try:
+                        fn(o)
+                    except Exception as e:  # exit must go on; say what failed
+                        log.debug("closing %r at exit failed: %s", o, e)
+                self.discard(o, stage)
+
+
+closers = Closers()
+_install_lock = threading.Lock()
 # Buses used while this process owned Ray: they end when that Ray ends.
 _owned_buses: Set[str] = set()
 _installed = False
@@ -67,7 +103,7 @@ def _install() -> None:
     global _installed
     if _installed:
         return
-    with _lock:
+    with _install_lock:
         if _installed:
             return
         import ray  # noqa: F401  (Ray's atexit hook must be registered before ours, so ours runs first)
@@ -81,19 +117,13 @@ def register(obj: Any, stage: str, close: Callable[[Any], Any]) -> None:
 
     Held weakly: an object collected earlier is simply not closed again.
     """
-    if stage not in _objects:
-        raise ValueError(f"unknown lifecycle stage {stage!r}; stages: {STAGES}")
+    closers.add(obj, stage, close)
     _install()
-    with _lock:
-        _objects[stage].add(obj)
-        _closers[stage][id(obj)] = close
 
 
 def unregister(obj: Any, stage: str) -> None:
     """Forgets ``obj`` (it was closed by its owner)."""
-    with _lock:
-        _objects[stage].discard(obj)
-        _closers[stage].pop(id(obj), None)
+    closers.discard(obj, stage)
 
 
 def note_bus(bus: str) -> None:
@@ -130,20 +160,8 @@ def owns_ray() -> bool:
 
 
 def close_all() -> None:
-    """Closes everything registered, stage by stage. Errors are logged, never raised."""
-    for stage in STAGES:
-        with _lock:
-            objs = list(_objects[stage])
-            closers = {id(o): _closers[stage].get(id(o)) for o in objs}
-        for o in objs:
-            fn = closers.get(id(o))
-            if fn is None:
-                continue
-            try:
-                fn(o)
-            except Exception as e:  # exit must go on; say what failed
-                log.debug("closing %r at exit failed: %s", o, e)
-            unregister(o, stage)
+    """Closes everything this process registered, stage by stage (what the exit hook does)."""
+    closers.close_all()
 
 
 def _collect_bus_segments(buses: List[str]) -> None:

@@ -462,7 +462,7 @@ class _Runtime:
         if self._stopping.is_set():
             return
         self._stopping.set()
-        if deregister:
+        if deregister and lifecycle.ray_alive():  # after ray.shutdown() there is no router to tell
             try:
                 import ray
 

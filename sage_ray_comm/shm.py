@@ -19,6 +19,7 @@ import hashlib
 import os
 import re
 import sys
+import time
 from typing import Optional
 
 from . import _core
@@ -109,6 +110,7 @@ class SegmentInfo:
     creator_alive: bool
     live_attached: int
     attach_overflow: bool = False
+    idle_seconds: float = 0.0  # since the segment was last written (its mtime)
 
     @property
     def legacy(self) -> bool:
@@ -179,6 +181,10 @@ def list_segments(namespace: Optional[str] = None) -> list[SegmentInfo]:
         info = _core.inspect("/" + fname)
         if info is None:  # removed while we looked
             continue
+        try:
+            idle = max(0.0, time.time() - os.stat(os.path.join(SHM_DIR, fname)).st_mtime)
+        except FileNotFoundError:
+            continue
         out.append(
             SegmentInfo(
                 shm_name="/" + fname,
@@ -189,6 +195,7 @@ def list_segments(namespace: Optional[str] = None) -> list[SegmentInfo]:
                 creator_alive=info["creator_alive"],
                 live_attached=info["live_attached"],
                 attach_overflow=info.get("attach_overflow", False),
+                idle_seconds=idle,
             )
         )
     return out
@@ -212,8 +219,9 @@ def gc(namespace: Optional[str] = None, dry_run: bool = False, keep_legacy: bool
     return removed
 
 
-def gc_buses(dry_run: bool = False) -> list[SegmentInfo]:
-    """:func:`gc` over every bus namespace on this node (legacy queues kept):
-    what each node's janitor runs. Plain SageQueue namespaces are left alone."""
+def gc_buses(min_idle: float = 0.0, dry_run: bool = False) -> list[SegmentInfo]:
+    """:func:`gc` over every bus namespace on this node (legacy queues kept),
+    for segments not written for ``min_idle`` seconds: what each node's
+    janitor runs. Plain SageQueue namespaces are left alone."""
     return [s for s in gc(None, dry_run=True) if s.shm_name[1:].split(".")[1].startswith(_BUS_PART)
-            and (dry_run or _core.unlink(s.shm_name))]
+            and s.idle_seconds >= min_idle and (dry_run or _core.unlink(s.shm_name))]

@@ -67,8 +67,11 @@ EVENT_RING_BYTES = 4 << 20
 # a dead replica costs a caller at most this long, not its whole timeout.
 LIVENESS_SLICE = 0.25
 GATEWAY_NAMESPACE = "sage_ray_comm"
-# How often each node's gateway removes segments of processes that died there.
+# How often each node's gateway removes segments of processes that died there,
+# and how long such a segment must have been left unwritten first (a process
+# that exits cleans up after itself; the janitor is for those that could not).
 JANITOR_SECONDS = 5.0
+JANITOR_GRACE = 10.0
 
 
 # ------------------------------------------------------------ oversize
@@ -564,8 +567,8 @@ class _GatewayActor:
     - makes shared-memory calls on its node for callers on other nodes;
     - the node's janitor: every :data:`JANITOR_SECONDS` it removes the bus
       segments of processes that died on its node (callers, replicas, jobs
-      killed without closing), keeping legacy queues, which outlive their
-      creators until their bus ends.
+      killed without closing) once unwritten for :data:`JANITOR_GRACE`,
+      keeping legacy queues, which outlive their creators until their bus ends.
     """
 
     def __init__(self) -> None:
@@ -579,13 +582,13 @@ class _GatewayActor:
         while True:
             time.sleep(JANITOR_SECONDS)  # a detached actor: it lives as long as the node
             try:
-                self.collected += len(shm.gc_buses())
+                self.collected += len(shm.gc_buses(min_idle=JANITOR_GRACE))
             except Exception as e:  # /dev/shm unreadable for a moment: try next time
                 log.debug("janitor sweep failed: %s", e)
 
     def janitor_stats(self) -> dict:
         """Segments this node's janitor removed so far, and how often it looks."""
-        return {"collected": self.collected, "interval": JANITOR_SECONDS, "pid": os.getpid()}
+        return {"collected": self.collected, "interval": JANITOR_SECONDS, "grace": JANITOR_GRACE, "pid": os.getpid()}
 
     def _shm(self, namespace: str) -> ShmTransport:
         t = self._transports.get(namespace)
