@@ -19,6 +19,7 @@ from typing import Any, Callable, Dict, List, Optional, Union
 
 import pydantic
 
+from . import lifecycle
 from .client import FunctionClient, _Endpoint
 from .errors import InvalidCallArgument, InvalidServiceDefinition, ServiceNotFound, ValidationError
 from .message import CommunicationPattern, Message
@@ -69,7 +70,7 @@ class CommunicationBus:
             c.close()
 
     def shutdown(self) -> None:
-        """Ends the bus: stops the services this process deployed on it, removes
+        """Ends the bus: stops the services this process serves or deployed on it, removes
         its legacy queues and this process's rings, kills the router (its
         registry goes with it), and removes rings left by killed processes."""
         import ray
@@ -80,6 +81,10 @@ class CommunicationBus:
         m = _managers.get(self.name)
         if m is not None:
             m.stop_all()
+        # Services served from this process on this bus, however they were started.
+        for svc in lifecycle.closers.objects("services"):
+            if svc.bus_name == self.name:
+                svc.stop()
         for h in deployed(self.name):
             h.shutdown()
         if ray.is_initialized():

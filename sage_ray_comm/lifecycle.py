@@ -78,6 +78,11 @@ class Closers:
             self._objects[stage].discard(obj)
             self._close[stage].pop(id(obj), None)
 
+    def objects(self, stage: str) -> List[Any]:
+        """The live objects held in ``stage``."""
+        with self._lock:
+            return list(self._objects[stage])
+
     def close_all(self) -> None:
         """Closes everything held, stage by stage. Errors are logged, never raised."""
         for stage in STAGES:

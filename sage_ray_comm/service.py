@@ -895,12 +895,18 @@ class BaseService(ServiceCallMixin):
         """
         if self._runtime is None:
             raise ServiceUnavailable(f"service '{self.service_name}' must be started before it subscribes")
-        cb = callback or getattr(self, "handle_event", None) or getattr(self, "handle_message", None)
+        cb = callback or getattr(self, "handle_event", None)
+        if cb is None and callable(getattr(self, "handle_message", None)):
+            cb = self._to_handle_message
         if cb is None:
             cb = self._unhandled_event
         elif not callable(cb):
             raise InvalidSubscription(f"service '{self.service_name}': subscribe({pattern!r}) callback is not callable: {cb!r}")
         return self._runtime.add_subscription(pattern, cb, group)
+
+    def _to_handle_message(self, payload: Any, message: Any = None) -> Any:
+        # The original API: handle_message(message) gets the whole Message.
+        return self.handle_message(message)  # type: ignore[attr-defined]
 
     def _unhandled_event(self, payload: Any, message: Any = None) -> None:
         rt = self._runtime
