@@ -75,6 +75,7 @@ from .router import (
 )
 from .transport import (
     EVENT_RING_BYTES,
+    JANITOR_GRACE,
     KIND_REQ_OOB,
     BadRequest,
     RayTransport,
@@ -234,9 +235,12 @@ class _Endpoint:
         # Set by close(): wakes the watcher at once, so it drops its Ray refs
         # before Ray shuts down.
         self._stop: concurrent.futures.Future = concurrent.futures.Future()
-        # Rings of processes that died on this node (callers, replicas) go now,
-        # not whenever someone remembers `sage-comm gc`.
+        # Rings of processes that died on this node (callers, replicas, a
+        # killed notebook kernel's whole bus) go now, not whenever someone
+        # remembers `sage-comm gc`: this bus's at once, other buses' once idle
+        # for the janitor's grace (a payload segment may still be on its way).
         shm.gc(self.namespace)
+        shm.gc_buses(min_idle=JANITOR_GRACE)
         lifecycle.note_bus(bus)
         self.refresh()
         self._watcher = threading.Thread(target=self._watch, name=f"sage-registry-{bus}", daemon=True)

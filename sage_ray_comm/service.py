@@ -190,10 +190,14 @@ class _Handler:
         self.service = service
         self.name = name
         self.fn = bound
+        resolvable = True
         try:  # resolve string annotations (``from __future__ import annotations``)
             sig = inspect.signature(bound, eval_str=True)
         except Exception:
+            # A class from the caller's __main__ named only in a string
+            # annotation: the replica cannot resolve it, so it cannot check it.
             sig = inspect.signature(bound)
+            resolvable = False
         self.params = [
             p.name for p in sig.parameters.values()
             if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
@@ -207,11 +211,15 @@ class _Handler:
         )
         annotated = any(p.annotation is not inspect.Parameter.empty for p in sig.parameters.values())
         # Validate only annotated handlers: pydantic costs a few microseconds a call.
-        self.validated = (
-            pydantic.validate_call(bound, config=pydantic.ConfigDict(arbitrary_types_allowed=True))
-            if annotated
-            else bound
-        )
+        self.validated = bound
+        if annotated and resolvable:
+            try:
+                self.validated = pydantic.validate_call(bound, config=pydantic.ConfigDict(arbitrary_types_allowed=True))
+            except Exception as e:  # an annotation pydantic cannot build a schema for
+                log.warning("%s.%s: arguments are not validated (%s: %s)", service, name, type(e).__name__, e)
+        elif annotated:
+            log.warning("%s.%s: arguments are not validated: its annotations name classes this "
+                        "process cannot resolve (defined in the deploying script?)", service, name)
         self.info = FunctionInfo(
             name=name,
             timeout=meta.timeout if meta else None,
