@@ -41,6 +41,7 @@ from .errors import (
     SageCommError,
     SerializationError,
     ServiceNotFound,
+    SharedMemoryFull,
     ServiceUnavailable,
     ValidationError,
 )
@@ -74,6 +75,7 @@ from .router import (
     validate_topic,
 )
 from .transport import (
+    DirectTransport,
     EVENT_RING_BYTES,
     JANITOR_GRACE,
     KIND_REQ_OOB,
@@ -81,8 +83,10 @@ from .transport import (
     RayTransport,
     ShmTransport,
     Transport,
+    check_shm_space,
     decode_request,
     ensure_janitor,
+    shm_warn_once,
 )
 
 __all__ = ["FunctionClient", "POLICIES", "pick_instance", "ServiceCallMixin", "call_service", "call_service_async"]
@@ -218,6 +222,11 @@ class _Endpoint:
         self.host_id = shm.host_id()
         self.shm = ShmTransport(self.namespace)
         self.ray = RayTransport(self.namespace)
+        self.direct: Transport = DirectTransport(self.namespace)
+        check_shm_space()  # a small /dev/shm (a container's 64 MiB) is said once, at start
+        # False once this process could not make a reply ring (/dev/shm full):
+        # its calls then go over Ray, straight to the replicas' actors.
+        self.shm_ok = True
         self.snapshot: dict = {"version": -1, "services": {}, "subscriptions": [], "load": {}}
         self.outstanding: Dict[str, int] = {}
         self.dead: set = set()  # instances seen dead here before the router dropped them
@@ -256,7 +265,7 @@ class _Endpoint:
         ep.bus, ep.namespace, ep.router = bus, bus_namespace(bus), None
         ep._ray_session = None
         ep.node_id, ep.host_id = node_id, shm.host_id()
-        ep.shm, ep.ray = shm_t, ray_t
+        ep.shm, ep.ray, ep.direct, ep.shm_ok = shm_t, ray_t, ray_t, True
         ep.snapshot = snapshot
         ep.outstanding, ep.dead, ep.rr, ep._live, ep._gen = {}, set(), {}, {}, 0
         ep._rebuild_until, ep.my_subs = 0.0, {}
@@ -403,7 +412,21 @@ class _Endpoint:
         self._gen += 1
 
     def transport(self, node_id: Optional[str]) -> Transport:
+        """The transport to a subscriber or replica on ``node_id``."""
         return self.shm if node_id == self.node_id else self.ray
+
+    def transport_for(self, inst: InstanceInfo) -> Transport:
+        """The transport to one replica: shared memory on this node, the
+        node's gateway across nodes, and a direct Ray call to the replica's
+        actor when either side has no ring (shared memory is short)."""
+        if not inst.request_queue or (not self.shm_ok and inst.node_id == self.node_id):
+            return self.direct
+        return self.shm if inst.node_id == self.node_id else self.ray
+
+    def shm_full(self, e: BaseException) -> None:
+        """This process could not make a ring: go over Ray from now on."""
+        self.shm_ok = False
+        shm_warn_once(f"a caller on bus '{self.bus}' could not make its reply ring ({e}); its calls go over Ray")
 
     # -- pub/sub
     def inbox(self, buffer_bytes: Optional[int] = None) -> "_Inbox":
@@ -579,6 +602,14 @@ class FunctionClient:
             s[transport.name] += 1
             s["by_instance"][iid] = s["by_instance"].get(iid, 0) + 1
 
+    @staticmethod
+    def _uncount(ep: _Endpoint, inst: InstanceInfo, transport: Transport) -> None:
+        """Takes back the counts of an attempt that never left (it is retried another way)."""
+        s = ep.stats
+        s["calls"] -= 1
+        s[transport.name] -= 1
+        s["by_instance"][inst.instance_id] -= 1
+
     def call(self, service: str, function: str, *args: Any, timeout: Optional[float] = None, instance: Optional[str] = None, headers: Optional[dict] = None, **kwargs: Any) -> Any:
         """Calls ``service.function(*args, **kwargs)`` and returns its result.
 
@@ -591,12 +622,18 @@ class FunctionClient:
         while True:
             ep, inst, finfo = self._route(service, function, instance, excluded)
             t = _check_timeout(_pick_timeout(timeout, finfo.timeout, self.default_timeout), service, function)
-            transport = ep.transport(inst.node_id)
+            transport = ep.transport_for(inst)
             req = self._request(OP_CALL, service, function, args, kwargs, time.time() + t, headers)
             self._account(ep, inst, transport, 1)
             t0 = time.perf_counter()
             try:
                 rep = transport.call(inst, req, t)
+            except SharedMemoryFull as e:
+                if transport is ep.direct:
+                    raise
+                ep.shm_full(e)  # no room for this call's rings: the same call over Ray
+                self._uncount(ep, inst, transport)
+                continue
             except ServiceUnavailable:
                 ep.mark_dead(inst.instance_id)
                 ep.stats["errors"] += 1
@@ -629,13 +666,24 @@ class FunctionClient:
         """
         ep, inst, finfo = self._route(service, function, instance)
         t = _check_timeout(_pick_timeout(timeout, finfo.timeout, self.default_timeout), service, function)
-        transport = ep.transport(inst.node_id)
+        transport = ep.transport_for(inst)
         req = self._request(OP_CALL, service, function, args, kwargs, time.time() + t, headers)
         self._account(ep, inst, transport, 1)
 
         finish = _Finish(ep, inst.instance_id, service, function, transport.name, self.bus)
         try:
             return transport.call_async(inst, req, t, finish)
+        except SharedMemoryFull as e:
+            if transport is ep.direct:
+                self._account(ep, inst, transport, -1)
+                raise
+            ep.shm_full(e)  # no room for this call's rings: the same call over Ray
+            self._uncount(ep, inst, transport)
+            ep.stats[ep.direct.name] += 1
+            ep.stats["calls"] += 1
+            ep.stats["by_instance"][inst.instance_id] += 1
+            finish.transport = ep.direct.name
+            return ep.direct.call_async(inst, req, t, finish)
         except BaseException:
             self._account(ep, inst, transport, -1)
             raise
@@ -654,9 +702,16 @@ class FunctionClient:
         """
         ep, inst, finfo = self._route(service, function, instance)
         t = _check_timeout(_pick_timeout(timeout, finfo.timeout, self.default_timeout), service, function)
-        transport = ep.transport(inst.node_id)
+        transport = ep.transport_for(inst)
         req = self._request(OP_SEND, service, function, args, kwargs, None, headers)
-        transport.send(inst, req, t)
+        try:
+            transport.send(inst, req, t)
+        except SharedMemoryFull as e:
+            if transport is ep.direct:
+                raise
+            ep.shm_full(e)
+            transport = ep.direct
+            transport.send(inst, req, t)
         ep.stats["by_instance"][inst.instance_id] = ep.stats["by_instance"].get(inst.instance_id, 0) + 1
         ep.stats[transport.name] += 1
         recorder.call(self.bus, service, function, transport.name, "point_to_point" if instance else "load_balanced", None)
@@ -690,7 +745,10 @@ class FunctionClient:
         for sub in targets:
             req = Request(OP_EVENT, 0, sub.function or "", (payload,), None, None, None, self.client_id, hdrs, sub.group or "")
             tr = ep.transport(sub.node_id)
-            if tr.deliver(sub, req):
+            if not sub.queue and self._deliver_direct(ep, sub, req):
+                delivered += 1
+                recorder.count("sage_messages_delivered_total", (self.bus, "ray"))
+            elif sub.queue and tr.deliver(sub, req):
                 delivered += 1
                 recorder.count("sage_messages_delivered_total", (self.bus, tr.name))
             else:
@@ -702,6 +760,20 @@ class FunctionClient:
         return delivered
 
     publish = broadcast
+
+    @staticmethod
+    def _deliver_direct(ep: _Endpoint, sub: Subscription, req: Request) -> bool:
+        """An event for a replica with no ring (shared memory was short): over Ray to its actor."""
+        iid = sub.sub_id.split("/", 1)[0]
+        for insts in ep.snapshot["services"].values():
+            inst = insts.get(iid)
+            if inst is not None:
+                try:
+                    ep.direct.send(inst, req, 0)
+                    return True
+                except SageCommError:
+                    return False
+        return False
 
     def subscribe(self, pattern: str, callback: Callable, *, buffer_bytes: Optional[int] = None) -> str:
         """Runs ``callback(payload)`` (or ``callback(payload, message=...)``) in a

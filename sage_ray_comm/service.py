@@ -30,7 +30,9 @@ are awaited. Annotated handler arguments are validated with pydantic.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import inspect
+import itertools
 import logging
 import os
 import pickle
@@ -52,6 +54,7 @@ from .errors import (
     QueueNotFound,
     SageCommError,
     SerializationError,
+    SharedMemoryFull,
     MessageTooLarge,
     ServiceUnavailable,
 )
@@ -61,6 +64,7 @@ from .message import (
     ERR_REMOTE,
     ERR_SERIALIZATION,
     ERR_TIMEOUT,
+    ERR_UNAVAILABLE,
     ERR_VALIDATION,
     OP_CALL,
     OP_EVENT,
@@ -89,7 +93,7 @@ from .router import (
 )
 from .client import ServiceCallMixin
 from .transport import KIND_REQ_OOB, BadRequest, decode_request
-from .transport import REQUEST_RING_BYTES, REQUEST_SPIN_US, RingPool, SegmentBlob, tune_malloc
+from .transport import DIRECT_PREFIX, REQUEST_RING_BYTES, REQUEST_SPIN_US, RingPool, SegmentBlob, shm_warn_once, tune_malloc
 
 __all__ = [
     "BaseService",
@@ -319,13 +323,27 @@ class _Runtime:
         self.functions, self.events = _collect(svc)
         self.router = get_router(bus)
         shm.gc(self.namespace)  # rings left by replicas and callers that were killed
-        self.queue = SageQueue(
-            f"req.{svc.service_name}.{self.instance_id}",
-            queue_bytes,
-            auto_cleanup=True,
-            namespace=self.namespace,
-            spin_us=REQUEST_SPIN_US,
-        )
+        self.queue: Optional[SageQueue] = None
+        try:
+            self.queue = SageQueue(
+                f"req.{svc.service_name}.{self.instance_id}",
+                queue_bytes,
+                auto_cleanup=True,
+                namespace=self.namespace,
+                spin_us=REQUEST_SPIN_US,
+            )
+        except SharedMemoryFull as e:
+            if not actor_name:  # an in-process service has no other way in
+                raise SharedMemoryFull(
+                    f"service '{svc.service_name}' cannot serve from this process: {e}. Deploy it as Ray "
+                    "actors (Cls.deploy()), which serve over Ray when shared memory is short, or give "
+                    "/dev/shm more room (docker run --shm-size=1g)"
+                ) from None
+            # A deployed replica serves every call over Ray (direct actor calls) instead.
+            shm_warn_once(f"service '{svc.service_name}' replica {self.instance_id}: {e}; it serves over Ray")
+        # Direct calls (over Ray, to this replica's actor) wait here for their reply.
+        self._direct: Dict[str, concurrent.futures.Future] = {}
+        self._direct_ids = itertools.count(1)
         self.replies = RingPool(self.namespace)
         self._callers: Dict[str, tuple] = {}  # reply ring -> (checked at, caller alive)
         self._frames_dropped_seen = 0
@@ -350,7 +368,7 @@ class _Runtime:
             host_id=shm.host_id(),
             pid=pid,
             pid_start=_core.process_start_time(pid),
-            request_queue=self.queue.name,
+            request_queue=self.queue.name if self.queue is not None else "",
             functions={n: h.info for n, h in self.functions.items() if not n.startswith("@event:")},
             actor_name=actor_name,
             replica_index=replica_index,
@@ -365,7 +383,8 @@ class _Runtime:
     def start(self) -> None:
         try:
             self.svc.initialize()
-            self._spawn()
+            if self.queue is not None:
+                self._spawn()
             import ray
 
             self.version = ray.get(self.router.register.remote(self.info, self._replace))
@@ -385,7 +404,7 @@ class _Runtime:
         return Subscription(
             sub_id=f"{self.instance_id}/{key}/{pattern}",
             pattern=pattern,
-            queue=self.queue.name,
+            queue=self.queue.name if self.queue is not None else "",
             node_id=self.info.node_id,
             host_id=self.info.host_id,
             pid=self.info.pid,
@@ -415,7 +434,7 @@ class _Runtime:
                 return
             try:
                 self._sweep_blobs()
-                load = {"in_flight": self.in_flight, "queued": self.queue.qsize(), **self.stats}
+                load = {"in_flight": self.in_flight, "queued": self.queued(), **self.stats}
                 self._record_gauges()
                 known = ray.get(self.router.heartbeat.remote(self.instance_id, load), timeout=10)
                 if not known and not self._stopping.is_set():
@@ -437,8 +456,10 @@ class _Runtime:
     def _record_gauges(self) -> None:
         """Replica gauges for the dashboard, every heartbeat (off the call path)."""
         tags = (self.bus, self.info.service, (self.info.actor_name or self.instance_id).split(":")[-1])
-        st = self.queue.stats()
         recorder.gauge("sage_replica_in_flight", tags, self.in_flight)
+        if self.queue is None:
+            return
+        st = self.queue.stats()
         recorder.gauge("sage_ring_fill_ratio", tags, (st["tail"] - st["head"]) / max(1, st["capacity"]))
         dropped = st["frames_dropped"]
         recorder.count("sage_frames_dropped_total", (self.bus, "ring"), dropped - self._frames_dropped_seen)
@@ -477,7 +498,8 @@ class _Runtime:
                 ray.get(self.router.deregister.remote(self.instance_id), timeout=10)
             except Exception as e:  # the router is gone: nothing to deregister from
                 log.debug("deregistering %s failed: %s", self.instance_id, e)
-        self.queue.close()  # wakes every dispatcher; callers now get ServiceUnavailable
+        if self.queue is not None:
+            self.queue.close()  # wakes every dispatcher; callers now get ServiceUnavailable
         for t in list(self._threads):
             if t is not threading.current_thread():
                 t.join(timeout=10)
@@ -494,9 +516,41 @@ class _Runtime:
                 blob.discard()
             self.blobs.clear()
             self.replies.close()
-            self.queue.destroy()
+            if self.queue is not None:
+                self.queue.destroy()
+            for fut in list(self._direct.values()):
+                if not fut.done():
+                    fut.set_exception(ServiceUnavailable(f"replica {self.instance_id} of '{self.info.service}' stopped"))
 
     # -- dispatch
+    def queued(self) -> int:
+        """Requests waiting in the ring (0 without one)."""
+        return self.queue.qsize() if self.queue is not None else 0
+
+    def handle_direct(self, frame: tuple) -> Optional[tuple]:
+        """Serves one request that came as a Ray actor call (this replica has
+        no ring, or its caller has none): the same checks and handlers as the
+        ring path. Returns the reply frame (None for events and sends)."""
+        if self._stopping.is_set():
+            return (frame[1], ST_ERROR, tuple(ErrorInfo(ERR_UNAVAILABLE, "", f"replica {self.instance_id} of "
+                                                        f"'{self.info.service}' is stopping", "", None, None)))
+        req = _make_request(frame)
+        if req.op != OP_CALL:
+            self._handle(req)
+            return None
+        key = f"{DIRECT_PREFIX}{next(self._direct_ids)}"
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        self._direct[key] = fut
+        try:
+            self._handle(req._replace(reply_to=key))
+            left = None if req.deadline is None else max(0.0, req.deadline - time.time()) + 1.0
+            return fut.result(timeout=left)  # async handlers reply from their loop
+        except concurrent.futures.TimeoutError:
+            return (req.cid, ST_ERROR, tuple(ErrorInfo(ERR_TIMEOUT, "", f"call to {req.service}.{req.function} "
+                                                       "got no reply before its deadline", "", None, None)))
+        finally:
+            self._direct.pop(key, None)
+
     def _spawn(self) -> None:
         # Caller holds self._lock, or is start().
         t = threading.Thread(target=self._dispatch, name=f"sage-dispatch-{self.instance_id}-{len(self._threads)}", daemon=True)
@@ -631,6 +685,9 @@ class _Runtime:
         self._put_reply(req, (req.cid, ST_ERROR, tuple(ErrorInfo(code, "", message, "", None, extra))))
 
     def _reply(self, req: Request, result: Any) -> None:
+        if req.reply_to is not None and req.reply_to.startswith(DIRECT_PREFIX):
+            self._put_reply(req, (req.cid, ST_OK, result))  # Ray carries it, any size
+            return
         try:
             self._put_reply(req, (req.cid, ST_OK, result), raise_too_large=True)
         except MessageTooLarge:
@@ -661,6 +718,11 @@ class _Runtime:
 
     def _put_reply(self, req: Request, rep: tuple, raise_too_large: bool = False) -> None:
         if req.reply_to is None:
+            return
+        if req.reply_to.startswith(DIRECT_PREFIX):  # a direct call waits in handle_direct
+            fut = self._direct.get(req.reply_to)
+            if fut is not None and not fut.done():
+                fut.set_result(rep)
             return
         if not self._caller_alive(req.reply_to):
             # The caller died mid-call: drop the reply, count it, and remove its
@@ -864,7 +926,7 @@ class BaseService(ServiceCallMixin):
             "service": self.service_name,
             "instance_id": rt.instance_id,
             "in_flight": rt.in_flight,
-            "queued": rt.queue.qsize(),
+            "queued": rt.queued(),
             "threads": len(rt._threads),
             **rt.stats,
         }
@@ -970,6 +1032,13 @@ class _ServiceActor:
     def stats(self) -> dict:
         return self.svc.get_stats() if self.svc is not None else {"running": False}
 
+    def handle(self, frame: tuple) -> Optional[tuple]:
+        """A request sent over Ray straight to this replica (see _Runtime.handle_direct)."""
+        rt = self.svc._runtime if self.svc is not None else None
+        if rt is None:
+            return (frame[1], ST_ERROR, tuple(ErrorInfo(ERR_UNAVAILABLE, "", "replica is not running", "", None, None)))
+        return rt.handle_direct(frame)
+
     def pid(self) -> int:
         return os.getpid()
 
@@ -1073,8 +1142,9 @@ def _deploy(cls: type, *args: Any, replicas: Optional[int] = None, bus: Optional
         opts.pop(k, None)
     if n < 1:
         raise InvalidServiceDefinition(f"service '{name}' needs at least 1 replica, got {n}")
-    # Actor threads: start, stop, stats, and the router's pending watch() call.
-    actor_opts = {"num_cpus": 0.1, **opts, "max_concurrency": 4}
+    # Actor threads: start, stop, stats, the router's pending watch() call, and
+    # direct calls over Ray (when shared memory is short), one per handler thread.
+    actor_opts = {"num_cpus": 0.1, **opts, "max_concurrency": 4 + int(cls.__sage_options__.get("max_concurrency") or DEFAULT_MAX_CONCURRENCY)}
     code = code_id_of(cls)
     router = get_router(bus)
     snap = ray.get(router.snapshot.remote(), timeout=30)

@@ -138,8 +138,10 @@ def mapped_by_live_process(shm_name: str) -> bool:
     """Whether any process on this machine has ``shm_name`` mapped (reads /proc/*/maps).
 
     Exact but slow (one file per process): used only for segments whose
-    attach table overflowed. A process whose maps cannot be read counts as
-    a user, so a segment is never removed on a guess.
+    attach table overflowed. A process whose mappings this user may not read
+    (another user's, a protected init) cannot open our mode-0600 segments
+    either, so it is passed over; any other read error counts as a user, so
+    a segment is never removed on a guess.
     """
     needle = (SHM_DIR + shm_name).encode()
     try:
@@ -151,8 +153,8 @@ def mapped_by_live_process(shm_name: str) -> bool:
             with open(f"/proc/{pid}/maps", "rb") as f:
                 if needle in f.read():
                     return True
-        except FileNotFoundError:
-            continue  # exited meanwhile
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue  # exited meanwhile, or not ours
         except OSError:
             return True  # cannot tell: keep the segment
     return False

@@ -49,9 +49,20 @@ from .errors import (
 )
 from .message import ST_OK, ST_OK_BLOB, Reply, Request
 from .queue import KIND_PICKLE, SageQueue, _decode_oob, _encode
-from .router import InstanceInfo, Subscription, get_or_create_actor
+from .router import ROUTER_NAMESPACE, InstanceInfo, Subscription, get_or_create_actor
 
-__all__ = ["Transport", "ShmTransport", "RayTransport", "SegmentBlob", "RingPool", "get_gateway", "ensure_janitor"]
+__all__ = [
+    "Transport",
+    "ShmTransport",
+    "RayTransport",
+    "DirectTransport",
+    "SegmentBlob",
+    "RingPool",
+    "get_gateway",
+    "ensure_janitor",
+    "shm_warn_once",
+    "check_shm_space",
+]
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +83,40 @@ GATEWAY_NAMESPACE = "sage_ray_comm"
 # that exits cleans up after itself; the janitor is for those that could not).
 JANITOR_SECONDS = 5.0
 JANITOR_GRACE = 10.0
+# reply_to of a request that came as a Ray actor call (no reply ring involved).
+DIRECT_PREFIX = "@direct:"
+# Below this much free /dev/shm a process warns once at start: a caller needs
+# a reply ring per calling thread, a replica its request ring (8 MiB each).
+SHM_COMFORT_BYTES = 64 << 20
+
+
+# ------------------------------------------------------------ /dev/shm room
+_SHM_WARNED = False
+
+
+def shm_warn_once(what: str) -> None:
+    """Logs, once per process, that shared memory is short and calls go over Ray."""
+    global _SHM_WARNED
+    if _SHM_WARNED:
+        return
+    _SHM_WARNED = True
+    total, free = shm.shm_space()
+    log.warning(
+        "sage_ray_comm: /dev/shm is short (%d MiB free of %d MiB; each ring needs %d MiB, about %d MiB per "
+        "calling process and per replica): %s. What does not fit goes through Ray instead (slower). "
+        "Give it more room, e.g. `docker run --shm-size=1g`.",
+        free >> 20, total >> 20, REPLY_RING_BYTES >> 20, (REPLY_RING_BYTES + REQUEST_RING_BYTES) >> 20, what,
+    )
+
+
+def check_shm_space() -> bool:
+    """Warns once when /dev/shm has less free room than a caller and a replica
+    need; True when it has enough. Called when a process first uses a bus."""
+    total, free = shm.shm_space()
+    if total and free < SHM_COMFORT_BYTES:
+        shm_warn_once(f"less than {SHM_COMFORT_BYTES >> 20} MiB free leaves room for a few rings only")
+        return False
+    return True
 
 
 # ------------------------------------------------------------ oversize
@@ -528,6 +573,8 @@ class ShmTransport(Transport):
         # (or by gc, should the replica die before reading it).
 
     def deliver(self, sub: Subscription, req: Request) -> bool:
+        if not sub.queue:
+            return False  # a replica without a ring: FunctionClient.broadcast sends it over Ray
         try:
             q = self.pool.get(sub.queue)
         except QueueNotFound:
@@ -754,3 +801,80 @@ class RayTransport(Transport):
     def deliver(self, sub: Subscription, req: Request) -> bool:
         self._gw(sub).deliver.remote(self.namespace, sub, req)
         return True
+
+
+# ------------------------------------------------------------ direct to a replica
+class DirectTransport(Transport):
+    """A Ray actor call straight to the replica's actor, served by the same
+    dispatch code as the ring path (``_ServiceActor.handle``). Used when
+    shared memory is short: a replica that could not make its request ring,
+    or a caller that could not make a reply ring."""
+
+    name = "ray"
+
+    def __init__(self, namespace: str) -> None:
+        self.namespace = namespace
+        self._actors: Dict[str, Any] = {}
+
+    def _actor(self, inst: InstanceInfo) -> Any:
+        a = self._actors.get(inst.instance_id)
+        if a is None:
+            import ray
+
+            if not inst.actor_name:
+                raise ServiceUnavailable(
+                    f"replica {inst.instance_id} of service '{inst.service}' serves only through shared memory, "
+                    "and there is no room in /dev/shm for this caller's reply ring"
+                )
+            try:
+                a = ray.get_actor(inst.actor_name, namespace=ROUTER_NAMESPACE)
+            except ValueError:
+                raise ServiceUnavailable(f"replica {inst.instance_id} of service '{inst.service}' is gone") from None
+            self._actors[inst.instance_id] = a
+        return a
+
+    @staticmethod
+    def _frame(req: Request) -> tuple:
+        return (req[0], 0, req[2], req[3], req[4], None, req[6], req[7], req[8], req[9])
+
+    def _error(self, inst: InstanceInfo, fn: str, e: BaseException) -> SageCommError:
+        import ray
+
+        self._actors.pop(inst.instance_id, None)
+        if isinstance(e, ray.exceptions.GetTimeoutError):
+            return CallTimeout(f"call to {inst.service}.{fn} (replica {inst.instance_id}, over Ray) got no reply in time")
+        return ServiceUnavailable(f"replica {inst.instance_id} of service '{inst.service}' died or is unreachable "
+                                  f"while handling '{fn}' ({type(e).__name__})")
+
+    def call(self, inst: InstanceInfo, req: Request, timeout: float) -> Reply:
+        import ray
+
+        try:
+            out = ray.get(self._actor(inst).handle.remote(self._frame(req)), timeout=timeout + 1.0)
+        except ray.exceptions.RayError as e:
+            raise self._error(inst, req.function, e) from None
+        return Reply(*out)
+
+    def call_async(self, inst: InstanceInfo, req: Request, timeout: float, finish: Finish) -> concurrent.futures.Future:
+        import ray
+
+        result: concurrent.futures.Future = CallFuture()
+        ref = self._actor(inst).handle.remote(self._frame(req))
+
+        def done(f: concurrent.futures.Future) -> None:
+            try:
+                rep, exc = Reply(*f.result()), None
+            except ray.exceptions.RayError as e:
+                rep, exc = None, self._error(inst, req.function, e)
+            except BaseException as e:
+                rep, exc = None, e
+            settle(result, finish, rep, exc)
+
+        ref.future().add_done_callback(done)
+        return result
+
+    def send(self, inst: InstanceInfo, req: Request, timeout: float) -> None:
+        self._actor(inst).handle.remote(self._frame(req))
+
+    def deliver(self, sub: Subscription, req: Request) -> bool:
+        return False  # subscribers always have a ring; see FunctionClient.broadcast

@@ -136,3 +136,36 @@ def test_random_frames_in_a_live_request_ring_do_not_stop_the_service(bus):
     assert svc.get_stats()["errors"] >= 300 - 5
     q.release()
     svc.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_node_janitor_collects_a_killed_process_ring_unasked(ray_session):
+    """Nobody calls gc and no bus starts: the node's gateway removes the ring
+    of a SIGKILLed process once it has been idle for the grace period."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import ray
+    from _wait import wait_for
+
+    from sage_ray_comm.transport import JANITOR_GRACE, JANITOR_SECONDS, ensure_janitor, get_gateway
+
+    node = ray.get_runtime_context().get_node_id()
+    ensure_janitor(node)
+    gw = get_gateway(node)
+    before = ray.get(gw.janitor_stats.remote(), timeout=30)
+    assert before["pid"] != os.getpid() and before["interval"] == JANITOR_SECONDS
+    ns = f"bus.janitor-{os.getpid()}-{time.monotonic_ns()}"
+    p = subprocess.Popen([sys.executable, "-c",
+                          "import sys; from sage_ray_comm import SageQueue; "
+                          "q = SageQueue('rep.dead', 4096, namespace=sys.argv[1]); print('ok', flush=True); sys.stdin.read()", ns],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "ok"
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert len(shm.list_segments(ns)) == 1
+    wait_for(lambda: not shm.list_segments(ns), JANITOR_GRACE + 3 * JANITOR_SECONDS, "the janitor's sweep")
+    assert ray.get(gw.janitor_stats.remote(), timeout=30)["collected"] > before["collected"]
