@@ -88,6 +88,13 @@ class CommunicationBus:
         for h in deployed(self.name):
             h.shutdown()
         if ray.is_initialized():
+            # Replicas deployed by other processes (a detached service of an
+            # earlier job): the bus ends with all of its services.
+            from .service import stop_registered_replicas
+
+            self.start()
+            stop_registered_replicas(self.name, self.client.endpoint.refresh())
+        if ray.is_initialized():
             from .adapter import _destroy_bus_queues
 
             self.start()  # the registry lists the bus's legacy queues

@@ -439,7 +439,7 @@ class _Runtime:
                 known = ray.get(self.router.heartbeat.remote(self.instance_id, load), timeout=10)
                 if not known and not self._stopping.is_set():
                     # The router restarted and forgot us: register again.
-                    self.router = get_router(self.bus)
+                    self.router = get_router(self.bus, create=False)
                     ray.get(self.router.register.remote(self.info, False), timeout=10)
                     for key, pats in self.events.items():
                         for p in pats:
@@ -449,7 +449,9 @@ class _Runtime:
                     return
                 log.debug("heartbeat of %s failed: %s", self.instance_id, e)
                 try:
-                    self.router = get_router(self.bus)
+                    # Ray restarts a crashed router; one ended by bus.shutdown()
+                    # must stay ended, so a heartbeat never creates one.
+                    self.router = get_router(self.bus, create=False)
                 except Exception:
                     pass
 
@@ -1205,6 +1207,16 @@ def _deploy(cls: type, *args: Any, replicas: Optional[int] = None, bus: Optional
     lifecycle.register(handle, "deployments", ServiceHandle._close_at_exit)
     lifecycle.note_bus(bus)
     return handle
+
+
+def stop_registered_replicas(bus: str, snapshot: dict, timeout: float = 30.0) -> int:
+    """Stops every replica actor registered on ``bus``, whoever deployed it
+    (deregister, drain, cleanup, remove rings, kill); returns how many."""
+    infos = [i for insts in snapshot["services"].values() for i in insts.values() if i.actor_name]
+    actors = [(a, i) for a, i in ((_named(i.actor_name), i) for i in infos) if a is not None]
+    if actors:
+        _stop_actors([a for a, _ in actors], [i for _, i in actors], bus, timeout)
+    return len(actors)
 
 
 def _named(name: Optional[str]) -> Any:

@@ -53,6 +53,7 @@ def ray_session():
         here = os.path.dirname(os.path.abspath(__file__))
         os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p)
         ray.init(
+            address="local",  # never join a cluster some test started with `ray start` (test_ray_jobs)
             num_cpus=4,  # logical CPUs for scheduling fractional actors; the machine has 2 cores
             include_dashboard=False,
             log_to_driver=False,
