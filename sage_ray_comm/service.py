@@ -93,7 +93,16 @@ from .router import (
 )
 from .client import ServiceCallMixin
 from .transport import KIND_REQ_OOB, BadRequest, decode_request
-from .transport import DIRECT_PREFIX, REQUEST_RING_BYTES, REQUEST_SPIN_US, RingPool, SegmentBlob, shm_warn_once, tune_malloc
+from .transport import (
+    DIRECT_PREFIX,
+    REQUEST_RING_BYTES,
+    REQUEST_SPIN_US,
+    RingPool,
+    SegmentBlob,
+    ensure_janitor,
+    shm_warn_once,
+    tune_malloc,
+)
 
 __all__ = [
     "BaseService",
@@ -378,6 +387,7 @@ class _Runtime:
             code_id=code_id,
         )
         self._replace = replace
+        ensure_janitor(self.info.node_id)  # every node with a replica has its segment janitor
 
     # -- lifecycle
     def start(self) -> None:

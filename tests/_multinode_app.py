@@ -90,6 +90,16 @@ def main() -> int:
         out["function_not_found"] = str(e)
     out["worker_caller"] = ray.get(caller_on_worker.remote(bus_name), timeout=120)
     out["event"] = got.get(timeout=60)
+    # Each node got its janitor from the library (looked up, never created here).
+    from sage_ray_comm.transport import GATEWAY_NAMESPACE, gateway_name
+
+    out["janitors"] = {}
+    for node in (head_id, worker.node_id):
+        try:
+            gw = ray.get_actor(gateway_name(node), namespace=GATEWAY_NAMESPACE)
+            out["janitors"][node] = ray.get(gw.janitor_stats.remote(), timeout=60)["interval"]
+        except ValueError:
+            out["janitors"][node] = None
     near.stop()
     client.close()
     bus.shutdown()

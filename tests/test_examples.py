@@ -51,3 +51,12 @@ def test_legacy_migration_example():
     assert "stage 2 (mixed): consumed 300" in out
     assert "stage 3 (migrated): consumed 400, total 1000" in out
     assert out.rstrip().endswith("OK")
+
+
+@pytest.mark.slow
+def test_ray_job_example_as_a_plain_script():
+    # As a job it is tested in test_ray_jobs.py; run plainly it starts its own Ray.
+    out = run_example("ray_job.py")
+    assert "'Ray actor calls': 3 words, 2 known (Tokens)" in out
+    assert "'a shared memory ring per service': 6 words, 4 known (Tokens)" in out
+    assert "services: dictionary, tokenizer" in out

@@ -39,3 +39,5 @@ def test_cross_node_and_same_node_paths():
     # an event published on the worker reaches a callback in the driver on the head
     assert w["delivered"] == 1 and r["event"] == {"node": r["worker"]}
     assert r["leaked"] == []
+    # a segment janitor on every node that has a replica or a caller
+    assert r["janitors"] == {r["head"]: 5.0, r["worker"]: 5.0}

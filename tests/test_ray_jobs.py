@@ -68,32 +68,82 @@ def test_bus_start_without_a_cluster_starts_a_local_ray():
     assert r["owned"] is True
 
 
+def _cluster_pids(port: int, session_dir: str) -> list:
+    """The processes of the cluster started on ``port``: those naming its
+    session folder or its GCS port. (Its workers are the raylet's children
+    and end with it.) Never `ray stop`: that would kill every Ray on the
+    machine, the suite's own included."""
+    pids = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit() or int(d) == os.getpid():
+            continue
+        try:
+            cmd = open(f"/proc/{d}/cmdline", "rb").read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if (session_dir and session_dir in cmd) or f":{port} " in cmd + " " or f"_port={port} " in cmd + " ":
+            pids.append(int(d))
+    return pids
+
+
+def _stop_cluster(port: int, session_dir: str) -> None:
+    import signal
+
+    for sig, wait in ((signal.SIGTERM, 15.0), (signal.SIGKILL, 10.0)):
+        pids = _cluster_pids(port, session_dir)
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        end = time.monotonic() + wait
+        while _cluster_pids(port, session_dir) and time.monotonic() < end:
+            time.sleep(0.1)  # other processes' exits: nothing to block on
+    current = "/tmp/ray/ray_current_cluster"
+    try:
+        if open(current).read().strip().endswith(f":{port}"):
+            os.unlink(current)  # as `ray stop` does, for this cluster only
+    except OSError:
+        pass
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     port, dash = _free_port(), _free_port()
-    subprocess.run([RAY, "stop", "--force"], capture_output=True, env=ENV, timeout=120)
     p = subprocess.run(
         [RAY, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
-         f"--dashboard-port={dash}", "--num-cpus=4", "--include-dashboard=true", "--disable-usage-stats"],
+         f"--dashboard-port={dash}", "--num-cpus=4", "--include-dashboard=true", "--disable-usage-stats",
+         # its own ports: the suite's Ray on this machine holds the defaults
+         *(f"--{flag}={_free_port()}" for flag in (
+             "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
+             "runtime-env-agent-port", "ray-client-server-port", "node-manager-port", "object-manager-port"))],
         capture_output=True, text=True, env=ENV, timeout=180,
     )
+    session_dir = os.path.realpath("/tmp/ray/session_latest")
+    gcs = [pid for pid in _cluster_pids(port, "") if b"gcs_server" in open(f"/proc/{pid}/cmdline", "rb").read()]
+    if gcs:  # the session folder this cluster's processes name
+        cmd = open(f"/proc/{gcs[0]}/cmdline", "rb").read().decode(errors="replace")
+        session_dir = cmd.split("--log_dir=")[1].split("/logs")[0] if "--log_dir=" in cmd else session_dir
+    if p.returncode != 0:
+        _stop_cluster(port, session_dir)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     from ray.job_submission import JobSubmissionClient
 
     url = f"http://127.0.0.1:{dash}"
-    end = time.monotonic() + 60
-    while True:
-        try:
-            client = JobSubmissionClient(url)
-            break
-        except Exception:
-            assert time.monotonic() < end, "the job server did not come up"
-            time.sleep(0.5)  # the dashboard's job server starts after `ray start` returns
     buses: list = []
     try:
-        yield {"address": f"127.0.0.1:{port}", "client": client, "buses": buses, "tmp": tmp_path_factory.mktemp("jobs")}
+        end = time.monotonic() + 60
+        while True:
+            try:
+                client = JobSubmissionClient(url)
+                break
+            except Exception:
+                assert time.monotonic() < end, "the job server did not come up"
+                time.sleep(0.5)  # the dashboard's job server starts after `ray start` returns
+        yield {"address": f"127.0.0.1:{port}", "url": url, "client": client, "buses": buses,
+               "tmp": tmp_path_factory.mktemp("jobs")}
     finally:
-        subprocess.run([RAY, "stop", "--force"], capture_output=True, env=ENV, timeout=120)
+        _stop_cluster(port, session_dir)
         for b in buses:  # what `ray stop` killed mid-flight
             shm.gc(bus_namespace(b), keep_legacy=False)
 
@@ -213,3 +263,18 @@ def test_bus_start_attaches_to_the_running_cluster(cluster):
     for r in (on_file, on_env):
         # Ray names the GCS by the host's address; the port is the cluster's
         assert r["gcs"].rsplit(":", 1)[1] == cluster["address"].rsplit(":", 1)[1] and r["owned"] is False, r
+
+
+@pytest.mark.timeout(300)
+def test_readme_job_with_ray_job_submit(cluster):
+    """The README's command, verbatim but for the address: the job prints its
+    results and the CLI (which waits for the job) reports it SUCCEEDED."""
+    cluster["buses"].append("jobs-demo")
+    repo = os.path.dirname(HERE)
+    p = subprocess.run([RAY, "job", "submit", "--address", cluster["url"], "--working-dir", "examples", "--",
+                        "python", "ray_job.py"], cwd=repo, capture_output=True, text=True, env=ENV, timeout=240)
+    assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-3000:]
+    assert "'Ray actor calls': 3 words, 2 known (Tokens)" in p.stdout
+    assert "services: dictionary, tokenizer" in p.stdout
+    assert "succeeded" in p.stdout.lower(), p.stdout[-2000:]
+    print(p.stdout)  # what the README quotes
