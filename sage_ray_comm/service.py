@@ -697,9 +697,6 @@ class _Runtime:
         self._put_reply(req, (req.cid, ST_ERROR, tuple(ErrorInfo(code, "", message, "", None, extra))))
 
     def _reply(self, req: Request, result: Any) -> None:
-        if req.reply_to is not None and req.reply_to.startswith(DIRECT_PREFIX):
-            self._put_reply(req, (req.cid, ST_OK, result))  # Ray carries it, any size
-            return
         try:
             self._put_reply(req, (req.cid, ST_OK, result), raise_too_large=True)
         except MessageTooLarge:
@@ -731,7 +728,7 @@ class _Runtime:
     def _put_reply(self, req: Request, rep: tuple, raise_too_large: bool = False) -> None:
         if req.reply_to is None:
             return
-        if req.reply_to.startswith(DIRECT_PREFIX):  # a direct call waits in handle_direct
+        if req.reply_to[0] == DIRECT_PREFIX[0]:  # "@direct:<n>": a direct call waits in handle_direct (Ray carries any size)
             fut = self._direct.get(req.reply_to)
             if fut is not None and not fut.done():
                 fut.set_result(rep)
