@@ -19,13 +19,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
+import statistics
 import sys
 import time
 
 import ray
 
+from _runinfo import run_info
 from sage_ray_comm import BaseService, FunctionClient, Message, MessageType, get_communication_bus, sage_service, service_function
+from sage_ray_comm.transport import get_gateway
 
 SIZES = [8, 1024, 64 * 1024, 1024 * 1024]
 TARGETS = {
@@ -84,6 +86,9 @@ def main() -> int:
     client = FunctionClient(bus=bus_name)
     ray_actor = RayEcho.remote()
     ray.get(ray_actor.echo.remote(b""))
+    # The node's gateway (its segment janitor) starts with the first bus use:
+    # a new Ray worker process, seconds of one core. Measure after it is up.
+    ray.get(get_gateway(ray.get_runtime_context().get_node_id()).janitor_stats.remote(), timeout=120)
 
     cgraph = None
     if not args.no_cgraph:
@@ -94,7 +99,7 @@ def main() -> int:
             dag = cg_actor.echo.bind(inp)
         cgraph = dag.experimental_compile(_buffer_size_bytes=2 * max(SIZES) + 4096)
 
-    results: dict = {"latency_us": {}, "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "ray": ray.__version__}}
+    results: dict = {"latency_us": {}, "machine": run_info()}
     rows = []
     for size in SIZES:
         payload = os.urandom(size)
@@ -115,23 +120,32 @@ def main() -> int:
         rows.append((size, entry))
         print(f"  measured {size} B", file=sys.stderr, flush=True)
 
-    # Metrics overhead on the 8 B p50: blocks with recording on and off, interleaved.
+    # Metrics cost, judged on the real call path: short rounds with recording
+    # on and off alternate in this process, many times; each pair's
+    # difference of medians estimates the added time per call, and the claim
+    # holds only if the upper end of its 95% confidence interval is below 5%
+    # of the 8 B p50.
     from sage_ray_comm import metrics as sage_metrics
 
     small8 = os.urandom(8)
-    on, off = [], []
-    # Alternate call by call, so both sets see the same scheduling conditions
-    # (on 2 vCPUs the p50 moves with process placement between blocks).
-    for i in range(4000 if args.quick else 16000):
-        sage_metrics.set_enabled(i % 2 == 0)
-        t0 = time.perf_counter_ns()
-        client.call("echo", "echo", small8)
-        (on if i % 2 == 0 else off).append((time.perf_counter_ns() - t0) / 1000.0)
+    pairs, per_round = (40, 200) if args.quick else (150, 300)
+    diffs, on_meds, off_meds = [], [], []
+    for k in range(pairs):
+        meds = {}
+        # alternate which goes first, so drift within a pair cancels out
+        for on in ((True, False) if k % 2 == 0 else (False, True)):
+            sage_metrics.set_enabled(on)
+            lat = timed(lambda p: client.call("echo", "echo", p), small8, per_round, 20)
+            meds[on] = pct(lat, 0.5)
+        diffs.append(meds[True] - meds[False])
+        on_meds.append(meds[True])
+        off_meds.append(meds[False])
     sage_metrics.set_enabled(True)
-    # The end-to-end difference is within this machine's noise (the p50 of a
-    # bimodal distribution jumps between modes), so the target is judged on
-    # the recording's own cost on the call path, measured directly, over the
-    # 8 B p50 of this run.
+    mean = statistics.fmean(diffs)
+    half = 1.96 * statistics.stdev(diffs) / len(diffs) ** 0.5
+    p50_8 = results["latency_us"]["8"]["sage_call"]["p50"]
+    overhead = (mean + half) / p50_8
+    # For reference: the recording's own work, timed alone.
     rec = sage_metrics._Recorder()
     rec._thread = object()  # no flusher: just the call-path work
     k = 200000
@@ -140,20 +154,22 @@ def main() -> int:
         t1 = time.perf_counter()
         rec.call("bench", "echo", "echo", "shm", "request_response", time.perf_counter() - t1)
     cost_us = (time.perf_counter() - t0) / k * 1e6
-    p50_8 = results["latency_us"]["8"]["sage_call"]["p50"]
-    overhead = cost_us / p50_8
     results["metrics_overhead"] = {
-        "recording_cost_us": cost_us,
+        "pairs": pairs,
+        "calls_per_round": per_round,
+        "added_us_mean": mean,
+        "added_us_ci95": [mean - half, mean + half],
         "p50_8B_us": p50_8,
-        "overhead": overhead,
-        "interleaved_p50_on_us": pct(on, 0.5),
-        "interleaved_p50_off_us": pct(off, 0.5),
+        "overhead_upper": overhead,
+        "p50_on_median_us": statistics.median(on_meds),
+        "p50_off_median_us": statistics.median(off_meds),
+        "recording_alone_us": cost_us,
     }
 
     # Pipelined throughput: keep many calls in flight, then collect them all.
     n_pipe = 2000 if args.quick else 10000
     small = b"x" * 8
-    n_ray = n_pipe // 5
+    n_ray = n_pipe  # the same count on both sides
 
     def sage_round() -> float:
         t0 = time.perf_counter()
@@ -199,7 +215,7 @@ def main() -> int:
         "p50 >= 10x lower than Ray actor call (<= 1 KiB)": all(ratios["p50_vs_ray"][str(s)] >= 10 for s in (8, 1024)),
         "1 MiB >= 5x faster than Ray actor call": ratios["p50_vs_ray"][str(1 << 20)] >= 5,
         "pipelined >= 20x Ray": ratios["pipelined_vs_ray"] >= 20,
-        "metrics overhead < 5% on the 8 B p50": overhead < 0.05,
+        "metrics: 95% CI upper end of the added time < 5% of the 8 B p50": overhead < 0.05,
     }
     if cgraph is not None:
         checks["p50 <= compiled graph (<= 1 KiB)"] = all(ratios["p50_vs_cgraph"][str(s)] >= 1 for s in (8, 1024))
@@ -222,9 +238,10 @@ def main() -> int:
     print(f"\npipelined 8 B: call_async {sage_tput:,.0f} calls/s, Ray actor {ray_tput:,.0f} calls/s ({ratios['pipelined_vs_ray']:.1f}x)")
     print(f"Message(...) validated {validated:.2f} us, model_construct {constructed:.2f} us")
     mo = results["metrics_overhead"]
-    print(f"metrics recording: {mo['recording_cost_us']:.3f} us per call = {mo['overhead'] * 100:.1f}% of the 8 B p50 "
-          f"({mo['p50_8B_us']:.1f} us); interleaved calls: p50 {mo['interleaved_p50_on_us']:.2f} us on, "
-          f"{mo['interleaved_p50_off_us']:.2f} us off")
+    lo, hi = mo["added_us_ci95"]
+    print(f"metrics recording on the call path: {mo['added_us_mean']:+.3f} us per call, 95% CI [{lo:+.3f}, {hi:+.3f}] "
+          f"({mo['pairs']} pairs of {mo['calls_per_round']}-call rounds); upper end = {mo['overhead_upper'] * 100:.1f}% "
+          f"of the 8 B p50 ({mo['p50_8B_us']:.1f} us); recording alone {mo['recording_alone_us']:.3f} us")
     for name, ok in checks.items():
         print(f"  [{'ok' if ok else 'MISSED'}] {name}")
 

@@ -61,6 +61,7 @@ from .message import (
     Reply,
     Request,
 )
+from ._future import CallFuture
 from .metrics import recorder
 from .queue import SageQueue
 from .router import (
@@ -662,9 +663,19 @@ class FunctionClient:
         """Like :meth:`call`, but returns a ``concurrent.futures.Future`` at once.
 
         The request is already on its way when this returns (it blocks only
-        while the replica's request queue is full: backpressure).
+        while the replica's request queue is full: backpressure). As with
+        :meth:`call`, an idempotent function whose replica died is retried
+        on another one, within the call's timeout.
         """
-        ep, inst, finfo = self._route(service, function, instance)
+        fut, iid, idempotent, deadline = self._call_async_once(service, function, args, kwargs, timeout, instance, headers, ())
+        if instance is not None or not idempotent:
+            return fut  # the common case: the attempt is the call
+        return _Retrying(self, fut, iid, deadline, service, function, args, kwargs, headers).future
+
+    def _call_async_once(self, service: str, function: str, args: tuple, kwargs: dict, timeout: Optional[float],
+                         instance: Optional[str], headers: Optional[dict], exclude: Sequence[str]) -> tuple:
+        """One attempt: (future, replica id, idempotent, monotonic deadline)."""
+        ep, inst, finfo = self._route(service, function, instance, exclude)
         t = _check_timeout(_pick_timeout(timeout, finfo.timeout, self.default_timeout), service, function)
         transport = ep.transport_for(inst)
         req = self._request(OP_CALL, service, function, args, kwargs, time.time() + t, headers)
@@ -672,7 +683,8 @@ class FunctionClient:
 
         finish = _Finish(ep, inst.instance_id, service, function, transport.name, self.bus)
         try:
-            return transport.call_async(inst, req, t, finish)
+            fut = transport.call_async(inst, req, t, finish)
+            return fut, inst.instance_id, finfo.idempotent, time.monotonic() + t
         except SharedMemoryFull as e:
             if transport is ep.direct:
                 self._account(ep, inst, transport, -1)
@@ -683,7 +695,7 @@ class FunctionClient:
             ep.stats["calls"] += 1
             ep.stats["by_instance"][inst.instance_id] += 1
             finish.transport = ep.direct.name
-            return ep.direct.call_async(inst, req, t, finish)
+            return ep.direct.call_async(inst, req, t, finish), inst.instance_id, finfo.idempotent, time.monotonic() + t
         except BaseException:
             self._account(ep, inst, transport, -1)
             raise
@@ -937,6 +949,47 @@ class FunctionClient:
 
     def __repr__(self) -> str:
         return f"FunctionClient({self.client_id!r}, bus={self.bus!r})"
+
+
+class _Retrying:
+    """The Future call_async returns for an idempotent function: when the
+    replica dies (ServiceUnavailable), the call goes again to another
+    replica, up to three times, within the first attempt's deadline. Other
+    outcomes pass straight through. Retries are issued from the thread that
+    completes the failed attempt."""
+
+    MAX_RETRIES = 3
+
+    def __init__(self, client: "FunctionClient", first: concurrent.futures.Future, iid: str, deadline: float,
+                 service: str, function: str, args: tuple, kwargs: dict, headers: Optional[dict]) -> None:
+        self.future: concurrent.futures.Future = CallFuture()
+        self.client, self.service, self.function = client, service, function
+        self.args, self.kwargs, self.headers = args, kwargs, headers
+        self.deadline = deadline
+        self.excluded: List[str] = []
+        self._attempt(first, iid)
+
+    def _attempt(self, fut: concurrent.futures.Future, iid: str) -> None:
+        fut.add_done_callback(lambda f: self._done(f, iid))
+
+    def _done(self, f: concurrent.futures.Future, iid: str) -> None:
+        exc = f.exception()
+        if exc is None:
+            self.future.set_result(f.result())
+            return
+        left = self.deadline - time.monotonic()
+        if not isinstance(exc, ServiceUnavailable) or len(self.excluded) >= self.MAX_RETRIES or left <= 0:
+            self.future.set_exception(exc)
+            return
+        self.excluded.append(iid)
+        try:
+            nxt, nid, _, _ = self.client._call_async_once(self.service, self.function, self.args, self.kwargs, left,
+                                                          None, self.headers, self.excluded)
+        except BaseException as e:  # no replica left, or the retry itself failed: that is the outcome
+            self.future.set_exception(e)
+            return
+        self.client.endpoint.stats["retries"] += 1
+        self._attempt(nxt, nid)
 
 
 class _Finish:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
 import re
 import time
 from typing import Any, Dict, List, Optional
@@ -301,9 +302,12 @@ class Registry:
 class _RouterActor:
     """Async Ray actor around a :class:`Registry` (see :func:`get_router`)."""
 
-    def __init__(self, bus: str) -> None:
+    def __init__(self, bus: str, check_pids: bool = True) -> None:
         from . import shm
 
+        # Off, death is learnt from Ray (watch()) and heartbeats alone: the
+        # tests switch it off to check those paths on their own.
+        self.check_pids = check_pids
         self.reg = Registry(bus)
         self.started_at = self.reg.started_at
         self.host_id = shm.host_id()
@@ -327,7 +331,7 @@ class _RouterActor:
         # A replica on this router's machine: its process is checked directly.
         from . import _core
 
-        if inst.host_id != self.host_id:
+        if not self.check_pids or inst.host_id != self.host_id:
             return None
         return _core.process_alive(inst.pid, inst.pid_start)
 
@@ -360,7 +364,8 @@ class _RouterActor:
 
     async def ping(self) -> dict:
         self._cond()
-        return {"bus": self.reg.bus, "version": self.reg.version, "started_at": self.started_at}
+        return {"bus": self.reg.bus, "version": self.reg.version, "started_at": self.started_at,
+                "check_pids": self.check_pids}
 
     async def register(self, inst: InstanceInfo, replace: bool = False) -> int:
         v = self.reg.register(inst, replace)
@@ -449,11 +454,16 @@ def get_or_create_actor(cls: type, name: str, namespace: str, args: tuple = (), 
     raise ValueError(str(last))
 
 
-def get_router(bus: str, create: bool = True) -> Any:
+def get_router(bus: str, create: bool = True, check_pids: Optional[bool] = None) -> Any:
     """The router actor of ``bus``, created if missing (race-safe across processes).
 
+    ``check_pids`` (when this call creates it): whether the router also
+    checks the processes of replicas on its own machine; default
+    ``$SAGE_COMM_ROUTER_PID_CHECK`` (``0`` turns it off), else on.
     Ray must be initialized. Raises RouterUnavailable if it cannot be found or made.
     """
+    if check_pids is None:
+        check_pids = os.environ.get("SAGE_COMM_ROUTER_PID_CHECK", "1") != "0"
     ray = _ray()
     if not ray.is_initialized():
         raise RouterUnavailable(f"bus '{bus}': Ray is not initialized (call ray.init() or bus.start())")
@@ -463,7 +473,7 @@ def get_router(bus: str, create: bool = True) -> Any:
             _RouterActor,
             name,
             ROUTER_NAMESPACE,
-            (bus,),
+            (bus, check_pids),
             create=create,
             num_cpus=0,
             max_concurrency=10_000,

@@ -45,6 +45,7 @@ from .errors import (
     QueueFull,
     QueueNotFound,
     SageCommError,
+    SerializationError,
     ServiceUnavailable,
 )
 from .message import ST_OK, ST_OK_BLOB, Reply, Request
@@ -244,6 +245,11 @@ def put_request(q: SageQueue, frame: tuple, timeout: Optional[float]) -> None:
 
 # ------------------------------------------------------------------ malloc
 _TUNED = False
+# glibc's mallopt parameters (malloc.h) and the values set.
+M_TRIM_THRESHOLD = -1
+M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD_BYTES = 32 << 20
+TRIM_THRESHOLD_BYTES = 128 << 20
 
 
 def tune_malloc() -> bool:
@@ -259,17 +265,18 @@ def tune_malloc() -> bool:
     global _TUNED
     if _TUNED or os.environ.get("SAGE_COMM_TUNE_MALLOC", "1") == "0":
         return _TUNED
-    _TUNED = True
     try:
         import ctypes
         import ctypes.util
 
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-        ok = libc.mallopt(M_MMAP_THRESHOLD, 32 << 20) and libc.mallopt(M_TRIM_THRESHOLD, 128 << 20)
-        return bool(ok)
+        ok = bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)) and bool(
+            libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES)
+        )
     except (OSError, AttributeError):  # not glibc: nothing to tune
-        return False
+        ok = False
+    _TUNED = ok  # a failed mallopt is tried again next time, never reported as done
+    return ok
 
 
 # ------------------------------------------------------------------- rings
@@ -405,6 +412,14 @@ class ShmTransport(Transport):
             except MessageTooLarge:
                 blob = SegmentBlob.put((req.args, req.kwargs), self.namespace)
                 put_request(q, (req[0], cid, req[2], blob, None, reply_to, req[6], req[7], req[8], req[9]), timeout)
+        except SerializationError as e:
+            if blob is not None:
+                blob.discard()
+            cause = e.__cause__ or e
+            raise SerializationError(
+                f"the arguments of the call to {inst.service}.{req.function} cannot be pickled: "
+                f"{type(cause).__name__}: {cause}"
+            ) from None
         except QueueFull:
             if blob is not None:
                 blob.discard()

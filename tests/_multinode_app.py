@@ -40,6 +40,15 @@ class Far(BaseService):
         return a / b
 
 
+@sage_service(name="spread", replicas=2, num_cpus=0.1, scheduling_strategy="SPREAD")
+class Spread(BaseService):
+    """One replica per node: callers must prefer the one on their own node."""
+
+    @service_function
+    def where(self):
+        return ray.get_runtime_context().get_node_id()
+
+
 class Near(BaseService):
     @service_function
     def where(self):
@@ -55,8 +64,9 @@ def caller_on_worker(bus: str) -> dict:
         near = c.call("near", "where")
         delivered = c.broadcast("events.from_worker", {"node": ray.get_runtime_context().get_node_id()})
         s = c.stats()
+        spread = sorted({c.call("spread", "where") for _ in range(20)})
     return {"far": far, "near": near, "shm": s["shm"], "ray": s["ray"], "delivered": delivered,
-            "node": ray.get_runtime_context().get_node_id()}
+            "node": ray.get_runtime_context().get_node_id(), "spread": spread}
 
 
 def main() -> int:
@@ -71,6 +81,8 @@ def main() -> int:
     got = queue.Queue()
     bus.subscribe("events.>", lambda payload: got.put(payload))
     Far.deploy(bus=bus_name)
+    spread = Spread.deploy(bus=bus_name)
+    out["spread_nodes"] = sorted(i.node_id for i in spread.instances)
     near = Near("near").start(bus=bus_name)
     client = FunctionClient(bus=bus_name)
 
@@ -88,6 +100,7 @@ def main() -> int:
         client.call("far", "nope")
     except FunctionNotFound as e:
         out["function_not_found"] = str(e)
+    out["spread_from_head"] = sorted({client.call("spread", "where") for _ in range(20)})
     out["worker_caller"] = ray.get(caller_on_worker.remote(bus_name), timeout=120)
     out["event"] = got.get(timeout=60)
     # Each node got its janitor from the library (looked up, never created here).

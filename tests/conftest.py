@@ -48,10 +48,12 @@ def ns(request) -> str:
 def ray_session():
     import ray
 
+    saved = os.environ.get("PYTHONPATH")
     if not ray.is_initialized():
-        # Workers import service classes defined in test modules by name.
+        # Workers import service classes defined in test modules by name; they
+        # inherit the environment at ray.init, which is restored right after.
         here = os.path.dirname(os.path.abspath(__file__))
-        os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p)
+        os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (here, saved) if p)
         ray.init(
             address="local",  # never join a cluster some test started with `ray start` (test_ray_jobs)
             num_cpus=4,  # logical CPUs for scheduling fractional actors; the machine has 2 cores
@@ -60,6 +62,10 @@ def ray_session():
             configure_logging=False,
             namespace="sage_ray_comm_tests",
         )
+        if saved is None:
+            del os.environ["PYTHONPATH"]
+        else:
+            os.environ["PYTHONPATH"] = saved
     yield ray
     ray.shutdown()
 
@@ -76,5 +82,13 @@ def bus(request, ray_session) -> str:
 
     name = _unique_name(request)
     yield name
-    get_communication_bus(name).shutdown()
+    get_communication_bus(name).shutdown(collect=False)
+    # Before shutdown's gc, which would hide them: whatever a test's own
+    # processes left behind. Only tests that SIGKILL processes on purpose
+    # (marked `kills`) may leave segments of the dead for gc.
+    _pygc.collect()
+    left = [s for s in shm.list_segments(bus_namespace(name))
+            if not (s.stale and request.node.get_closest_marker("kills"))]
+    shm.gc(bus_namespace(name), keep_legacy=False)
+    assert not left, f"bus left segments before gc: {[(s.shm_name, s.creator_pid, s.creator_alive) for s in left]}"
     _assert_no_segments(bus_namespace(name), "bus")

@@ -7,6 +7,7 @@ import concurrent.futures
 import os
 import time
 
+import pytest
 import ray
 
 from sage_ray_comm import _core
@@ -55,6 +56,7 @@ def test_both_forms_from_a_service_handler(bus):
     assert [f.result(timeout=60) for f in futs] == [(1, 1, 100, 1), (2, 2, 200, 2)] * 10
 
 
+@pytest.mark.kills
 def test_mixin_on_a_plain_class_and_a_ray_actor(bus):
     Cache.deploy(bus=bus)
 

@@ -39,3 +39,36 @@ def test_disabled_recording_records_nothing():
     finally:
         metrics.set_enabled(True)
     assert r.counts == {} and r.samples == {}
+
+
+def test_env_switch_turns_recording_off_in_a_real_process():
+    """SAGE_COMM_METRICS=0, as the README promises: a process that makes real
+    calls records nothing and starts no flusher thread."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import json, threading, ray\n"
+        "from sage_ray_comm import BaseService, FunctionClient, service_function, metrics\n"
+        "ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)\n"
+        "class S(BaseService):\n"
+        "    @service_function\n"
+        "    def f(self, x):\n"
+        "        return x\n"
+        "S('s').start(bus='metrics-off')\n"
+        "c = FunctionClient(bus='metrics-off')\n"
+        "assert [c.call('s', 'f', i) for i in range(50)] == list(range(50))\n"
+        "print('RESULT ' + json.dumps({'enabled': metrics.enabled(), 'counts': len(metrics.recorder.counts),\n"
+        "      'threads': sorted(t.name for t in threading.enumerate() if t.name == 'sage-metrics')}))\n"
+    )
+    out = {}
+    for value in ("0", "1"):
+        p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                           env=dict(os.environ, SAGE_COMM_METRICS=value))
+        assert p.returncode == 0, p.stderr[-3000:]
+        import json
+
+        out[value] = json.loads([ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")][-1][7:])
+    assert out["0"] == {"enabled": False, "counts": 0, "threads": []}
+    assert out["1"]["enabled"] is True and out["1"]["counts"] > 0 and out["1"]["threads"] == ["sage-metrics"]

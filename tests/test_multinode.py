@@ -39,5 +39,10 @@ def test_cross_node_and_same_node_paths():
     # an event published on the worker reaches a callback in the driver on the head
     assert w["delivered"] == 1 and r["event"] == {"node": r["worker"]}
     assert r["leaked"] == []
+    # same-node replicas first, on a real two-node cluster: one replica per node,
+    # and each caller's 20 calls all went to the replica on its own node
+    assert r["spread_nodes"] == sorted([r["head"], r["worker"]])
+    assert r["spread_from_head"] == [r["head"]]
+    assert w["spread"] == [r["worker"]]
     # a segment janitor on every node that has a replica or a caller
     assert r["janitors"] == {r["head"]: 5.0, r["worker"]: 5.0}

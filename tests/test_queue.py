@@ -727,3 +727,19 @@ def test_random_bytes_in_segment_never_crash(ns):
             outcomes.append(parent.recv())
     assert sum(o["error"] for o in outcomes) > 0  # corruption was detected, not ignored
     assert sum(o["ok"] for o in outcomes) > 0
+
+
+def test_get_shared_memory_info_describes_the_segment(ns):
+    q = SageQueue("info", 64 * 1024, namespace=ns)
+    try:
+        info = q.get_shared_memory_info()
+        assert info["original_name"] == "info" and info["namespace"] == ns
+        assert "/" + info["namespaced_name"] == shm.segment_name(ns, "info")
+        assert os.path.getsize(info["shm_path"]) == info["size_bytes"] == 64 * 1024 + _core.HEADER_SIZE
+        assert info["capacity"] == 64 * 1024 and info["max_message_size"] == q.max_message_size
+        assert info["creator_pid"] == os.getpid() and info["created_here"] is True and info["auto_cleanup"] is True
+        other = SageQueue("info", namespace=ns, create=False)
+        assert other.get_shared_memory_info()["created_here"] is False
+        other.release()
+    finally:
+        q.destroy()

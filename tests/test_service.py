@@ -468,3 +468,32 @@ def test_a_replica_knows_its_bus_before_it_takes_requests(bus):
     Early.deploy(bus=bus)
     with FunctionClient(bus=bus) as c:
         assert c.call("early", "seen") == (bus, bus)
+
+
+def test_subscriber_buffer_is_4_mib_by_default(bus):
+    """The README's default: a process's event buffer is a 4 MiB ring."""
+    from sage_ray_comm import _core, shm
+    from sage_ray_comm.router import bus_namespace
+
+    b = get_communication_bus(bus).start()
+    b.subscribe("buffer.size", lambda p: None)
+    (evt,) = [s for s in shm.list_segments(bus_namespace(bus)) if ".evt_" in s.shm_name]
+    assert evt.size == (4 << 20) + _core.HEADER_SIZE
+
+
+@sage_service(name="clock")
+class Clock(BaseService):
+    @service_function
+    def budget(self, message=None) -> float:
+        return message.deadline - message.timestamp  # the time the caller gave this call
+
+
+def test_default_timeout_is_30_seconds_unless_configured(bus, monkeypatch):
+    """No timeout on the call or the function: the caller's default, 30 s,
+    or $SAGE_COMM_TIMEOUT, or FunctionClient(timeout=...)."""
+    Clock.deploy(bus=bus)
+    monkeypatch.delenv("SAGE_COMM_TIMEOUT", raising=False)
+    assert 29.0 < FunctionClient(bus=bus).call("clock", "budget") <= 30.0
+    monkeypatch.setenv("SAGE_COMM_TIMEOUT", "12")
+    assert 11.0 < FunctionClient(bus=bus).call("clock", "budget") <= 12.0
+    assert 6.0 < FunctionClient(bus=bus, timeout=7).call("clock", "budget") <= 7.0
