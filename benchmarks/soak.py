@@ -1,27 +1,47 @@
-"""Soak: the demo pipeline under random replica kills.
+"""Soak: the pipeline under random SIGKILLs of replicas and of callers.
 
     python benchmarks/soak.py --minutes 2 [--json out.json]
 
-Four caller threads stream records through `featurize` (3 replicas, restarted
-by Ray after each kill) into the stateful `aggregate` service, while a killer
-SIGKILLs a random featurize replica every few seconds. At the end it reports:
+Caller processes (each its own Ray driver, connected to this cluster) stream
+records through ``featurize`` (3 replicas, stateless, idempotent, restarted
+by Ray) into the stateful ``aggregate``. Every acknowledged record is written
+to the caller's own file at once.
 
-- calls made, and calls failed with a typed error (ServiceUnavailable, CallTimeout);
-- messages lost: records whose call returned success but that the aggregator
-  never saw (must be 0);
-- segments leaked: shared-memory segments of the bus left after shutdown (must be 0).
+Phase 1 (about 3/4 of the time): a killer SIGKILLs, in turn, a random
+featurize replica and a random caller process (a new caller takes its
+place). Claims, each checked:
 
-Exit status 0 only when nothing acknowledged was lost and nothing leaked.
+- **0 failed**: no call a live caller made raised (idempotent calls whose
+  replica died are retried on another), and no reply was wrong (a reply
+  that is not the record's id counts as a failure);
+- **0 lost**: every record a caller had acknowledged reached the aggregator.
+
+Phase 2 (the rest): the stateful ``aggregate`` itself is SIGKILLed (Ray
+restarts it, empty). In-memory state dies with its process, so "0 lost" is
+not the claim here; the claims are: every failure is a typed
+``SageCommError``, no call outlives its timeout (no hang), and calls succeed
+again after each restart.
+
+Then the callers stop and the library's own collection gets its chance (the
+node janitor's grace and two sweeps); only then, before anyone calls
+``bus.shutdown()`` or ``gc()``, are leaks counted: segments of the bus whose
+creator is dead and that no live process uses. The report says how many
+segments the automatic collection removed.
+
+Exit status 0 only when every claim holds. Writes its JSON with the run info.
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import random
 import signal
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -38,6 +58,11 @@ from sage_ray_comm import (
 )
 from sage_ray_comm.router import bus_namespace
 
+CALL_TIMEOUT = 5.0
+# A call returning later than its timeout plus this is a hang.
+HANG_SLACK = 5.0
+CALLERS = 3
+
 
 @sage_service(name="featurize", replicas=3, num_cpus=0.1, max_restarts=-1)
 class Featurize(BaseService):
@@ -51,12 +76,12 @@ class Featurize(BaseService):
         return os.getpid()
 
 
-@sage_service(name="aggregate", num_cpus=0.1)
+@sage_service(name="aggregate", num_cpus=0.1, max_restarts=-1)
 class Aggregate(BaseService):
     def initialize(self) -> None:
         self.seen: set = set()
 
-    @service_function
+    @service_function(idempotent=True)
     def add(self, rid: int) -> None:
         self.seen.add(rid)
 
@@ -64,107 +89,252 @@ class Aggregate(BaseService):
     def seen_ids(self) -> list:
         return sorted(self.seen)
 
+    @service_function
+    def pid(self) -> int:
+        return os.getpid()
+
+
+# ------------------------------------------------------------------ callers
+def caller_main(address: str, bus: str, base: int, folder: str) -> None:
+    """One caller process: calls until killed or told to stop (a file)."""
+    ray.init(address=address, log_to_driver=False, configure_logging=False, logging_level="ERROR")
+    client = FunctionClient(bus=bus, timeout=CALL_TIMEOUT)
+    acked = open(os.path.join(folder, f"acked-{base}"), "a", buffering=1)
+    events = open(os.path.join(folder, f"events-{base}"), "a", buffering=1)
+    stop = os.path.join(folder, "stop")
+    i = 0
+    while not os.path.exists(stop):
+        rid = base + i
+        i += 1
+        t0 = time.monotonic()
+        try:
+            r = client.call("featurize", "process", {"id": rid})
+            dt = time.monotonic() - t0
+            if r == rid:
+                acked.write(f"{rid}\n")  # acknowledged: the aggregator must have it
+                events.write(json.dumps({"ok": 1, "t": time.time(), "dt": dt}) + "\n")
+            else:
+                events.write(json.dumps({"wrong": [rid, repr(r)], "t": time.time(), "dt": dt}) + "\n")
+        except SageCommError as e:
+            events.write(json.dumps({"typed": type(e).__name__, "msg": str(e)[:200], "t": time.time(),
+                                     "dt": time.monotonic() - t0}) + "\n")
+        except BaseException as e:  # noqa: BLE001  (anything else is a finding)
+            events.write(json.dumps({"untyped": f"{type(e).__name__}: {e}"[:300], "t": time.time(),
+                                     "dt": time.monotonic() - t0}) + "\n")
+    client.close()
+
+
+class Callers:
+    """The caller processes; killed ones are replaced by new ones (new id base)."""
+
+    def __init__(self, address: str, bus: str, folder: str) -> None:
+        self.address, self.bus, self.folder = address, bus, folder
+        self.procs: dict = {}
+        self.next_base = 1
+        self.killed = 0
+
+    def start_one(self) -> None:
+        base = self.next_base * 1_000_000_000
+        self.next_base += 1
+        p = subprocess.Popen(
+            [sys.executable, os.path.abspath(__file__), "--caller", self.address, self.bus, str(base), self.folder],
+            stdout=subprocess.DEVNULL, stderr=open(os.path.join(self.folder, f"stderr-{base}"), "w"),
+        )
+        self.procs[base] = p
+
+    def kill_one(self, rng: random.Random) -> None:
+        live = [b for b, p in self.procs.items() if p.poll() is None]
+        if not live:
+            return
+        b = rng.choice(live)
+        self.procs[b].send_signal(signal.SIGKILL)
+        self.procs[b].wait()
+        self.killed += 1
+        self.start_one()
+
+    def stop(self, timeout: float = 60.0) -> None:
+        open(os.path.join(self.folder, "stop"), "w").close()
+        end = time.monotonic() + timeout
+        for p in self.procs.values():
+            try:
+                p.wait(max(0.1, end - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+
+def read_events(folder: str) -> list:
+    out = []
+    for path in glob.glob(os.path.join(folder, "events-*")):
+        with open(path) as f:
+            for line in f:
+                try:
+                    out.append(json.loads(line))
+                except ValueError:
+                    pass  # the half-written last line of a killed caller
+    return out
+
+
+def read_acked(folder: str) -> set:
+    ids = set()
+    for path in glob.glob(os.path.join(folder, "acked-*")):
+        with open(path) as f:
+            for line in f:
+                if line.endswith("\n"):  # a killed caller's partial line was never acknowledged to anyone
+                    ids.add(int(line))
+    return ids
+
+
+# ------------------------------------------------------------------ phases
+def replica_pids(client: FunctionClient) -> dict:
+    out = {}
+    for inst in client.endpoint.refresh()["services"].get("featurize", {}).values():
+        try:
+            out[inst.instance_id] = client.call("featurize", "pid", instance=inst.instance_id, timeout=10)
+        except SageCommError:
+            pass
+    return out
+
 
 def main() -> int:
+    if len(sys.argv) > 1 and sys.argv[1] == "--caller":
+        caller_main(*sys.argv[2:4], int(sys.argv[4]), sys.argv[5])
+        return 0
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--minutes", type=float, default=2.0)
     ap.add_argument("--kill-every", type=float, default=4.0, help="mean seconds between kills")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--seed", type=int, default=None)
     args = ap.parse_args()
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from _runinfo import run_info
 
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    from sage_ray_comm.transport import JANITOR_GRACE, JANITOR_SECONDS, get_gateway
+
+    seed = args.seed if args.seed is not None else random.randrange(1 << 30)
+    rng = random.Random(seed)
+    ctx = ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    address = ctx.address_info["gcs_address"]
     bus_name = f"soak-{os.getpid()}"
     bus = get_communication_bus(bus_name).start()
     Featurize.deploy(bus=bus_name)
     Aggregate.deploy(bus=bus_name)
     client = FunctionClient(bus=bus_name)
-    stop = threading.Event()
-    lock = threading.Lock()
-    acked: list = []
-    counts = {"calls": 0, "failed_typed": 0, "failed_untyped": 0, "kills": 0}
-    ids = iter(range(10**9))
-    errors: dict = {}
+    gateway = get_gateway(ray.get_runtime_context().get_node_id())
+    collected_before = ray.get(gateway.janitor_stats.remote(), timeout=60)["collected"]
+    folder = tempfile.mkdtemp(prefix="sage-soak-")
+    callers = Callers(address, bus_name, folder)
+    for _ in range(CALLERS):
+        callers.start_one()
 
-    def caller() -> None:
-        while not stop.is_set():
-            with lock:
-                rid = next(ids)
-            try:
-                r = client.call("featurize", "process", {"id": rid}, timeout=10)
-                with lock:
-                    counts["calls"] += 1
-                    if r == rid:
-                        acked.append(rid)
-            except SageCommError as e:
-                with lock:
-                    counts["calls"] += 1
-                    counts["failed_typed"] += 1
-                    key = f"{type(e).__name__}: {str(e)[:300]}"
-                    errors[key] = errors.get(key, 0) + 1
-            except Exception:  # anything untyped is a bug: reported, and fails the run
-                with lock:
-                    counts["calls"] += 1
-                    counts["failed_untyped"] += 1
-
-    def killer() -> None:
-        rng = random.Random(1)
-        while not stop.wait(rng.uniform(0.5, 1.5) * args.kill_every):
-            try:
-                insts = list(client.endpoint.refresh()["services"].get("featurize", {}).values())
-                if not insts:
-                    continue
-                victim = rng.choice(insts)
-                os.kill(victim.pid, signal.SIGKILL)
-                counts["kills"] += 1
-            except (ProcessLookupError, SageCommError):
-                pass
-
-    threads = [threading.Thread(target=caller) for _ in range(4)] + [threading.Thread(target=killer)]
-    t0 = time.monotonic()
-    for t in threads:
-        t.start()
-    last = t0
-    while time.monotonic() - t0 < args.minutes * 60:
-        time.sleep(1.0)
-        if time.monotonic() - last >= 15:
-            last = time.monotonic()
-            print(f"  {time.monotonic() - t0:5.0f} s: {counts['calls']} calls, {counts['failed_typed']} failed (typed), "
-                  f"{counts['kills']} kills", file=sys.stderr, flush=True)
-    stop.set()
-    for t in threads:
-        t.join(60)
-    elapsed = time.monotonic() - t0
-
+    total = args.minutes * 60
+    phase1_end = time.monotonic() + 0.75 * total
+    replica_kills = 0
+    t_start = time.time()
+    # Phase 1: replicas of the stateless stage and callers, in turn.
+    turn = 0
+    while time.monotonic() < phase1_end:
+        time.sleep(rng.expovariate(1.0 / args.kill_every))  # the killer's own pace: nothing to wait for
+        if time.monotonic() >= phase1_end:
+            break
+        if turn % 2 == 0:
+            pids = replica_pids(client)
+            if pids:
+                os.kill(rng.choice(list(pids.values())), signal.SIGKILL)
+                replica_kills += 1
+        else:
+            callers.kill_one(rng)
+        turn += 1
+    phase1_t = time.time()
+    time.sleep(2 * CALL_TIMEOUT)  # let calls of the phase finish before counting
+    acked = read_acked(folder)
     seen = set(client.call("aggregate", "seen_ids", timeout=60))
-    lost = sorted(set(acked) - seen)
-    client.close()
-    bus.shutdown()
-    leaked = [s.shm_name for s in shm.list_segments(bus_namespace(bus_name))]
+    lost = sorted(acked - seen)
+
+    # Phase 2: the stateful stage.
+    aggregate_kills = 0
+    phase2_end = time.monotonic() + 0.25 * total
+    recovered_after = []
+    while time.monotonic() < phase2_end:
+        time.sleep(rng.expovariate(1.0 / (2 * args.kill_every)))
+        if time.monotonic() >= phase2_end:
+            break
+        try:
+            os.kill(client.call("aggregate", "pid", timeout=10), signal.SIGKILL)
+            aggregate_kills += 1
+            t_kill = time.monotonic()
+            # Recovery: a call through the whole pipeline succeeds again, within 60 s.
+            probe = -aggregate_kills
+            while True:
+                try:
+                    if client.call("featurize", "process", {"id": probe}, timeout=CALL_TIMEOUT) == probe:
+                        recovered_after.append(round(time.monotonic() - t_kill, 2))
+                        break
+                except SageCommError:
+                    pass  # restarting: typed, as promised
+                if time.monotonic() - t_kill > 60:
+                    recovered_after.append(None)
+                    break
+                time.sleep(0.1)  # the restart happens in other processes
+        except SageCommError:
+            pass  # it was restarting: try again on the next turn
+    callers.stop()
+    t_end = time.time()
+
+    # Leaks: the library's own collection first, nobody's gc by hand.
+    time.sleep(JANITOR_GRACE + 2 * JANITOR_SECONDS)
+    segs = shm.list_segments(bus_namespace(bus_name))
+    leaked = [s.shm_name for s in segs if s.stale]
+    collected = ray.get(gateway.janitor_stats.remote(), timeout=60)["collected"] - collected_before
+
+    events = read_events(folder)
+    p1 = [e for e in events if e["t"] <= phase1_t]
+    p2 = [e for e in events if phase1_t < e["t"] <= t_end]
     report = {
-        "minutes": round(elapsed / 60, 2),
-        "calls": counts["calls"],
-        "calls_ok": len(acked),
-        "calls_failed_typed": counts["failed_typed"],
-        "calls_failed_untyped": counts["failed_untyped"],
-        "replica_kills": counts["kills"],
-        "messages_lost": len(lost),
+        "run": run_info(),
+        "seed": seed,
+        "minutes": args.minutes,
+        "phase1": {
+            "calls_ok": sum(1 for e in p1 if e.get("ok")),
+            "calls_failed": sum(1 for e in p1 if "typed" in e or "untyped" in e),
+            "wrong_replies": sum(1 for e in p1 if "wrong" in e),
+            "failures": [e for e in p1 if "typed" in e or "untyped" in e or "wrong" in e][:10],
+            "acknowledged": len(acked),
+            "lost": len(lost),
+            "lost_ids": lost[:10],
+            "replica_kills": replica_kills,
+            "caller_kills": callers.killed,
+        },
+        "phase2": {
+            "aggregate_kills": aggregate_kills,
+            "calls_ok": sum(1 for e in p2 if e.get("ok")),
+            "calls_failed_typed": sum(1 for e in p2 if "typed" in e),
+            "failed_by_type": {t: sum(1 for e in p2 if e.get("typed") == t) for t in sorted({e["typed"] for e in p2 if "typed" in e})},
+            "calls_failed_untyped": sum(1 for e in p2 if "untyped" in e),
+            "wrong_replies": sum(1 for e in p2 if "wrong" in e),
+            "recovered_after_s": recovered_after,
+        },
+        "slowest_call_s": max((e["dt"] for e in events), default=0.0),
+        "hangs": sum(1 for e in events if e["dt"] > CALL_TIMEOUT + HANG_SLACK),
+        "segments_collected_by_library": collected,
         "segments_leaked": len(leaked),
-        "calls_per_s": round(counts["calls"] / elapsed, 1),
-        "failures_by_kind": dict(sorted(errors.items(), key=lambda kv: -kv[1])[:8]),
+        "leaked": leaked[:10],
+        "seconds": round(t_end - t_start, 1),
     }
-    print("soak report")
-    for k, v in report.items():
-        print(f"  {k:<22} {v}")
-    if lost:
-        print(f"  lost ids (first 10): {lost[:10]}")
-    if leaked:
-        print(f"  leaked: {leaked[:5]}")
+    ok = (
+        report["phase1"]["calls_failed"] == 0 and report["phase1"]["wrong_replies"] == 0 and report["phase1"]["lost"] == 0
+        and report["phase2"]["calls_failed_untyped"] == 0 and report["phase2"]["wrong_replies"] == 0
+        and all(r is not None for r in recovered_after) and report["hangs"] == 0 and report["segments_leaked"] == 0
+        and report["phase1"]["calls_ok"] > 0 and report["phase2"]["calls_ok"] > 0
+    )
+    report["ok"] = ok
+    print(json.dumps(report, indent=2))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)
+    client.close()
+    bus.shutdown()
     ray.shutdown()
-    ok = not lost and not leaked and counts["failed_untyped"] == 0 and counts["kills"] > 0
-    print("OK" if ok else "FAILED")
     return 0 if ok else 1
 
 

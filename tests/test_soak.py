@@ -1,5 +1,8 @@
-"""The soak run of benchmarks/soak.py, two minutes, in CI: random replica
-kills under load lose nothing acknowledged and leak no segment."""
+"""The soak run of benchmarks/soak.py in CI: random SIGKILLs of replicas and
+of caller processes, then of the stateful stage, and the same zeros the
+README reports: 0 failed, 0 wrong, 0 lost in the first phase; only typed
+failures, no hang and recovery after each kill in the second; 0 segments
+leaked after the library's own collection."""
 
 from __future__ import annotations
 
@@ -14,15 +17,24 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(400)
-def test_two_minute_soak(tmp_path):
+@pytest.mark.timeout(600)
+def test_soak(tmp_path):
     out = tmp_path / "soak.json"
     r = subprocess.run(
         [sys.executable, "benchmarks/soak.py", "--minutes", "2", "--json", str(out)],
-        cwd=REPO, capture_output=True, text=True, timeout=380,
+        cwd=REPO, capture_output=True, text=True, timeout=560,
     )
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert out.exists(), r.stdout[-3000:] + r.stderr[-3000:]
     report = json.loads(out.read_text())
-    assert report["messages_lost"] == 0 and report["segments_leaked"] == 0
-    assert report["calls_failed_untyped"] == 0
-    assert report["replica_kills"] >= 10 and report["calls_ok"] > 1000
+    p1, p2 = report["phase1"], report["phase2"]
+    # phase 1: replicas of the stateless stage and callers killed
+    assert p1["replica_kills"] >= 5 and p1["caller_kills"] >= 5, p1
+    assert p1["calls_ok"] > 1000 and p1["acknowledged"] > 1000, p1
+    assert (p1["calls_failed"], p1["wrong_replies"], p1["lost"]) == (0, 0, 0), p1
+    # phase 2: the stateful stage killed
+    assert p2["aggregate_kills"] >= 1, p2
+    assert p2["calls_failed_untyped"] == 0 and p2["wrong_replies"] == 0, p2
+    assert p2["recovered_after_s"] and all(x is not None for x in p2["recovered_after_s"]), p2
+    assert report["hangs"] == 0, report["slowest_call_s"]
+    assert report["segments_leaked"] == 0, report["leaked"]
+    assert r.returncode == 0 and report["ok"] is True, r.stdout[-3000:] + r.stderr[-3000:]
