@@ -238,6 +238,7 @@ def test_unpicklable_argument_and_result_are_serialization_errors(calc):
     assert client.call("calculator", "echo", "still serving") == "still serving"
 
 
+@pytest.mark.kills
 def test_a_replica_that_dies_mid_call_fails_the_call_fast(calc):
     handle, client = calc
     pid = client.call("calculator", "pid", instance=handle.instances[0].instance_id)
@@ -432,6 +433,7 @@ class Phoenix(BaseService):
         return os.getpid()
 
 
+@pytest.mark.kills
 def test_a_restarted_replica_registers_again_and_serves(bus):
     h = Phoenix.deploy(bus=bus)
     b = get_communication_bus(bus)
