@@ -338,6 +338,28 @@ def settle(fut: concurrent.futures.Future, finish: Finish, rep: Optional[Reply],
         fut.set_result(value)
 
 
+def settle_from_ref(ref: Any, finish: Finish, unwrap: Callable[[Any], Reply],
+                    ray_error: Callable[[BaseException], BaseException]) -> concurrent.futures.Future:
+    """A future completed, on Ray's callback, with ``finish`` of the reply that
+    ``unwrap`` makes of the Ray object, or of the error ``ray_error`` maps a
+    RayError to (the Ray transports' call_async)."""
+    import ray
+
+    result: concurrent.futures.Future = CallFuture()
+
+    def done(f: concurrent.futures.Future) -> None:
+        try:
+            rep, exc = unwrap(f.result()), None
+        except ray.exceptions.RayError as e:
+            rep, exc = None, ray_error(e)
+        except BaseException as e:
+            rep, exc = None, e
+        settle(result, finish, rep, exc)
+
+    ref.future().add_done_callback(done)
+    return result
+
+
 class Transport(abc.ABC):
     """Carries requests to one replica. ``name`` is what stats call it."""
 
@@ -793,22 +815,9 @@ class RayTransport(Transport):
         return self._unwrap(inst, req.function, out)
 
     def call_async(self, inst: InstanceInfo, req: Request, timeout: float, finish: Finish) -> concurrent.futures.Future:
-        import ray
-
-        result: concurrent.futures.Future = CallFuture()
         ref = self._gw(inst).call.remote(self.namespace, inst, req, timeout)
-
-        def done(f: concurrent.futures.Future) -> None:
-            try:
-                rep, exc = self._unwrap(inst, req.function, f.result()), None
-            except ray.exceptions.RayError as e:
-                rep, exc = None, self._ray_error(inst, req.function, e)
-            except BaseException as e:
-                rep, exc = None, e
-            settle(result, finish, rep, exc)
-
-        ref.future().add_done_callback(done)
-        return result
+        return settle_from_ref(ref, finish, lambda out: self._unwrap(inst, req.function, out),
+                               lambda e: self._ray_error(inst, req.function, e))
 
     def send(self, inst: InstanceInfo, req: Request, timeout: float) -> None:
         self._gw(inst).send.remote(self.namespace, inst, req, timeout)
@@ -871,22 +880,8 @@ class DirectTransport(Transport):
         return Reply(*out)
 
     def call_async(self, inst: InstanceInfo, req: Request, timeout: float, finish: Finish) -> concurrent.futures.Future:
-        import ray
-
-        result: concurrent.futures.Future = CallFuture()
         ref = self._actor(inst).handle.remote(self._frame(req))
-
-        def done(f: concurrent.futures.Future) -> None:
-            try:
-                rep, exc = Reply(*f.result()), None
-            except ray.exceptions.RayError as e:
-                rep, exc = None, self._error(inst, req.function, e)
-            except BaseException as e:
-                rep, exc = None, e
-            settle(result, finish, rep, exc)
-
-        ref.future().add_done_callback(done)
-        return result
+        return settle_from_ref(ref, finish, lambda out: Reply(*out), lambda e: self._error(inst, req.function, e))
 
     def send(self, inst: InstanceInfo, req: Request, timeout: float) -> None:
         self._actor(inst).handle.remote(self._frame(req))

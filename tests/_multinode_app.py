@@ -90,6 +90,11 @@ def main() -> int:
     out["after_far"] = dict(client.stats())
     out["near_node"] = client.call("near", "where")
     out["after_near"] = dict(client.stats())
+    # the asynchronous forms across nodes (Ray's future of the gateway call)
+    import asyncio
+
+    out["far_async"] = client.call_async("far", "echo", "async").result(timeout=60)
+    out["far_acall"] = asyncio.run(client.acall("far", "echo", "acall"))
     big = np.arange(3 << 20, dtype=np.float64)  # 24 MiB: Ray's object store carries it
     out["big_ok"] = bool(np.array_equal(client.call("far", "echo", big), big))
     try:

@@ -28,6 +28,7 @@ def test_cross_node_and_same_node_paths():
     # driver -> in-process service in the driver itself: shared memory
     assert r["near_node"] == r["head"]
     assert (r["after_near"]["ray"], r["after_near"]["shm"]) == (1, 1)
+    assert (r["far_async"], r["far_acall"]) == ("async", "acall")
     # same semantics across nodes: big payloads, typed errors
     assert r["big_ok"] is True
     assert r["remote_error"] == "RemoteError:builtins.ZeroDivisionError"
