@@ -845,7 +845,7 @@ class BaseService(ServiceCallMixin):
         self._runtime: Optional[_Runtime] = None
         self._client: Any = None
 
-    def _ensure_base(self) -> None:  # noqa: D401
+    def _ensure_base(self) -> None:
         # A subclass __init__ that forgot super().__init__() still works.
         if "service_name" not in self.__dict__:
             BaseService.__init__(self)
