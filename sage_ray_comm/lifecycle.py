@@ -58,42 +58,41 @@ STAGES = ("bridges", "services", "deployments", "endpoints", "metrics")
 RAY_CHECK_SECONDS = 0.5
 
 class Closers:
-    """Objects to close, by stage, held weakly. The process has one
-    (:data:`closers`); tests of the ordering make their own."""
+    """Objects to close, by stage, each with its closer; held weakly (an
+    object collected earlier is forgotten with its closer). The process has
+    one (:data:`closers`); tests of the ordering make their own."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._objects: Dict[str, "weakref.WeakSet[Any]"] = {s: weakref.WeakSet() for s in STAGES}
-        self._close: Dict[str, Dict[int, Callable[[Any], Any]]] = {s: {} for s in STAGES}
+        self._held: Dict[str, "weakref.WeakKeyDictionary[Any, Callable[[Any], Any]]"] = {
+            s: weakref.WeakKeyDictionary() for s in STAGES
+        }
 
     def add(self, obj: Any, stage: str, close: Callable[[Any], Any]) -> None:
-        if stage not in self._objects:
+        if stage not in self._held:
             raise ValueError(f"unknown lifecycle stage {stage!r}; stages: {STAGES}")
         with self._lock:
-            self._objects[stage].add(obj)
-            self._close[stage][id(obj)] = close
+            self._held[stage][obj] = close
 
     def discard(self, obj: Any, stage: str) -> None:
         with self._lock:
-            self._objects[stage].discard(obj)
-            self._close[stage].pop(id(obj), None)
+            self._held[stage].pop(obj, None)
 
     def objects(self, stage: str) -> List[Any]:
         """The live objects held in ``stage``."""
         with self._lock:
-            return list(self._objects[stage])
+            return list(self._held[stage])
 
     def close_all(self) -> None:
         """Closes everything held, stage by stage. Errors are logged, never raised."""
         for stage in STAGES:
             with self._lock:
-                todo = [(o, self._close[stage].get(id(o))) for o in list(self._objects[stage])]
+                todo = list(self._held[stage].items())
             for o, fn in todo:
-                if fn is not None:
-                    try:
-                        fn(o)
-                    except Exception as e:  # exit must go on; say what failed
-                        log.debug("closing %r at exit failed: %s", o, e)
+                try:
+                    fn(o)
+                except Exception as e:  # exit must go on; say what failed
+                    log.debug("closing %r at exit failed: %s", o, e)
                 self.discard(o, stage)
 
 

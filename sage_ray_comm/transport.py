@@ -610,8 +610,6 @@ class ShmTransport(Transport):
         # (or by gc, should the replica die before reading it).
 
     def deliver(self, sub: Subscription, req: Request) -> bool:
-        if not sub.queue:
-            return False  # a replica without a ring: FunctionClient.broadcast sends it over Ray
         try:
             q = self.pool.get(sub.queue)
         except QueueNotFound:
