@@ -11,6 +11,7 @@
 #include <cstddef>
 #include <cstring>
 #include <memory>
+#include <new>
 #include <string>
 #include <vector>
 
@@ -107,6 +108,40 @@ struct Views {
   }
 };
 
+// Frame kinds the binding itself encodes or decodes (SageQueue's put and get);
+// queue.py takes them from here. Other kinds are the Python side's business.
+constexpr uint16_t kKindRaw = 1;     // the caller's bytes, as they are
+constexpr uint16_t kKindPickle = 2;  // pickle protocol 5, no out-of-band buffers
+constexpr int kPickleProtocol = 5;
+// Pickle's STACK_GLOBAL opcode: protocol 5 writes every global (class,
+// function) reference with it, so a pickle without this byte names none.
+constexpr char kPickleStackGlobal = '\x93';
+
+// A frame get_object() leaves to Python: another kind, or a pickle that
+// failed to load (`error` is the exception, None otherwise).
+struct Frame {
+  py::object payload;
+  uint16_t kind;
+  py::object error;
+};
+
+// pickle.dumps and pickle.loads, looked up once (the module is never unloaded),
+// and put_object's buffer_callback, which stops pickling at the first
+// out-of-band buffer (raising is how a callback can stop it).
+struct Pickle {
+  py::object dumps, loads, protocol, dumps_kwnames, refuse_buffer;
+};
+
+const Pickle& pickle_fns() {
+  static Pickle* fns = [] {
+    py::module_ pickle = py::module_::import("pickle");
+    py::cpp_function refuse([](py::handle) -> py::object { throw py::value_error("out-of-band buffer"); });
+    return new Pickle{pickle.attr("dumps"), pickle.attr("loads"), py::int_(kPickleProtocol),
+                      py::make_tuple("buffer_callback"), refuse};
+  }();  // never freed: it must outlive every call and never run after finalisation
+  return *fns;
+}
+
 class PyRing {
  public:
   PyRing(const std::string& shm_name, uint64_t capacity, int mode, std::string label)
@@ -163,47 +198,59 @@ class PyRing {
   // Returns (payload, kind). Frames of kind `writable_kind` are returned in a
   // bytearray (numpy arrays rebuilt on it are writable), others as bytes.
   py::tuple get(py::object timeout, int writable_kind) {
+    uint16_t kind = 0;
+    py::object payload = read_frame(to_ns(timeout), writable_kind, &kind);
+    return py::make_tuple(std::move(payload), kind);
+  }
+
+  // SageQueue.put's common case in one call: bytes are written raw; anything
+  // else is pickled (protocol 5) and written as one pickle frame. Two cases
+  // are left to Python, which has the policy for them (this only saves
+  // calls): an object with out-of-band buffers (numpy arrays, bytearrays),
+  // for which it returns False before any buffer is copied; and a pickle
+  // that names a global (a class, a function), which may live in __main__
+  // and then needs pickling by value: it returns that pickle. False also
+  // when pickling fails: the general path pickles again and says why.
+  // Returns None once the frame is written.
+  py::object put_object(py::handle obj, py::object timeout) {
     auto keep = ring();
     Ring& r = *keep;
     int64_t ns = to_ns(timeout);
-    // Guess size and type from the last message, so the common case is one
-    // allocation and one copy straight from the ring into the result.
-    size_t want = last_len_ < 64 ? 64 : last_len_;
-    bool writable = last_kind_ == writable_kind;
-    for (;;) {
-      PyObject* obj = writable ? PyByteArray_FromStringAndSize(nullptr, Py_ssize_t(want))
-                               : PyBytes_FromStringAndSize(nullptr, Py_ssize_t(want));
-      if (!obj) throw py::error_already_set();
-      char* dst = writable ? PyByteArray_AS_STRING(obj) : PyBytes_AS_STRING(obj);
-      size_t got = 0;
-      uint16_t kind = 0;
-      Status st = Status::kTimeout;
-      if (want <= kSmall) st = r.get(dst, want, &got, &kind, Ring::kTryOnce, writable_kind, writable);
-      if (st == Status::kTimeout) {
-        py::gil_scoped_release nogil;
-        st = r.get(dst, want, &got, &kind, ns, writable_kind, writable);
-      }
-      if (st == Status::kBufferTooSmall) {
-        // The frame at head is larger, or wants the other buffer type: retry
-        // at once with exactly what it needs (it stays at head meanwhile,
-        // unless another consumer takes it, which the loop also handles).
-        Py_DECREF(obj);
-        want = got;
-        writable = int(kind) == writable_kind;
-        continue;
-      }
-      if (st != Status::kOk) {
-        Py_DECREF(obj);
-        raise_status(st, label_, r.detail(), r.last_errno(), "get");
-      }
-      last_len_ = got;
-      last_kind_ = kind;
-      if (got != want) {
-        int rc = writable ? PyByteArray_Resize(obj, Py_ssize_t(got)) : _PyBytes_Resize(&obj, Py_ssize_t(got));
-        if (rc != 0) throw py::error_already_set();
-      }
-      return py::make_tuple(py::reinterpret_steal<py::object>(obj), kind);
+    if (PyBytes_CheckExact(obj.ptr())) {
+      sage::IoPart part{PyBytes_AS_STRING(obj.ptr()), size_t(PyBytes_GET_SIZE(obj.ptr()))};
+      do_put(r, &part, 1, part.len, kKindRaw, ns);
+      return py::none();
     }
+    const Pickle& pk = pickle_fns();
+    PyObject* args[3] = {obj.ptr(), pk.protocol.ptr(), pk.refuse_buffer.ptr()};
+    PyObject* data = PyObject_Vectorcall(pk.dumps.ptr(), args, 2, pk.dumps_kwnames.ptr());
+    if (!data) {
+      PyErr_Clear();
+      return py::bool_(false);
+    }
+    py::object owned = py::reinterpret_steal<py::object>(data);
+    const char* p = PyBytes_AS_STRING(data);
+    size_t n = size_t(PyBytes_GET_SIZE(data));
+    if (std::memchr(p, kPickleStackGlobal, n) != nullptr) return owned;
+    sage::IoPart part{p, n};
+    do_put(r, &part, 1, n, kKindPickle, ns);
+    return py::none();
+  }
+
+  // SageQueue.get's common case in one call: a pickle frame comes back
+  // unpickled, a raw frame as bytes. Any other kind, and a pickle that fails
+  // to load, comes back as a Frame for Python to decode or to report (the
+  // message is consumed either way; it is never unpickled twice).
+  py::object get_object(py::object timeout, int writable_kind) {
+    uint16_t kind = 0;
+    py::object payload = read_frame(to_ns(timeout), writable_kind, &kind);
+    if (kind == kKindRaw) return payload;
+    if (kind != kKindPickle) return py::cast(Frame{payload, kind, py::none()});
+    PyObject* args[1] = {payload.ptr()};
+    PyObject* obj = PyObject_Vectorcall(pickle_fns().loads.ptr(), args, 1, nullptr);
+    if (obj) return py::reinterpret_steal<py::object>(obj);
+    py::error_already_set err;  // fetches and clears the exception
+    return py::cast(Frame{payload, kind, err.value()});
   }
 
   py::tuple count() {
@@ -269,6 +316,51 @@ class PyRing {
   // copying them. Larger copies and every wait run with the GIL released.
   static constexpr size_t kSmall = 4 * 1024;
 
+  // Takes the next frame into a new bytes (or, for `writable_kind`, bytearray)
+  // object. Guesses size and type from the last message, so the common case
+  // is one allocation and one copy straight from the ring into the result.
+  py::object read_frame(int64_t ns, int writable_kind, uint16_t* kind_out) {
+    auto keep = ring();
+    Ring& r = *keep;
+    size_t want = last_len_ < 64 ? 64 : last_len_;
+    bool writable = last_kind_ == writable_kind;
+    for (;;) {
+      PyObject* obj = writable ? PyByteArray_FromStringAndSize(nullptr, Py_ssize_t(want))
+                               : PyBytes_FromStringAndSize(nullptr, Py_ssize_t(want));
+      if (!obj) throw py::error_already_set();
+      char* dst = writable ? PyByteArray_AS_STRING(obj) : PyBytes_AS_STRING(obj);
+      size_t got = 0;
+      uint16_t kind = 0;
+      Status st = Status::kTimeout;
+      if (want <= kSmall) st = r.get(dst, want, &got, &kind, Ring::kTryOnce, writable_kind, writable);
+      if (st == Status::kTimeout) {
+        py::gil_scoped_release nogil;
+        st = r.get(dst, want, &got, &kind, ns, writable_kind, writable);
+      }
+      if (st == Status::kBufferTooSmall) {
+        // The frame at head is larger, or wants the other buffer type: retry
+        // at once with exactly what it needs (it stays at head meanwhile,
+        // unless another consumer takes it, which the loop also handles).
+        Py_DECREF(obj);
+        want = got;
+        writable = int(kind) == writable_kind;
+        continue;
+      }
+      if (st != Status::kOk) {
+        Py_DECREF(obj);
+        raise_status(st, label_, r.detail(), r.last_errno(), "get");
+      }
+      last_len_ = got;
+      last_kind_ = kind;
+      if (got != want) {
+        int rc = writable ? PyByteArray_Resize(obj, Py_ssize_t(got)) : _PyBytes_Resize(&obj, Py_ssize_t(got));
+        if (rc != 0) throw py::error_already_set();
+      }
+      *kind_out = kind;
+      return py::reinterpret_steal<py::object>(obj);
+    }
+  }
+
   void do_put(Ring& r, const sage::IoPart* io, size_t n, uint64_t total, uint16_t kind, int64_t ns) {
     Status st = Status::kTimeout;
     if (total <= kSmall) st = r.put(io, n, kind, Ring::kTryOnce);
@@ -285,6 +377,88 @@ class PyRing {
   size_t last_len_ = 0;
   int last_kind_ = -1;
 };
+
+// put_object and get_object again, as plain METH_FASTCALL functions bound to
+// one ring: SageQueue calls them once per message, and pybind11's dispatch
+// (argument conversion, overload resolution) costs as much as the ring itself.
+// The capsule they are bound to holds a reference to the Ring object.
+struct FastRing {
+  PyObject* owner;  // the Python Ring object: keeps `ring` alive
+  PyRing* ring;
+};
+constexpr const char* kFastRingCapsule = "sage_ray_comm._core.FastRing";
+
+template <typename F>
+PyObject* call_translating(F&& f) {
+  try {
+    return f().release().ptr();
+  } catch (py::error_already_set& e) {
+    e.restore();
+  } catch (py::builtin_exception& e) {
+    e.set_error();
+  } catch (const std::bad_alloc&) {
+    PyErr_NoMemory();
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what());
+  }
+  return nullptr;
+}
+
+PyRing* fast_ring(PyObject* capsule) {
+  return static_cast<FastRing*>(PyCapsule_GetPointer(capsule, kFastRingCapsule))->ring;
+}
+
+// put_object(obj, timeout)
+PyObject* fast_put_object(PyObject* capsule, PyObject* const* args, Py_ssize_t nargs) {
+  if (nargs != 2) {
+    PyErr_Format(PyExc_TypeError, "put_object() takes 2 arguments (%zd given)", nargs);
+    return nullptr;
+  }
+  PyRing* r = fast_ring(capsule);
+  return call_translating(
+      [&] { return r->put_object(py::handle(args[0]), py::reinterpret_borrow<py::object>(args[1])); });
+}
+
+// get_object(timeout, writable_kind)
+PyObject* fast_get_object(PyObject* capsule, PyObject* const* args, Py_ssize_t nargs) {
+  if (nargs != 2) {
+    PyErr_Format(PyExc_TypeError, "get_object() takes 2 arguments (%zd given)", nargs);
+    return nullptr;
+  }
+  long writable_kind = PyLong_AsLong(args[1]);
+  if (writable_kind == -1 && PyErr_Occurred()) return nullptr;
+  PyRing* r = fast_ring(capsule);
+  return call_translating(
+      [&] { return r->get_object(py::reinterpret_borrow<py::object>(args[0]), int(writable_kind)); });
+}
+
+PyMethodDef kFastPutDef = {"put_object", reinterpret_cast<PyCFunction>(reinterpret_cast<void*>(fast_put_object)),
+                           METH_FASTCALL, "put_object(obj, timeout): Ring.put_object without pybind11 dispatch."};
+PyMethodDef kFastGetDef = {"get_object", reinterpret_cast<PyCFunction>(reinterpret_cast<void*>(fast_get_object)),
+                           METH_FASTCALL,
+                           "get_object(timeout, writable_kind): Ring.get_object without pybind11 dispatch."};
+
+py::tuple fast_methods(py::object self) {
+  auto* fr = new FastRing{self.ptr(), self.cast<PyRing*>()};
+  Py_INCREF(fr->owner);
+  PyObject* cap = PyCapsule_New(fr, kFastRingCapsule, [](PyObject* c) {
+    auto* f = static_cast<FastRing*>(PyCapsule_GetPointer(c, kFastRingCapsule));
+    Py_DECREF(f->owner);
+    delete f;
+  });
+  if (!cap) {
+    Py_DECREF(fr->owner);
+    delete fr;
+    throw py::error_already_set();
+  }
+  py::object capsule = py::reinterpret_steal<py::object>(cap);
+  PyObject* put = PyCFunction_New(&kFastPutDef, cap);
+  if (!put) throw py::error_already_set();
+  py::object put_fn = py::reinterpret_steal<py::object>(put);
+  PyObject* get = PyCFunction_New(&kFastGetDef, cap);
+  if (!get) throw py::error_already_set();
+  return py::make_tuple(put_fn, py::reinterpret_steal<py::object>(get));
+}
 
 }  // namespace
 
@@ -318,6 +492,13 @@ PYBIND11_MODULE(_core, m) {
   offsets["data"] = sage::kHeaderSize;
   m.attr("_HEADER_OFFSETS") = offsets;
 
+  m.attr("KIND_RAW") = kKindRaw;
+  m.attr("KIND_PICKLE") = kKindPickle;
+  py::class_<Frame>(m, "Frame")
+      .def_readonly("payload", &Frame::payload)
+      .def_readonly("kind", &Frame::kind)
+      .def_readonly("error", &Frame::error);
+
   py::class_<PyRing>(m, "Ring")
       .def(py::init<const std::string&, uint64_t, int, std::string>(), py::arg("shm_name"),
            py::arg("capacity"), py::arg("mode") = 0, py::arg("label") = "")
@@ -325,6 +506,9 @@ PYBIND11_MODULE(_core, m) {
       .def("put_parts", &PyRing::put_parts, py::arg("parts"), py::arg("kind") = 0,
            py::arg("timeout") = py::none())
       .def("get", &PyRing::get, py::arg("timeout") = py::none(), py::arg("writable_kind") = -1)
+      .def("put_object", &PyRing::put_object, py::arg("obj"), py::arg("timeout") = py::none())
+      .def("get_object", &PyRing::get_object, py::arg("timeout") = py::none(), py::arg("writable_kind") = -1)
+      .def("fast_methods", &fast_methods)
       .def("count", &PyRing::count)
       .def("would_block_put", [](PyRing& self, uint64_t n) { return self.ring()->would_block_put(n); })
       .def("close_queue", [](PyRing& self) { self.ring()->close_queue(); })

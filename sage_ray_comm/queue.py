@@ -48,8 +48,8 @@ __all__ = ["SageQueue", "SageQueueRef", "DEFAULT_MAXSIZE", "destroy_queue"]
 DEFAULT_MAXSIZE = 1 << 20  # bytes of ring, as in the seed
 
 # Frame kinds (stored in the ring's frame header).
-KIND_RAW = 1  # put_bytes: the payload is the caller's bytes
-KIND_PICKLE = 2  # pickle protocol 5, no out-of-band buffers
+KIND_RAW = _core.KIND_RAW  # put_bytes: the payload is the caller's bytes
+KIND_PICKLE = _core.KIND_PICKLE  # pickle protocol 5, no out-of-band buffers
 KIND_PICKLE_OOB = 3  # pickle protocol 5 plus out-of-band buffers (numpy...)
 
 # KIND_PICKLE_OOB payload: header, buffer lengths, pickle, then each buffer at
@@ -86,7 +86,7 @@ def _pad(n: int) -> int:
 # request frame, against +0.24 us for `b"__main__" in data` on every one).
 _MAIN = b"__main__"
 _STACK_GLOBAL = pickle.STACK_GLOBAL[0]
-_pickle_dumps = pickle.dumps
+_Frame = _core.Frame  # a frame Ring.get_object leaves to Python
 # Above this size, searching the pickle costs more than looking at the object
 # (measured: 340 us to search a 1 MiB pickle for __main__): a graph of builtin
 # types only cannot name __main__, and needs no search at all.
@@ -332,6 +332,8 @@ class SageQueue:
         self._label = f"queue '{name}' (namespace '{namespace}')"
         mode = _core.OPEN_OR_CREATE if create else _core.OPEN_ONLY
         self._ring = _core.Ring(self.shm_name, maxsize, mode, self._label)
+        # put's and get's common cases, callable without pybind11's dispatch.
+        self._put_object, self._get_object = self._ring.fast_methods()
         self._ring.set_spin_ns(int(spin_us * 1000))
         self.maxsize = self._ring.capacity
         self.created = self._ring.created
@@ -350,20 +352,14 @@ class SageQueue:
         cannot be pickled, QueueClosed after :meth:`close`.
         """
         t = None if (block and timeout is None) else _timeout_for(block, timeout)
-        if type(obj) is bytes:
-            # bytes need no pickling: one copy into the ring, and get()
-            # returns an equal bytes object.
-            self._ring.put(obj, KIND_RAW, t)
+        # The common case is one C call: bytes written raw, or a pickle with
+        # no buffers and no globals. It hands back a pickle that names
+        # globals, and False for everything else (see Ring.put_object).
+        left = self._put_object(obj, t)
+        if left is None:
             return
-        # The common case inline (a small object, no buffers, nothing from
-        # __main__): one pickle.dumps and one ring put. _encode does the rest.
-        bufs: list = []
-        try:
-            data = _pickle_dumps(obj, 5, buffer_callback=bufs.append)
-        except Exception:
-            data = None  # _encode below says why, or pickles it by value
-        if data is not None and not bufs and (_STACK_GLOBAL not in data or not _names_main(obj, data)):
-            self._ring.put(data, KIND_PICKLE, t)
+        if left is not False and not _names_main(obj, left):
+            self._ring.put(left, KIND_PICKLE, t)  # globals, none from __main__
             return
         parts, kind = _encode(obj, self._label)
         if kind == KIND_PICKLE:
@@ -380,15 +376,12 @@ class SageQueue:
         closed queue is drained.
         """
         t = None if (block and timeout is None) else _timeout_for(block, timeout)
-        payload, kind = self._ring.get(t, KIND_PICKLE_OOB)
-        if kind == KIND_RAW:  # the common cases, inline
-            return payload
-        if kind == KIND_PICKLE:
-            try:
-                return pickle.loads(payload)
-            except Exception as e:  # never unpickle twice: user code may have side effects
-                raise _unpickle_error(e, payload, self._label) from e
-        return _decode(payload, kind, self._label)
+        got = self._get_object(t, KIND_PICKLE_OOB)  # pickles are loaded in C
+        if type(got) is not _Frame:
+            return got
+        if got.error is not None:  # never unpickle twice: user code may have side effects
+            raise _unpickle_error(got.error, got.payload, self._label) from got.error
+        return _decode(got.payload, got.kind, self._label)
 
     def put_nowait(self, obj: Any) -> None:
         """``put(obj, block=False)``."""

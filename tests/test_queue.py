@@ -107,6 +107,25 @@ def test_numpy_goes_out_of_band_aligned_and_writable(ns):
         assert a[0, 0] == 0.0
 
 
+def test_put_never_copies_an_array_in_band_first(ns):
+    # put's one-call fast path pickles without out-of-band buffers; it must
+    # stop at the first buffer, before pickle copies the array into bytes.
+    import tracemalloc
+
+    with SageQueue("q", maxsize=64 << 20, namespace=ns) as q:
+        a = np.ones(2 << 20, dtype=np.float64)  # 16 MiB
+        q.put(np.zeros(4))  # warm up (imports, first allocations)
+        q.get()
+        tracemalloc.start()
+        try:
+            q.put(a)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert peak < a.nbytes // 8, f"put allocated {peak} bytes for a {a.nbytes}-byte array"
+        assert np.array_equal(q.get(), a)
+
+
 def test_non_contiguous_array_still_round_trips(ns):
     with SageQueue("q", maxsize=1 << 20, namespace=ns) as q:
         a = np.arange(10000, dtype=np.int32)[::3]
