@@ -29,9 +29,7 @@ import argparse
 import json
 import multiprocessing as mp
 import os
-import platform
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -39,6 +37,7 @@ import time
 import uuid
 
 from _runinfo import run_info
+
 from sage_ray_comm import SageQueue
 
 try:
@@ -282,31 +281,49 @@ def main(argv=None) -> int:
     ff = res["impls"].get("faster-fifo")
     targets = {
         "small dict, pickled by every queue, vs multiprocessing.Queue (>= 4x)": (
-            sq["dict_msgs_per_s"] / mpq["dict_msgs_per_s"], 4.0, ">="),
+            sq["dict_msgs_per_s"] / mpq["dict_msgs_per_s"],
+            4.0,
+            ">=",
+        ),
         "64 B bytes via put (raw bytes, no pickling) vs multiprocessing.Queue (>= 10x)": (
-            sq["small_msgs_per_s"] / mpq["small_msgs_per_s"], 10.0, ">="),
+            sq["small_msgs_per_s"] / mpq["small_msgs_per_s"],
+            10.0,
+            ">=",
+        ),
         "ping-pong p50 vs C futex floor (<= 3x)": (sq["pingpong_p50_us"] / floor["futex_rtt_p50_us"], 3.0, "<="),
         "1 MiB bandwidth vs memcpy (>= 0.25)": (sq["big_MBps"] / floor["memcpy_MBps"], 0.25, ">="),
     }
     if ff:
         targets["64 B bytes via put (raw bytes, no pickling) vs faster-fifo (>= 1x)"] = (
-            sq["small_msgs_per_s"] / ff["small_msgs_per_s"], 1.0, ">=")
+            sq["small_msgs_per_s"] / ff["small_msgs_per_s"],
+            1.0,
+            ">=",
+        )
     info = {
         "ping-pong p50 vs C spin floor": sq["pingpong_p50_us"] / floor["spin_rtt_p50_us"],
         "64 B bytes via put_bytes vs multiprocessing.Queue": (
-            res["impls"]["SageQueue (bytes)"]["small_msgs_per_s"] / mpq["small_msgs_per_s"]),
+            res["impls"]["SageQueue (bytes)"]["small_msgs_per_s"] / mpq["small_msgs_per_s"]
+        ),
     }
     if ff:
         info["small dict vs faster-fifo"] = sq["dict_msgs_per_s"] / ff["dict_msgs_per_s"]
     res["info_ratios"] = info
-    res["targets"] = {k: {"ratio": v, "target": t, "met": (v >= t if op == ">=" else v <= t)} for k, (v, t, op) in targets.items()}
+    res["targets"] = {
+        k: {"ratio": v, "target": t, "met": (v >= t if op == ">=" else v <= t)} for k, (v, t, op) in targets.items()
+    }
 
-    print(f"\nfloor: futex ping-pong p50 {floor['futex_rtt_p50_us']:.1f} us, p99 {floor['futex_rtt_p99_us']:.1f} us; "
-          f"spin ping-pong p50 {floor['spin_rtt_p50_us']:.2f} us; memcpy {floor['memcpy_MBps']:,.0f} MB/s")
-    print(f"\n{'queue':<24} {'dict msgs/s':>12} {'64 B bytes/s*':>13} {'ping-pong p50':>14} {'p99':>10} {'1 MiB MB/s':>11}")
+    print(
+        f"\nfloor: futex ping-pong p50 {floor['futex_rtt_p50_us']:.1f} us, p99 {floor['futex_rtt_p99_us']:.1f} us; "
+        f"spin ping-pong p50 {floor['spin_rtt_p50_us']:.2f} us; memcpy {floor['memcpy_MBps']:,.0f} MB/s"
+    )
+    print(
+        f"\n{'queue':<24} {'dict msgs/s':>12} {'64 B bytes/s*':>13} {'ping-pong p50':>14} {'p99':>10} {'1 MiB MB/s':>11}"
+    )
     for name, r in res["impls"].items():
-        print(f"{name:<24} {r['dict_msgs_per_s']:>12,.0f} {r['small_msgs_per_s']:>13,.0f} {r['pingpong_p50_us']:>11.1f} us "
-              f"{r['pingpong_p99_us']:>7.1f} us {r['big_MBps']:>11,.0f}")
+        print(
+            f"{name:<24} {r['dict_msgs_per_s']:>12,.0f} {r['small_msgs_per_s']:>13,.0f} {r['pingpong_p50_us']:>11.1f} us "
+            f"{r['pingpong_p99_us']:>7.1f} us {r['big_MBps']:>11,.0f}"
+        )
     print("* 64 B bytes objects: SageQueue writes them raw (no pickling); the others pickle them")
     print()
     for k, v in res["targets"].items():

@@ -24,9 +24,17 @@ import sys
 import time
 
 import ray
-
 from _runinfo import run_info
-from sage_ray_comm import BaseService, FunctionClient, Message, MessageType, get_communication_bus, sage_service, service_function
+
+from sage_ray_comm import (
+    BaseService,
+    FunctionClient,
+    Message,
+    MessageType,
+    get_communication_bus,
+    sage_service,
+    service_function,
+)
 from sage_ray_comm.transport import get_gateway
 
 SIZES = [8, 1024, 64 * 1024, 1024 * 1024]
@@ -133,7 +141,7 @@ def main() -> int:
     for k in range(pairs):
         meds = {}
         # alternate which goes first, so drift within a pair cancels out
-        for on in ((True, False) if k % 2 == 0 else (False, True)):
+        for on in (True, False) if k % 2 == 0 else (False, True):
             sage_metrics.set_enabled(on)
             lat = timed(lambda p: client.call("echo", "echo", p), small8, per_round, 20)
             meds[on] = pct(lat, 0.5)
@@ -235,13 +243,17 @@ def main() -> int:
             + f"{e['ray_actor']['p50'] / e['sage_call']['p50']:6.1f}x "
             + (f"{cg['p50'] / e['sage_call']['p50']:5.2f}x" if cg else "")
         )
-    print(f"\npipelined 8 B: call_async {sage_tput:,.0f} calls/s, Ray actor {ray_tput:,.0f} calls/s ({ratios['pipelined_vs_ray']:.1f}x)")
+    print(
+        f"\npipelined 8 B: call_async {sage_tput:,.0f} calls/s, Ray actor {ray_tput:,.0f} calls/s ({ratios['pipelined_vs_ray']:.1f}x)"
+    )
     print(f"Message(...) validated {validated:.2f} us, model_construct {constructed:.2f} us")
     mo = results["metrics_overhead"]
     lo, hi = mo["added_us_ci95"]
-    print(f"metrics recording on the call path: {mo['added_us_mean']:+.3f} us per call, 95% CI [{lo:+.3f}, {hi:+.3f}] "
-          f"({mo['pairs']} pairs of {mo['calls_per_round']}-call rounds); upper end = {mo['overhead_upper'] * 100:.1f}% "
-          f"of the 8 B p50 ({mo['p50_8B_us']:.1f} us); recording alone {mo['recording_alone_us']:.3f} us")
+    print(
+        f"metrics recording on the call path: {mo['added_us_mean']:+.3f} us per call, 95% CI [{lo:+.3f}, {hi:+.3f}] "
+        f"({mo['pairs']} pairs of {mo['calls_per_round']}-call rounds); upper end = {mo['overhead_upper'] * 100:.1f}% "
+        f"of the 8 B p50 ({mo['p50_8B_us']:.1f} us); recording alone {mo['recording_alone_us']:.3f} us"
+    )
     for name, ok in checks.items():
         print(f"  [{'ok' if ok else 'MISSED'}] {name}")
 
@@ -279,7 +291,11 @@ def _plot(results: dict, path: str):
     lat = results["latency_us"]
     sizes = [int(s) for s in lat]
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for key, label in (("sage_call", "(a) FunctionClient.call (shm)"), ("ray_actor", "(b) Ray actor call"), ("ray_cgraph", "(c) Ray Compiled Graph")):
+    for key, label in (
+        ("sage_call", "(a) FunctionClient.call (shm)"),
+        ("ray_actor", "(b) Ray actor call"),
+        ("ray_cgraph", "(c) Ray Compiled Graph"),
+    ):
         if key in lat[str(sizes[0])]:
             ax.plot(sizes, [lat[str(s)][key]["p50"] for s in sizes], marker="o", label=label)
     ax.set_xscale("log", base=2)

@@ -42,7 +42,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 import ray
@@ -116,11 +115,17 @@ def caller_main(address: str, bus: str, base: int, folder: str) -> None:
             else:
                 events.write(json.dumps({"wrong": [rid, repr(r)], "t": time.time(), "dt": dt}) + "\n")
         except SageCommError as e:
-            events.write(json.dumps({"typed": type(e).__name__, "msg": str(e)[:200], "t": time.time(),
-                                     "dt": time.monotonic() - t0}) + "\n")
-        except BaseException as e:  # noqa: BLE001  (anything else is a finding)
-            events.write(json.dumps({"untyped": f"{type(e).__name__}: {e}"[:300], "t": time.time(),
-                                     "dt": time.monotonic() - t0}) + "\n")
+            events.write(
+                json.dumps(
+                    {"typed": type(e).__name__, "msg": str(e)[:200], "t": time.time(), "dt": time.monotonic() - t0}
+                )
+                + "\n"
+            )
+        except BaseException as e:
+            events.write(
+                json.dumps({"untyped": f"{type(e).__name__}: {e}"[:300], "t": time.time(), "dt": time.monotonic() - t0})
+                + "\n"
+            )
     client.close()
 
 
@@ -138,7 +143,8 @@ class Callers:
         self.next_base += 1
         p = subprocess.Popen(
             [sys.executable, os.path.abspath(__file__), "--caller", self.address, self.bus, str(base), self.folder],
-            stdout=subprocess.DEVNULL, stderr=open(os.path.join(self.folder, f"stderr-{base}"), "w"),
+            stdout=subprocess.DEVNULL,
+            stderr=open(os.path.join(self.folder, f"stderr-{base}"), "w"),
         )
         self.procs[base] = p
 
@@ -309,7 +315,9 @@ def main() -> int:
             "aggregate_kills": aggregate_kills,
             "calls_ok": sum(1 for e in p2 if e.get("ok")),
             "calls_failed_typed": sum(1 for e in p2 if "typed" in e),
-            "failed_by_type": {t: sum(1 for e in p2 if e.get("typed") == t) for t in sorted({e["typed"] for e in p2 if "typed" in e})},
+            "failed_by_type": {
+                t: sum(1 for e in p2 if e.get("typed") == t) for t in sorted({e["typed"] for e in p2 if "typed" in e})
+            },
             "calls_failed_untyped": sum(1 for e in p2 if "untyped" in e),
             "wrong_replies": sum(1 for e in p2 if "wrong" in e),
             "recovered_after_s": recovered_after,
@@ -322,10 +330,16 @@ def main() -> int:
         "seconds": round(t_end - t_start, 1),
     }
     ok = (
-        report["phase1"]["calls_failed"] == 0 and report["phase1"]["wrong_replies"] == 0 and report["phase1"]["lost"] == 0
-        and report["phase2"]["calls_failed_untyped"] == 0 and report["phase2"]["wrong_replies"] == 0
-        and all(r is not None for r in recovered_after) and report["hangs"] == 0 and report["segments_leaked"] == 0
-        and report["phase1"]["calls_ok"] > 0 and report["phase2"]["calls_ok"] > 0
+        report["phase1"]["calls_failed"] == 0
+        and report["phase1"]["wrong_replies"] == 0
+        and report["phase1"]["lost"] == 0
+        and report["phase2"]["calls_failed_untyped"] == 0
+        and report["phase2"]["wrong_replies"] == 0
+        and all(r is not None for r in recovered_after)
+        and report["hangs"] == 0
+        and report["segments_leaked"] == 0
+        and report["phase1"]["calls_ok"] > 0
+        and report["phase2"]["calls_ok"] > 0
     )
     report["ok"] = ok
     print(json.dumps(report, indent=2))

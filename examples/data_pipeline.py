@@ -1,9 +1,9 @@
 """A full pipeline: a source, a load-balanced stage, a stateful aggregator, pub/sub events.
 
-    python examples/data_pipeline.py
+python examples/data_pipeline.py
 
-    source (this script) --call_async--> clean (2 replicas) --call--> totals (stateful)
-                                                                         \\--publish--> orders.large
+source (this script) --call_async--> clean (2 replicas) --call--> totals (stateful)
+                                                                     \\--publish--> orders.large
 """
 
 from __future__ import annotations
@@ -20,7 +20,11 @@ from sage_ray_comm import BaseService, FunctionClient, get_communication_bus, sa
 class Clean(BaseService):
     @service_function
     def process(self, order: dict) -> dict:
-        order = {"id": order["id"], "customer": order["customer"].strip().lower(), "amount": round(float(order["amount"]), 2)}
+        order = {
+            "id": order["id"],
+            "customer": order["customer"].strip().lower(),
+            "amount": round(float(order["amount"]), 2),
+        }
         self.call_service["totals"].add(order)  # a service calling a service
         return order
 
@@ -66,7 +70,9 @@ def main() -> int:
     print(f"cleaned {len(cleaned)} orders; per replica: {per_replica}")
     print(f"totals: {report}")
     print(f"large orders announced: {len(got_large)}")
-    ok = report == expected and len(got_large) == n_large and len(per_replica) == 2 and sum(per_replica.values()) == 1000
+    ok = (
+        report == expected and len(got_large) == n_large and len(per_replica) == 2 and sum(per_replica.values()) == 1000
+    )
     print("OK" if ok else "MISMATCH")
     client.close()
     bus.shutdown()

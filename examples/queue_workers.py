@@ -13,6 +13,7 @@ import time
 
 from sage_ray_comm import QueueClosed, SageQueue
 
+
 def worker(namespace: str, worker_id: int) -> None:
     jobs = SageQueue("jobs", namespace=namespace, create=False)
     results = SageQueue("results", namespace=namespace, create=False)
@@ -28,8 +29,11 @@ def worker(namespace: str, worker_id: int) -> None:
 def main() -> int:
     NAMESPACE = f"example-{os.getpid()}"  # one job's namespace: nothing outside it sees these queues
     ctx = mp.get_context("spawn")
-    with SageQueue("jobs", namespace=NAMESPACE) as jobs, SageQueue("results", namespace=NAMESPACE) as results, \
-            SageQueue("jobs", namespace=NAMESPACE + "-other") as other:
+    with (
+        SageQueue("jobs", namespace=NAMESPACE) as jobs,
+        SageQueue("results", namespace=NAMESPACE) as results,
+        SageQueue("jobs", namespace=NAMESPACE + "-other") as other,
+    ):
         workers = [ctx.Process(target=worker, args=(NAMESPACE, i)) for i in range(3)]
         for w in workers:
             w.start()

@@ -12,6 +12,7 @@ Nothing needs closing: the job ends SUCCEEDED with what it printed.
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 from sage_ray_comm import BaseService, FunctionClient, get_communication_bus, sage_service, service_function
 
@@ -24,7 +25,7 @@ class Tokens:  # defined in the job's script (__main__): travels by value, as Ra
 
 @sage_service(name="dictionary", num_cpus=0.1, lifetime="detached")
 class Dictionary(BaseService):
-    WORDS = {"ray", "actor", "shared", "memory", "ring", "service"}
+    WORDS: ClassVar[set[str]] = {"ray", "actor", "shared", "memory", "ring", "service"}
 
     @service_function
     def known(self, words: list) -> int:
@@ -41,7 +42,7 @@ class Tokenizer(BaseService):
 
 def main() -> None:
     bus = get_communication_bus("jobs-demo").start()  # attaches to the cluster (starts a local Ray if none)
-    Dictionary.deploy(bus=bus.name)                   # identical code already running: kept
+    Dictionary.deploy(bus=bus.name)  # identical code already running: kept
     Tokenizer.deploy(bus=bus.name)
     client = FunctionClient(bus=bus.name)
     for text in ["Ray actor calls", "a shared memory ring per service"]:

@@ -9,15 +9,14 @@ Same-node traffic goes through a C++ ring buffer in shared memory
 [1, 2, 3]
 """
 
-from . import shm
-from . import errors
-from .errors import *  # noqa: F403  (the whole hierarchy is public)
-from .queue import DEFAULT_MAXSIZE, SageQueue, SageQueueRef, destroy_queue
-from .message import CommunicationPattern, Message, MessageType
-from .service import BaseService, ServiceFunction, ServiceHandle, sage_service, service_function, subscribe
-from .client import FunctionClient, ServiceCallMixin, call_service, call_service_async
-from .bus import CommunicationBus, DeliveryReceipt, ServiceManager, get_communication_bus, get_service_manager
+from . import errors, shm
 from .adapter import LegacyQueueAdapter, create_queue_adapter, migrate_service
+from .bus import CommunicationBus, DeliveryReceipt, ServiceManager, get_communication_bus, get_service_manager
+from .client import FunctionClient, ServiceCallMixin, call_service, call_service_async
+from .errors import *  # noqa: F403  (the whole hierarchy is public)
+from .message import CommunicationPattern, Message, MessageType
+from .queue import DEFAULT_MAXSIZE, SageQueue, SageQueueRef, destroy_queue
+from .service import BaseService, ServiceFunction, ServiceHandle, sage_service, service_function, subscribe
 
 __version__ = "0.1.0"
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import sys
 import time
-from typing import Any, Dict, List
+from typing import Any
 
 from .service import BaseService, sage_service, service_function, subscribe
 
@@ -25,7 +25,7 @@ class Featurize(BaseService):
     """Turns a raw reading into features, then hands it to the aggregator."""
 
     @service_function(idempotent=True)
-    def process(self, record: Dict[str, Any]) -> Dict[str, Any]:
+    def process(self, record: dict[str, Any]) -> dict[str, Any]:
         v = float(record["value"])
         features = {"id": record["id"], "sensor": record["sensor"], "value": v, "log": math.log1p(abs(v))}
         # A service calling a service from its handler.
@@ -33,7 +33,7 @@ class Featurize(BaseService):
         return features
 
     @service_function
-    def transport_stats(self) -> Dict[str, int]:
+    def transport_stats(self) -> dict[str, int]:
         s = self.client.stats()
         return {"shm": s["shm"], "ray": s["ray"]}
 
@@ -43,13 +43,13 @@ class Aggregate(BaseService):
     """Running mean and variance per sensor; publishes an alert for outliers."""
 
     def initialize(self) -> None:
-        self.n: Dict[str, int] = {}
-        self.mean: Dict[str, float] = {}
-        self.m2: Dict[str, float] = {}
+        self.n: dict[str, int] = {}
+        self.mean: dict[str, float] = {}
+        self.m2: dict[str, float] = {}
         self.alerts = 0
 
     @service_function
-    def add(self, features: Dict[str, Any]) -> float:
+    def add(self, features: dict[str, Any]) -> float:
         s, v = features["sensor"], features["value"]
         n = self.n.get(s, 0) + 1
         mean = self.mean.get(s, 0.0)
@@ -65,9 +65,13 @@ class Aggregate(BaseService):
         return z
 
     @service_function
-    def summary(self) -> Dict[str, Any]:
+    def summary(self) -> dict[str, Any]:
         return {
-            s: {"n": self.n[s], "mean": round(self.mean[s], 3), "std": round(math.sqrt(self.m2[s] / max(1, self.n[s] - 1)), 3)}
+            s: {
+                "n": self.n[s],
+                "mean": round(self.mean[s], 3),
+                "std": round(math.sqrt(self.m2[s] / max(1, self.n[s] - 1)), 3),
+            }
             for s in sorted(self.n)
         } | {"alerts": self.alerts}
 
@@ -77,18 +81,18 @@ class Monitor(BaseService):
     """Counts alerts per sensor (a subscriber service)."""
 
     def initialize(self) -> None:
-        self.counts: Dict[str, int] = {}
+        self.counts: dict[str, int] = {}
 
     @subscribe("pipeline.alert.*")
-    def on_alert(self, alert: Dict[str, Any]) -> None:
+    def on_alert(self, alert: dict[str, Any]) -> None:
         self.counts[alert["sensor"]] = self.counts.get(alert["sensor"], 0) + 1
 
     @service_function
-    def counts_by_sensor(self) -> Dict[str, int]:
+    def counts_by_sensor(self) -> dict[str, int]:
         return dict(self.counts)
 
 
-def make_records(n: int, seed: int = 7) -> List[Dict[str, Any]]:
+def make_records(n: int, seed: int = 7) -> list[dict[str, Any]]:
     import random
 
     rng = random.Random(seed)
@@ -135,13 +139,13 @@ def run(records: int = 3000, window: int = 16) -> int:
     bus = get_communication_bus(bus_name).start()
     try:
         handles = [Featurize.deploy(bus=bus_name), Aggregate.deploy(bus=bus_name), Monitor.deploy(bus=bus_name)]
-        alerts_seen: List[Dict[str, Any]] = []
+        alerts_seen: list[dict[str, Any]] = []
         bus.subscribe("pipeline.alert.*", alerts_seen.append)
         client = FunctionClient(bus=bus_name, client_id="demo-source")
         client.wait_for_subscribers("pipeline.alert.x", 2)
         data = make_records(records)
         bar = Progress(records, "streaming")
-        lat: List[float] = []
+        lat: list[float] = []
         pending: list = []
         t0 = time.perf_counter()
         done = 0
@@ -164,7 +168,8 @@ def run(records: int = 3000, window: int = 16) -> int:
         monitor_counts = client.call("monitor", "counts_by_sensor")
         fe = handles[0]
         per_replica = {
-            (i.actor_name or i.instance_id).split(":")[-1]: st.get("calls", 0) for i, st in zip(fe.instances, fe.stats())
+            (i.actor_name or i.instance_id).split(":")[-1]: st.get("calls", 0)
+            for i, st in zip(fe.instances, fe.stats(), strict=True)
         }
         nested = [client.call("featurize", "transport_stats", instance=i.instance_id) for i in fe.instances]
         cs = client.stats()
@@ -178,16 +183,23 @@ def run(records: int = 3000, window: int = 16) -> int:
         print()
         print(f"sage_ray_comm demo: {records} records through featurize (3 replicas) -> aggregate -> alerts")
         print(f"  throughput        {records / elapsed:,.0f} records/s ({elapsed:.2f} s, {window} calls in flight)")
-        print(f"  call latency      p50 {pct(0.5):,.0f} us   p99 {pct(0.99):,.0f} us   (source -> featurize -> aggregate -> back, under load)")
+        print(
+            f"  call latency      p50 {pct(0.5):,.0f} us   p99 {pct(0.99):,.0f} us   (source -> featurize -> aggregate -> back, under load)"
+        )
         print(f"  transports        {shm_calls} calls over shared memory, {ray_calls} over Ray")
         print("  per-replica load  " + "   ".join(f"{k}: {v}" for k, v in sorted(per_replica.items())))
-        print("  aggregate         " + "   ".join(f"{s}: n={v['n']} mean={v['mean']}" for s, v in summary.items() if s != "alerts"))
+        print(
+            "  aggregate         "
+            + "   ".join(f"{s}: n={v['n']} mean={v['mean']}" for s, v in summary.items() if s != "alerts")
+        )
         # The driver's callback runs in a background thread: give the last alerts a moment to land.
         deadline = time.monotonic() + 5
         while len(alerts_seen) < summary["alerts"] and time.monotonic() < deadline:
             time.sleep(0.01)
-        print(f"  alerts (pub/sub)  {summary['alerts']} published; driver got {len(alerts_seen)}, "
-              f"monitor service got {sum(monitor_counts.values())} {dict(sorted(monitor_counts.items()))}")
+        print(
+            f"  alerts (pub/sub)  {summary['alerts']} published; driver got {len(alerts_seen)}, "
+            f"monitor service got {sum(monitor_counts.values())} {dict(sorted(monitor_counts.items()))}"
+        )
         ok = (
             sum(per_replica.values()) == records
             and sum(v["n"] for s, v in summary.items() if s != "alerts") == records

@@ -17,8 +17,8 @@ would show them.
 from __future__ import annotations
 
 import threading
-from concurrent.futures import InvalidStateError
 from concurrent.futures import Future as _Future
+from concurrent.futures import InvalidStateError
 from concurrent.futures._base import (  # the states, as the stock Future spells them
     CANCELLED,
     CANCELLED_AND_NOTIFIED,
@@ -139,4 +139,3 @@ class CallFuture(_Future):
         if self._state == FINISHED:
             return self._exception
         return super().exception(timeout)
-

@@ -27,7 +27,8 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from typing import Any, Callable, Dict, List, Optional
+from collections.abc import Callable
+from typing import Any
 
 from . import lifecycle, shm
 from .client import FunctionClient, _Endpoint
@@ -36,7 +37,7 @@ from .queue import DEFAULT_MAXSIZE, SageQueue
 from .router import bus_namespace, validate_bus_name, validate_topic
 from .service import BaseService, _ensure_ray, service_function
 
-__all__ = ["LegacyQueueAdapter", "create_queue_adapter", "migrate_service", "Bridge", "LEGACY_PREFIX"]
+__all__ = ["LEGACY_PREFIX", "Bridge", "LegacyQueueAdapter", "create_queue_adapter", "migrate_service"]
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ LEGACY_PREFIX = "legacy."
 class Bridge:
     """A thread that drains a legacy queue into a service or a topic. ``stop()`` ends it."""
 
-    def __init__(self, adapter: "LegacyQueueAdapter", forward: Callable[[Any], Any], label: str) -> None:
+    def __init__(self, adapter: LegacyQueueAdapter, forward: Callable[[Any], Any], label: str) -> None:
         self.adapter = adapter
         self.label = label
         self.forwarded = 0
@@ -107,7 +108,7 @@ class LegacyQueueAdapter:
     def __init__(
         self,
         queue_name: str,
-        service_name: Optional[str] = None,
+        service_name: str | None = None,
         *,
         bus: str = "default",
         maxsize: int = DEFAULT_MAXSIZE,
@@ -134,7 +135,7 @@ class LegacyQueueAdapter:
             ),
             timeout=30,
         )
-        self._bridges: List[Bridge] = []
+        self._bridges: list[Bridge] = []
         self.stats = {"to_queue": 0, "to_service": 0, "got": 0}
         lifecycle.register(self, "bridges", LegacyQueueAdapter.close)
         lifecycle.note_bus(self.bus)
@@ -144,7 +145,7 @@ class LegacyQueueAdapter:
         # The cached registry: no router round trip per put.
         return bool(self.service_name) and self.service_name in self._client.endpoint.snapshot["services"]
 
-    def put(self, data: Any, block: bool = True, timeout: Optional[float] = None) -> None:
+    def put(self, data: Any, block: bool = True, timeout: float | None = None) -> None:
         """Puts ``data`` on the queue, or hands it to the service in mixed mode."""
         if self._service_up():
             self._client.send(self.service_name, self.process_function, data, timeout=timeout)  # type: ignore[arg-type]
@@ -153,7 +154,7 @@ class LegacyQueueAdapter:
         self._queue.put(data, block, timeout)
         self.stats["to_queue"] += 1
 
-    def get(self, block: bool = True, timeout: Optional[float] = None) -> Any:
+    def get(self, block: bool = True, timeout: float | None = None) -> Any:
         """Takes the next item (raises QueueEmpty, also ``queue.Empty``, on timeout)."""
         item = self._queue.get(block, timeout)
         self.stats["got"] += 1
@@ -174,7 +175,7 @@ class LegacyQueueAdapter:
     def full(self) -> bool:
         return self._queue.full()
 
-    def get_stats(self) -> Dict[str, Any]:
+    def get_stats(self) -> dict[str, Any]:
         s = self._queue.get_stats()
         s.update(self.stats, queue_name=self.queue_name, bus=self.bus, bridges=len(self._bridges))
         return s
@@ -182,7 +183,9 @@ class LegacyQueueAdapter:
     # -- migration helpers
     def bridge_to(self, service: str, function: str = "process_data") -> Bridge:
         """Forwards every item put on the queue to ``service.function`` (no reply)."""
-        b = Bridge(self, lambda item: self._client.send(service, function, item), f"{self.queue_name}->{service}.{function}")
+        b = Bridge(
+            self, lambda item: self._client.send(service, function, item), f"{self.queue_name}->{service}.{function}"
+        )
         self._bridges.append(b)
         return b
 
@@ -215,7 +218,7 @@ class LegacyQueueAdapter:
         self._queue.unlink()
         self.close()
 
-    def __enter__(self) -> "LegacyQueueAdapter":
+    def __enter__(self) -> LegacyQueueAdapter:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -226,7 +229,9 @@ class LegacyQueueAdapter:
         return f"LegacyQueueAdapter({self.queue_name!r}{mode}, bus={self.bus!r})"
 
 
-def create_queue_adapter(queue_name: str, *, bus: str = "default", maxsize: int = DEFAULT_MAXSIZE) -> LegacyQueueAdapter:
+def create_queue_adapter(
+    queue_name: str, *, bus: str = "default", maxsize: int = DEFAULT_MAXSIZE
+) -> LegacyQueueAdapter:
     """The drop-in replacement for ``SageQueue(queue_name)`` in old code."""
     return LegacyQueueAdapter(queue_name, bus=bus, maxsize=maxsize)
 
@@ -252,8 +257,8 @@ class _MigratedService(BaseService):
         self._handler = handler
         self._queue_name = queue_name
         self._bus = bus
-        self.adapter: Optional[LegacyQueueAdapter] = None
-        self.bridge: Optional[Bridge] = None
+        self.adapter: LegacyQueueAdapter | None = None
+        self.bridge: Bridge | None = None
 
     def initialize(self) -> None:
         self.adapter = LegacyQueueAdapter(self._queue_name, bus=self._bus)
@@ -270,7 +275,7 @@ class _MigratedService(BaseService):
         return self._handler(data)
 
 
-def migrate_service(queue_name: str, obj: Any, *, service_name: Optional[str] = None, bus: str = "default") -> BaseService:
+def migrate_service(queue_name: str, obj: Any, *, service_name: str | None = None, bus: str = "default") -> BaseService:
     """Serves ``obj`` (its ``process``, ``handle`` or ``__call__``) as a service
     named ``service_name`` (default: the queue's name) from this process, and
     keeps draining the legacy queue into it. ``stop()`` the result to end both.
@@ -290,7 +295,5 @@ def _destroy_bus_queues(bus: str) -> int:
     n = 0
     for info in snap.get("queues", {}).values():
         if info.get("host_id") == shm.host_id():
-            from . import _core
-
-            n += bool(_core.unlink(shm.segment_name(bus_namespace(bus), info["ring"])))
+            n += bool(shm.unlink(shm.segment_name(bus_namespace(bus), info["ring"])))
     return n

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional, Union
+from collections.abc import Callable
+from typing import Any
 
 import pydantic
 
@@ -25,7 +26,7 @@ from .errors import InvalidCallArgument, InvalidServiceDefinition, ServiceNotFou
 from .message import CommunicationPattern, Message
 from .router import replica_rows, validate_bus_name
 
-__all__ = ["CommunicationBus", "get_communication_bus", "DeliveryReceipt", "ServiceManager", "get_service_manager"]
+__all__ = ["CommunicationBus", "DeliveryReceipt", "ServiceManager", "get_communication_bus", "get_service_manager"]
 
 
 class DeliveryReceipt(pydantic.BaseModel):
@@ -34,8 +35,8 @@ class DeliveryReceipt(pydantic.BaseModel):
     message_id: str
     pattern: CommunicationPattern
     delivered: int  # replicas or subscribers that took it
-    instances: List[str] = []  # replica ids (point-to-point, load-balanced)
-    topic: Optional[str] = None
+    instances: list[str] = []  # replica ids (point-to-point, load-balanced)
+    topic: str | None = None
 
 
 class CommunicationBus:
@@ -43,11 +44,11 @@ class CommunicationBus:
 
     def __init__(self, name: str = "default") -> None:
         self.name = validate_bus_name(name)
-        self._client: Optional[FunctionClient] = None
+        self._client: FunctionClient | None = None
         self._lock = threading.Lock()
 
     # -- lifecycle
-    def start(self) -> "CommunicationBus":
+    def start(self) -> CommunicationBus:
         """Finds or creates the bus's router (starting a local Ray if needed). Idempotent."""
         with self._lock:
             if self._client is None or self._client._closed:
@@ -143,7 +144,7 @@ class CommunicationBus:
     def wait_for_subscribers(self, topic: str, count: int = 1, timeout: float = 10.0) -> int:
         return self.client.wait_for_subscribers(topic, count, timeout)
 
-    def route_message(self, message: Union[Message, dict], pattern: Any = CommunicationPattern.REQUEST_RESPONSE) -> Any:
+    def route_message(self, message: Message | dict, pattern: Any = CommunicationPattern.REQUEST_RESPONSE) -> Any:
         """Routes a :class:`Message` by ``pattern``.
 
         - ``REQUEST_RESPONSE``: calls ``receiver.function(payload)`` and returns the result.
@@ -196,11 +197,11 @@ class CommunicationBus:
         return DeliveryReceipt(message_id=msg.id, pattern=pat, delivered=1, instances=[iid])
 
     # -- registry view
-    def services(self) -> List[Dict[str, Any]]:
+    def services(self) -> list[dict[str, Any]]:
         """One row per replica: service, instance, node, functions, liveness, load."""
         return replica_rows(self.client.endpoint.refresh())
 
-    def subscriptions(self) -> List[Dict[str, Any]]:
+    def subscriptions(self) -> list[dict[str, Any]]:
         snap = self.client.endpoint.refresh()
         return [
             {"pattern": s.pattern, "group": s.group, "node": s.node_id, "pid": s.pid, "sub_id": s.sub_id}
@@ -219,11 +220,13 @@ def _as_message(message: Any) -> Message:
             return Message(**message)
         except pydantic.ValidationError as e:
             fields = ", ".join(".".join(map(str, d["loc"])) + ": " + d["msg"] for d in e.errors(include_url=False))
-            raise ValidationError(f"invalid message: {fields}", [dict(d) for d in e.errors(include_url=False)]) from None
+            raise ValidationError(
+                f"invalid message: {fields}", [dict(d) for d in e.errors(include_url=False)]
+            ) from None
     raise InvalidCallArgument(f"route_message takes a Message or a dict, got {type(message).__name__}")
 
 
-_buses: Dict[str, CommunicationBus] = {}
+_buses: dict[str, CommunicationBus] = {}
 _buses_lock = threading.Lock()
 
 
@@ -252,7 +255,7 @@ class ServiceManager:
 
     def __init__(self, bus: str = "default") -> None:
         self.bus = validate_bus_name(bus)
-        self._services: Dict[str, Any] = {}  # name -> BaseService (in process) or ServiceHandle
+        self._services: dict[str, Any] = {}  # name -> BaseService (in process) or ServiceHandle
         self._lock = threading.Lock()
 
     def register_service(self, service: Any, **deploy_options: Any) -> Any:
@@ -296,21 +299,21 @@ class ServiceManager:
             )
         return held
 
-    def list_services(self) -> List[str]:
+    def list_services(self) -> list[str]:
         return sorted(self._services)
 
     def stop_all(self) -> None:
         for name in list(self._services):
             self.unregister_service(name)
 
-    def get_stats(self) -> Dict[str, Any]:
-        out: Dict[str, Any] = {}
+    def get_stats(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
         for name, held in list(self._services.items()):
             out[name] = held.get_stats() if hasattr(held, "get_stats") else held.stats()
         return out
 
 
-_managers: Dict[str, ServiceManager] = {}
+_managers: dict[str, ServiceManager] = {}
 
 
 def get_service_manager(bus: str = "default") -> ServiceManager:

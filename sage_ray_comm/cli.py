@@ -16,7 +16,7 @@ import argparse
 import multiprocessing as mp
 import sys
 import time
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 from . import shm
 from .errors import QueueEmpty
@@ -56,11 +56,14 @@ def cmd_queue_demo(args: argparse.Namespace) -> int:
         dt = time.perf_counter() - t0
         proc.join(10)
         expect = n * (n - 1) // 2
-        print(f"sent {n} records to another process through shared memory in {dt * 1e3:.1f} ms "
-              f"({n / dt:,.0f} records/s)")
+        print(
+            f"sent {n} records to another process through shared memory in {dt * 1e3:.1f} ms ({n / dt:,.0f} records/s)"
+        )
         print(f"consumer's sum {total} (expected {expect}): {'OK' if total == expect else 'MISMATCH'}")
-        print(f"queue stats: {q.stats()['messages_in']} in, {q.stats()['messages_out']} out, "
-              f"{q.stats()['frames_dropped']} dropped")
+        print(
+            f"queue stats: {q.stats()['messages_in']} in, {q.stats()['messages_out']} out, "
+            f"{q.stats()['frames_dropped']} dropped"
+        )
         return 0 if total == expect and proc.exitcode == 0 else 1
 
 
@@ -70,7 +73,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return _demo.run(records=args.records, window=args.window)
 
 
-def _connect(address: Optional[str]) -> None:
+def _connect(address: str | None) -> None:
     import socket
 
     import ray
@@ -105,7 +108,7 @@ def _known_buses() -> list:
     )
 
 
-def status_rows(snap: dict, now: Optional[float] = None) -> list:
+def status_rows(snap: dict, now: float | None = None) -> list:
     """Rows of the status table: the registry's replica rows, formatted for a terminal."""
     from .router import replica_rows
 
@@ -153,16 +156,28 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(format_table(status_rows(snap)))
     if snap["subscriptions"]:
         print("\nsubscriptions")
-        print(format_table([{"pattern": s.pattern, "group": s.group or "-", "node": (s.node_id or "?")[:8], "pid": s.pid}
-                            for s in snap["subscriptions"]]))
+        print(
+            format_table(
+                [
+                    {"pattern": s.pattern, "group": s.group or "-", "node": (s.node_id or "?")[:8], "pid": s.pid}
+                    for s in snap["subscriptions"]
+                ]
+            )
+        )
     if snap.get("queues"):
         print("\nlegacy queues")
-        print(format_table([{"queue": q, "node": (i.get("node_id") or "?")[:8], "created by pid": i.get("pid")}
-                            for q, i in sorted(snap["queues"].items())]))
+        print(
+            format_table(
+                [
+                    {"queue": q, "node": (i.get("node_id") or "?")[:8], "created by pid": i.get("pid")}
+                    for q, i in sorted(snap["queues"].items())
+                ]
+            )
+        )
     return 0
 
 
-def scrape_metrics(bus: Optional[str] = None, timeout: float = 5.0) -> list:
+def scrape_metrics(bus: str | None = None, timeout: float = 5.0) -> list:
     """The ``ray_sage_*`` samples exported by every node's metrics agent."""
     import urllib.request
 
@@ -208,8 +223,10 @@ def cmd_segments(args: argparse.Namespace) -> int:
     segs = shm.list_segments(args.namespace)
     print(f"{'segment':<64} {'bytes':>10} {'creator':>8} {'alive':>5} {'users':>5} {'stale':>5}")
     for s in segs:
-        print(f"{s.shm_name:<64} {s.size:>10} {s.creator_pid:>8} {str(s.creator_alive):>5} "
-              f"{s.live_attached:>5} {str(s.stale):>5}")
+        print(
+            f"{s.shm_name:<64} {s.size:>10} {s.creator_pid:>8} {s.creator_alive!s:>5} "
+            f"{s.live_attached:>5} {s.stale!s:>5}"
+        )
     return 0
 
 
@@ -241,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     return args.func(args)
 

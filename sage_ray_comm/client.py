@@ -22,46 +22,35 @@ import concurrent.futures
 import itertools
 import logging
 import os
-import pickle
 import random
 import threading
 import time
 import uuid
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, ClassVar
 
-from . import _core, lifecycle, shm
-from .errors import (
-    CallTimeout,
-    DeserializationError,
-    FunctionNotFound,
-    InvalidCallArgument,
-    InvalidSubscription,
-    RemoteError,
-    RouterUnavailable,
-    SageCommError,
-    SerializationError,
-    ServiceNotFound,
-    SharedMemoryFull,
-    ServiceUnavailable,
-    ValidationError,
-)
-from .message import (
-    ERR_DESERIALIZATION,
-    ERR_FUNCTION,
-    ERR_REMOTE,
-    ERR_SERIALIZATION,
-    ERR_TIMEOUT,
-    ERR_UNAVAILABLE,
-    ERR_VALIDATION,
+from . import lifecycle, shm
+from ._future import CallFuture
+from ._wire import (
     OP_CALL,
     OP_EVENT,
     OP_SEND,
-    ST_OK,
-    ErrorInfo,
     Reply,
     Request,
+    outcome,
 )
-from ._future import CallFuture
+from .errors import (
+    CallTimeout,
+    FunctionNotFound,
+    InvalidCallArgument,
+    InvalidSubscription,
+    RouterUnavailable,
+    SageCommError,
+    ServiceNotFound,
+    ServiceUnavailable,
+    SharedMemoryFull,
+)
+from .message import envelope
 from .metrics import recorder
 from .queue import SageQueue
 from .router import (
@@ -76,21 +65,20 @@ from .router import (
     validate_topic,
 )
 from .transport import (
-    DirectTransport,
     EVENT_RING_BYTES,
     JANITOR_GRACE,
-    KIND_REQ_OOB,
-    BadRequest,
+    DirectTransport,
     RayTransport,
     ShmTransport,
     Transport,
     check_shm_space,
-    decode_request,
     ensure_janitor,
+    request_args,
     shm_warn_once,
+    take_request,
 )
 
-__all__ = ["FunctionClient", "POLICIES", "pick_instance", "ServiceCallMixin", "call_service", "call_service_async"]
+__all__ = ["POLICIES", "FunctionClient", "ServiceCallMixin", "call_service", "call_service_async", "pick_instance"]
 
 log = logging.getLogger(__name__)
 
@@ -103,8 +91,8 @@ _MISSING = object()
 def pick_instance(
     candidates: Sequence[InstanceInfo],
     policy: str,
-    outstanding: Dict[str, int],
-    local_node: Optional[str],
+    outstanding: dict[str, int],
+    local_node: str | None,
     rr: Iterable[int],
     rng: random.Random = random,  # type: ignore[assignment]
 ) -> InstanceInfo:
@@ -125,79 +113,15 @@ def pick_instance(
     return a if oa <= ob else b
 
 
-def _remote_error(info: ErrorInfo, service: str, function: str) -> BaseException:
-    """The exception a caller sees for a handler that raised."""
-    original = None
-    if info.exc_pickle is not None:
-        try:
-            original = pickle.loads(info.exc_pickle)
-        except Exception:
-            original = None
-    cls: type = RemoteError
-    if isinstance(original, Exception) and not isinstance(original, RemoteError):
-        cls = _dual_class(type(original))
-    try:
-        err = cls.__new__(cls)
-        Exception.__init__(err, *(original.args if original is not None else (info.message,)))
-        if original is not None:
-            err.__dict__.update(getattr(original, "__dict__", {}))
-    except Exception:
-        err = RemoteError(info.message)
-    err.remote_type = info.type_name
-    err.remote_message = info.message
-    err.remote_traceback = info.traceback
-    err.service = service
-    err.function = function
-    return err
-
-
-_DUALS: Dict[type, type] = {}
-
-
-def _dual_class(t: type) -> type:
-    """A subclass of both RemoteError and ``t``, so ``except t`` still catches it."""
-    d = _DUALS.get(t)
-    if d is None:
-        try:
-            d = type(f"RemoteError[{t.__name__}]", (RemoteError, t), {"__str__": RemoteError.__str__})
-        except TypeError:  # layout conflict (a C type with its own fields): plain RemoteError
-            d = RemoteError
-        _DUALS[t] = d
-    return d
-
-
-def outcome(rep: Reply, service: str, function: str) -> Any:
-    """The value of a reply, or its typed exception raised."""
-    if rep[1] == ST_OK:
-        return rep[2]
-    info = ErrorInfo(*rep[2])
-    code = info.code
-    if code == ERR_REMOTE:
-        raise _remote_error(info, service, function)
-    if code == ERR_FUNCTION:
-        raise FunctionNotFound(info.message)
-    if code == ERR_VALIDATION:
-        raise ValidationError(info.message, info.extra)
-    if code == ERR_TIMEOUT:
-        raise CallTimeout(info.message)
-    if code == ERR_SERIALIZATION:
-        raise SerializationError(info.message)
-    if code == ERR_DESERIALIZATION:
-        raise DeserializationError(info.message)
-    if code == ERR_UNAVAILABLE:
-        raise ServiceUnavailable(info.message)
-    raise RemoteError(f"{service}.{function} failed: {info.message}")
-
-
 # --------------------------------------------------------------- endpoint
 class _Endpoint:
     """Per process and bus: the registry cache, transports, outstanding counts."""
 
-    _by_bus: Dict[str, "_Endpoint"] = {}
+    _by_bus: ClassVar[dict[str, _Endpoint]] = {}
     _lock = threading.Lock()
 
     @classmethod
-    def for_bus(cls, bus: str) -> "_Endpoint":
+    def for_bus(cls, bus: str) -> _Endpoint:
         ep = cls._by_bus.get(bus)
         if ep is not None and not ep.closed and ep._ray_alive():
             return ep
@@ -229,19 +153,29 @@ class _Endpoint:
         # its calls then go over Ray, straight to the replicas' actors.
         self.shm_ok = True
         self.snapshot: dict = {"version": -1, "services": {}, "subscriptions": [], "load": {}}
-        self.outstanding: Dict[str, int] = {}
+        self.outstanding: dict[str, int] = {}
         self.dead: set = set()  # instances seen dead here before the router dropped them
-        self._live: Dict[str, tuple] = {}
+        self._live: dict[str, tuple] = {}
         self._gen = 0  # bumped whenever the registry or the dead set changes
         self._rebuild_until = 0.0
-        self.my_subs: Dict[str, Subscription] = {}  # this process's callback subscriptions
-        self.rr: Dict[str, Iterable[int]] = {}
-        self.stats = {"calls": 0, "shm": 0, "ray": 0, "errors": 0, "timeouts": 0, "retries": 0,
-                      "published": 0, "delivered": 0, "dropped": 0, "by_instance": {}}
+        self.my_subs: dict[str, Subscription] = {}  # this process's callback subscriptions
+        self.rr: dict[str, Iterable[int]] = {}
+        self.stats = {
+            "calls": 0,
+            "shm": 0,
+            "ray": 0,
+            "errors": 0,
+            "timeouts": 0,
+            "retries": 0,
+            "published": 0,
+            "delivered": 0,
+            "dropped": 0,
+            "by_instance": {},
+        }
         self.closed = False
         self.refs = 0
         self._snap_lock = threading.Lock()
-        self._inbox: Optional["_Inbox"] = None
+        self._inbox: _Inbox | None = None
         # Set by close(): wakes the watcher at once, so it drops its Ray refs
         # before Ray shuts down.
         self._stop: concurrent.futures.Future = concurrent.futures.Future()
@@ -259,7 +193,7 @@ class _Endpoint:
         ensure_janitor(self.node_id)
 
     @classmethod
-    def offline(cls, bus: str, snapshot: dict, node_id: Optional[str], shm_t: Transport, ray_t: Transport) -> "_Endpoint":
+    def offline(cls, bus: str, snapshot: dict, node_id: str | None, shm_t: Transport, ray_t: Transport) -> _Endpoint:
         """An endpoint with a fixed registry and given transports, no Ray and no
         router: the client's routing logic, tested on its own."""
         ep = cls.__new__(cls)
@@ -270,8 +204,18 @@ class _Endpoint:
         ep.snapshot = snapshot
         ep.outstanding, ep.dead, ep.rr, ep._live, ep._gen = {}, set(), {}, {}, 0
         ep._rebuild_until, ep.my_subs = 0.0, {}
-        ep.stats = {"calls": 0, "shm": 0, "ray": 0, "errors": 0, "timeouts": 0, "retries": 0,
-                    "published": 0, "delivered": 0, "dropped": 0, "by_instance": {}}
+        ep.stats = {
+            "calls": 0,
+            "shm": 0,
+            "ray": 0,
+            "errors": 0,
+            "timeouts": 0,
+            "retries": 0,
+            "published": 0,
+            "delivered": 0,
+            "dropped": 0,
+            "by_instance": {},
+        }
         ep.closed, ep.refs = False, 1
         ep._snap_lock = threading.Lock()
         ep._inbox = None
@@ -286,7 +230,7 @@ class _Endpoint:
             return False
 
     # -- registry cache
-    def _install(self, snap: Optional[dict]) -> None:
+    def _install(self, snap: dict | None) -> None:
         if snap is None:
             return
         resubscribe = False
@@ -348,7 +292,8 @@ class _Endpoint:
                 fut = self.router.wait_for_change.remote(self.snapshot.get("version", -1), 5.0).future()
                 while not fut.done() and not self.closed:
                     concurrent.futures.wait(
-                        (fut, self._stop), timeout=lifecycle.RAY_CHECK_SECONDS,
+                        (fut, self._stop),
+                        timeout=lifecycle.RAY_CHECK_SECONDS,
                         return_when=concurrent.futures.FIRST_COMPLETED,
                     )
                     if not self._ray_alive():
@@ -369,7 +314,7 @@ class _Endpoint:
                 except Exception:
                     pass
             finally:
-                fut = None  # noqa: F841  (the poll's ObjectRef goes now, while Ray runs)
+                fut = None
         if not self.closed:  # Ray went away under us: release everything of this endpoint
             self.close()
 
@@ -380,7 +325,7 @@ class _Endpoint:
         except concurrent.futures.TimeoutError:
             return False
 
-    def instances(self, service: str) -> List[InstanceInfo]:
+    def instances(self, service: str) -> list[InstanceInfo]:
         # Cached per registry snapshot and set of locally seen deaths: the
         # common call re-uses the list instead of rebuilding it.
         hit = self._live.get(service)
@@ -412,7 +357,7 @@ class _Endpoint:
         self.dead.add(instance_id)
         self._gen += 1
 
-    def transport(self, node_id: Optional[str]) -> Transport:
+    def transport(self, node_id: str | None) -> Transport:
         """The transport to a subscriber or replica on ``node_id``."""
         return self.shm if node_id == self.node_id else self.ray
 
@@ -430,7 +375,7 @@ class _Endpoint:
         shm_warn_once(f"a caller on bus '{self.bus}' could not make its reply ring ({e}); its calls go over Ray")
 
     # -- pub/sub
-    def inbox(self, buffer_bytes: Optional[int] = None) -> "_Inbox":
+    def inbox(self, buffer_bytes: int | None = None) -> _Inbox:
         if self._inbox is None:
             with self._snap_lock:
                 if self._inbox is None:
@@ -462,7 +407,7 @@ class _Endpoint:
             ep.close()
 
     @classmethod
-    def existing(cls, bus: str) -> Optional["_Endpoint"]:
+    def existing(cls, bus: str) -> _Endpoint | None:
         """This process's open endpoint of ``bus``, without creating one."""
         ep = cls._by_bus.get(bus)
         return ep if ep is not None and not ep.closed else None
@@ -475,32 +420,31 @@ class _Inbox:
         self.ep = ep
         self.name = f"evt.{os.getpid()}.{uuid.uuid4().hex[:10]}"
         self.queue = SageQueue(self.name, buffer_bytes, auto_cleanup=True, namespace=ep.namespace)
-        self.callbacks: Dict[str, Callable] = {}
-        self.wants_message: Dict[str, bool] = {}
+        self.callbacks: dict[str, Callable] = {}
+        self.wants_message: dict[str, bool] = {}
         self.stats = {"received": 0, "errors": 0}
         self._thread = threading.Thread(target=self._run, name=f"sage-events-{ep.bus}", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
-        from .message import envelope
-        from .transport import SegmentBlob
-
         while True:
             try:
-                req = Request._make(decode_request(*self.queue._ring.get(None, KIND_REQ_OOB)))
-            except (SageCommError, ValueError, BadRequest) as e:
+                req = take_request(self.queue)
+            except SageCommError as e:
                 if self.queue.closed:
                     return
                 log.warning("dropped an undecodable event: %s", e)
+                continue
+            if not isinstance(req, Request):
+                if req is not None:
+                    log.warning("dropped an event whose payload did not unpickle: %s", req)
                 continue
             cb = self.callbacks.get(req.function)
             if cb is None:
                 continue  # unsubscribed meanwhile
             self.stats["received"] += 1
             try:
-                args = req.args
-                if isinstance(args, SegmentBlob):
-                    args, _ = args.get()
+                args, _ = request_args(req)
                 if self.wants_message[req.function]:
                     cb(*args, message=envelope(req))
                 else:
@@ -534,11 +478,11 @@ class FunctionClient:
 
     def __init__(
         self,
-        client_id: Optional[str] = None,
+        client_id: str | None = None,
         bus: Any = None,
         *,
-        timeout: Optional[float] = None,
-        policy: Optional[str] = None,
+        timeout: float | None = None,
+        policy: str | None = None,
     ) -> None:
         if bus is not None and not isinstance(bus, str):
             bus = getattr(bus, "name", bus)
@@ -546,10 +490,12 @@ class FunctionClient:
         if policy is not None and policy not in POLICIES:
             raise InvalidCallArgument(f"policy must be one of {POLICIES}, got {policy!r}")
         self.client_id = client_id or f"client-{uuid.uuid4().hex[:8]}"
-        self.default_timeout = float(timeout if timeout is not None else os.environ.get("SAGE_COMM_TIMEOUT", DEFAULT_TIMEOUT))
+        self.default_timeout = float(
+            timeout if timeout is not None else os.environ.get("SAGE_COMM_TIMEOUT", DEFAULT_TIMEOUT)
+        )
         self.policy = policy
-        self._ep: Optional[_Endpoint] = None
-        self._subs: List[str] = []
+        self._ep: _Endpoint | None = None
+        self._subs: list[str] = []
         self._closed = False
 
     @property
@@ -563,7 +509,7 @@ class FunctionClient:
         return ep
 
     # -- routing
-    def _route(self, service: str, function: str, instance: Optional[str], exclude: Sequence[str] = ()) -> tuple:
+    def _route(self, service: str, function: str, instance: str | None, exclude: Sequence[str] = ()) -> tuple:
         ep = self.endpoint
         if not isinstance(service, str) or not isinstance(function, str):
             raise InvalidCallArgument(f"service and function must be strings, got {service!r}, {function!r}")
@@ -591,7 +537,16 @@ class FunctionClient:
             )
         return ep, inst, finfo
 
-    def _request(self, op: int, service: str, function: str, args: tuple, kwargs: dict, deadline: Optional[float], headers: Optional[dict]) -> Request:
+    def _request(
+        self,
+        op: int,
+        service: str,
+        function: str,
+        args: tuple,
+        kwargs: dict,
+        deadline: float | None,
+        headers: dict | None,
+    ) -> Request:
         return Request(op, 0, function, args, kwargs or None, None, deadline, self.client_id, headers, service)
 
     def _account(self, ep: _Endpoint, inst: InstanceInfo, transport: Transport, delta: int) -> None:
@@ -611,7 +566,16 @@ class FunctionClient:
         s[transport.name] -= 1
         s["by_instance"][inst.instance_id] -= 1
 
-    def call(self, service: str, function: str, *args: Any, timeout: Optional[float] = None, instance: Optional[str] = None, headers: Optional[dict] = None, **kwargs: Any) -> Any:
+    def call(
+        self,
+        service: str,
+        function: str,
+        *args: Any,
+        timeout: float | None = None,
+        instance: str | None = None,
+        headers: dict | None = None,
+        **kwargs: Any,
+    ) -> Any:
         """Calls ``service.function(*args, **kwargs)`` and returns its result.
 
         Raises ServiceNotFound, FunctionNotFound, ValidationError, CallTimeout
@@ -619,7 +583,7 @@ class FunctionClient:
         ServiceUnavailable (the replica died; idempotent functions are retried
         on another replica first) or the handler's exception as a RemoteError.
         """
-        excluded: List[str] = []
+        excluded: list[str] = []
         while True:
             ep, inst, finfo = self._route(service, function, instance, excluded)
             t = _check_timeout(_pick_timeout(timeout, finfo.timeout, self.default_timeout), service, function)
@@ -638,7 +602,9 @@ class FunctionClient:
             except ServiceUnavailable:
                 ep.mark_dead(inst.instance_id)
                 ep.stats["errors"] += 1
-                recorder.call(self.bus, service, function, transport.name, "request_response", None, "ServiceUnavailable")
+                recorder.call(
+                    self.bus, service, function, transport.name, "request_response", None, "ServiceUnavailable"
+                )
                 if finfo.idempotent and instance is None and len(excluded) < 3:
                     excluded.append(inst.instance_id)
                     ep.stats["retries"] += 1
@@ -654,12 +620,29 @@ class FunctionClient:
                 value = outcome(rep, service, function)
             except SageCommError as e:
                 ep.stats["errors"] += 1
-                recorder.call(self.bus, service, function, transport.name, "request_response", time.perf_counter() - t0, type(e).__name__)
+                recorder.call(
+                    self.bus,
+                    service,
+                    function,
+                    transport.name,
+                    "request_response",
+                    time.perf_counter() - t0,
+                    type(e).__name__,
+                )
                 raise
             recorder.call(self.bus, service, function, transport.name, "request_response", time.perf_counter() - t0)
             return value
 
-    def call_async(self, service: str, function: str, *args: Any, timeout: Optional[float] = None, instance: Optional[str] = None, headers: Optional[dict] = None, **kwargs: Any) -> concurrent.futures.Future:
+    def call_async(
+        self,
+        service: str,
+        function: str,
+        *args: Any,
+        timeout: float | None = None,
+        instance: str | None = None,
+        headers: dict | None = None,
+        **kwargs: Any,
+    ) -> concurrent.futures.Future:
         """Like :meth:`call`, but returns a ``concurrent.futures.Future`` at once.
 
         The request is already on its way when this returns (it blocks only
@@ -667,13 +650,24 @@ class FunctionClient:
         :meth:`call`, an idempotent function whose replica died is retried
         on another one, within the call's timeout.
         """
-        fut, iid, idempotent, deadline = self._call_async_once(service, function, args, kwargs, timeout, instance, headers, ())
+        fut, iid, idempotent, deadline = self._call_async_once(
+            service, function, args, kwargs, timeout, instance, headers, ()
+        )
         if instance is not None or not idempotent:
             return fut  # the common case: the attempt is the call
         return _Retrying(self, fut, iid, deadline, service, function, args, kwargs, headers).future
 
-    def _call_async_once(self, service: str, function: str, args: tuple, kwargs: dict, timeout: Optional[float],
-                         instance: Optional[str], headers: Optional[dict], exclude: Sequence[str]) -> tuple:
+    def _call_async_once(
+        self,
+        service: str,
+        function: str,
+        args: tuple,
+        kwargs: dict,
+        timeout: float | None,
+        instance: str | None,
+        headers: dict | None,
+        exclude: Sequence[str],
+    ) -> tuple:
         """One attempt: (future, replica id, idempotent, monotonic deadline)."""
         ep, inst, finfo = self._route(service, function, instance, exclude)
         t = _check_timeout(_pick_timeout(timeout, finfo.timeout, self.default_timeout), service, function)
@@ -700,13 +694,31 @@ class FunctionClient:
             self._account(ep, inst, transport, -1)
             raise
 
-    async def acall(self, service: str, function: str, *args: Any, timeout: Optional[float] = None, instance: Optional[str] = None, headers: Optional[dict] = None, **kwargs: Any) -> Any:
+    async def acall(
+        self,
+        service: str,
+        function: str,
+        *args: Any,
+        timeout: float | None = None,
+        instance: str | None = None,
+        headers: dict | None = None,
+        **kwargs: Any,
+    ) -> Any:
         """``await``-able :meth:`call`, for async code (an async Ray actor, a notebook)."""
         return await asyncio.wrap_future(
             self.call_async(service, function, *args, timeout=timeout, instance=instance, headers=headers, **kwargs)
         )
 
-    def send(self, service: str, function: str, *args: Any, instance: Optional[str] = None, timeout: Optional[float] = None, headers: Optional[dict] = None, **kwargs: Any) -> str:
+    def send(
+        self,
+        service: str,
+        function: str,
+        *args: Any,
+        instance: str | None = None,
+        timeout: float | None = None,
+        headers: dict | None = None,
+        **kwargs: Any,
+    ) -> str:
         """Point-to-point: delivers the call with no reply (fire-and-forget).
 
         ``instance=`` (an instance id or actor name) targets one replica.
@@ -726,11 +738,13 @@ class FunctionClient:
             transport.send(inst, req, t)
         ep.stats["by_instance"][inst.instance_id] = ep.stats["by_instance"].get(inst.instance_id, 0) + 1
         ep.stats[transport.name] += 1
-        recorder.call(self.bus, service, function, transport.name, "point_to_point" if instance else "load_balanced", None)
+        recorder.call(
+            self.bus, service, function, transport.name, "point_to_point" if instance else "load_balanced", None
+        )
         return inst.instance_id
 
     # -- pub/sub
-    def broadcast(self, topic: str, payload: Any, *, headers: Optional[dict] = None) -> int:
+    def broadcast(self, topic: str, payload: Any, *, headers: dict | None = None) -> int:
         """Publishes ``payload`` on ``topic`` to every matching subscriber (one
         per service group); returns how many took it. A subscriber whose buffer
         is full misses it (counted in ``stats()['dropped']``): at-most-once,
@@ -738,8 +752,8 @@ class FunctionClient:
         validate_topic(topic)
         ep = self.endpoint
         hdrs = {"topic": topic, **(headers or {})}
-        groups: Dict[str, List[Subscription]] = {}
-        targets: List[Subscription] = []
+        groups: dict[str, list[Subscription]] = {}
+        targets: list[Subscription] = []
         for sub in ep.snapshot["subscriptions"]:
             if topic_matches(sub.pattern, topic):
                 if sub.group:
@@ -755,7 +769,9 @@ class FunctionClient:
             targets.append(local[next(rr) % len(local)])
         delivered = 0
         for sub in targets:
-            req = Request(OP_EVENT, 0, sub.function or "", (payload,), None, None, None, self.client_id, hdrs, sub.group or "")
+            req = Request(
+                OP_EVENT, 0, sub.function or "", (payload,), None, None, None, self.client_id, hdrs, sub.group or ""
+            )
             tr = ep.transport(sub.node_id)
             if not sub.queue and self._deliver_direct(ep, sub, req):
                 delivered += 1
@@ -787,7 +803,7 @@ class FunctionClient:
                     return False
         return False
 
-    def subscribe(self, pattern: str, callback: Callable, *, buffer_bytes: Optional[int] = None) -> str:
+    def subscribe(self, pattern: str, callback: Callable, *, buffer_bytes: int | None = None) -> str:
         """Runs ``callback(payload)`` (or ``callback(payload, message=...)``) in a
         background thread for each event matching ``pattern``. Returns the
         subscription id for :meth:`unsubscribe`.
@@ -813,7 +829,9 @@ class FunctionClient:
             inbox.wants_message[sub_id] = False
         inbox.callbacks[sub_id] = callback
         pid = os.getpid()
-        sub = Subscription(sub_id, pattern, inbox.name, ep.node_id, ep.host_id, pid, _core.process_start_time(pid), None, sub_id)
+        sub = Subscription(
+            sub_id, pattern, inbox.name, ep.node_id, ep.host_id, pid, shm.process_start_time(pid), None, sub_id
+        )
         ep.ensure_version(ray.get(ep.router.subscribe.remote(sub), timeout=30))
         ep.my_subs[sub_id] = sub
         self._subs.append(sub_id)
@@ -843,12 +861,14 @@ class FunctionClient:
             if n >= count:
                 return n
             if time.monotonic() >= end:
-                raise CallTimeout(f"topic '{topic}' on bus '{self.bus}' has {n} subscriber(s), not {count}, after {timeout} s")
+                raise CallTimeout(
+                    f"topic '{topic}' on bus '{self.bus}' has {n} subscriber(s), not {count}, after {timeout} s"
+                )
             ep.refresh()
             time.sleep(0.02)  # polling the router's version; a change usually lands within one poll
 
     # -- registry views
-    def list_services(self) -> List[Dict[str, Any]]:
+    def list_services(self) -> list[dict[str, Any]]:
         """The services on the bus, as the original API listed them: one dict
         per service, ``{"service_id", "service_name", "functions", "metadata"}``.
 
@@ -864,37 +884,39 @@ class FunctionClient:
             if not reps:
                 continue
             first = reps[0]
-            out.append({
-                "service_id": first.instance_id,
-                "service_name": name,
-                "functions": sorted(first.functions),
-                "metadata": {
-                    "replicas": len(reps),
-                    "instances": [i.instance_id for i in reps],
-                    "nodes": sorted({i.node_id for i in reps if i.node_id}),
-                    "pids": [i.pid for i in reps],
-                    "class": first.class_id,
-                    "policy": first.policy,
-                    "bus": self.bus,
-                },
-            })
+            out.append(
+                {
+                    "service_id": first.instance_id,
+                    "service_name": name,
+                    "functions": sorted(first.functions),
+                    "metadata": {
+                        "replicas": len(reps),
+                        "instances": [i.instance_id for i in reps],
+                        "nodes": sorted({i.node_id for i in reps if i.node_id}),
+                        "pids": [i.pid for i in reps],
+                        "class": first.class_id,
+                        "policy": first.policy,
+                        "bus": self.bus,
+                    },
+                }
+            )
         return out
 
-    def list_functions(self) -> Dict[str, List[str]]:
+    def list_functions(self) -> dict[str, list[str]]:
         """``{function_name: [service_id, ...]}``: which replicas expose each
         function (the original API's shape)."""
-        out: Dict[str, List[str]] = {}
+        out: dict[str, list[str]] = {}
         for insts in self.endpoint.refresh()["services"].values():
             for inst in sorted(insts.values(), key=lambda i: i.instance_id):
                 for fn in inst.functions:
                     out.setdefault(fn, []).append(inst.instance_id)
         return out
 
-    def service_names(self) -> List[str]:
+    def service_names(self) -> list[str]:
         """Names of the services registered on the bus, sorted."""
         return sorted(self.endpoint.refresh()["services"])
 
-    def function_signatures(self, service: Optional[str] = None) -> Dict[str, Any]:
+    def function_signatures(self, service: str | None = None) -> dict[str, Any]:
         """``{service: {function: signature}}`` (or just one service's dict)."""
         snap = self.endpoint.refresh()
         out = {
@@ -904,7 +926,9 @@ class FunctionClient:
         if service is None:
             return out
         if service not in out:
-            raise ServiceNotFound(f"no service '{service}' on bus '{self.bus}'; known services: {', '.join(sorted(out)) or '(none)'}")
+            raise ServiceNotFound(
+                f"no service '{service}' on bus '{self.bus}'; known services: {', '.join(sorted(out)) or '(none)'}"
+            )
         return out[service]
 
     def refresh(self) -> None:
@@ -941,7 +965,7 @@ class FunctionClient:
         if ep.refs <= 0:
             ep.close()
 
-    def __enter__(self) -> "FunctionClient":
+    def __enter__(self) -> FunctionClient:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -960,13 +984,23 @@ class _Retrying:
 
     MAX_RETRIES = 3
 
-    def __init__(self, client: "FunctionClient", first: concurrent.futures.Future, iid: str, deadline: float,
-                 service: str, function: str, args: tuple, kwargs: dict, headers: Optional[dict]) -> None:
+    def __init__(
+        self,
+        client: FunctionClient,
+        first: concurrent.futures.Future,
+        iid: str,
+        deadline: float,
+        service: str,
+        function: str,
+        args: tuple,
+        kwargs: dict,
+        headers: dict | None,
+    ) -> None:
         self.future: concurrent.futures.Future = CallFuture()
         self.client, self.service, self.function = client, service, function
         self.args, self.kwargs, self.headers = args, kwargs, headers
         self.deadline = deadline
-        self.excluded: List[str] = []
+        self.excluded: list[str] = []
         self._attempt(first, iid)
 
     def _attempt(self, fut: concurrent.futures.Future, iid: str) -> None:
@@ -983,8 +1017,9 @@ class _Retrying:
             return
         self.excluded.append(iid)
         try:
-            nxt, nid, _, _ = self.client._call_async_once(self.service, self.function, self.args, self.kwargs, left,
-                                                          None, self.headers, self.excluded)
+            nxt, nid, _, _ = self.client._call_async_once(
+                self.service, self.function, self.args, self.kwargs, left, None, self.headers, self.excluded
+            )
         except BaseException as e:  # no replica left, or the retry itself failed: that is the outcome
             self.future.set_exception(e)
             return
@@ -996,13 +1031,13 @@ class _Finish:
     """Turns an async call's reply into its outcome, in the thread that got the
     reply. One small object per pending call (a closure would be nine)."""
 
-    __slots__ = ("ep", "iid", "service", "function", "transport", "bus", "t0")
+    __slots__ = ("bus", "ep", "function", "iid", "service", "t0", "transport")
 
     def __init__(self, ep: _Endpoint, iid: str, service: str, function: str, transport: str, bus: str) -> None:
         self.ep, self.iid, self.service, self.function = ep, iid, service, function
         self.transport, self.bus, self.t0 = transport, bus, time.perf_counter()
 
-    def __call__(self, rep: Optional[Reply], exc: Optional[BaseException]) -> Any:
+    def __call__(self, rep: Reply | None, exc: BaseException | None) -> Any:
         ep = self.ep
         ep.outstanding[self.iid] -= 1
         dt = time.perf_counter() - self.t0
@@ -1011,7 +1046,9 @@ class _Finish:
                 value = outcome(rep, self.service, self.function)  # type: ignore[arg-type]
             except SageCommError as e:
                 ep.stats["errors"] += 1
-                recorder.call(self.bus, self.service, self.function, self.transport, "request_response", dt, type(e).__name__)
+                recorder.call(
+                    self.bus, self.service, self.function, self.transport, "request_response", dt, type(e).__name__
+                )
                 raise
             recorder.call(self.bus, self.service, self.function, self.transport, "request_response", dt)
             return value
@@ -1019,29 +1056,33 @@ class _Finish:
             ep.mark_dead(self.iid)
         if isinstance(exc, SageCommError):
             ep.stats["timeouts" if isinstance(exc, CallTimeout) else "errors"] += 1
-        recorder.call(self.bus, self.service, self.function, self.transport, "request_response", None, type(exc).__name__)
+        recorder.call(
+            self.bus, self.service, self.function, self.transport, "request_response", None, type(exc).__name__
+        )
         raise exc
 
 
-def _pick_timeout(given: Optional[float], declared: Optional[float], default: float) -> float:
+def _pick_timeout(given: float | None, declared: float | None, default: float) -> float:
     """The call's own timeout, else the function's declared one, else the client's default."""
     return given if given is not None else (declared if declared is not None else default)
 
 
 def _check_timeout(t: Any, service: str, function: str) -> float:
     if not isinstance(t, (int, float)) or t != t or t <= 0:
-        raise InvalidCallArgument(f"timeout of the call to {service}.{function} must be a positive number of seconds, got {t!r}")
+        raise InvalidCallArgument(
+            f"timeout of the call to {service}.{function} must be a positive number of seconds, got {t!r}"
+        )
     return float(t)
 
 
 # ------------------------------------------------- SAGE's service-call surface
 class _MethodProxy:
-    __slots__ = ("_client", "_service", "_async", "_timeout")
+    __slots__ = ("_async", "_client", "_service", "_timeout")
 
-    def __init__(self, client: FunctionClient, service: str, is_async: bool, timeout: Optional[float]) -> None:
+    def __init__(self, client: FunctionClient, service: str, is_async: bool, timeout: float | None) -> None:
         self._client, self._service, self._async, self._timeout = client, service, is_async, timeout
 
-    def __call__(self, *args: Any, method: str = "process", timeout: Optional[float] = None, **kwargs: Any) -> Any:
+    def __call__(self, *args: Any, method: str = "process", timeout: float | None = None, **kwargs: Any) -> Any:
         """``call_service["cache"](key, method="get")``: SAGE's call with the method named."""
         return getattr(self, method)(*args, timeout=timeout if timeout is not None else self._timeout, **kwargs)
 
@@ -1050,7 +1091,7 @@ class _MethodProxy:
             raise AttributeError(method)
         c, svc, is_async, t = self._client, self._service, self._async, self._timeout
 
-        def invoke(*args: Any, timeout: Optional[float] = t, **kwargs: Any) -> Any:
+        def invoke(*args: Any, timeout: float | None = t, **kwargs: Any) -> Any:
             if is_async:
                 return c.call_async(svc, method, *args, timeout=timeout, **kwargs)
             return c.call(svc, method, *args, timeout=timeout, **kwargs)
@@ -1062,9 +1103,9 @@ class _MethodProxy:
 class _ServiceTable:
     """``table["cache"]`` -> an object whose methods call the ``cache`` service."""
 
-    __slots__ = ("_client", "_async", "_timeout")
+    __slots__ = ("_async", "_client", "_timeout")
 
-    def __init__(self, client: FunctionClient, is_async: bool, timeout: Optional[float] = None) -> None:
+    def __init__(self, client: FunctionClient, is_async: bool, timeout: float | None = None) -> None:
         self._client, self._async, self._timeout = client, is_async, timeout
 
     def __getitem__(self, service: str) -> _MethodProxy:
@@ -1072,7 +1113,9 @@ class _ServiceTable:
             raise InvalidCallArgument(f"service names are strings, got {service!r}")
         return _MethodProxy(self._client, service, self._async, self._timeout)
 
-    def __call__(self, service: str, *args: Any, method: str = "process", timeout: Optional[float] = None, **kwargs: Any) -> Any:
+    def __call__(
+        self, service: str, *args: Any, method: str = "process", timeout: float | None = None, **kwargs: Any
+    ) -> Any:
         fn = self._client.call_async if self._async else self._client.call
         return fn(service, method, *args, timeout=timeout if timeout is not None else self._timeout, **kwargs)
 
@@ -1090,7 +1133,7 @@ class ServiceCallMixin:
     The bus is ``self.sage_bus`` if set, else ``"default"``.
     """
 
-    sage_bus: Optional[str] = None
+    sage_bus: str | None = None
 
     def _sage_client(self) -> FunctionClient:
         c = self.__dict__.get("_sage_call_client")
@@ -1109,10 +1152,10 @@ class ServiceCallMixin:
         return _ServiceTable(self._sage_client(), True)
 
 
-_default_clients: Dict[str, FunctionClient] = {}
+_default_clients: dict[str, FunctionClient] = {}
 
 
-def _client_for(bus: Optional[str]) -> FunctionClient:
+def _client_for(bus: str | None) -> FunctionClient:
     b = bus or "default"
     c = _default_clients.get(b)
     if c is None or c._closed:
@@ -1120,11 +1163,25 @@ def _client_for(bus: Optional[str]) -> FunctionClient:
     return c
 
 
-def call_service(service: str, *args: Any, method: str = "process", timeout: Optional[float] = None, bus: Optional[str] = None, **kwargs: Any) -> Any:
+def call_service(
+    service: str,
+    *args: Any,
+    method: str = "process",
+    timeout: float | None = None,
+    bus: str | None = None,
+    **kwargs: Any,
+) -> Any:
     """``call_service("cache", key, method="get", timeout=10)``: SAGE's functional form of a call."""
     return _client_for(bus).call(service, method, *args, timeout=timeout, **kwargs)
 
 
-def call_service_async(service: str, *args: Any, method: str = "process", timeout: Optional[float] = None, bus: Optional[str] = None, **kwargs: Any) -> concurrent.futures.Future:
+def call_service_async(
+    service: str,
+    *args: Any,
+    method: str = "process",
+    timeout: float | None = None,
+    bus: str | None = None,
+    **kwargs: Any,
+) -> concurrent.futures.Future:
     """As :func:`call_service`, returning a ``concurrent.futures.Future``."""
     return _client_for(bus).call_async(service, method, *args, timeout=timeout, **kwargs)

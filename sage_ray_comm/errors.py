@@ -25,6 +25,8 @@
      │    │                              a bad timeout, a name that is not a string, a message with no receiver
      │    ├── InvalidServiceDefinition   (also ValueError)  a service declared wrong: bad name, timeout,
      │    │                              policy or replica count
+     │    ├── ProtocolMismatch           caller and replica run library versions whose wire protocols
+     │    │                              differ; names both versions
      │    └── RemoteError                the handler raised; carries the remote type, message and traceback.
      │                                   Where the original type unpickles, the raised error is also an
      │                                   instance of it: ``except ValueError`` still works.
@@ -48,36 +50,37 @@ from __future__ import annotations
 import queue as _stdlib_queue
 
 __all__ = [
-    "SageCommError",
-    "QueueError",
-    "QueueEmpty",
-    "QueueFull",
-    "QueueClosed",
-    "QueueNotFound",
-    "QueueExists",
-    "WrongNode",
-    "QueueCorrupted",
+    "BusError",
+    "CallTimeout",
+    "DeserializationError",
+    "FunctionNotFound",
     "IncompatibleSegment",
+    "InvalidBusName",
+    "InvalidCallArgument",
     "InvalidQueueArgument",
-    "SharedMemoryError",
-    "SharedMemoryFull",
+    "InvalidServiceDefinition",
+    "InvalidSubscription",
+    "MessageTooLarge",
+    "NameConflict",
+    "ProtocolMismatch",
+    "QueueClosed",
+    "QueueCorrupted",
+    "QueueEmpty",
+    "QueueError",
+    "QueueExists",
+    "QueueFull",
+    "QueueNotFound",
+    "RemoteError",
+    "RouterUnavailable",
+    "SageCommError",
+    "SerializationError",
     "ServiceError",
     "ServiceNotFound",
-    "FunctionNotFound",
     "ServiceUnavailable",
-    "CallTimeout",
+    "SharedMemoryError",
+    "SharedMemoryFull",
     "ValidationError",
-    "InvalidCallArgument",
-    "InvalidServiceDefinition",
-    "RemoteError",
-    "BusError",
-    "NameConflict",
-    "InvalidBusName",
-    "InvalidSubscription",
-    "RouterUnavailable",
-    "MessageTooLarge",
-    "SerializationError",
-    "DeserializationError",
+    "WrongNode",
 ]
 
 
@@ -185,6 +188,20 @@ class InvalidCallArgument(ServiceError, ValueError):
 class InvalidServiceDefinition(ServiceError, ValueError):
     """A service declared wrong: a bad name, function timeout, policy or
     replica count, or an object ``migrate_service`` cannot serve."""
+
+
+class ProtocolMismatch(ServiceError):
+    """The caller and the replica speak different wire protocol versions (a
+    detached service kept running while a caller upgraded the library, or the
+    reverse). ``caller_version`` and ``replica_version`` say which."""
+
+    def __init__(self, message: str, caller_version: int | None = None, replica_version: int | None = None) -> None:
+        super().__init__(message)
+        self.caller_version = caller_version
+        self.replica_version = replica_version
+
+    def __reduce__(self) -> tuple:
+        return (type(self), (str(self), self.caller_version, self.replica_version))
 
 
 class RemoteError(ServiceError):

@@ -34,19 +34,20 @@ import atexit
 import logging
 import threading
 import weakref
-from typing import Any, Callable, Dict, List, Set
+from collections.abc import Callable
+from typing import Any
 
 __all__ = [
+    "RAY_CHECK_SECONDS",
     "STAGES",
     "Closers",
-    "closers",
-    "RAY_CHECK_SECONDS",
-    "register",
-    "unregister",
-    "note_bus",
     "close_all",
+    "closers",
+    "note_bus",
     "owns_ray",
     "ray_alive",
+    "register",
+    "unregister",
 ]
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,7 @@ STAGES = ("bridges", "services", "deployments", "endpoints", "metrics")
 # ray.shutdown() is noticed within this long).
 RAY_CHECK_SECONDS = 0.5
 
+
 class Closers:
     """Objects to close, by stage, each with its closer; held weakly (an
     object collected earlier is forgotten with its closer). The process has
@@ -64,7 +66,7 @@ class Closers:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._held: Dict[str, "weakref.WeakKeyDictionary[Any, Callable[[Any], Any]]"] = {
+        self._held: dict[str, weakref.WeakKeyDictionary[Any, Callable[[Any], Any]]] = {
             s: weakref.WeakKeyDictionary() for s in STAGES
         }
 
@@ -78,7 +80,7 @@ class Closers:
         with self._lock:
             self._held[stage].pop(obj, None)
 
-    def objects(self, stage: str) -> List[Any]:
+    def objects(self, stage: str) -> list[Any]:
         """The live objects held in ``stage``."""
         with self._lock:
             return list(self._held[stage])
@@ -99,7 +101,7 @@ class Closers:
 closers = Closers()
 _install_lock = threading.Lock()
 # Buses used while this process owned Ray: they end when that Ray ends.
-_owned_buses: Set[str] = set()
+_owned_buses: set[str] = set()
 _installed = False
 
 
@@ -168,13 +170,11 @@ def close_all() -> None:
     closers.close_all()
 
 
-def _collect_bus_segments(buses: List[str]) -> None:
+def _collect_bus_segments(buses: list[str]) -> None:
     """This process started Ray, so the buses end with it: remove their rings
     on every gateway, their rings whose creator is dead, and their legacy queues."""
     from . import shm
     from .router import bus_namespace
-
-    from . import _core
 
     for bus in buses:
         ns = bus_namespace(bus)
@@ -187,7 +187,7 @@ def _collect_bus_segments(buses: List[str]) -> None:
                 log.debug("gateways of bus %s: %s", bus, e)
         for seg in shm.list_segments(ns):
             if seg.legacy:  # the bus ends with this Ray: its legacy queues go too
-                _core.unlink(seg.shm_name)
+                shm.unlink(seg.shm_name)
         shm.gc(ns, keep_legacy=False)
 
 

@@ -1,4 +1,4 @@
-"""Messages: the envelope users see, and the compact frames that travel.
+"""Messages: the envelope users see (what travels is in ``_wire``).
 
 :class:`Message` is a pydantic v2 model. It is validated where it enters the
 system from user code (``Message(...)``, ``bus.route_message``). A handler
@@ -12,7 +12,7 @@ that declares a ``message`` parameter receives one built from the frame.
 Traceback (most recent call last):
 pydantic_core._pydantic_core.ValidationError: 1 validation error for Message
 
-On the wire a call is a plain tuple (see ``Request``), pickled once; the
+On the wire a call is a plain tuple (``_wire.Request``), pickled once; the
 envelope is built only for handlers that ask for it.
 """
 
@@ -23,11 +23,13 @@ import itertools
 import os
 import time
 import uuid
-from typing import Any, Dict, NamedTuple, Optional
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = ["Message", "MessageType", "CommunicationPattern"]
+from ._wire import OP_EVENT, Request
+
+__all__ = ["CommunicationPattern", "Message", "MessageType"]
 
 
 class MessageType(str, enum.Enum):
@@ -81,79 +83,31 @@ class Message(BaseModel):
 
     id: str = Field(default_factory=new_message_id)
     type: MessageType = MessageType.REQUEST
-    sender: Optional[str] = None
-    receiver: Optional[str] = None
-    function: Optional[str] = None
+    sender: str | None = None
+    receiver: str | None = None
+    function: str | None = None
     payload: Any = None
-    correlation_id: Optional[str] = None
+    correlation_id: str | None = None
     timestamp: float = Field(default_factory=time.time)
-    headers: Dict[str, str] = Field(default_factory=dict)
-    ttl: Optional[float] = Field(default=None, gt=0)
-    deadline: Optional[float] = None
+    headers: dict[str, str] = Field(default_factory=dict)
+    ttl: float | None = Field(default=None, gt=0)
+    deadline: float | None = None
     # The seed kept the payload's routing topic on events.
-    topic: Optional[str] = None
+    topic: str | None = None
 
     @property
-    def expires_at(self) -> Optional[float]:
+    def expires_at(self) -> float | None:
         """Epoch seconds after which the message is dropped unhandled (None: never)."""
         ends = [d for d in (self.deadline, self.timestamp + self.ttl if self.ttl else None) if d is not None]
         return min(ends) if ends else None
 
-    def is_expired(self, now: Optional[float] = None) -> bool:
+    def is_expired(self, now: float | None = None) -> bool:
         """True once :attr:`expires_at` has passed."""
         exp = self.expires_at
         return exp is not None and (now if now is not None else time.time()) > exp
 
 
-class Request(NamedTuple):
-    """A call or event as it travels: one pickled tuple, no pydantic."""
-
-    op: int  # OP_* below
-    cid: int  # correlation id, unique per reply ring
-    function: str
-    args: Any  # tuple, or a SegmentBlob holding (args, kwargs)
-    kwargs: Optional[dict]
-    reply_to: Optional[str]  # reply ring name (same bus namespace), None for send/event
-    deadline: Optional[float]  # epoch seconds
-    sender: Optional[str]
-    headers: Optional[dict]
-    service: str
-
-
-class Reply(NamedTuple):
-    cid: int
-    status: int  # ST_* below
-    value: Any
-
-
-OP_CALL = 1  # request-response
-OP_SEND = 2  # point-to-point, no reply
-OP_EVENT = 3  # a published event for a subscriber method
-
-ST_OK = 0
-ST_OK_BLOB = 1  # value is a SegmentBlob of the result
-ST_ERROR = 2  # value is an ErrorInfo tuple
-
-
-class ErrorInfo(NamedTuple):
-    code: str  # one of the ERR_* below
-    type_name: str
-    message: str
-    traceback: str
-    exc_pickle: Optional[bytes]  # the original exception, if it pickled
-    extra: Any = None
-
-
-ERR_REMOTE = "remote"  # the handler raised
-ERR_FUNCTION = "function_not_found"
-ERR_VALIDATION = "validation"
-ERR_TIMEOUT = "timeout"
-ERR_SERIALIZATION = "serialization"  # the result could not be pickled
-ERR_DESERIALIZATION = "deserialization"  # the arguments could not be unpickled by the replica
-ERR_UNAVAILABLE = "unavailable"
-
-
-def envelope(req: Request, now: Optional[float] = None) -> Message:
+def envelope(req: Request, now: float | None = None) -> Message:
     """The Message a handler's ``message`` parameter receives.
 
     Built with validation: pydantic's Rust validator (about 2 us) is an order

@@ -28,24 +28,50 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any
 
-__all__ = ["METRICS", "LATENCY_BOUNDARIES", "recorder", "enabled", "set_enabled"]
+__all__ = ["LATENCY_BOUNDARIES", "METRICS", "enabled", "recorder", "set_enabled"]
 
 log = logging.getLogger(__name__)
 
 LATENCY_BOUNDARIES = [
-    1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+    1e-5,
+    2.5e-5,
+    5e-5,
+    1e-4,
+    2.5e-4,
+    5e-4,
+    1e-3,
+    2.5e-3,
+    5e-3,
+    1e-2,
+    2.5e-2,
+    5e-2,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
 ]
 SAMPLE_EVERY = 8  # one call in 8 contributes a latency sample
 FLUSH_SECONDS = 1.0
 
 _CALL_TAGS = ("bus", "service", "function", "transport", "pattern")
-METRICS: Dict[str, Tuple[str, str, Tuple[str, ...]]] = {
+METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "sage_calls_total": ("counter", "Calls made, by caller-side outcome-independent count", _CALL_TAGS),
-    "sage_call_errors_total": ("counter", "Calls that raised a typed error", ("bus", "service", "function", "transport", "error")),
+    "sage_call_errors_total": (
+        "counter",
+        "Calls that raised a typed error",
+        ("bus", "service", "function", "transport", "error"),
+    ),
     "sage_call_timeouts_total": ("counter", "Calls that timed out", ("bus", "service", "function", "transport")),
-    "sage_call_latency_seconds": ("histogram", "Round-trip latency of calls (sampled)", ("bus", "service", "function", "transport")),
+    "sage_call_latency_seconds": (
+        "histogram",
+        "Round-trip latency of calls (sampled)",
+        ("bus", "service", "function", "transport"),
+    ),
     "sage_messages_published_total": ("counter", "Events published", ("bus",)),
     "sage_messages_delivered_total": ("counter", "Events delivered to subscribers", ("bus", "transport")),
     "sage_frames_dropped_total": ("counter", "Frames or events dropped", ("bus", "where")),
@@ -70,17 +96,26 @@ class _Recorder:
     """Per process: counts and samples on the call path, flushed to Ray by a thread."""
 
     def __init__(self) -> None:
-        self.counts: Dict[Tuple[str, Tuple[str, ...]], float] = {}
-        self.samples: Dict[Tuple[str, ...], List[float]] = {}
-        self.gauges: Dict[Tuple[str, Tuple[str, ...]], float] = {}
+        self.counts: dict[tuple[str, tuple[str, ...]], float] = {}
+        self.samples: dict[tuple[str, ...], list[float]] = {}
+        self.gauges: dict[tuple[str, tuple[str, ...]], float] = {}
         self._tick = 0
-        self._metrics: Optional[Dict[str, Any]] = None
-        self._thread: Optional[threading.Thread] = None
+        self._metrics: dict[str, Any] | None = None
+        self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._stop = threading.Event()
 
     # -- the call path: dictionary updates only
-    def call(self, bus: str, service: str, function: str, transport: str, pattern: str, seconds: Optional[float], error: Optional[str] = None) -> None:
+    def call(
+        self,
+        bus: str,
+        service: str,
+        function: str,
+        transport: str,
+        pattern: str,
+        seconds: float | None,
+        error: str | None = None,
+    ) -> None:
         if not _enabled:
             return
         key = ("sage_calls_total", (bus, service, function, transport, pattern))
@@ -101,7 +136,7 @@ class _Recorder:
         if self._thread is None:
             self._start()
 
-    def count(self, name: str, tags: Tuple[str, ...], n: float = 1) -> None:
+    def count(self, name: str, tags: tuple[str, ...], n: float = 1) -> None:
         if not _enabled or not n:
             return
         key = (name, tags)
@@ -109,7 +144,7 @@ class _Recorder:
         if self._thread is None:
             self._start()
 
-    def gauge(self, name: str, tags: Tuple[str, ...], value: float) -> None:
+    def gauge(self, name: str, tags: tuple[str, ...], value: float) -> None:
         if not _enabled:
             return
         self.gauges[(name, tags)] = value
@@ -142,10 +177,10 @@ class _Recorder:
             log.debug("last metrics flush failed: %s", e)
         self._metrics = None  # Ray objects of this Ray session: never kept past it
 
-    def _make(self) -> Dict[str, Any]:
+    def _make(self) -> dict[str, Any]:
         from ray.util import metrics as rm
 
-        out: Dict[str, Any] = {}
+        out: dict[str, Any] = {}
         for name, (kind, desc, tags) in METRICS.items():
             if kind == "counter":
                 out[name] = rm.Counter(name, description=desc, tag_keys=tags)
@@ -166,14 +201,14 @@ class _Recorder:
         counts, self.counts = self.counts, {}
         samples, self.samples = self.samples, {}
         for (name, tags), n in counts.items():
-            m[name].inc(n, tags=dict(zip(METRICS[name][2], tags)))
+            m[name].inc(n, tags=dict(zip(METRICS[name][2], tags, strict=True)))
         lat_tags = METRICS["sage_call_latency_seconds"][2]
         for tags, values in samples.items():
-            t = dict(zip(lat_tags, tags))
+            t = dict(zip(lat_tags, tags, strict=True))
             for v in values:
                 m["sage_call_latency_seconds"].observe(v, tags=t)
         for (name, tags), v in list(self.gauges.items()):
-            m[name].set(v, tags=dict(zip(METRICS[name][2], tags)))
+            m[name].set(v, tags=dict(zip(METRICS[name][2], tags, strict=True)))
 
     def _run(self) -> None:
         from . import lifecycle

@@ -26,43 +26,44 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import pickle
-import struct
 import time
 import weakref
-from typing import Any, Iterable, Optional
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 from . import _core, shm
+from ._wire import (
+    KIND_PICKLE,
+    KIND_PICKLE_OOB,
+    KIND_RAW,
+    decode_payload,
+    encode_payload,
+    names_main,
+    unpickle_error,
+)
 from .errors import (
-    DeserializationError,
     InvalidQueueArgument,
     QueueEmpty,
     QueueFull,
     QueueNotFound,
-    SerializationError,
     WrongNode,
 )
 
-__all__ = ["SageQueue", "SageQueueRef", "DEFAULT_MAXSIZE", "destroy_queue"]
+__all__ = ["DEFAULT_MAXSIZE", "SageQueue", "SageQueueRef", "destroy_queue"]
 
 DEFAULT_MAXSIZE = 1 << 20  # bytes of ring, as in the seed
 
-# Frame kinds (stored in the ring's frame header).
-KIND_RAW = _core.KIND_RAW  # put_bytes: the payload is the caller's bytes
-KIND_PICKLE = _core.KIND_PICKLE  # pickle protocol 5, no out-of-band buffers
-KIND_PICKLE_OOB = 3  # pickle protocol 5 plus out-of-band buffers (numpy...)
-
-# KIND_PICKLE_OOB payload: header, buffer lengths, pickle, then each buffer at
-# a 16-byte aligned offset (so numpy views of it are aligned).
-_OOB_HEAD = struct.Struct("<4sIQ")  # magic, buffer count, pickle length
-_OOB_MAGIC = b"SQ5B"
-_ALIGN = 16
-_ZEROS = bytes(_ALIGN)
-# Out-of-band buffers totalling less than this are cheaper in-band.
-_OOB_MIN = 1024
+# The binding encodes and decodes these two kinds itself (Ring.put_object and
+# get_object); the codes must agree with the wire module's.
+if (_core.KIND_RAW, _core.KIND_PICKLE) != (KIND_RAW, KIND_PICKLE):
+    raise ImportError(
+        f"sage_ray_comm._core frame kinds {(_core.KIND_RAW, _core.KIND_PICKLE)} differ from "
+        f"_wire's {(KIND_RAW, KIND_PICKLE)}: rebuild the extension (pip install -e .)"
+    )
+_Frame = _core.Frame  # a frame Ring.get_object leaves to Python
 
 
-def _timeout_for(block: bool, timeout: Optional[float]) -> Optional[float]:
+def _timeout_for(block: bool, timeout: float | None) -> float | None:
     if not block:
         return 0.0
     if timeout is not None:
@@ -71,175 +72,6 @@ def _timeout_for(block: bool, timeout: Optional[float]) -> Optional[float]:
         if timeout < 0:
             raise InvalidQueueArgument("'timeout' must be a non-negative number")
     return timeout
-
-
-def _pad(n: int) -> int:
-    return (-n) % _ALIGN
-
-
-# Plain pickle names classes and functions by module; one defined in a script
-# or a notebook is "__main__", which in the receiving process is another file
-# (Ray's default_worker.py). Such a pickle contains these bytes, after a
-# STACK_GLOBAL opcode (protocol 4+ writes every reference to a module-level
-# name with it). Looking for that one byte first is a memchr: the full search
-# runs only for pickles that name some global (measured: +0.04 us for a
-# request frame, against +0.24 us for `b"__main__" in data` on every one).
-_MAIN = b"__main__"
-_STACK_GLOBAL = pickle.STACK_GLOBAL[0]
-_Frame = _core.Frame  # a frame Ring.get_object leaves to Python
-# Above this size, searching the pickle costs more than looking at the object
-# (measured: 340 us to search a 1 MiB pickle for __main__): a graph of builtin
-# types only cannot name __main__, and needs no search at all.
-_SCAN_MAX = 4096
-_ATOMS = frozenset({bytes, str, int, float, bool, type(None), bytearray, complex, memoryview})
-_CONTAINERS = frozenset({tuple, list, set, frozenset})
-_WALK_BUDGET = 10_000  # objects looked at before giving up and searching the bytes
-
-
-def _builtin_only(obj: Any) -> bool:
-    """Whether ``obj`` is made of builtin types only (exact types, so a
-    subclass defined anywhere does not pass), within a budget of objects."""
-    todo, seen = [obj], 0
-    while todo:
-        x = todo.pop()
-        seen += 1
-        if seen > _WALK_BUDGET:
-            return False
-        t = type(x)
-        if t in _ATOMS:
-            continue
-        if t in _CONTAINERS:
-            todo.extend(x)
-        elif t is dict:
-            todo.extend(x.keys())
-            todo.extend(x.values())
-        else:
-            return False
-    return True
-
-
-def _names_main(obj: Any, data: bytes) -> bool:
-    """Whether the plain pickle ``data`` of ``obj`` refers to ``__main__``
-    (the caller has seen a STACK_GLOBAL byte in it)."""
-    if len(data) > _SCAN_MAX and _builtin_only(obj):
-        return False
-    return _MAIN in data
-
-
-def dumps(obj: Any, bufs: Optional[list] = None) -> bytes:
-    """Pickles ``obj`` as Ray would: by reference where the receiver can import
-    it (plain ``pickle``, the fast path), by value (Ray's cloudpickle) where it
-    cannot: classes, models and dataclasses defined in ``__main__`` (a script
-    or a notebook), lambdas, closures and local functions.
-
-    The receiver always uses plain ``pickle.loads``. ``bufs``, if given,
-    collects the out-of-band buffers (pickle protocol 5).
-
-    >>> import pickle
-    >>> pickle.loads(dumps(lambda x: x + 1))(1)
-    2
-    """
-    try:
-        data = pickle.dumps(obj, protocol=5, buffer_callback=None if bufs is None else bufs.append)
-        if _STACK_GLOBAL not in data or not _names_main(obj, data):
-            return data
-    except (pickle.PicklingError, AttributeError, TypeError):
-        pass  # a lambda, a local function: cloudpickle may still do it
-    return _dumps_by_value(obj, bufs)
-
-
-def _dumps_by_value(obj: Any, bufs: Optional[list]) -> bytes:
-    from ray import cloudpickle  # ray is a dependency; imported only when needed
-
-    if bufs is not None:
-        bufs.clear()  # the plain attempt may have handed out buffers already
-    return cloudpickle.dumps(obj, protocol=5, buffer_callback=None if bufs is None else bufs.append)
-
-
-def _encode(obj: Any, label: str) -> tuple[list, int]:
-    """Pickles ``obj`` (protocol 5, see :func:`dumps`). Contiguous buffers (numpy arrays,
-    bytearrays, PickleBuffers) stay out-of-band, so they are copied once,
-    straight into the ring."""
-    bufs: list = []
-    try:
-        # dumps() inlined: this runs twice per call (request and reply).
-        try:
-            data = pickle.dumps(obj, protocol=5, buffer_callback=bufs.append)
-        except (pickle.PicklingError, AttributeError, TypeError):
-            data = _dumps_by_value(obj, bufs)
-        else:
-            if _STACK_GLOBAL in data and _names_main(obj, data):
-                data = _dumps_by_value(obj, bufs)
-    except Exception as e:  # pickling runs user code: anything can come out
-        raise SerializationError(
-            f"cannot pickle a {type(obj).__module__}.{type(obj).__qualname__} for {label}: "
-            f"{type(e).__name__}: {e}"
-        ) from e
-    if not bufs:
-        return [data], KIND_PICKLE
-    try:
-        raws = [b.raw() for b in bufs]
-    except BufferError:
-        # A non-contiguous buffer: let pickle copy everything in-band.
-        return [dumps(obj)], KIND_PICKLE
-    if sum(r.nbytes for r in raws) < _OOB_MIN:
-        return [dumps(obj)], KIND_PICKLE  # tiny: the frame header costs more
-    head = _OOB_HEAD.pack(_OOB_MAGIC, len(raws), len(data))
-    lens = struct.pack(f"<{len(raws)}Q", *(r.nbytes for r in raws))
-    parts: list = [head, lens, data]
-    offset = len(head) + len(lens) + len(data)
-    for r in raws:
-        p = _pad(offset)
-        if p:
-            parts.append(_ZEROS[:p])
-            offset += p
-        parts.append(r)
-        offset += r.nbytes
-    return parts, KIND_PICKLE_OOB
-
-
-def _unpickle_error(e: Exception, payload: Any, label: str) -> DeserializationError:
-    return DeserializationError(
-        f"could not unpickle a {len(payload)}-byte message from {label}: {type(e).__name__}: {e} "
-        "(the message was consumed; the queue is still usable)"
-    )
-
-
-def _decode(payload: Any, kind: int, label: str) -> Any:
-    try:
-        if kind == KIND_PICKLE:
-            return pickle.loads(payload)
-        if kind == KIND_RAW:
-            return payload  # already a bytes object
-        if kind == KIND_PICKLE_OOB:
-            return _decode_oob(memoryview(payload))
-    except Exception as e:  # unpickling runs user code: anything can come out
-        raise _unpickle_error(e, payload, label) from e
-    raise DeserializationError(f"message of unknown kind {kind} ({len(payload)} bytes) from {label}")
-
-
-def _decode_oob(view: memoryview) -> Any:
-    n = len(view)
-    if n < _OOB_HEAD.size:
-        raise ValueError(f"truncated header ({n} bytes)")
-    magic, nbufs, plen = _OOB_HEAD.unpack_from(view, 0)
-    if magic != _OOB_MAGIC or nbufs > n // 8:
-        raise ValueError("bad out-of-band header")
-    pos = _OOB_HEAD.size
-    lens = struct.unpack_from(f"<{nbufs}Q", view, pos)
-    pos += 8 * nbufs
-    if pos + plen > n:
-        raise ValueError(f"pickle of {plen} bytes overruns the {n}-byte message")
-    data = view[pos : pos + plen]
-    pos += plen
-    buffers = []
-    for ln in lens:
-        pos += _pad(pos)
-        if pos + ln > n:
-            raise ValueError(f"buffer of {ln} bytes overruns the {n}-byte message")
-        buffers.append(view[pos : pos + ln])
-        pos += ln
-    return pickle.loads(data, buffers=buffers)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -259,14 +91,14 @@ class SageQueueRef:
     namespace: str
     maxsize: int
     creator_pid: int
-    node_id: Optional[str]
+    node_id: str | None
     host_id: str = ""
 
     @property
     def name(self) -> str:  # the seed's spelling
         return self.queue_name
 
-    def get_queue(self) -> "SageQueue":
+    def get_queue(self) -> SageQueue:
         """Opens the referenced queue in this process (it must still exist)."""
         if self.host_id and self.host_id != shm.host_id():
             raise WrongNode(
@@ -308,7 +140,7 @@ class SageQueue:
         name: str,
         maxsize: int = DEFAULT_MAXSIZE,
         auto_cleanup: bool = True,
-        namespace: Optional[str] = None,
+        namespace: str | None = None,
         *,
         create: bool = True,
         spin_us: float = 20.0,
@@ -344,7 +176,7 @@ class SageQueue:
         )
 
     # ------------------------------------------------------------- objects
-    def put(self, obj: Any, block: bool = True, timeout: Optional[float] = None) -> None:
+    def put(self, obj: Any, block: bool = True, timeout: float | None = None) -> None:
         """Puts ``obj`` (pickled, protocol 5). Blocks while the ring is full.
 
         Raises QueueFull after ``timeout`` seconds (at once if ``block`` is
@@ -358,16 +190,16 @@ class SageQueue:
         left = self._put_object(obj, t)
         if left is None:
             return
-        if left is not False and not _names_main(obj, left):
+        if left is not False and not names_main(obj, left):
             self._ring.put(left, KIND_PICKLE, t)  # globals, none from __main__
             return
-        parts, kind = _encode(obj, self._label)
+        parts, kind = encode_payload(obj, self._label)
         if kind == KIND_PICKLE:
             self._ring.put(parts[0], kind, t)
         else:
             self._ring.put_parts(parts, kind, t)
 
-    def get(self, block: bool = True, timeout: Optional[float] = None) -> Any:
+    def get(self, block: bool = True, timeout: float | None = None) -> Any:
         """Removes and returns the next object. Blocks while the queue is empty.
 
         Raises QueueEmpty after ``timeout`` seconds (at once if ``block`` is
@@ -380,8 +212,8 @@ class SageQueue:
         if type(got) is not _Frame:
             return got
         if got.error is not None:  # never unpickle twice: user code may have side effects
-            raise _unpickle_error(got.error, got.payload, self._label) from got.error
-        return _decode(got.payload, got.kind, self._label)
+            raise unpickle_error(got.error, got.payload, self._label) from got.error
+        return decode_payload(got.payload, got.kind, self._label)
 
     def put_nowait(self, obj: Any) -> None:
         """``put(obj, block=False)``."""
@@ -392,17 +224,44 @@ class SageQueue:
         return self.get(block=False)
 
     # --------------------------------------------------------------- bytes
-    def put_bytes(self, data: Any, block: bool = True, timeout: Optional[float] = None) -> None:
+    def put_bytes(self, data: Any, block: bool = True, timeout: float | None = None) -> None:
         """Puts a bytes-like object as one frame, unpickled (copied once)."""
         self._ring.put(data, KIND_RAW, _timeout_for(block, timeout))
 
-    def get_bytes(self, block: bool = True, timeout: Optional[float] = None) -> bytes:
+    def get_bytes(self, block: bool = True, timeout: float | None = None) -> bytes:
         """Removes the next frame and returns its raw bytes, whatever put it."""
         payload, _kind = self._ring.get(_timeout_for(block, timeout))
         return payload
 
+    # -------------------------------------------------------------- frames
+    # For protocols built on the ring (the service layer's request and reply
+    # frames): the caller chooses the kind and does its own encoding.
+    def put_frame(self, parts: Sequence[Any], kind: int, timeout: float | None = None) -> None:
+        """Writes ``parts`` (bytes-like, back to back) as one frame of ``kind``.
+
+        ``timeout`` None waits while the ring is full, 0 never waits. Raises
+        as :meth:`put` does.
+
+        >>> with SageQueue("frames", namespace="demo") as q:
+        ...     q.put_frame([b"ab", b"cd"], 42)
+        ...     q.get_frame(timeout=1)
+        (b'abcd', 42)
+        """
+        self._ring.put_parts(parts, kind, timeout)
+
+    def get_frame(self, timeout: float | None = None, writable_kind: int = -1) -> tuple[bytes | bytearray, int]:
+        """Removes the next frame and returns ``(payload, kind)``, undecoded.
+        Frames of ``writable_kind`` come back as a bytearray (so numpy arrays
+        rebuilt on them are writable), others as bytes."""
+        return self._ring.get(timeout, writable_kind)
+
+    @property
+    def label(self) -> str:
+        """How errors name this queue: ``queue 'name' (namespace 'ns')``."""
+        return self._label
+
     # --------------------------------------------------------------- batch
-    def put_many(self, items: Iterable[Any], block: bool = True, timeout: Optional[float] = None) -> int:
+    def put_many(self, items: Iterable[Any], block: bool = True, timeout: float | None = None) -> int:
         """Puts every item in order within one overall ``timeout``; returns the count.
 
         On QueueFull the items before the failing one are in the queue; the
@@ -421,7 +280,7 @@ class SageQueue:
             n += 1
         return n
 
-    def get_many(self, max_items: int, block: bool = True, timeout: Optional[float] = None) -> list:
+    def get_many(self, max_items: int, block: bool = True, timeout: float | None = None) -> list:
         """Waits (as :meth:`get`) for the first item, then takes up to
         ``max_items`` in all without waiting again."""
         if max_items < 1:
@@ -545,7 +404,7 @@ class SageQueue:
         self.unlink()
         self.release()
 
-    def __enter__(self) -> "SageQueue":
+    def __enter__(self) -> SageQueue:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -560,7 +419,7 @@ class SageQueue:
         return f"SageQueue({self.name!r}, namespace={self.namespace!r}, maxsize={self.maxsize}, {state})"
 
 
-def _release(ring: "_core.Ring", unlink_name: Optional[str]) -> None:
+def _release(ring: _core.Ring, unlink_name: str | None) -> None:
     ring.release()
     if unlink_name:
         try:
@@ -578,6 +437,6 @@ def _reopen(name: str, maxsize: int, namespace: str) -> SageQueue:
         ) from None
 
 
-def destroy_queue(name: str, namespace: Optional[str] = None) -> bool:
+def destroy_queue(name: str, namespace: str | None = None) -> bool:
     """Unlinks the named queue's segment; returns False if it did not exist."""
     return _core.unlink(shm.segment_name(namespace or shm.default_namespace(), name))

@@ -22,21 +22,22 @@ import dataclasses
 import os
 import re
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any
 
+from . import shm
 from .errors import InvalidBusName, InvalidSubscription, NameConflict, RouterUnavailable
 
 __all__ = [
+    "ROUTER_NAMESPACE",
     "FunctionInfo",
     "InstanceInfo",
-    "Subscription",
     "Registry",
-    "topic_matches",
-    "validate_topic",
-    "validate_pattern",
+    "Subscription",
     "get_router",
     "router_name",
-    "ROUTER_NAMESPACE",
+    "topic_matches",
+    "validate_pattern",
+    "validate_topic",
 ]
 
 ROUTER_NAMESPACE = "sage_ray_comm"
@@ -50,9 +51,7 @@ _TOKEN = re.compile(r"^[^.*>\s]+$")
 
 def validate_bus_name(name: str) -> str:
     if not isinstance(name, str) or not _BUS_NAME.match(name):
-        raise InvalidBusName(
-            f"bus name must be 1-100 characters of letters, digits, '_', '.', '-', got {name!r}"
-        )
+        raise InvalidBusName(f"bus name must be 1-100 characters of letters, digits, '_', '.', '-', got {name!r}")
     return name
 
 
@@ -85,8 +84,7 @@ def validate_pattern(pattern: str) -> str:
         if t == "*" or (t == ">" and i == len(toks) - 1) or _TOKEN.match(t):
             continue
         raise InvalidSubscription(
-            f"bad subscription pattern {pattern!r}: token {i + 1} ({t!r}) must be a word, '*', "
-            "or a final '>'"
+            f"bad subscription pattern {pattern!r}: token {i + 1} ({t!r}) must be a word, '*', or a final '>'"
         )
     return pattern
 
@@ -113,7 +111,7 @@ class FunctionInfo:
     """One exposed function of a service."""
 
     name: str
-    timeout: Optional[float]  # None: the caller's default
+    timeout: float | None  # None: the caller's default
     idempotent: bool = False
     is_async: bool = False
     signature: str = ""
@@ -127,13 +125,13 @@ class InstanceInfo:
     service: str
     instance_id: str
     class_id: str
-    node_id: Optional[str]
+    node_id: str | None
     host_id: str
     pid: int
     pid_start: int
     request_queue: str  # ring name in the bus namespace
-    functions: Dict[str, FunctionInfo]
-    actor_name: Optional[str] = None
+    functions: dict[str, FunctionInfo]
+    actor_name: str | None = None
     replica_index: int = 0
     max_concurrency: int = 1
     policy: str = "least_outstanding"
@@ -152,12 +150,12 @@ class Subscription:
     sub_id: str
     pattern: str
     queue: str  # ring name in the bus namespace
-    node_id: Optional[str]
+    node_id: str | None
     host_id: str
     pid: int
     pid_start: int
-    group: Optional[str] = None
-    function: Optional[str] = None  # the subscriber method of a service, None for a callback inbox
+    group: str | None = None
+    function: str | None = None  # the subscriber method of a service, None for a callback inbox
 
 
 class Registry:
@@ -170,19 +168,19 @@ class Registry:
         self.bus = bus
         self.started_at = time.time()  # a restarted router has a new one: clients re-subscribe
         self.version = 0
-        self.services: Dict[str, Dict[str, InstanceInfo]] = {}
-        self.class_ids: Dict[str, str] = {}
-        self.last_seen: Dict[str, float] = {}
-        self.load: Dict[str, dict] = {}
-        self.subs: Dict[str, Subscription] = {}
+        self.services: dict[str, dict[str, InstanceInfo]] = {}
+        self.class_ids: dict[str, str] = {}
+        self.last_seen: dict[str, float] = {}
+        self.load: dict[str, dict] = {}
+        self.subs: dict[str, Subscription] = {}
         # Legacy queues by name: {"ring", "node_id", "host_id", "pid"} of the first opener.
-        self.queues: Dict[str, dict] = {}
+        self.queues: dict[str, dict] = {}
 
     def _bump(self) -> int:
         self.version += 1
         return self.version
 
-    def register(self, inst: InstanceInfo, replace: bool = False, now: Optional[float] = None) -> int:
+    def register(self, inst: InstanceInfo, replace: bool = False, now: float | None = None) -> int:
         """Adds a replica. A different class under a taken name raises NameConflict,
         unless ``replace``: then the old class's replicas are dropped."""
         taken = self.class_ids.get(inst.service)
@@ -201,7 +199,7 @@ class Registry:
         self.last_seen[inst.instance_id] = now if now is not None else time.time()
         return self._bump()
 
-    def _drop_instance(self, instance_id: str) -> Optional[InstanceInfo]:
+    def _drop_instance(self, instance_id: str) -> InstanceInfo | None:
         for name, insts in list(self.services.items()):
             inst = insts.pop(instance_id, None)
             if inst is not None:
@@ -222,7 +220,7 @@ class Registry:
         self._bump()
         return True
 
-    def heartbeat(self, instance_id: str, load: Optional[dict] = None, now: Optional[float] = None) -> bool:
+    def heartbeat(self, instance_id: str, load: dict | None = None, now: float | None = None) -> bool:
         """Marks a replica alive; False if unknown (the router restarted: re-register)."""
         if not any(instance_id in insts for insts in self.services.values()):
             return False
@@ -231,7 +229,7 @@ class Registry:
             self.load[instance_id] = load
         return True
 
-    def expire(self, grace: float = HEARTBEAT_GRACE, now: Optional[float] = None, alive: Any = None) -> List[InstanceInfo]:
+    def expire(self, grace: float = HEARTBEAT_GRACE, now: float | None = None, alive: Any = None) -> list[InstanceInfo]:
         """Drops replicas that are gone; returns them.
 
         ``alive(instance)`` answers True or False where it can tell (a process
@@ -303,17 +301,15 @@ class _RouterActor:
     """Async Ray actor around a :class:`Registry` (see :func:`get_router`)."""
 
     def __init__(self, bus: str, check_pids: bool = True) -> None:
-        from . import shm
-
         # Off, death is learnt from Ray (watch()) and heartbeats alone: the
         # tests switch it off to check those paths on their own.
         self.check_pids = check_pids
         self.reg = Registry(bus)
         self.started_at = self.reg.started_at
         self.host_id = shm.host_id()
-        self._changed: Optional[asyncio.Condition] = None
-        self._reaper: Optional[asyncio.Task] = None
-        self._watches: Dict[str, asyncio.Task] = {}
+        self._changed: asyncio.Condition | None = None
+        self._reaper: asyncio.Task | None = None
+        self._watches: dict[str, asyncio.Task] = {}
 
     def _cond(self) -> asyncio.Condition:
         # Created lazily: the actor's event loop does not exist in __init__.
@@ -327,13 +323,11 @@ class _RouterActor:
         async with c:
             c.notify_all()
 
-    def _alive_here(self, inst: InstanceInfo) -> Optional[bool]:
+    def _alive_here(self, inst: InstanceInfo) -> bool | None:
         # A replica on this router's machine: its process is checked directly.
-        from . import _core
-
         if not self.check_pids or inst.host_id != self.host_id:
             return None
-        return _core.process_alive(inst.pid, inst.pid_start)
+        return shm.process_alive(inst.pid, inst.pid_start)
 
     async def _reap(self) -> None:
         while True:
@@ -364,8 +358,12 @@ class _RouterActor:
 
     async def ping(self) -> dict:
         self._cond()
-        return {"bus": self.reg.bus, "version": self.reg.version, "started_at": self.started_at,
-                "check_pids": self.check_pids}
+        return {
+            "bus": self.reg.bus,
+            "version": self.reg.version,
+            "started_at": self.started_at,
+            "check_pids": self.check_pids,
+        }
 
     async def register(self, inst: InstanceInfo, replace: bool = False) -> int:
         v = self.reg.register(inst, replace)
@@ -379,7 +377,7 @@ class _RouterActor:
         await self._notify()
         return ok
 
-    async def heartbeat(self, instance_id: str, load: Optional[dict] = None) -> bool:
+    async def heartbeat(self, instance_id: str, load: dict | None = None) -> bool:
         self._cond()
         return self.reg.heartbeat(instance_id, load)
 
@@ -412,7 +410,7 @@ class _RouterActor:
         await self._notify()
         return ok
 
-    async def wait_for_change(self, version: int, timeout: float) -> Optional[dict]:
+    async def wait_for_change(self, version: int, timeout: float) -> dict | None:
         """Long poll: the snapshot as soon as the version passes ``version``;
         None after ``timeout`` seconds without a change."""
         c = self._cond()
@@ -432,13 +430,15 @@ def _ray():
     return ray
 
 
-def get_or_create_actor(cls: type, name: str, namespace: str, args: tuple = (), create: bool = True, **options: Any) -> Any:
+def get_or_create_actor(
+    cls: type, name: str, namespace: str, args: tuple = (), create: bool = True, **options: Any
+) -> Any:
     """The named actor, created with ``options`` if missing. Safe when many
     processes race to create it: ``get_if_exists`` turns a loser's create into
     a get, and the ValueError of a lost race is retried. Raises ValueError
     when it cannot be found (``create=False``) or made."""
     ray = _ray()
-    last: Optional[BaseException] = None
+    last: BaseException | None = None
     for _ in range(20):
         try:
             return ray.get_actor(name, namespace=namespace)
@@ -454,7 +454,7 @@ def get_or_create_actor(cls: type, name: str, namespace: str, args: tuple = (), 
     raise ValueError(str(last))
 
 
-def get_router(bus: str, create: bool = True, check_pids: Optional[bool] = None) -> Any:
+def get_router(bus: str, create: bool = True, check_pids: bool | None = None) -> Any:
     """The router actor of ``bus``, created if missing (race-safe across processes).
 
     ``check_pids`` (when this call creates it): whether the router also
@@ -516,7 +516,7 @@ def code_id_of(cls: type) -> str:
     return h.hexdigest()
 
 
-def replica_rows(snap: dict, now: Optional[float] = None) -> List[dict]:
+def replica_rows(snap: dict, now: float | None = None) -> list[dict]:
     """One row per replica of a registry snapshot, for people: ``bus.services()``
     returns them and ``sage-comm status`` prints them. A replica is shown
     alive while its last heartbeat is within :data:`HEARTBEAT_GRACE`."""

@@ -35,32 +35,19 @@ import inspect
 import itertools
 import logging
 import os
-import pickle
 import threading
 import time
-import traceback
 import uuid
-from typing import Any, Callable, Dict, List, Optional
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 import pydantic
 
-from . import _core, lifecycle, shm
-from .errors import (
-    InvalidServiceDefinition,
-    InvalidSubscription,
-    NameConflict,
-    QueueClosed,
-    QueueFull,
-    QueueNotFound,
-    SageCommError,
-    SerializationError,
-    SharedMemoryFull,
-    MessageTooLarge,
-    ServiceUnavailable,
-)
-from .message import (
+from . import lifecycle, shm
+from ._wire import (
     ERR_DESERIALIZATION,
     ERR_FUNCTION,
+    ERR_PROTOCOL,
     ERR_REMOTE,
     ERR_SERIALIZATION,
     ERR_TIMEOUT,
@@ -68,16 +55,37 @@ from .message import (
     ERR_VALIDATION,
     OP_CALL,
     OP_EVENT,
+    PROTOCOL_VERSION,
     ST_ERROR,
     ST_OK,
     ST_OK_BLOB,
-    CommunicationPattern,
+    BadRequest,
     ErrorInfo,
+    Reply,
     Request,
-    envelope,
+    actor_name,
+    decode_header,
+    decode_request,
+    encode_error,
+    reply_ring_pid,
 )
+from .client import ServiceCallMixin
+from .errors import (
+    InvalidServiceDefinition,
+    InvalidSubscription,
+    MessageTooLarge,
+    NameConflict,
+    QueueClosed,
+    QueueFull,
+    QueueNotFound,
+    SageCommError,
+    SerializationError,
+    ServiceUnavailable,
+    SharedMemoryFull,
+)
+from .message import CommunicationPattern, envelope
 from .metrics import recorder
-from .queue import SageQueue, dumps
+from .queue import SageQueue
 from .router import (
     HEARTBEAT_INTERVAL,
     ROUTER_NAMESPACE,
@@ -91,8 +99,6 @@ from .router import (
     validate_bus_name,
     validate_pattern,
 )
-from .client import ServiceCallMixin
-from .transport import KIND_REQ_OOB, BadRequest, decode_request
 from .transport import (
     DIRECT_PREFIX,
     REQUEST_RING_BYTES,
@@ -101,17 +107,18 @@ from .transport import (
     SegmentBlob,
     ensure_janitor,
     shm_warn_once,
+    take_request,
     tune_malloc,
 )
 
 __all__ = [
+    "DEFAULT_TIMEOUT",
     "BaseService",
+    "ServiceFunction",
+    "ServiceHandle",
     "sage_service",
     "service_function",
-    "ServiceFunction",
     "subscribe",
-    "ServiceHandle",
-    "DEFAULT_TIMEOUT",
 ]
 
 log = logging.getLogger(__name__)
@@ -141,13 +148,15 @@ class ServiceFunction:
 
     def __init__(
         self,
-        name: Optional[str] = None,
-        timeout: Optional[float] = None,
+        name: str | None = None,
+        timeout: float | None = None,
         pattern: Any = CommunicationPattern.REQUEST_RESPONSE,
         idempotent: bool = False,
     ) -> None:
         if timeout is not None and (not isinstance(timeout, (int, float)) or timeout <= 0):
-            raise InvalidServiceDefinition(f"ServiceFunction timeout must be a positive number of seconds, got {timeout!r}")
+            raise InvalidServiceDefinition(
+                f"ServiceFunction timeout must be a positive number of seconds, got {timeout!r}"
+            )
         self.name = name
         self.timeout = None if timeout is None else float(timeout)
         self.pattern = pattern.value if isinstance(pattern, CommunicationPattern) else str(pattern)
@@ -160,7 +169,7 @@ class ServiceFunction:
         return fn
 
 
-def service_function(fn: Optional[Callable] = None, **options: Any) -> Any:
+def service_function(fn: Callable | None = None, **options: Any) -> Any:
     """Exposes a method under its own name; ``@service_function(timeout=5, idempotent=True)``
     takes the options of :class:`ServiceFunction`.
 
@@ -197,9 +206,9 @@ def subscribe(pattern: str) -> Callable[[Callable], Callable]:
 class _Handler:
     """One callable function of a running service, ready to invoke."""
 
-    __slots__ = ("name", "fn", "validated", "is_async", "wants_message", "info", "service", "params", "takes_payload")
+    __slots__ = ("fn", "info", "is_async", "name", "params", "service", "takes_payload", "validated", "wants_message")
 
-    def __init__(self, service: str, name: str, bound: Callable, meta: Optional[ServiceFunction]) -> None:
+    def __init__(self, service: str, name: str, bound: Callable, meta: ServiceFunction | None) -> None:
         self.service = service
         self.name = name
         self.fn = bound
@@ -212,8 +221,7 @@ class _Handler:
             sig = inspect.signature(bound)
             resolvable = False
         self.params = [
-            p.name for p in sig.parameters.values()
-            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+            p.name for p in sig.parameters.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
         ]
         self.is_async = inspect.iscoroutinefunction(bound)
         self.wants_message = "message" in sig.parameters
@@ -231,8 +239,12 @@ class _Handler:
             except Exception as e:  # an annotation pydantic cannot build a schema for
                 log.warning("%s.%s: arguments are not validated (%s: %s)", service, name, type(e).__name__, e)
         elif annotated:
-            log.warning("%s.%s: arguments are not validated: its annotations name classes this "
-                        "process cannot resolve (defined in the deploying script?)", service, name)
+            log.warning(
+                "%s.%s: arguments are not validated: its annotations name classes this "
+                "process cannot resolve (defined in the deploying script?)",
+                service,
+                name,
+            )
         self.info = FunctionInfo(
             name=name,
             timeout=meta.timeout if meta else None,
@@ -243,9 +255,9 @@ class _Handler:
         )
 
 
-def _collect(svc: "BaseService") -> tuple:
-    functions: Dict[str, _Handler] = {}
-    events: Dict[str, List[str]] = {}
+def _collect(svc: BaseService) -> tuple:
+    functions: dict[str, _Handler] = {}
+    events: dict[str, list[str]] = {}
     seen = set()
     for klass in type(svc).__mro__:
         for attr, raw in vars(klass).items():
@@ -271,30 +283,14 @@ def _collect(svc: "BaseService") -> tuple:
     return functions, events
 
 
-def _error_info(code: str, e: BaseException, message: Optional[str] = None, extra: Any = None) -> tuple:
-    try:
-        exc_pickle = dumps(e)  # an exception class from __main__ travels by value
-        pickle.loads(exc_pickle)  # some exceptions pickle but cannot be rebuilt
-    except Exception:
-        exc_pickle = None
-    return tuple(
-        ErrorInfo(
-            code=code,
-            type_name=f"{type(e).__module__}.{type(e).__qualname__}",
-            message=message if message is not None else str(e),
-            traceback="".join(traceback.format_exception(type(e), e, e.__traceback__)),
-            exc_pickle=exc_pickle,
-            extra=extra,
-        )
-    )
-
-
-def _validation_message(service: str, fn: str, e: pydantic.ValidationError, params: List[str]) -> tuple:
+def _validation_message(service: str, fn: str, e: pydantic.ValidationError, params: list[str]) -> tuple:
     errs = []
     for d in e.errors(include_url=False):
         # pydantic names positional arguments by index: name them as the handler does
-        parts = [params[x] if isinstance(x, int) and i == 0 and x < len(params) else str(x)
-                 for i, x in enumerate(d.get("loc", ()))]
+        parts = [
+            params[x] if isinstance(x, int) and i == 0 and x < len(params) else str(x)
+            for i, x in enumerate(d.get("loc", ()))
+        ]
         loc = ".".join(parts) or "(arguments)"
         errs.append({"loc": list(d.get("loc", ())), "msg": d.get("msg", ""), "type": d.get("type", "")})
         errs[-1]["field"] = loc
@@ -309,11 +305,11 @@ class _Runtime:
 
     def __init__(
         self,
-        svc: "BaseService",
+        svc: BaseService,
         bus: str,
         *,
         replica_index: int = 0,
-        actor_name: Optional[str] = None,
+        actor_name: str | None = None,
         max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
         policy: str = "least_outstanding",
         replace: bool = False,
@@ -332,7 +328,7 @@ class _Runtime:
         self.functions, self.events = _collect(svc)
         self.router = get_router(bus)
         shm.gc(self.namespace)  # rings left by replicas and callers that were killed
-        self.queue: Optional[SageQueue] = None
+        self.queue: SageQueue | None = None
         try:
             self.queue = SageQueue(
                 f"req.{svc.service_name}.{self.instance_id}",
@@ -351,23 +347,23 @@ class _Runtime:
             # A deployed replica serves every call over Ray (direct actor calls) instead.
             shm_warn_once(f"service '{svc.service_name}' replica {self.instance_id}: {e}; it serves over Ray")
         # Direct calls (over Ray, to this replica's actor) wait here for their reply.
-        self._direct: Dict[str, concurrent.futures.Future] = {}
+        self._direct: dict[str, concurrent.futures.Future] = {}
         self._direct_ids = itertools.count(1)
         self.replies = RingPool(self.namespace)
-        self._callers: Dict[str, tuple] = {}  # reply ring -> (checked at, caller alive)
+        self._callers: dict[str, tuple] = {}  # reply ring -> (checked at, caller alive)
         self._frames_dropped_seen = 0
         # Oversize replies not yet known to be read: (blob, reply ring), swept by the heartbeat.
-        self.blobs: List[tuple] = []
+        self.blobs: list[tuple] = []
         self.stats = {"calls": 0, "errors": 0, "expired": 0, "replies_dropped": 0, "events": 0, "sends": 0}
         self.in_flight = 0
         self._lock = threading.Lock()
         self._leader = threading.Lock()
-        self._threads: List[threading.Thread] = []
+        self._threads: list[threading.Thread] = []
         self._idle = 0
-        self._loop: Optional[asyncio.AbstractEventLoop] = None
-        self._loop_thread: Optional[threading.Thread] = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: threading.Thread | None = None
         self._stopping = threading.Event()
-        self._hb_thread: Optional[threading.Thread] = None
+        self._hb_thread: threading.Thread | None = None
         pid = os.getpid()
         self.info = InstanceInfo(
             service=svc.service_name,
@@ -376,7 +372,7 @@ class _Runtime:
             node_id=ray.get_runtime_context().get_node_id(),
             host_id=shm.host_id(),
             pid=pid,
-            pid_start=_core.process_start_time(pid),
+            pid_start=shm.process_start_time(pid),
             request_queue=self.queue.name if self.queue is not None else "",
             functions={n: h.info for n, h in self.functions.items() if not n.startswith("@event:")},
             actor_name=actor_name,
@@ -410,7 +406,7 @@ class _Runtime:
         self._hb_thread = threading.Thread(target=self._heartbeat, name=f"sage-hb-{self.instance_id}", daemon=True)
         self._hb_thread.start()
 
-    def _subscription(self, key: str, pattern: str, group: Optional[str] = "") -> Subscription:
+    def _subscription(self, key: str, pattern: str, group: str | None = "") -> Subscription:
         return Subscription(
             sub_id=f"{self.instance_id}/{key}/{pattern}",
             pattern=pattern,
@@ -423,7 +419,7 @@ class _Runtime:
             function=key,
         )
 
-    def add_subscription(self, pattern: str, callback: Callable, group: Optional[str]) -> str:
+    def add_subscription(self, pattern: str, callback: Callable, group: str | None) -> str:
         import ray
 
         validate_pattern(pattern)
@@ -489,7 +485,7 @@ class _Runtime:
                 caller_pid = int(reply_to.split(".")[1])
             except (AttributeError, IndexError, ValueError):
                 caller_pid = 0
-            if caller_pid and not _core.process_alive(caller_pid, 0):
+            if caller_pid and not shm.process_alive(caller_pid, 0):
                 blob.discard()
                 self.stats["replies_dropped"] += 1
                 continue
@@ -532,21 +528,42 @@ class _Runtime:
                 self.queue.destroy()
             for fut in list(self._direct.values()):
                 if not fut.done():
-                    fut.set_exception(ServiceUnavailable(f"replica {self.instance_id} of '{self.info.service}' stopped"))
+                    fut.set_exception(
+                        ServiceUnavailable(f"replica {self.instance_id} of '{self.info.service}' stopped")
+                    )
 
     # -- dispatch
     def queued(self) -> int:
         """Requests waiting in the ring (0 without one)."""
         return self.queue.qsize() if self.queue is not None else 0
 
-    def handle_direct(self, frame: tuple) -> Optional[tuple]:
-        """Serves one request that came as a Ray actor call (this replica has
-        no ring, or its caller has none): the same checks and handlers as the
-        ring path. Returns the reply frame (None for events and sends)."""
+    def handle_direct(self, payload: bytes, kind: int) -> tuple | None:
+        """Serves one request frame that came as a Ray actor call (this
+        replica has no ring, or its caller has none): the same header, checks
+        and handlers as the ring path. Returns the reply (None for events and
+        sends)."""
+        try:
+            req = decode_request(payload, kind)
+        except BadRequest as e:
+            if e.reply_to is None and e.code != ERR_PROTOCOL:
+                return None
+            extra = (e.header.version, PROTOCOL_VERSION) if e.code == ERR_PROTOCOL else None
+            return Reply(e.cid, ST_ERROR, encode_error(e.code, e.error, str(e.error), extra))
         if self._stopping.is_set():
-            return (frame[1], ST_ERROR, tuple(ErrorInfo(ERR_UNAVAILABLE, "", f"replica {self.instance_id} of "
-                                                        f"'{self.info.service}' is stopping", "", None, None)))
-        req = _make_request(frame)
+            return (
+                req.cid,
+                ST_ERROR,
+                tuple(
+                    ErrorInfo(
+                        ERR_UNAVAILABLE,
+                        "",
+                        f"replica {self.instance_id} of '{self.info.service}' is stopping",
+                        "",
+                        None,
+                        None,
+                    )
+                ),
+            )
         if req.op != OP_CALL:
             self._handle(req)
             return None
@@ -558,42 +575,56 @@ class _Runtime:
             left = None if req.deadline is None else max(0.0, req.deadline - time.time()) + 1.0
             return fut.result(timeout=left)  # async handlers reply from their loop
         except concurrent.futures.TimeoutError:
-            return (req.cid, ST_ERROR, tuple(ErrorInfo(ERR_TIMEOUT, "", f"call to {req.service}.{req.function} "
-                                                       "got no reply before its deadline", "", None, None)))
+            return (
+                req.cid,
+                ST_ERROR,
+                tuple(
+                    ErrorInfo(
+                        ERR_TIMEOUT,
+                        "",
+                        f"call to {req.service}.{req.function} got no reply before its deadline",
+                        "",
+                        None,
+                        None,
+                    )
+                ),
+            )
         finally:
             self._direct.pop(key, None)
 
     def _spawn(self) -> None:
         # Caller holds self._lock, or is start().
-        t = threading.Thread(target=self._dispatch, name=f"sage-dispatch-{self.instance_id}-{len(self._threads)}", daemon=True)
+        t = threading.Thread(
+            target=self._dispatch, name=f"sage-dispatch-{self.instance_id}-{len(self._threads)}", daemon=True
+        )
         self._threads.append(t)
         self._idle += 1
         t.start()
 
     def _dispatch(self) -> None:
-        get = self.queue._ring.get
         while True:
             with self._leader:  # one thread waits on the ring at a time
                 if self._stopping.is_set():
                     return
                 try:
-                    req = decode_request(*get(None, KIND_REQ_OOB))
+                    req = take_request(self.queue)
                 except QueueClosed:
                     return
-                except BadRequest as e:  # the arguments did not unpickle: say so to the caller
+                except SageCommError as e:  # a corrupted frame: consumed, keep serving
+                    log.warning("service %s dropped a frame: %s", self.info.service, e)
                     self.stats["errors"] += 1
-                    self._bad_request(e)
                     continue
-                except (SageCommError, ValueError) as e:  # not a request at all: consumed, keep serving
-                    log.warning("service %s dropped a frame that is not a request: %s", self.info.service, e)
+                if not isinstance(req, Request):  # not a request, or one that cannot be run
                     self.stats["errors"] += 1
+                    if req is not None:
+                        self._bad_request(req)
                     continue
                 with self._lock:
                     self._idle -= 1
                     if self._idle == 0 and len(self._threads) < self.max_concurrency:
                         self._spawn()  # every thread is busy: one more waits on the ring
             try:
-                self._handle(_make_request(req))
+                self._handle(req)
             except Exception:  # never lose the dispatcher thread
                 log.exception("service %s failed handling a request", self.info.service)
             with self._lock:
@@ -601,9 +632,12 @@ class _Runtime:
 
     def _bad_request(self, e: BadRequest) -> None:
         if e.reply_to is None:
-            log.warning("service %s dropped an event or send whose payload did not unpickle: %s", self.info.service, e)
+            log.warning("service %s dropped an event or send it could not decode: %s", self.info.service, e)
             return
         req = Request(OP_CALL, e.cid, e.function, (), None, e.reply_to, None, None, None, self.info.service)
+        if e.code == ERR_PROTOCOL:
+            self._reply_error(req, ERR_PROTOCOL, str(e.error), (e.header.version, PROTOCOL_VERSION))
+            return
         self._reply_error(
             req,
             ERR_DESERIALIZATION,
@@ -616,8 +650,12 @@ class _Runtime:
         if req.deadline is not None and time.time() > req.deadline:
             self.stats["expired"] += 1
             if op == OP_CALL:
-                self._reply_error(req, ERR_TIMEOUT, f"deadline of the call to {req.service}.{req.function} passed "
-                                  "before a replica could start it; not run")
+                self._reply_error(
+                    req,
+                    ERR_TIMEOUT,
+                    f"deadline of the call to {req.service}.{req.function} passed "
+                    "before a replica could start it; not run",
+                )
             return
         h = self.functions.get(req.function)
         if h is None:
@@ -677,7 +715,7 @@ class _Runtime:
     def _failed(self, req: Request, e: BaseException) -> None:
         self.stats["errors"] += 1
         if req.op == OP_CALL:
-            self._put_reply(req, (req.cid, ST_ERROR, _error_info(ERR_REMOTE, e)))
+            self._put_reply(req, (req.cid, ST_ERROR, encode_error(ERR_REMOTE, e)))
         else:
             log.warning("%s.%s raised (no caller waits): %r", req.service, req.function, e)
 
@@ -715,11 +753,10 @@ class _Runtime:
         hit = self._callers.get(reply_to)
         if hit is not None and now - hit[0] < 0.1:
             return hit[1]
-        try:
-            pid = int(reply_to.split(".")[1])  # rep.<pid>.<random>
-        except (IndexError, ValueError):
+        pid = reply_ring_pid(reply_to)
+        if pid is None:
             return True
-        alive = _core.process_alive(pid, 0)
+        alive = shm.process_alive(pid, 0)
         if len(self._callers) > 4096:
             self._callers.clear()
         self._callers[reply_to] = (now, alive)
@@ -728,7 +765,9 @@ class _Runtime:
     def _put_reply(self, req: Request, rep: tuple, raise_too_large: bool = False) -> None:
         if req.reply_to is None:
             return
-        if req.reply_to[0] == DIRECT_PREFIX[0]:  # "@direct:<n>": a direct call waits in handle_direct (Ray carries any size)
+        if (
+            req.reply_to[0] == DIRECT_PREFIX[0]
+        ):  # "@direct:<n>": a direct call waits in handle_direct (Ray carries any size)
             fut = self._direct.get(req.reply_to)
             if fut is not None and not fut.done():
                 fut.set_result(rep)
@@ -738,7 +777,7 @@ class _Runtime:
             # ring (its creator is dead, so nobody else will).
             self.stats["replies_dropped"] += 1
             self.replies.drop(req.reply_to)
-            _core.unlink(shm.segment_name(self.namespace, req.reply_to))
+            shm.unlink(shm.segment_name(self.namespace, req.reply_to))
             if rep[1] == ST_OK_BLOB:
                 rep[2].discard()
             return
@@ -757,9 +796,6 @@ class _Runtime:
             # The caller is gone or stopped reading: drop and count, and forget its ring.
             self.stats["replies_dropped"] += 1
             self.replies.drop(req.reply_to)
-
-
-_make_request = Request._make
 
 
 def _ensure_ray() -> None:
@@ -823,8 +859,8 @@ class BaseService(ServiceCallMixin):
     >>> svc.stop()                                                    # doctest: +SKIP
     """
 
-    __sage_name__: Optional[str] = None
-    __sage_options__: Dict[str, Any] = {}
+    __sage_name__: str | None = None
+    __sage_options__: ClassVar[dict[str, Any]] = {}
 
     def __init_subclass__(cls, **kw: Any) -> None:
         super().__init_subclass__(**kw)
@@ -836,13 +872,13 @@ class BaseService(ServiceCallMixin):
             if fn is not None and not getattr(fn, "__sage_once__", False):
                 setattr(cls, hook, _once_per_phase(fn, hook))
 
-    def __init__(self, service_name: Optional[str] = None, service_id: Optional[str] = None, **_ignored: Any) -> None:
+    def __init__(self, service_name: str | None = None, service_id: str | None = None, **_ignored: Any) -> None:
         name = service_name or type(self).__sage_name__ or type(self).__name__
         if not isinstance(name, str) or not name or any(c in name for c in "/\\\0"):
             raise InvalidServiceDefinition(f"service name must be a non-empty string without '/', got {name!r}")
         self.service_name = name
         self.service_id = service_id or f"{name}-{uuid.uuid4().hex[:8]}"
-        self._runtime: Optional[_Runtime] = None
+        self._runtime: _Runtime | None = None
         self._client: Any = None
 
     def _ensure_base(self) -> None:
@@ -863,14 +899,14 @@ class BaseService(ServiceCallMixin):
 
     def start(
         self,
-        bus: Optional[str] = None,
+        bus: str | None = None,
         *,
-        max_concurrency: Optional[int] = None,
+        max_concurrency: int | None = None,
         replace: bool = False,
         _replica_index: int = 0,
-        _actor_name: Optional[str] = None,
+        _actor_name: str | None = None,
         _code_id: str = "",
-    ) -> "BaseService":
+    ) -> BaseService:
         """Serves this instance from the current process and registers it on ``bus``.
 
         Raises NameConflict if another class holds the name (``replace=True``
@@ -922,7 +958,7 @@ class BaseService(ServiceCallMixin):
         return self._runtime is not None
 
     @property
-    def bus_name(self) -> Optional[str]:
+    def bus_name(self) -> str | None:
         return self._runtime.bus if self._runtime else type(self).__sage_options__.get("bus")
 
     def get_stats(self) -> dict:
@@ -954,7 +990,9 @@ class BaseService(ServiceCallMixin):
     def _sage_client(self) -> Any:
         return self.client  # call_service[...] uses the service's own client and bus
 
-    def call_function(self, target_service: str, function: str, *args: Any, timeout: Optional[float] = None, **kwargs: Any) -> Any:
+    def call_function(
+        self, target_service: str, function: str, *args: Any, timeout: float | None = None, **kwargs: Any
+    ) -> Any:
         """Calls another service's function and returns its result (the seed's API)."""
         return self.client.call(target_service, function, *args, timeout=timeout, **kwargs)
 
@@ -962,7 +1000,7 @@ class BaseService(ServiceCallMixin):
         """Publishes ``payload`` on ``topic``; returns how many subscribers it reached."""
         return self.client.broadcast(topic, payload)
 
-    def subscribe(self, pattern: str, callback: Optional[Callable] = None, *, group: Optional[str] = "") -> str:
+    def subscribe(self, pattern: str, callback: Callable | None = None, *, group: str | None = "") -> str:
         """Receives events matching ``pattern`` while the service runs.
 
         ``callback(payload, message=None)`` defaults to ``self.handle_event``,
@@ -980,7 +1018,9 @@ class BaseService(ServiceCallMixin):
         if cb is None:
             cb = self._unhandled_event
         elif not callable(cb):
-            raise InvalidSubscription(f"service '{self.service_name}': subscribe({pattern!r}) callback is not callable: {cb!r}")
+            raise InvalidSubscription(
+                f"service '{self.service_name}': subscribe({pattern!r}) callback is not callable: {cb!r}"
+            )
         return self._runtime.add_subscription(pattern, cb, group)
 
     def _to_handle_message(self, payload: Any, message: Any = None) -> Any:
@@ -999,11 +1039,21 @@ class _ServiceActor:
     """The Ray actor that hosts one replica. The user's class is built here,
     inside the actor, so its instances (locks, files, loggers) are never pickled."""
 
-    def __init__(self, cls: type, args: tuple, kwargs: dict, bus: str, index: int, actor_name: str, replace: bool, code_id: str = "") -> None:
+    def __init__(
+        self,
+        cls: type,
+        args: tuple,
+        kwargs: dict,
+        bus: str,
+        index: int,
+        actor_name: str,
+        replace: bool,
+        code_id: str = "",
+    ) -> None:
         import ray
 
         self._args = (cls, args, kwargs, bus, index, actor_name, replace, code_id)
-        self.svc: Optional[BaseService] = None
+        self.svc: BaseService | None = None
         self._stopped = threading.Event()
         self._start_lock = threading.Lock()  # concurrent deployers call start() at once
         if ray.get_runtime_context().was_current_actor_reconstructed:
@@ -1041,20 +1091,16 @@ class _ServiceActor:
     def stats(self) -> dict:
         return self.svc.get_stats() if self.svc is not None else {"running": False}
 
-    def handle(self, frame: tuple) -> Optional[tuple]:
-        """A request sent over Ray straight to this replica (see _Runtime.handle_direct)."""
+    def handle(self, payload: bytes, kind: int) -> tuple | None:
+        """A request frame sent over Ray straight to this replica (see _Runtime.handle_direct)."""
         rt = self.svc._runtime if self.svc is not None else None
         if rt is None:
-            return (frame[1], ST_ERROR, tuple(ErrorInfo(ERR_UNAVAILABLE, "", "replica is not running", "", None, None)))
-        return rt.handle_direct(frame)
+            info = ErrorInfo(ERR_UNAVAILABLE, "", "replica is not running", "", None, None)
+            return (decode_header(payload, kind)[0].cid, ST_ERROR, tuple(info))
+        return rt.handle_direct(payload, kind)
 
     def pid(self) -> int:
         return os.getpid()
-
-
-def actor_name(bus: str, service: str, index: int) -> str:
-    """The Ray actor name of replica ``index`` (1-based, as the dashboard shows it)."""
-    return f"sage:{bus}:{service}#{index}"
 
 
 class ServiceHandle:
@@ -1065,7 +1111,7 @@ class ServiceHandle:
     >>> handle.shutdown()                  # doctest: +SKIP
     """
 
-    def __init__(self, name: str, bus: str, actors: list, infos: List[InstanceInfo], detached: bool = False) -> None:
+    def __init__(self, name: str, bus: str, actors: list, infos: list[InstanceInfo], detached: bool = False) -> None:
         self.name = name
         self.bus = bus
         self.actors = actors
@@ -1077,7 +1123,7 @@ class ServiceHandle:
     def replicas(self) -> int:
         return len(self.actors)
 
-    def stats(self) -> List[dict]:
+    def stats(self) -> list[dict]:
         import ray
 
         return ray.get([a.stats.remote() for a in self.actors], timeout=30)
@@ -1103,15 +1149,15 @@ class ServiceHandle:
 
 # Deployed services stay up while this process lives, whether or not the
 # caller keeps the handle (Ray would otherwise collect actors nobody refers to).
-_DEPLOYED: Dict[tuple, ServiceHandle] = {}
+_DEPLOYED: dict[tuple, ServiceHandle] = {}
 
 
-def deployed(bus: Optional[str] = None) -> List[ServiceHandle]:
+def deployed(bus: str | None = None) -> list[ServiceHandle]:
     """Handles of the services this process deployed (on ``bus``, or on all buses)."""
     return [h for (b, _), h in list(_DEPLOYED.items()) if bus is None or b == bus]
 
 
-def _stop_actors(actors: list, infos: List[Optional[InstanceInfo]], bus: str, timeout: float) -> None:
+def _stop_actors(actors: list, infos: list[InstanceInfo | None], bus: str, timeout: float) -> None:
     import ray
 
     refs = [a.stop.remote() for a in actors]
@@ -1129,7 +1175,7 @@ def _stop_actors(actors: list, infos: List[Optional[InstanceInfo]], bus: str, ti
     for info in infos:
         if info is None:
             continue
-        if _core.unlink(shm.segment_name(bus_namespace(bus), info.request_queue)):
+        if shm.unlink(shm.segment_name(bus_namespace(bus), info.request_queue)):
             try:
                 router = router or get_router(bus, create=False)
                 ray.get(router.deregister.remote(info.instance_id), timeout=10)
@@ -1137,7 +1183,9 @@ def _stop_actors(actors: list, infos: List[Optional[InstanceInfo]], bus: str, ti
                 pass
 
 
-def _deploy(cls: type, *args: Any, replicas: Optional[int] = None, bus: Optional[str] = None, replace: bool = False, **kwargs: Any) -> ServiceHandle:
+def _deploy(
+    cls: type, *args: Any, replicas: int | None = None, bus: str | None = None, replace: bool = False, **kwargs: Any
+) -> ServiceHandle:
     import ray
 
     _ensure_ray()
@@ -1153,7 +1201,11 @@ def _deploy(cls: type, *args: Any, replicas: Optional[int] = None, bus: Optional
         raise InvalidServiceDefinition(f"service '{name}' needs at least 1 replica, got {n}")
     # Actor threads: start, stop, stats, the router's pending watch() call, and
     # direct calls over Ray (when shared memory is short), one per handler thread.
-    actor_opts = {"num_cpus": 0.1, **opts, "max_concurrency": 4 + int(cls.__sage_options__.get("max_concurrency") or DEFAULT_MAX_CONCURRENCY)}
+    actor_opts = {
+        "num_cpus": 0.1,
+        **opts,
+        "max_concurrency": 4 + int(cls.__sage_options__.get("max_concurrency") or DEFAULT_MAX_CONCURRENCY),
+    }
     code = code_id_of(cls)
     router = get_router(bus)
     snap = ray.get(router.snapshot.remote(), timeout=30)
@@ -1180,7 +1232,7 @@ def _deploy(cls: type, *args: Any, replicas: Optional[int] = None, bus: Optional
         )
 
     actors = [make(i) for i in range(1, n + 1)]
-    infos: List[Any] = [None] * n
+    infos: list[Any] = [None] * n
     try:
         for _ in range(5):
             todo = [k for k in range(n) if infos[k] is None or infos[k].code_id != code]
@@ -1192,7 +1244,7 @@ def _deploy(cls: type, *args: Any, replicas: Optional[int] = None, bus: Optional
                     results.append(ray.get(actors[k].start.remote(), timeout=120))
                 except ray.exceptions.RayActorError:
                     results.append(None)  # another deployer was replacing it: make it again
-            for k, info in zip(todo, results):
+            for k, info in zip(todo, results, strict=True):
                 if info is not None and info.code_id != code:
                     _stop_actors([actors[k]], [info], bus, 10)  # an older version held the name
                     info = None
@@ -1210,7 +1262,9 @@ def _deploy(cls: type, *args: Any, replicas: Optional[int] = None, bus: Optional
     from .client import _Endpoint
 
     _Endpoint.for_bus(bus).refresh()
-    handle = _DEPLOYED[(bus, name)] = ServiceHandle(name, bus, actors, infos, detached=opts.get("lifetime") == "detached")
+    handle = _DEPLOYED[(bus, name)] = ServiceHandle(
+        name, bus, actors, infos, detached=opts.get("lifetime") == "detached"
+    )
     lifecycle.register(handle, "deployments", ServiceHandle._close_at_exit)
     lifecycle.note_bus(bus)
     return handle
@@ -1226,7 +1280,7 @@ def stop_registered_replicas(bus: str, snapshot: dict, timeout: float = 30.0) ->
     return len(actors)
 
 
-def _named(name: Optional[str]) -> Any:
+def _named(name: str | None) -> Any:
     import ray
 
     if not name:
@@ -1253,10 +1307,10 @@ BaseService.deploy = _Deployer()  # type: ignore[attr-defined]
 
 
 def sage_service(
-    name: Optional[str] = None,
+    name: str | None = None,
     *,
     replicas: int = 1,
-    bus: Optional[str] = None,
+    bus: str | None = None,
     policy: str = "least_outstanding",
     max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
     queue_bytes: int = REQUEST_RING_BYTES,
@@ -1288,7 +1342,9 @@ def sage_service(
     def wrap(cls: type) -> type:
         if not (isinstance(cls, type) and issubclass(cls, BaseService)):
             # Plain classes get BaseService mixed in, as the seed allowed.
-            cls = type(cls.__name__, (cls, BaseService), {"__module__": cls.__module__, "__qualname__": cls.__qualname__})
+            cls = type(
+                cls.__name__, (cls, BaseService), {"__module__": cls.__module__, "__qualname__": cls.__qualname__}
+            )
         cls.__sage_name__ = name or cls.__name__
         cls.__sage_options__ = {
             "name": name or cls.__name__,

@@ -20,25 +20,28 @@ import os
 import re
 import sys
 import time
-from typing import Optional
 
 from . import _core
 
 __all__ = [
-    "PREFIX",
     "DEFAULT_NAMESPACE",
+    "LEGACY_PART",
+    "MAX_SEGMENT_BYTES",
+    "PREFIX",
     "SHM_DIR",
     "SegmentInfo",
-    "segment_name",
-    "default_namespace",
-    "host_id",
     "current_node_id",
-    "list_segments",
+    "default_namespace",
     "gc",
     "gc_buses",
+    "host_id",
+    "list_segments",
     "mapped_by_live_process",
+    "process_alive",
+    "process_start_time",
+    "segment_name",
     "shm_space",
-    "LEGACY_PART",
+    "unlink",
 ]
 
 PREFIX = "sage_rc."
@@ -49,6 +52,29 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
 # their segment names read "...bus_<bus>.legacy_<name>.<digest>".
 LEGACY_PART = "legacy_"
 _BUS_PART = "bus_"
+MAX_SEGMENT_BYTES = _core.MAX_CAPACITY  # the largest ring one segment can hold
+
+
+def process_alive(pid: int, start_time: int = 0) -> bool:
+    """Whether process ``pid`` lives on this host (and, if ``start_time`` is
+    given, is the same process that had it then, not a reuse of the pid).
+
+    >>> import os
+    >>> process_alive(os.getpid(), process_start_time(os.getpid()))
+    True
+    """
+    return _core.process_alive(pid, start_time)
+
+
+def process_start_time(pid: int) -> int:
+    """The start time of ``pid`` in clock ticks since boot (0 if it is gone)."""
+    return _core.process_start_time(pid)
+
+
+def unlink(shm_name: str) -> bool:
+    """Removes one segment by its full name (see :func:`segment_name`);
+    False if it was already gone. Processes that have it open keep it."""
+    return _core.unlink(shm_name)
 
 
 def default_namespace() -> str:
@@ -68,7 +94,7 @@ def segment_name(namespace: str, name: str) -> str:
     return f"/{PREFIX}{ns}.{nm}.{digest}"
 
 
-_HOST_ID: Optional[str] = None
+_HOST_ID: str | None = None
 
 
 def host_id() -> str:
@@ -83,7 +109,7 @@ def host_id() -> str:
     return _HOST_ID
 
 
-def current_node_id() -> Optional[str]:
+def current_node_id() -> str | None:
     """The Ray node id of this process, or None when Ray is not initialised here.
 
     Ray is never imported by this function: a process that does not use Ray
@@ -169,7 +195,7 @@ def shm_space() -> tuple[int, int]:
     return st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize
 
 
-def list_segments(namespace: Optional[str] = None) -> list[SegmentInfo]:
+def list_segments(namespace: str | None = None) -> list[SegmentInfo]:
     """Every sage_ray_comm segment on this node (optionally only one namespace)."""
     try:
         names = sorted(os.listdir(SHM_DIR))
@@ -203,7 +229,7 @@ def list_segments(namespace: Optional[str] = None) -> list[SegmentInfo]:
     return out
 
 
-def gc(namespace: Optional[str] = None, dry_run: bool = False, keep_legacy: bool = True) -> list[SegmentInfo]:
+def gc(namespace: str | None = None, dry_run: bool = False, keep_legacy: bool = True) -> list[SegmentInfo]:
     """Unlink segments left behind by dead processes; return what was (or would be) removed.
 
     A segment is stale when its creator is dead and no live process uses it
@@ -215,9 +241,8 @@ def gc(namespace: Optional[str] = None, dry_run: bool = False, keep_legacy: bool
     for seg in list_segments(namespace):
         if keep_legacy and seg.legacy:
             continue
-        if seg.stale:
-            if dry_run or _core.unlink(seg.shm_name):
-                removed.append(seg)
+        if seg.stale and (dry_run or _core.unlink(seg.shm_name)):
+            removed.append(seg)
     return removed
 
 
@@ -225,5 +250,10 @@ def gc_buses(min_idle: float = 0.0, dry_run: bool = False) -> list[SegmentInfo]:
     """:func:`gc` over every bus namespace on this node (legacy queues kept),
     for segments not written for ``min_idle`` seconds: what each node's
     janitor runs. Plain SageQueue namespaces are left alone."""
-    return [s for s in gc(None, dry_run=True) if s.shm_name[1:].split(".")[1].startswith(_BUS_PART)
-            and s.idle_seconds >= min_idle and (dry_run or _core.unlink(s.shm_name))]
+    return [
+        s
+        for s in gc(None, dry_run=True)
+        if s.shm_name[1:].split(".")[1].startswith(_BUS_PART)
+        and s.idle_seconds >= min_idle
+        and (dry_run or _core.unlink(s.shm_name))
+    ]

@@ -28,15 +28,27 @@ import concurrent.futures
 import itertools
 import logging
 import os
-import pickle
-import struct
 import threading
 import time
 import uuid
-from typing import Any, Callable, Dict, Optional, Tuple
+from collections.abc import Callable
+from typing import Any
 
-from . import _core, shm
+from . import shm
 from ._future import CallFuture
+from ._wire import (
+    KIND_REQ_OOB,
+    ST_OK,
+    ST_OK_BLOB,
+    BadRequest,
+    Reply,
+    Request,
+    decode_request,
+    encode_payload,
+    encode_request,
+    gateway_name,
+    reply_ring_name,
+)
 from .errors import (
     CallTimeout,
     MessageTooLarge,
@@ -48,21 +60,20 @@ from .errors import (
     SerializationError,
     ServiceUnavailable,
 )
-from .message import ST_OK, ST_OK_BLOB, Reply, Request
-from .queue import KIND_PICKLE, SageQueue, _decode_oob, _encode
+from .queue import SageQueue
 from .router import ROUTER_NAMESPACE, InstanceInfo, Subscription, get_or_create_actor
 
 __all__ = [
-    "Transport",
-    "ShmTransport",
-    "RayTransport",
     "DirectTransport",
-    "SegmentBlob",
+    "RayTransport",
     "RingPool",
-    "get_gateway",
-    "ensure_janitor",
-    "shm_warn_once",
+    "SegmentBlob",
+    "ShmTransport",
+    "Transport",
     "check_shm_space",
+    "ensure_janitor",
+    "get_gateway",
+    "shm_warn_once",
 ]
 
 log = logging.getLogger(__name__)
@@ -106,7 +117,11 @@ def shm_warn_once(what: str) -> None:
         "sage_ray_comm: /dev/shm is short (%d MiB free of %d MiB; each ring needs %d MiB, about %d MiB per "
         "calling process and per replica): %s. What does not fit goes through Ray instead (slower). "
         "Give it more room, e.g. `docker run --shm-size=1g`.",
-        free >> 20, total >> 20, REPLY_RING_BYTES >> 20, (REPLY_RING_BYTES + REQUEST_RING_BYTES) >> 20, what,
+        free >> 20,
+        total >> 20,
+        REPLY_RING_BYTES >> 20,
+        (REPLY_RING_BYTES + REQUEST_RING_BYTES) >> 20,
+        what,
     )
 
 
@@ -144,18 +159,18 @@ class SegmentBlob:
         self.nbytes = nbytes
 
     @classmethod
-    def put(cls, obj: Any, namespace: str) -> "SegmentBlob":
-        parts, kind = _encode(obj, f"an oversize payload in namespace '{namespace}'")
+    def put(cls, obj: Any, namespace: str) -> SegmentBlob:
+        parts, kind = encode_payload(obj, f"an oversize payload in namespace '{namespace}'")
         nbytes = sum(memoryview(p).nbytes for p in parts)
         name = f"blob.{os.getpid()}.{uuid.uuid4().hex[:12]}"
         cap = 2 * (nbytes + 64) + 4096
-        if cap > _core.MAX_CAPACITY:
+        if cap > shm.MAX_SEGMENT_BYTES:
             raise MessageTooLarge(
-                f"a {nbytes}-byte payload exceeds the largest shared-memory segment ({_core.MAX_CAPACITY // 2} bytes)"
+                f"a {nbytes}-byte payload exceeds the largest shared-memory segment ({shm.MAX_SEGMENT_BYTES // 2} bytes)"
             )
         q = SageQueue(name, cap, auto_cleanup=False, namespace=namespace)
         try:
-            q._ring.put_parts(parts, kind, 0.0)
+            q.put_frame(parts, kind, 0.0)
         except BaseException:
             q.unlink()
             raise
@@ -180,7 +195,7 @@ class SegmentBlob:
     def discard(self) -> None:
         """Removes the segment if the receiver has not (it died, or never came)."""
         try:
-            _core.unlink(shm.segment_name(self.namespace, self.name))
+            shm.unlink(shm.segment_name(self.namespace, self.name))
         except Exception:
             pass
 
@@ -188,59 +203,38 @@ class SegmentBlob:
         return (SegmentBlob, (self.name, self.namespace, self.nbytes))
 
 
-# ------------------------------------------------------------- framing
-# A request frame is a small header (correlation id, reply ring, function)
-# followed by the pickled request tuple. The header is readable even when the
-# arguments fail to unpickle, so the replica can still answer with a typed
-# error instead of leaving the caller to time out.
-_REQ_HEAD = struct.Struct("<4sQHH")  # magic, cid, len(reply_to), len(function)
-_REQ_MAGIC = b"SQRQ"
-KIND_REQ = 8  # header + pickle
-KIND_REQ_OOB = 9  # header + pickle with out-of-band buffers
+def put_request(q: SageQueue, req: Request | tuple, timeout: float | None) -> None:
+    """Writes one request frame (see _wire) into a replica's or subscriber's ring."""
+    parts, kind = encode_request(req, q.label)
+    q.put_frame(parts, kind, 0.0 if timeout == 0 else timeout)
 
 
-class BadRequest(Exception):
-    """A request frame whose header decoded but whose body did not."""
+def take_request(q: SageQueue) -> Request | BadRequest | None:
+    """Waits for the next frame in a request or event ring and decodes it.
 
-    def __init__(self, cid: int, reply_to: Optional[str], function: str, error: BaseException) -> None:
-        super().__init__(f"{type(error).__name__}: {error}")
-        self.cid, self.reply_to, self.function, self.error = cid, reply_to, function, error
-
-
-def encode_request(frame: tuple, label: str) -> Tuple[list, int]:
-    """Parts and kind of a request frame (see above)."""
-    parts, kind = _encode(frame, label)
-    rt = (frame[5] or "").encode()
-    fn = (frame[2] or "").encode()[:65535]
-    head = _REQ_HEAD.pack(_REQ_MAGIC, frame[1], len(rt), len(fn)) + rt + fn
-    head += bytes((-len(head)) % 16)  # keep out-of-band buffers 16-byte aligned
-    return [head, *parts], (KIND_REQ if kind == KIND_PICKLE else KIND_REQ_OOB)
-
-
-def decode_request(payload: Any, kind: int) -> tuple:
-    """The request tuple of a frame. Raises BadRequest (header known) or ValueError (not a request)."""
-    if kind not in (KIND_REQ, KIND_REQ_OOB) or len(payload) < _REQ_HEAD.size:
-        raise ValueError(f"not a request frame (kind {kind}, {len(payload)} bytes)")
-    magic, cid, nrt, nfn = _REQ_HEAD.unpack_from(payload, 0)
-    end = _REQ_HEAD.size + nrt + nfn
-    if magic != _REQ_MAGIC or end > len(payload):
-        raise ValueError("bad request header")
-    view = memoryview(payload)
-    reply_to = bytes(view[_REQ_HEAD.size : _REQ_HEAD.size + nrt]).decode(errors="replace") or None
-    function = bytes(view[_REQ_HEAD.size + nrt : end]).decode(errors="replace")
-    body = view[end + (-end) % 16 :]
+    Returns the Request; or the BadRequest for a frame whose header decoded
+    but whose body did not, or that speaks another protocol version (the
+    sender can still be answered); or None for a frame that is not a request
+    at all (consumed and logged: the ring keeps serving). Raises QueueClosed
+    once the ring is closed and drained.
+    """
+    payload, kind = q.get_frame(None, KIND_REQ_OOB)
     try:
-        frame = pickle.loads(body) if kind == KIND_REQ else _decode_oob(body)
-        if not isinstance(frame, tuple) or len(frame) != 10:
-            raise ValueError(f"a request must be a 10-tuple, got {type(frame).__name__}")
-        return frame
-    except Exception as e:  # unpickling runs user code: anything can come out
-        raise BadRequest(cid, reply_to, function, e) from None
+        return decode_request(payload, kind)
+    except BadRequest as e:
+        return e
+    except ValueError as e:
+        log.warning("%s: dropped a frame that is not a request: %s", q.label, e)
+        return None
 
 
-def put_request(q: SageQueue, frame: tuple, timeout: Optional[float]) -> None:
-    parts, kind = encode_request(frame, q._label)
-    q._ring.put_parts(parts, kind, 0.0 if timeout == 0 else timeout)
+def request_args(req: Request) -> tuple[tuple, dict | None]:
+    """A request's positional and keyword arguments, read out of their
+    segment when they were too large for the ring."""
+    if isinstance(req.args, SegmentBlob):
+        args, kwargs = req.args.get()
+        return args, kwargs
+    return req.args, req.kwargs
 
 
 # ------------------------------------------------------------------ malloc
@@ -286,7 +280,7 @@ class RingPool:
     def __init__(self, namespace: str, limit: int = 512) -> None:
         self.namespace = namespace
         self.limit = limit
-        self._rings: "collections.OrderedDict[str, SageQueue]" = collections.OrderedDict()
+        self._rings: collections.OrderedDict[str, SageQueue] = collections.OrderedDict()
         self._lock = threading.Lock()
 
     def get(self, name: str) -> SageQueue:
@@ -318,15 +312,15 @@ class RingPool:
 
 def instance_alive(inst: InstanceInfo) -> bool:
     """Whether the replica's process still runs (same host only)."""
-    return _core.process_alive(inst.pid, inst.pid_start)
+    return shm.process_alive(inst.pid, inst.pid_start)
 
 
 # --------------------------------------------------------------- interface
 # finish(reply, error) -> value, or raises: turns a reply into the call's outcome.
-Finish = Callable[[Optional[Reply], Optional[BaseException]], Any]
+Finish = Callable[[Reply | None, BaseException | None], Any]
 
 
-def settle(fut: concurrent.futures.Future, finish: Finish, rep: Optional[Reply], exc: Optional[BaseException]) -> None:
+def settle(fut: concurrent.futures.Future, finish: Finish, rep: Reply | None, exc: BaseException | None) -> None:
     """Completes ``fut`` with ``finish(rep, exc)``."""
     try:
         value = finish(rep, exc)
@@ -338,8 +332,9 @@ def settle(fut: concurrent.futures.Future, finish: Finish, rep: Optional[Reply],
         fut.set_result(value)
 
 
-def settle_from_ref(ref: Any, finish: Finish, unwrap: Callable[[Any], Reply],
-                    ray_error: Callable[[BaseException], BaseException]) -> concurrent.futures.Future:
+def settle_from_ref(
+    ref: Any, finish: Finish, unwrap: Callable[[Any], Reply], ray_error: Callable[[BaseException], BaseException]
+) -> concurrent.futures.Future:
     """A future completed, on Ray's callback, with ``finish`` of the reply that
     ``unwrap`` makes of the Ray object, or of the error ``ray_error`` maps a
     RayError to (the Ray transports' call_async)."""
@@ -383,16 +378,18 @@ class Transport(abc.ABC):
     def deliver(self, sub: Subscription, req: Request) -> bool:
         """Offers an event to a subscriber without blocking; False if its buffer was full."""
 
-    def close(self) -> None:
-        pass
+    def close(self) -> None:  # noqa: B027 - optional: most transports hold nothing
+        """Releases what the transport holds (rings, threads)."""
 
 
 class _ReplyRing:
-    __slots__ = ("queue", "cids", "name")
+    __slots__ = ("cids", "name", "queue")
 
     def __init__(self, namespace: str) -> None:
-        self.name = f"rep.{os.getpid()}.{uuid.uuid4().hex[:12]}"
-        self.queue = SageQueue(self.name, REPLY_RING_BYTES, auto_cleanup=True, namespace=namespace, spin_us=REPLY_SPIN_US)
+        self.name = reply_ring_name(os.getpid(), uuid.uuid4().hex[:12])
+        self.queue = SageQueue(
+            self.name, REPLY_RING_BYTES, auto_cleanup=True, namespace=namespace, spin_us=REPLY_SPIN_US
+        )
         self.cids = itertools.count(1)
 
 
@@ -408,14 +405,16 @@ class ShmTransport(Transport):
         self._tls = threading.local()
         self._rings: list = []  # every reply ring made, released by close()
         self._lock = threading.Lock()
-        self._async: Optional[_ReplyRing] = None
-        self._pending: Dict[int, tuple] = {}  # cid -> (future, instance, monotonic end, blob, finish)
-        self._reader: Optional[threading.Thread] = None
+        self._async: _ReplyRing | None = None
+        self._pending: dict[int, tuple] = {}  # cid -> (future, instance, monotonic end, blob, finish)
+        self._reader: threading.Thread | None = None
         self._closed = False
         self.stale_replies = 0
 
     # -- request side
-    def _put(self, inst: InstanceInfo, req: Request, timeout: Optional[float], cid: int = 0, reply_to: Optional[str] = None) -> Optional[SegmentBlob]:
+    def _put(
+        self, inst: InstanceInfo, req: Request, timeout: float | None, cid: int = 0, reply_to: str | None = None
+    ) -> SegmentBlob | None:
         """Puts the request frame (with ``cid`` and ``reply_to`` filled in);
         returns the blob it had to park, if any."""
         try:
@@ -538,12 +537,12 @@ class ShmTransport(Transport):
         if blob is not None:
             entry = self._pending.get(cid)
             if entry is not None:
-                self._pending[cid] = entry[:3] + (blob, finish)
+                self._pending[cid] = (*entry[:3], blob, finish)
             else:
                 blob.discard()
         return fut
 
-    def _finish(self, cid: int, rep: Optional[Reply] = None, exc: Optional[BaseException] = None) -> None:
+    def _finish(self, cid: int, rep: Reply | None = None, exc: BaseException | None = None) -> None:
         entry = self._pending.pop(cid, None)
         if entry is None:
             return
@@ -586,10 +585,12 @@ class ShmTransport(Transport):
 
     def _sweep(self, now: float) -> None:
         """Fails calls past their timeout, and calls to replicas that died."""
-        dead: Dict[str, bool] = {}
-        for cid, (fut, inst, end, *_) in list(self._pending.items()):
+        dead: dict[str, bool] = {}
+        for cid, (_fut, inst, end, *_) in list(self._pending.items()):
             if now >= end:
-                self._finish(cid, exc=CallTimeout(f"call to {inst.service} (replica {inst.instance_id}) got no reply in time"))
+                self._finish(
+                    cid, exc=CallTimeout(f"call to {inst.service} (replica {inst.instance_id}) got no reply in time")
+                )
                 continue
             alive = dead.get(inst.instance_id)
             if alive is None:
@@ -598,8 +599,7 @@ class ShmTransport(Transport):
                 self._finish(
                     cid,
                     exc=ServiceUnavailable(
-                        f"replica {inst.instance_id} of service '{inst.service}' (pid {inst.pid}) died "
-                        "before replying"
+                        f"replica {inst.instance_id} of service '{inst.service}' (pid {inst.pid}) died before replying"
                     ),
                 )
 
@@ -654,7 +654,7 @@ class _GatewayActor:
     """
 
     def __init__(self) -> None:
-        self._transports: Dict[str, ShmTransport] = {}
+        self._transports: dict[str, ShmTransport] = {}
         self._lock = threading.Lock()
         self.collected = 0
         self._janitor = threading.Thread(target=self._sweep_forever, name="sage-janitor", daemon=True)
@@ -733,7 +733,7 @@ def forget_bus_on_gateways(namespace: str, timeout: float = 10.0) -> int:
 _JANITORS: set = set()
 
 
-def ensure_janitor(node_id: Optional[str]) -> None:
+def ensure_janitor(node_id: str | None) -> None:
     """Makes sure ``node_id`` has its gateway (and so its janitor); once per process and node."""
     if not node_id or node_id in _JANITORS:
         return
@@ -742,10 +742,6 @@ def ensure_janitor(node_id: Optional[str]) -> None:
         _JANITORS.add(node_id)
     except SageCommError as e:  # calls still work; only the periodic sweep is missing
         log.warning("no janitor on node %s: %s", node_id, e)
-
-
-def gateway_name(node_id: str) -> str:
-    return f"sage:gateway:{node_id}"
 
 
 def get_gateway(node_id: str) -> Any:
@@ -774,7 +770,7 @@ class RayTransport(Transport):
 
     def __init__(self, namespace: str) -> None:
         self.namespace = namespace
-        self._gateways: Dict[str, Any] = {}
+        self._gateways: dict[str, Any] = {}
 
     def _gw(self, inst_or_sub: Any) -> Any:
         node = inst_or_sub.node_id
@@ -814,8 +810,12 @@ class RayTransport(Transport):
 
     def call_async(self, inst: InstanceInfo, req: Request, timeout: float, finish: Finish) -> concurrent.futures.Future:
         ref = self._gw(inst).call.remote(self.namespace, inst, req, timeout)
-        return settle_from_ref(ref, finish, lambda out: self._unwrap(inst, req.function, out),
-                               lambda e: self._ray_error(inst, req.function, e))
+        return settle_from_ref(
+            ref,
+            finish,
+            lambda out: self._unwrap(inst, req.function, out),
+            lambda e: self._ray_error(inst, req.function, e),
+        )
 
     def send(self, inst: InstanceInfo, req: Request, timeout: float) -> None:
         self._gw(inst).send.remote(self.namespace, inst, req, timeout)
@@ -836,7 +836,7 @@ class DirectTransport(Transport):
 
     def __init__(self, namespace: str) -> None:
         self.namespace = namespace
-        self._actors: Dict[str, Any] = {}
+        self._actors: dict[str, Any] = {}
 
     def _actor(self, inst: InstanceInfo) -> Any:
         a = self._actors.get(inst.instance_id)
@@ -856,33 +856,39 @@ class DirectTransport(Transport):
         return a
 
     @staticmethod
-    def _frame(req: Request) -> tuple:
-        return (req[0], 0, req[2], req[3], req[4], None, req[6], req[7], req[8], req[9])
+    def _frame(req: Request) -> tuple[bytes, int]:
+        # The same frame as the ring path (header and all), as one bytes.
+        parts, kind = encode_request(req._replace(cid=0, reply_to=None), "a call over Ray")
+        return b"".join(parts), kind
 
     def _error(self, inst: InstanceInfo, fn: str, e: BaseException) -> SageCommError:
         import ray
 
         self._actors.pop(inst.instance_id, None)
         if isinstance(e, ray.exceptions.GetTimeoutError):
-            return CallTimeout(f"call to {inst.service}.{fn} (replica {inst.instance_id}, over Ray) got no reply in time")
-        return ServiceUnavailable(f"replica {inst.instance_id} of service '{inst.service}' died or is unreachable "
-                                  f"while handling '{fn}' ({type(e).__name__})")
+            return CallTimeout(
+                f"call to {inst.service}.{fn} (replica {inst.instance_id}, over Ray) got no reply in time"
+            )
+        return ServiceUnavailable(
+            f"replica {inst.instance_id} of service '{inst.service}' died or is unreachable "
+            f"while handling '{fn}' ({type(e).__name__})"
+        )
 
     def call(self, inst: InstanceInfo, req: Request, timeout: float) -> Reply:
         import ray
 
         try:
-            out = ray.get(self._actor(inst).handle.remote(self._frame(req)), timeout=timeout + 1.0)
+            out = ray.get(self._actor(inst).handle.remote(*self._frame(req)), timeout=timeout + 1.0)
         except ray.exceptions.RayError as e:
             raise self._error(inst, req.function, e) from None
         return Reply(*out)
 
     def call_async(self, inst: InstanceInfo, req: Request, timeout: float, finish: Finish) -> concurrent.futures.Future:
-        ref = self._actor(inst).handle.remote(self._frame(req))
+        ref = self._actor(inst).handle.remote(*self._frame(req))
         return settle_from_ref(ref, finish, lambda out: Reply(*out), lambda e: self._error(inst, req.function, e))
 
     def send(self, inst: InstanceInfo, req: Request, timeout: float) -> None:
-        self._actor(inst).handle.remote(self._frame(req))
+        self._actor(inst).handle.remote(*self._frame(req))
 
     def deliver(self, sub: Subscription, req: Request) -> bool:
         return False  # subscribers always have a ring; see FunctionClient.broadcast

@@ -42,16 +42,30 @@ def chromium(*args: str, timeout: float = 90) -> subprocess.CompletedProcess:
     exe = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
     if exe is None:
         raise SystemExit("no chromium on PATH (.ci/run installs Debian's chromium package)")
-    base = [exe, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--hide-scrollbars",
-            "--virtual-time-budget=20000", "--run-all-compositor-stages-before-draw"]
+    base = [
+        exe,
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--hide-scrollbars",
+        "--virtual-time-budget=20000",
+        "--run-all-compositor-stages-before-draw",
+    ]
     return subprocess.run(base + list(args), capture_output=True, text=True, timeout=timeout)
 
 
 def main() -> int:
     out_dir = sys.argv[1]
     dash, metrics_port = free_port(), free_port()
-    ray.init(num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=dash,
-             _metrics_export_port=metrics_port, log_to_driver=False)
+    ray.init(
+        num_cpus=4,
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        dashboard_port=dash,
+        _metrics_export_port=metrics_port,
+        log_to_driver=False,
+    )
     bus = get_communication_bus("dashboard_bus").start()
     Calculator.deploy(bus=bus.name)
     Formatter.deploy(bus=bus.name)
@@ -61,8 +75,12 @@ def main() -> int:
         client.call("formatter", "fmt", i)
     url = f"http://127.0.0.1:{dash}/#/actors"
     found: dict = {"dashboard": url}
-    names = ["sage:dashboard_bus:calculator#1", "sage:dashboard_bus:calculator#2",
-             "sage:dashboard_bus:formatter#1", "sage:dashboard_bus:router"]
+    names = [
+        "sage:dashboard_bus:calculator#1",
+        "sage:dashboard_bus:calculator#2",
+        "sage:dashboard_bus:formatter#1",
+        "sage:dashboard_bus:router",
+    ]
     deadline = time.monotonic() + 120
     dom = ""
     while time.monotonic() < deadline:  # the dashboard needs a few seconds to list new actors
@@ -80,15 +98,21 @@ def main() -> int:
     while time.monotonic() < deadline:  # metrics reach the exporter every few seconds
         client.call("calculator", "add", 1, 1)
         lines = scrape_metrics("dashboard_bus")
-        if any(line.startswith("ray_sage_calls_total") and 'service="calculator"' in line for line in lines) and any(
-            line.startswith("ray_sage_call_latency_seconds_bucket") for line in lines
-        ) and any(line.startswith("ray_sage_replica_in_flight") for line in lines):
+        if (
+            any(line.startswith("ray_sage_calls_total") and 'service="calculator"' in line for line in lines)
+            and any(line.startswith("ray_sage_call_latency_seconds_bucket") for line in lines)
+            and any(line.startswith("ray_sage_replica_in_flight") for line in lines)
+        ):
             break
         time.sleep(2)
     found["metric_lines"] = lines
     gcs = ray.get_runtime_context().gcs_address
-    cli = subprocess.run(["sage-comm", "metrics", "--bus", "dashboard_bus", "--address", gcs],
-                         capture_output=True, text=True, timeout=120)
+    cli = subprocess.run(
+        ["sage-comm", "metrics", "--bus", "dashboard_bus", "--address", gcs],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     found["cli_metrics"] = cli.stdout
     client.close()
     bus.shutdown()

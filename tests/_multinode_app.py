@@ -65,8 +65,15 @@ def caller_on_worker(bus: str) -> dict:
         delivered = c.broadcast("events.from_worker", {"node": ray.get_runtime_context().get_node_id()})
         s = c.stats()
         spread = sorted({c.call("spread", "where") for _ in range(20)})
-    return {"far": far, "near": near, "shm": s["shm"], "ray": s["ray"], "delivered": delivered,
-            "node": ray.get_runtime_context().get_node_id(), "spread": spread}
+    return {
+        "far": far,
+        "near": near,
+        "shm": s["shm"],
+        "ray": s["ray"],
+        "delivered": delivered,
+        "node": ray.get_runtime_context().get_node_id(),
+        "spread": spread,
+    }
 
 
 def main() -> int:

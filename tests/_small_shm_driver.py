@@ -17,8 +17,9 @@ from sage_ray_comm import BaseService, FunctionClient, SharedMemoryFull, sage_se
 
 bus = sys.argv[1]
 logging.basicConfig(level=logging.WARNING)
-ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
-         object_store_memory=80 << 20)
+ray.init(
+    num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False, object_store_memory=80 << 20
+)
 
 
 @sage_service(name="echo", replicas=2, num_cpus=0.1)

@@ -7,6 +7,7 @@ import resource
 import struct
 
 import _core_override  # noqa: F401  (must precede the package import)
+
 from sage_ray_comm import QueueClosed, QueueEmpty, SageQueue
 
 REC = struct.Struct("<II")  # (producer id, sequence number)

@@ -14,10 +14,10 @@ import os
 import re
 import uuid
 
+import _core_override  # noqa: F401  (must precede the package import)
 import pytest
 
-import _core_override  # noqa: F401  (must precede the package import)
-from sage_ray_comm import shm  # noqa: E402
+from sage_ray_comm import shm
 
 
 def _unique_name(request) -> str:
@@ -87,8 +87,9 @@ def bus(request, ray_session) -> str:
     # processes left behind. Only tests that SIGKILL processes on purpose
     # (marked `kills`) may leave segments of the dead for gc.
     _pygc.collect()
-    left = [s for s in shm.list_segments(bus_namespace(name))
-            if not (s.stale and request.node.get_closest_marker("kills"))]
+    left = [
+        s for s in shm.list_segments(bus_namespace(name)) if not (s.stale and request.node.get_closest_marker("kills"))
+    ]
     shm.gc(bus_namespace(name), keep_legacy=False)
     assert not left, f"bus left segments before gc: {[(s.shm_name, s.creator_pid, s.creator_alive) for s in left]}"
     _assert_no_segments(bus_namespace(name), "bus")

@@ -11,7 +11,6 @@ import ray
 from sage_ray_comm import (
     BaseService,
     FunctionClient,
-    InvalidQueueArgument,
     InvalidServiceDefinition,
     LegacyQueueAdapter,
     QueueEmpty,

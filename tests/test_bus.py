@@ -21,7 +21,10 @@ class Tagged(BaseService):
 
 
 def test_get_communication_bus_honours_its_name(ray_session):
-    a, b = get_communication_bus("bus-a-" + uuid.uuid4().hex[:6]), get_communication_bus("bus-b-" + uuid.uuid4().hex[:6])
+    a, b = (
+        get_communication_bus("bus-a-" + uuid.uuid4().hex[:6]),
+        get_communication_bus("bus-b-" + uuid.uuid4().hex[:6]),
+    )
     assert a is not b and a.name != b.name
     assert get_communication_bus(a.name) is a
 
@@ -93,8 +96,10 @@ def test_route_message_in_all_four_patterns(bus):
     h = KV.deploy(bus=bus)
     b = get_communication_bus(bus).start()
     target = h.instances[1].instance_id
-    r = b.route_message(Message(receiver="kv", function="put", payload=("a", 1), headers={"instance": target}),
-                        CommunicationPattern.POINT_TO_POINT)
+    r = b.route_message(
+        Message(receiver="kv", function="put", payload=("a", 1), headers={"instance": target}),
+        CommunicationPattern.POINT_TO_POINT,
+    )
     assert isinstance(r, DeliveryReceipt) and r.instances == [target] and r.delivered == 1
     # Sends are fire-and-forget: wait until the replica shows the write.
     wait_for(lambda: b.call("kv", "get", "a", instance=target) == 1)
@@ -103,11 +108,18 @@ def test_route_message_in_all_four_patterns(bus):
     wait_for(lambda: b.call("kv", "get", "b", instance=r.instances[0]) == 2)
     # request-response, from a dict: the reply comes back
     assert b.route_message({"receiver": "kv", "function": "get", "payload": "missing"}) is None
-    assert b.route_message({"receiver": "kv", "function": "get", "payload": "a",
-                            "headers": {"instance": target}}, CommunicationPattern.POINT_TO_POINT).delivered == 1
+    assert (
+        b.route_message(
+            {"receiver": "kv", "function": "get", "payload": "a", "headers": {"instance": target}},
+            CommunicationPattern.POINT_TO_POINT,
+        ).delivered
+        == 1
+    )
     got = _q.Queue()
     b.subscribe("kv.changed", got.put)
-    r = b.route_message(Message(type="event", topic="kv.changed", payload={"k": "a"}), CommunicationPattern.PUBLISH_SUBSCRIBE)
+    r = b.route_message(
+        Message(type="event", topic="kv.changed", payload={"k": "a"}), CommunicationPattern.PUBLISH_SUBSCRIBE
+    )
     assert r.delivered == 1 and got.get(timeout=10) == {"k": "a"}
 
 

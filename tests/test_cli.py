@@ -11,6 +11,7 @@ import sys
 
 import _workers
 import pytest
+
 from sage_ray_comm import shm
 
 

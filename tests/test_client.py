@@ -10,10 +10,10 @@ import time
 import pytest
 import ray
 
-from sage_ray_comm import _core
 from sage_ray_comm import (
     BaseService,
     ServiceCallMixin,
+    _core,
     call_service,
     call_service_async,
     sage_service,

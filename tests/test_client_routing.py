@@ -21,15 +21,31 @@ from sage_ray_comm import (
     ServiceUnavailable,
     ValidationError,
 )
-from sage_ray_comm.client import _Endpoint, outcome, pick_instance
-from sage_ray_comm.message import ERR_REMOTE, ERR_VALIDATION, OP_CALL, OP_EVENT, ST_ERROR, ST_OK, ErrorInfo, Reply
+from sage_ray_comm._wire import (
+    ERR_REMOTE,
+    ERR_VALIDATION,
+    OP_CALL,
+    OP_EVENT,
+    ST_ERROR,
+    ST_OK,
+    ErrorInfo,
+    Reply,
+    outcome,
+)
+from sage_ray_comm.client import _Endpoint, pick_instance
 from sage_ray_comm.router import FunctionInfo, InstanceInfo, Subscription
 from sage_ray_comm.transport import Transport, settle
 
 
 def inst(iid, node="local", service="calc", idempotent=False, policy="least_outstanding", timeout=7.0):
     return InstanceInfo(
-        service=service, instance_id=iid, class_id="m:C", node_id=node, host_id="h", pid=1, pid_start=1,
+        service=service,
+        instance_id=iid,
+        class_id="m:C",
+        node_id=node,
+        host_id="h",
+        pid=1,
+        pid_start=1,
         request_queue=f"req.{iid}",
         functions={"add": FunctionInfo("add", timeout, idempotent=idempotent), "get": FunctionInfo("get", None)},
         policy=policy,
@@ -75,7 +91,14 @@ def make_client(instances, subs=(), policy=None, timeout=None):
     services = collections.defaultdict(dict)
     for i in instances:
         services[i.service][i.instance_id] = i
-    snap = {"bus": "b", "version": 1, "services": dict(services), "subscriptions": list(subs), "load": {}, "last_seen": {}}
+    snap = {
+        "bus": "b",
+        "version": 1,
+        "services": dict(services),
+        "subscriptions": list(subs),
+        "load": {},
+        "last_seen": {},
+    }
     shm_t, ray_t = FakeTransport("shm"), FakeTransport("ray")
     c = FunctionClient("tester", bus="b", policy=policy, timeout=timeout)
     c._ep = _Endpoint.offline("b", snap, "local", shm_t, ray_t)
@@ -93,7 +116,10 @@ def test_round_robin_cycles_in_instance_order():
 def test_power_of_two_choices_prefers_the_less_loaded():
     pool = [inst("a"), inst("b")]
     out = {"a": 5, "b": 0}
-    got = {pick_instance(pool, "least_outstanding", out, "local", itertools.count(), random.Random(i)).instance_id for i in range(50)}
+    got = {
+        pick_instance(pool, "least_outstanding", out, "local", itertools.count(), random.Random(i)).instance_id
+        for i in range(50)
+    }
     assert got == {"b"}
 
 
@@ -182,7 +208,7 @@ def test_non_idempotent_calls_surface_the_death():
 
 
 def test_all_replicas_dead_is_service_unavailable():
-    c, shm_t, _ = make_client([inst("a")])
+    c, _, _ = make_client([inst("a")])
     c.endpoint.mark_dead("a")
     with pytest.raises(ServiceUnavailable, match="none of them alive"):
         c.call("calc", "add", 1, 1)

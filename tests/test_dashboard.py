@@ -34,21 +34,27 @@ def _chromium() -> str:
 def test_actors_page_and_prometheus_metrics(tmp_path):
     _chromium()
     app = os.path.join(os.path.dirname(__file__), "_dashboard_app.py")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [os.path.dirname(__file__), os.environ.get("PYTHONPATH")])))
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join(filter(None, [os.path.dirname(__file__), os.environ.get("PYTHONPATH")]))
+    )
     # A throwaway cluster on 127.0.0.1: skip Ray's token prompt, which a headless
     # browser cannot answer (users with token auth paste `ray get-auth-token`).
     env["RAY_AUTH_MODE"] = "disabled"
     p = subprocess.run([sys.executable, app, str(tmp_path)], capture_output=True, text=True, timeout=380, env=env)
     lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
     assert p.returncode == 0 and lines, f"rc={p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}"
-    r = json.loads(lines[-1][len("RESULT "):])
+    r = json.loads(lines[-1][len("RESULT ") :])
     assert all(r["names_on_page"].values()), r["names_on_page"]
     assert r["screenshot"] and r["screenshot_bytes"] > 10_000, "a real screenshot was saved"
     m = r["metric_lines"]
     calls = [ln for ln in m if ln.startswith("ray_sage_calls_total")]
     assert any(
-        re.search(r'bus="dashboard_bus"', ln) and 'service="calculator"' in ln and 'function="add"' in ln
-        and 'transport="shm"' in ln and 'pattern="request_response"' in ln for ln in calls
+        re.search(r'bus="dashboard_bus"', ln)
+        and 'service="calculator"' in ln
+        and 'function="add"' in ln
+        and 'transport="shm"' in ln
+        and 'pattern="request_response"' in ln
+        for ln in calls
     ), calls
     assert any(ln.startswith("ray_sage_call_latency_seconds_bucket") and 'service="formatter"' in ln for ln in m)
     assert any(ln.startswith("ray_sage_replica_in_flight") and 'replica="calculator#1"' in ln for ln in m)

@@ -104,10 +104,12 @@ def test_replica_death_under_load(bus):
             ray.kill(h.actors[0], no_restart=True)
         else:
             os.kill(pids[victim.instance_id], signal.SIGKILL)
-        wait_for(lambda: victim.instance_id not in {r["instance"] for r in b.services()}, 10, "the router dropping it")
+        wait_for(
+            lambda v=victim: v.instance_id not in {r["instance"] for r in b.services()}, 10, "the router dropping it"
+        )
         dropped_after = time.monotonic() - kills[-1]
         assert dropped_after < 2.0, f"the router took {dropped_after:.2f} s to drop a dead replica"
-        wait_for(lambda: sum(o[0] == "ok" for o in outcomes) > before + 200, what="calls going on after the kill")
+        wait_for(lambda b0=before: sum(o[0] == "ok" for o in outcomes) > b0 + 200, what="calls going on after the kill")
     stop.set()
     for t in threads:
         t.join(30)
@@ -118,7 +120,7 @@ def test_replica_death_under_load(bus):
     assert not [o for o in outcomes if o[1] == "square" and o[0] != "ok"]
     # A non-idempotent call that saw the death: ServiceUnavailable within the
     # bound of the death (or of its own start, if it started after), never its 5 s timeout.
-    for kind, fn, mode, t0, t1, detail in outcomes:
+    for kind, _fn, mode, t0, t1, detail in outcomes:
         if kind == "ServiceUnavailable":
             death = max([k for k in kills if k <= t1], default=t0)
             assert t1 - max(t0, death) < DEATH_BOUND, (mode, t1 - max(t0, death), detail)
@@ -230,8 +232,11 @@ def test_router_death_does_not_break_known_calls_and_the_registry_rebuilds(bus):
     # Replicas re-register on their next heartbeat; subscribers re-subscribe.
     snap = wait_for(lambda: (s := ask("snapshot")) and s["services"].get("steady") and s, 10, "re-registration")
     assert {i.instance_id for i in snap["services"]["steady"].values()} == {h.instances[0].instance_id}
-    wait_for(lambda: any(s.pattern == "after.restart" for s in (ask("snapshot") or {"subscriptions": []})["subscriptions"]),
-             10, "re-subscription")
+    wait_for(
+        lambda: any(s.pattern == "after.restart" for s in (ask("snapshot") or {"subscriptions": []})["subscriptions"]),
+        10,
+        "re-subscription",
+    )
     client.refresh()
     assert client.call("steady", "echo", "after") == "after"
     assert b.publish("after.restart", "hello") == 1
@@ -464,9 +469,9 @@ def test_concurrent_start_up_makes_one_router_and_one_entry_per_replica(ray_sess
 
     @ray.remote(num_cpus=0.01)
     def start_everything(bus):
-        from sage_ray_comm import get_communication_bus
-
         import test_faults
+
+        from sage_ray_comm import get_communication_bus
 
         get_communication_bus(bus).start()
         h = test_faults.Worker.deploy(bus=bus)
@@ -513,7 +518,9 @@ def test_services_holding_unpicklable_state_deploy(bus):
         assert c.call("holder", "ok") is True
         # Such state as an argument: a typed error at the caller, naming the
         # type and the call; nothing is sent and the service goes on.
-        with pytest.raises(SerializationError, match=r"call to holder\.ok_with cannot be pickled: TypeError: .*_thread\.lock"):
+        with pytest.raises(
+            SerializationError, match=r"call to holder\.ok_with cannot be pickled: TypeError: .*_thread\.lock"
+        ):
             c.call("holder", "ok_with", threading.Lock())
         assert c.call("holder", "ok") is True
 
@@ -565,8 +572,12 @@ def test_in_process_service_death_is_learnt_from_heartbeats(bus):
 
     get_router(bus, check_pids=False)
     b = get_communication_bus(bus).start()
-    p = subprocess.Popen([sys.executable, "-c", _INPROC, ray.get_runtime_context().gcs_address, bus],
-                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    p = subprocess.Popen(
+        [sys.executable, "-c", _INPROC, ray.get_runtime_context().gcs_address, bus],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         sid = p.stdout.readline().strip()
         assert sid.startswith("local-")

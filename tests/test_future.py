@@ -91,7 +91,9 @@ def test_wait_and_as_completed():
     done, pending = cf.wait(futs, timeout=30)
     assert len(done) == 5 and not pending
     futs2 = [CallFuture() for _ in range(3)]
-    threading.Thread(target=lambda: [f.set_exception(ValueError(i)) if i == 1 else f.set_result(i) for i, f in enumerate(futs2)]).start()
+    threading.Thread(
+        target=lambda: [f.set_exception(ValueError(i)) if i == 1 else f.set_result(i) for i, f in enumerate(futs2)]
+    ).start()
     out = sorted(repr(f.exception()) if f.exception() else str(f.result()) for f in cf.as_completed(futs2, timeout=30))
     assert out == ["0", "2", "ValueError(1)"]
 

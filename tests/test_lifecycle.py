@@ -33,7 +33,10 @@ def run_driver(tmp_path, kind: str, *extra: str) -> tuple:
     with open(out, "w") as o, open(err, "w") as e:  # files, not a tty or pipe we drain
         rc = subprocess.run(
             [sys.executable, os.path.join(HERE, "_exit_driver.py"), kind, bus, *extra],
-            stdout=o, stderr=e, timeout=180, cwd=str(tmp_path),
+            stdout=o,
+            stderr=e,
+            timeout=180,
+            cwd=str(tmp_path),
         ).returncode
     return rc, out.read_text(), err.read_text(), bus
 

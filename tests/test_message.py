@@ -9,7 +9,8 @@ import pydantic
 import pytest
 
 from sage_ray_comm import CommunicationPattern, Message, MessageType
-from sage_ray_comm.message import OP_CALL, OP_EVENT, Request, envelope, new_message_id
+from sage_ray_comm._wire import OP_CALL, OP_EVENT, Request
+from sage_ray_comm.message import envelope, new_message_id
 
 
 def test_defaults_and_ids():
@@ -27,7 +28,7 @@ def test_types_are_validated():
         Message(headers={"a": object()})
     with pytest.raises(pydantic.ValidationError, match="ttl"):
         Message(ttl=-1)
-    with pytest.raises(pydantic.ValidationError, match="unknown_field|extra"):
+    with pytest.raises(pydantic.ValidationError, match=r"unknown_field|extra"):
         Message(unknown_field=1)
 
 
@@ -59,5 +60,8 @@ def test_several_arguments_make_a_tuple_payload():
 
 def test_patterns_cover_the_four():
     assert {p.value for p in CommunicationPattern} == {
-        "request_response", "point_to_point", "publish_subscribe", "load_balanced"
+        "request_response",
+        "point_to_point",
+        "publish_subscribe",
+        "load_balanced",
     }

@@ -25,7 +25,7 @@ def test_every_recorded_key_matches_its_metric_tags():
     r.call("b", "s", "f", "shm", "load_balanced", 0.001, "RemoteError")
     r.count("sage_messages_delivered_total", ("b", "ray"))
     r.gauge("sage_ring_fill_ratio", ("b", "s", "s#1"), 0.5)
-    for (name, tags) in list(r.counts) + list(r.gauges):
+    for name, tags in list(r.counts) + list(r.gauges):
         assert len(tags) == len(METRICS[name][2]), name
 
 
@@ -64,8 +64,13 @@ def test_env_switch_turns_recording_off_in_a_real_process():
     )
     out = {}
     for value in ("0", "1"):
-        p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                           env=dict(os.environ, SAGE_COMM_METRICS=value))
+        p = subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=dict(os.environ, SAGE_COMM_METRICS=value),
+        )
         assert p.returncode == 0, p.stderr[-3000:]
         import json
 

@@ -16,11 +16,13 @@ pytestmark = [pytest.mark.multinode, pytest.mark.slow]
 
 def test_cross_node_and_same_node_paths():
     app = os.path.join(os.path.dirname(__file__), "_multinode_app.py")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [os.path.dirname(__file__), os.environ.get("PYTHONPATH")])))
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join(filter(None, [os.path.dirname(__file__), os.environ.get("PYTHONPATH")]))
+    )
     p = subprocess.run([sys.executable, app], capture_output=True, text=True, timeout=280, env=env)
     lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
     assert p.returncode == 0 and lines, f"rc={p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}"
-    r = json.loads(lines[-1][len("RESULT "):])
+    r = json.loads(lines[-1][len("RESULT ") :])
     assert r["head"] != r["worker"]
     # driver (head) -> service on the worker node: the Ray path
     assert r["far_node"] == r["worker"]

@@ -85,11 +85,18 @@ class CoordinatorService(BaseService):
             target_service="processing", function="process_data", payload={"values": payload["values"]}, timeout=10.0
         )
         stored = self.call_function(
-            target_service="storage", function="store",
-            payload={"key": payload["job"], "value": processed["processed"]}, timeout=10.0,
+            target_service="storage",
+            function="store",
+            payload={"key": payload["job"], "value": processed["processed"]},
+            timeout=10.0,
         )
         reached = self.broadcast("pipeline.completed", {"job": payload["job"]})
-        return {"job": payload["job"], "result": processed["processed"], "stored": stored["stored"], "subscribers": reached}
+        return {
+            "job": payload["job"],
+            "result": processed["processed"],
+            "stored": stored["stored"],
+            "subscribers": reached,
+        }
 
 
 @pytest.fixture
@@ -99,11 +106,11 @@ def services(bus):
     ids = []
     for svc in (procs, store, coord):
         ids.append(mgr.register_service(svc))  # the original returns the service id
-        svc.initialize()                       # original code initialises by hand after start
+        svc.initialize()  # original code initialises by hand after start
     assert ids == [procs.service_id, store.service_id, coord.service_id]
     yield procs, store, coord
     for svc in (procs, store, coord):
-        svc.cleanup()                          # ...and cleans up by hand before stop
+        svc.cleanup()  # ...and cleans up by hand before stop
     mgr.stop_all()
 
 
@@ -137,8 +144,10 @@ def test_migrating_user_code(bus, services):
 
     # concurrently from a thread pool
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        futs = {i: pool.submit(client.call, "coordinator", "run_pipeline", payload={"job": f"c{i}", "values": [i, i + 1]})
-                for i in range(40)}
+        futs = {
+            i: pool.submit(client.call, "coordinator", "run_pipeline", payload={"job": f"c{i}", "values": [i, i + 1]})
+            for i in range(40)
+        }
         results = {i: f.result(timeout=60) for i, f in futs.items()}
     for i, r in results.items():
         assert r == {"job": f"c{i}", "result": [2 * i, 2 * i + 2], "stored": f"c{i}", "subscribers": 1}
@@ -151,15 +160,15 @@ def test_migrating_user_code(bus, services):
 
 def test_initialize_and_cleanup_once_per_cycle(bus):
     svc = ProcessingService()
-    svc.initialize()          # user code first...
-    svc.start(bus=bus)        # ...then start, which also initialises
+    svc.initialize()  # user code first...
+    svc.start(bus=bus)  # ...then start, which also initialises
     svc.initialize()
     assert svc.init_calls == 1
     svc.cleanup()
-    svc.stop()                # stop's own cleanup() is the same cycle's
+    svc.stop()  # stop's own cleanup() is the same cycle's
     svc.cleanup()
     assert svc.cleanup_calls == 1
-    svc.start(bus=bus)        # a new cycle initialises again
+    svc.start(bus=bus)  # a new cycle initialises again
     svc.stop()
     assert (svc.init_calls, svc.cleanup_calls) == (2, 2)
 
@@ -200,5 +209,6 @@ def test_readme_route_message_example(bus):
 
     b = get_communication_bus(bus)
     Calculator().start(bus=bus)
-    assert b.route_message(Message(receiver="calculator", function="calculate", payload=42),
-                           CommunicationPattern.REQUEST_RESPONSE) == {"result": 84}
+    assert b.route_message(
+        Message(receiver="calculator", function="calculate", payload=42), CommunicationPattern.REQUEST_RESPONSE
+    ) == {"result": 84}

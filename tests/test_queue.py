@@ -11,10 +11,10 @@ import stat
 import threading
 import time
 
+import _workers
 import numpy as np
 import pytest
 
-import _workers
 from sage_ray_comm import (
     DeserializationError,
     IncompatibleSegment,

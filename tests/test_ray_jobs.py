@@ -111,13 +111,35 @@ def _stop_cluster(port: int, session_dir: str) -> None:
 def cluster(tmp_path_factory):
     port, dash = _free_port(), _free_port()
     p = subprocess.run(
-        [RAY, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
-         f"--dashboard-port={dash}", "--num-cpus=4", "--include-dashboard=true", "--disable-usage-stats",
-         # its own ports: the suite's Ray on this machine holds the defaults
-         *(f"--{flag}={_free_port()}" for flag in (
-             "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
-             "runtime-env-agent-port", "ray-client-server-port", "node-manager-port", "object-manager-port"))],
-        capture_output=True, text=True, env=ENV, timeout=180,
+        [
+            RAY,
+            "start",
+            "--head",
+            f"--port={port}",
+            "--node-ip-address=127.0.0.1",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dash}",
+            "--num-cpus=4",
+            "--include-dashboard=true",
+            "--disable-usage-stats",
+            # its own ports: the suite's Ray on this machine holds the defaults
+            *(
+                f"--{flag}={_free_port()}"
+                for flag in (
+                    "dashboard-agent-listen-port",
+                    "dashboard-agent-grpc-port",
+                    "metrics-export-port",
+                    "runtime-env-agent-port",
+                    "ray-client-server-port",
+                    "node-manager-port",
+                    "object-manager-port",
+                )
+            ),
+        ],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=180,
     )
     session_dir = os.path.realpath("/tmp/ray/session_latest")
     gcs = [pid for pid in _cluster_pids(port, "") if b"gcs_server" in open(f"/proc/{pid}/cmdline", "rb").read()]
@@ -140,8 +162,13 @@ def cluster(tmp_path_factory):
             except Exception:
                 assert time.monotonic() < end, "the job server did not come up"
                 time.sleep(0.5)  # the dashboard's job server starts after `ray start` returns
-        yield {"address": f"127.0.0.1:{port}", "url": url, "client": client, "buses": buses,
-               "tmp": tmp_path_factory.mktemp("jobs")}
+        yield {
+            "address": f"127.0.0.1:{port}",
+            "url": url,
+            "client": client,
+            "buses": buses,
+            "tmp": tmp_path_factory.mktemp("jobs"),
+        }
     finally:
         _stop_cluster(port, session_dir)
         for b in buses:  # what `ray stop` killed mid-flight
@@ -149,7 +176,9 @@ def cluster(tmp_path_factory):
 
 
 def submit(cluster, *argv: str) -> str:
-    return cluster["client"].submit_job(entrypoint=" ".join([sys.executable, APP, *argv]), runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled"}})
+    return cluster["client"].submit_job(
+        entrypoint=" ".join([sys.executable, APP, *argv]), runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled"}}
+    )
 
 
 def finish(cluster, job_id: str, timeout: float = 180.0) -> tuple:
@@ -161,7 +190,7 @@ def finish(cluster, job_id: str, timeout: float = 180.0) -> tuple:
         st = client.get_job_status(job_id)
         if st in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
             logs = client.get_job_logs(job_id)
-            return st, logs, [ln[len("RESULT "):] for ln in logs.splitlines() if ln.startswith("RESULT ")]
+            return st, logs, [ln[len("RESULT ") :] for ln in logs.splitlines() if ln.startswith("RESULT ")]
         assert time.monotonic() < end, f"job {job_id} still {st}:\n{client.get_job_logs(job_id)[-3000:]}"
         time.sleep(0.2)  # the job server's state: nothing to block on
 
@@ -203,7 +232,9 @@ def test_detached_service_outlives_its_job_and_the_shell_sees_it(cluster):
     assert st == JobStatus.SUCCEEDED and res == ["hello job2, I have met 2"], logs[-4000:]
     # from a shell, as an operator would look
     status = sage_comm("status", "--address", "auto", "--bus", bus)
-    assert status.returncode == 0 and "keeper" in status.stdout and "hello" in status.stdout, status.stdout + status.stderr
+    assert status.returncode == 0 and "keeper" in status.stdout and "hello" in status.stdout, (
+        status.stdout + status.stderr
+    )
     metrics = sage_comm("metrics", "--address", "auto", "--bus", bus)
     assert metrics.returncode == 0, metrics.stderr
     assert "ray_sage_calls_total" in metrics.stdout and f'bus="{bus}"' in metrics.stdout, metrics.stdout[-3000:]
@@ -258,7 +289,7 @@ def test_two_jobs_at_once(cluster):
 
 
 def test_bus_start_attaches_to_the_running_cluster(cluster):
-    on_file = _local_probe(ENV)                                  # the current cluster file
+    on_file = _local_probe(ENV)  # the current cluster file
     on_env = _local_probe(dict(ENV, RAY_ADDRESS=cluster["address"]))  # RAY_ADDRESS
     for r in (on_file, on_env):
         # Ray names the GCS by the host's address; the port is the cluster's
@@ -271,8 +302,14 @@ def test_readme_job_with_ray_job_submit(cluster):
     results and the CLI (which waits for the job) reports it SUCCEEDED."""
     cluster["buses"].append("jobs-demo")
     repo = os.path.dirname(HERE)
-    p = subprocess.run([RAY, "job", "submit", "--address", cluster["url"], "--working-dir", "examples", "--",
-                        "python", "ray_job.py"], cwd=repo, capture_output=True, text=True, env=ENV, timeout=240)
+    p = subprocess.run(
+        [RAY, "job", "submit", "--address", cluster["url"], "--working-dir", "examples", "--", "python", "ray_job.py"],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=240,
+    )
     assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-3000:]
     assert "'Ray actor calls': 3 words, 2 known (Tokens)" in p.stdout
     assert "services: dictionary, tokenizer" in p.stdout

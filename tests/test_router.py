@@ -18,8 +18,15 @@ from sage_ray_comm.router import (
 
 def inst(service="calc", iid="calc#1", cls="m:Calc", node="n1") -> InstanceInfo:
     return InstanceInfo(
-        service=service, instance_id=iid, class_id=cls, node_id=node, host_id="h", pid=1, pid_start=1,
-        request_queue=f"req.{iid}", functions={"add": FunctionInfo("add", 30.0)},
+        service=service,
+        instance_id=iid,
+        class_id=cls,
+        node_id=node,
+        host_id="h",
+        pid=1,
+        pid_start=1,
+        request_queue=f"req.{iid}",
+        functions={"add": FunctionInfo("add", 30.0)},
     )
 
 

@@ -46,11 +46,20 @@ def test_queue_tests_pass_under_asan_and_ubsan(tmp_path):
     assert cmake, "cmake not found (it is in the test extras)"
     subprocess.run(
         [
-            cmake, "-S", os.path.join(REPO, "csrc"), "-B", str(build), "-DSAGE_SANITIZE=ON", "-DCMAKE_BUILD_TYPE=RelWithDebInfo",
-            f"-Dpybind11_DIR={pybind11.get_cmake_dir()}", f"-DPython_EXECUTABLE={sys.executable}",
-            f"-DSKBUILD_PROJECT_NAME=sage_ray_comm", f"-DSKBUILD_PROJECT_VERSION={sage_ray_comm.__version__}",
+            cmake,
+            "-S",
+            os.path.join(REPO, "csrc"),
+            "-B",
+            str(build),
+            "-DSAGE_SANITIZE=ON",
+            "-DCMAKE_BUILD_TYPE=RelWithDebInfo",
+            f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
+            f"-DPython_EXECUTABLE={sys.executable}",
+            "-DSKBUILD_PROJECT_NAME=sage_ray_comm",
+            f"-DSKBUILD_PROJECT_VERSION={sage_ray_comm.__version__}",
         ],
-        check=True, capture_output=True,
+        check=True,
+        capture_output=True,
     )
     subprocess.run([cmake, "--build", str(build), "-j2"], check=True, capture_output=True)
     (core,) = glob.glob(str(build / "_core*.so"))
@@ -64,9 +73,16 @@ def test_queue_tests_pass_under_asan_and_ubsan(tmp_path):
         UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1",
     )
     check = subprocess.run(
-        [sys.executable, "-c", "import sys; sys.path.insert(0, 'tests'); import _core_override; "
-         "from sage_ray_comm import _core; assert _core.SANITIZED, _core.__file__; print(_core.__file__)"],
-        cwd=REPO, env=env, capture_output=True, text=True,
+        [
+            sys.executable,
+            "-c",
+            "import sys; sys.path.insert(0, 'tests'); import _core_override; "
+            "from sage_ray_comm import _core; assert _core.SANITIZED, _core.__file__; print(_core.__file__)",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
     )
     assert check.returncode == 0, check.stderr
     assert check.stdout.strip() == core
@@ -76,10 +92,24 @@ def test_queue_tests_pass_under_asan_and_ubsan(tmp_path):
         # fuzzer run with every process on the instrumented build.
         # By file, less the one test that needs Ray (by its id: a substring
         # such as "ray" would also drop test_non_contiguous_array_...).
-        [sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider",
-         "--deselect", "tests/test_queue.py::test_ray_actor_opens_reference",
-         "tests/test_queue.py", "tests/test_framing.py", "tests/test_shm.py"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-v",
+            "-p",
+            "no:cacheprovider",
+            "--deselect",
+            "tests/test_queue.py::test_ray_actor_opens_reference",
+            "tests/test_queue.py",
+            "tests/test_framing.py",
+            "tests/test_shm.py",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     tail = (r.stdout + r.stderr)[-4000:]
     assert r.returncode == 0, tail

@@ -15,7 +15,7 @@ import uuid
 
 import pytest
 
-from sage_ray_comm.queue import _MAIN, dumps
+from sage_ray_comm._wire import _MAIN, dumps
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -25,11 +25,16 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def test_main_classes_lambdas_and_closures_cross_processes(tmp_path):
     bus = f"main-{uuid.uuid4().hex[:6]}"
     with open(tmp_path / "out", "w") as o, open(tmp_path / "err", "w") as e:
-        rc = subprocess.run([sys.executable, os.path.join(HERE, "_main_classes_driver.py"), bus],
-                            stdout=o, stderr=e, timeout=200, cwd=str(tmp_path)).returncode
+        rc = subprocess.run(
+            [sys.executable, os.path.join(HERE, "_main_classes_driver.py"), bus],
+            stdout=o,
+            stderr=e,
+            timeout=200,
+            cwd=str(tmp_path),
+        ).returncode
     out, err = (tmp_path / "out").read_text(), (tmp_path / "err").read_text()
     assert rc == 0, f"rc={rc}\n{out[-2000:]}\n{err[-4000:]}"
-    r = json.loads([ln for ln in out.splitlines() if ln.startswith("RESULT ")][-1][len("RESULT "):])
+    r = json.loads([ln for ln in out.splitlines() if ln.startswith("RESULT ")][-1][len("RESULT ") :])
     # the replica got a Point and a Box, and the driver gets its own classes back
     assert r["point"] == ["Point", True, 6.0, 8.0]
     assert r["box"] == [True, 2, 3]
@@ -54,7 +59,7 @@ def test_main_objects_go_by_value(monkeypatch):
     monkeypatch.setattr(sys.modules["__main__"], "InMain", main_cls, raising=False)  # as a script defines it
     data = dumps(main_cls)
     assert pickle.dumps(main_cls, protocol=5).count(_MAIN)  # plain pickle would name __main__...
-    assert data != pickle.dumps(main_cls, protocol=5)       # ...so it went by value instead
+    assert data != pickle.dumps(main_cls, protocol=5)  # ...so it went by value instead
     assert pickle.loads(dumps(lambda x: x * 3))(2) == 6
     k = 4
     assert pickle.loads(dumps(lambda x: x + k))(1) == 5
@@ -75,7 +80,7 @@ def test_large_pickles_are_judged_by_their_objects(monkeypatch):
     """Over _SCAN_MAX bytes the pickle is not searched (340 us per MiB): the
     object graph decides. A big payload next to a __main__ object still goes
     by value; builtins only, however big, stay plain pickle."""
-    from sage_ray_comm.queue import _SCAN_MAX, _builtin_only
+    from sage_ray_comm._wire import _SCAN_MAX, _builtin_only
 
     main_cls = type("BigMain", (), {"__module__": "__main__"})
     monkeypatch.setattr(sys.modules["__main__"], "BigMain", main_cls, raising=False)

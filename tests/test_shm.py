@@ -73,8 +73,12 @@ sys.stdin.read()  # holds the segment until the test closes stdin
 
 
 def _holder(ns: str, name: str, create: bool) -> subprocess.Popen:
-    p = subprocess.Popen([sys.executable, "-c", _HOLDER.format(create=create), ns, name],
-                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    p = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER.format(create=create), ns, name],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert p.stdout.readline().strip() == "ready"
     return p
 
@@ -139,8 +143,9 @@ def test_attach_table_overflow_never_leads_to_a_wrong_removal():
     gc must see it (through its mapping), and remove the segment only after."""
     ns = f"bus.gc-overflow-{os.getpid()}"
     creator = _holder(ns, "req.big", True)
-    listed = subprocess.Popen([sys.executable, "-c", _ATTACHER, ns, "req.big", "63"],
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    listed = subprocess.Popen(
+        [sys.executable, "-c", _ATTACHER, ns, "req.big", "63"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
     assert listed.stdout.readline().strip() == "attached"
     unlisted = _holder(ns, "req.big", False)  # the 65th: no slot left
     try:

@@ -22,7 +22,10 @@ def test_soak(tmp_path):
     out = tmp_path / "soak.json"
     r = subprocess.run(
         [sys.executable, "benchmarks/soak.py", "--minutes", "2", "--json", str(out)],
-        cwd=REPO, capture_output=True, text=True, timeout=560,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=560,
     )
     assert out.exists(), r.stdout[-3000:] + r.stderr[-3000:]
     report = json.loads(out.read_text())

@@ -1,0 +1,132 @@
+"""The wire module: request frames, the versioned header, error codes, names.
+
+Fuzzing is of pure functions; the protocol-version check is also tested
+against a real replica, on the shared-memory path and on the Ray path.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import ray
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sage_ray_comm import BaseService, FunctionClient, ProtocolMismatch, _wire, sage_service, service_function
+from sage_ray_comm._wire import (
+    ERR_PROTOCOL,
+    KIND_REQ,
+    KIND_REQ_OOB,
+    OP_CALL,
+    PROTOCOL_VERSION,
+    BadRequest,
+    Reply,
+    Request,
+    decode_header,
+    decode_request,
+    encode_request,
+    outcome,
+    reply_ring_name,
+    reply_ring_pid,
+)
+from sage_ray_comm.router import ROUTER_NAMESPACE
+
+
+def _frame_bytes(req: Request) -> tuple[bytes, int]:
+    parts, kind = encode_request(req, "test")
+    return b"".join(bytes(memoryview(p)) for p in parts), kind
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.binary(max_size=300), st.sampled_from([0, 1, 2, 3, KIND_REQ, KIND_REQ_OOB, 77]))
+def test_request_decoder_survives_random_frames(data, kind):
+    try:
+        decode_request(data, kind)
+    except (ValueError, BadRequest):
+        pass  # the only two outcomes allowed besides success
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(0, 2**63), st.text(max_size=40), st.text(max_size=40), st.binary(max_size=200))
+def test_a_readable_header_with_a_bad_body_names_the_call(cid, reply_to, fn, junk):
+    req = Request(1, cid, fn, (1,), None, reply_to or None, None, None, None, "svc")
+    parts, kind = encode_request(req, "fuzz")
+    good = b"".join(bytes(memoryview(p)) for p in parts)
+    assert decode_request(good, kind) == req
+    head_len = len(bytes(memoryview(parts[0])))
+    try:
+        decode_request(good[:head_len] + junk, kind)
+    except BadRequest as e:
+        assert (e.cid, e.reply_to, e.function) == (cid, reply_to or None, fn)
+
+
+def test_header_carries_the_deadline_and_a_version_readable_without_unpickling():
+    deadline = time.time() + 12.5
+    req = Request(OP_CALL, 7, "add", (1, 2), None, "rep.1.x", deadline, None, None, "calc")
+    data, kind = _frame_bytes(req)
+    header, body_at = decode_header(data, kind)
+    assert header.version == PROTOCOL_VERSION and header.cid == 7 and header.function == "add"
+    assert header.reply_to == "rep.1.x" and header.deadline == deadline
+    assert (header.cancel_id, header.stream_id, header.credit, header.trace) == (0, 0, 0, b"")
+    assert body_at % 16 == 0 and body_at < len(data)
+    # The header alone decodes even when the body is garbage.
+    assert decode_header(data[:body_at] + b"\xff" * 8, kind)[0] == header
+
+
+def test_another_protocol_version_is_a_bad_request_naming_both(monkeypatch):
+    monkeypatch.setattr(_wire, "PROTOCOL_VERSION", PROTOCOL_VERSION + 1)
+    data, kind = _frame_bytes(Request(OP_CALL, 3, "f", (), None, "rep.1.x", None, None, None, "s"))
+    monkeypatch.setattr(_wire, "PROTOCOL_VERSION", PROTOCOL_VERSION)
+    with pytest.raises(BadRequest) as ei:
+        decode_request(data, kind)
+    e = ei.value
+    assert e.code == ERR_PROTOCOL and e.cid == 3 and e.reply_to == "rep.1.x"
+    assert isinstance(e.error, ProtocolMismatch)
+    assert str(PROTOCOL_VERSION + 1) in str(e.error) and str(PROTOCOL_VERSION) in str(e.error)
+
+
+def test_reply_ring_names_carry_the_owner_pid():
+    assert reply_ring_pid(reply_ring_name(4242, "abc")) == 4242
+    assert reply_ring_pid("req.svc.1") is None and reply_ring_pid("rep.notapid.x") is None
+
+
+# ------------------------------------------------------- against a replica
+@sage_service(name="wire_echo", replicas=1, num_cpus=0.1)
+class WireEcho(BaseService):
+    @service_function
+    def echo(self, x):
+        return x
+
+
+def test_a_caller_on_another_protocol_version_gets_protocol_mismatch(bus, monkeypatch):
+    WireEcho.deploy(bus=bus)
+    with FunctionClient(bus=bus) as client:
+        assert client.call("wire_echo", "echo", 1) == 1
+        monkeypatch.setattr(_wire, "PROTOCOL_VERSION", PROTOCOL_VERSION + 7)
+        t0 = time.monotonic()
+        with pytest.raises(ProtocolMismatch) as ei:
+            client.call("wire_echo", "echo", 2, timeout=10)
+        assert time.monotonic() - t0 < 5, "the replica answers at once; no timeout"
+        assert ei.value.caller_version == PROTOCOL_VERSION + 7
+        assert ei.value.replica_version == PROTOCOL_VERSION
+        msg = str(ei.value)
+        assert "wire_echo.echo" in msg and str(PROTOCOL_VERSION + 7) in msg and str(PROTOCOL_VERSION) in msg
+        with pytest.raises(ProtocolMismatch):
+            client.call_async("wire_echo", "echo", 3, timeout=10).result(timeout=15)
+        monkeypatch.setattr(_wire, "PROTOCOL_VERSION", PROTOCOL_VERSION)
+        assert client.call("wire_echo", "echo", 4) == 4  # the replica kept serving
+
+
+def test_the_ray_path_checks_the_same_header(bus, monkeypatch):
+    handle = WireEcho.deploy(bus=bus)
+    actor = ray.get_actor(handle.instances[0].actor_name, namespace=ROUTER_NAMESPACE)
+    req = Request(OP_CALL, 0, "echo", (5,), None, None, None, None, None, "wire_echo")
+    data, kind = _frame_bytes(req)
+    assert outcome(Reply(*ray.get(actor.handle.remote(data, kind), timeout=30)), "wire_echo", "echo") == 5
+    monkeypatch.setattr(_wire, "PROTOCOL_VERSION", PROTOCOL_VERSION + 1)
+    data, kind = _frame_bytes(req)
+    rep = Reply(*ray.get(actor.handle.remote(data, kind), timeout=30))
+    with pytest.raises(ProtocolMismatch) as ei:
+        outcome(rep, "wire_echo", "echo")
+    assert (ei.value.caller_version, ei.value.replica_version) == (PROTOCOL_VERSION + 1, PROTOCOL_VERSION)
