@@ -35,7 +35,7 @@ from sage_ray_comm import (
     sage_service,
     service_function,
 )
-from sage_ray_comm.transport import get_gateway
+from sage_ray_comm.ray_transport import get_gateway
 
 SIZES = [8, 1024, 64 * 1024, 1024 * 1024]
 TARGETS = {

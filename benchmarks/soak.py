@@ -215,7 +215,7 @@ def main() -> int:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from _runinfo import run_info
 
-    from sage_ray_comm.transport import JANITOR_GRACE, JANITOR_SECONDS, get_gateway
+    from sage_ray_comm.ray_transport import JANITOR_GRACE, JANITOR_SECONDS, get_gateway
 
     seed = args.seed if args.seed is not None else random.randrange(1 << 30)
     rng = random.Random(seed)

@@ -12,10 +12,11 @@ Same-node traffic goes through a C++ ring buffer in shared memory
 from . import errors, shm
 from .adapter import LegacyQueueAdapter, create_queue_adapter, migrate_service
 from .bus import CommunicationBus, DeliveryReceipt, ServiceManager, get_communication_bus, get_service_manager
-from .client import FunctionClient, ServiceCallMixin, call_service, call_service_async
+from .client import FunctionClient
 from .errors import *  # noqa: F403  (the whole hierarchy is public)
 from .message import CommunicationPattern, Message, MessageType
 from .queue import DEFAULT_MAXSIZE, SageQueue, SageQueueRef, destroy_queue
+from .sage_api import ServiceCallMixin, call_service, call_service_async
 from .service import BaseService, ServiceFunction, ServiceHandle, sage_service, service_function, subscribe
 
 __version__ = "0.1.0"

@@ -15,6 +15,8 @@ import sys
 import time
 from typing import Any
 
+from .bus import get_communication_bus
+from .client import FunctionClient
 from .service import BaseService, sage_service, service_function, subscribe
 
 SENSORS = ("kitchen", "garage", "attic", "cellar")
@@ -128,9 +130,6 @@ class Progress:
 def run(records: int = 3000, window: int = 16) -> int:
     """Runs the demo; returns the process exit code."""
     import ray
-
-    from .bus import get_communication_bus
-    from .client import FunctionClient
 
     t_start = time.perf_counter()
     if not ray.is_initialized():

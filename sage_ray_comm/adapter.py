@@ -31,11 +31,13 @@ from collections.abc import Callable
 from typing import Any
 
 from . import lifecycle, shm
-from .client import FunctionClient, _Endpoint
+from ._ray import ensure_ray
+from .client import FunctionClient
+from .endpoint import Endpoint
 from .errors import InvalidQueueArgument, InvalidServiceDefinition, QueueClosed, QueueEmpty, SageCommError
 from .queue import DEFAULT_MAXSIZE, SageQueue
 from .router import bus_namespace, validate_bus_name, validate_topic
-from .service import BaseService, _ensure_ray, service_function
+from .service import BaseService, service_function
 
 __all__ = ["LEGACY_PREFIX", "Bridge", "LegacyQueueAdapter", "create_queue_adapter", "migrate_service"]
 
@@ -114,11 +116,10 @@ class LegacyQueueAdapter:
         maxsize: int = DEFAULT_MAXSIZE,
         process_function: str = "process_data",
     ) -> None:
-        import ray
 
         if not isinstance(queue_name, str) or not queue_name:
             raise InvalidQueueArgument(f"legacy queue name must be a non-empty string, got {queue_name!r}")
-        _ensure_ray()
+        ensure_ray()
         self.queue_name = queue_name
         self.service_name = service_name
         self.process_function = process_function
@@ -128,12 +129,9 @@ class LegacyQueueAdapter:
         self._client = FunctionClient(client_id=f"legacy:{queue_name}:{os.getpid()}", bus=self.bus)
         ep = self._client.endpoint
         # Recorded with the router: `sage-comm status` shows it, bus shutdown removes it.
-        ray.get(
-            ep.router.register_queue.remote(
-                queue_name,
-                {"ring": self._queue.name, "node_id": ep.node_id, "host_id": ep.host_id, "pid": os.getpid()},
-            ),
-            timeout=30,
+        ep.router.register_queue(
+            queue_name,
+            {"ring": self._queue.name, "node_id": ep.node_id, "host_id": ep.host_id, "pid": os.getpid()},
         )
         self._bridges: list[Bridge] = []
         self.stats = {"to_queue": 0, "to_service": 0, "got": 0}
@@ -208,10 +206,9 @@ class LegacyQueueAdapter:
 
     def destroy(self) -> None:
         """Removes the queue for everyone on the bus (items still in it are lost)."""
-        import ray
 
         try:
-            ray.get(self._client.endpoint.router.unregister_queue.remote(self.queue_name), timeout=30)
+            self._client.endpoint.router.unregister_queue(self.queue_name)
         except SageCommError:
             pass
         self._queue.close()
@@ -286,9 +283,9 @@ def migrate_service(queue_name: str, obj: Any, *, service_name: str | None = Non
     return svc.start(bus=bus)
 
 
-def _destroy_bus_queues(bus: str) -> int:
+def destroy_bus_queues(bus: str) -> int:
     """Removes the legacy queues recorded on ``bus`` that live on this host."""
-    ep = _Endpoint.existing(bus)
+    ep = Endpoint.existing(bus)
     snap = ep.refresh() if ep is not None else None
     if not snap:
         return 0

@@ -20,11 +20,18 @@ from typing import Any
 
 import pydantic
 
-from . import lifecycle
-from .client import FunctionClient, _Endpoint
-from .errors import InvalidCallArgument, InvalidServiceDefinition, ServiceNotFound, ValidationError
+from . import lifecycle, shm
+from .adapter import destroy_bus_queues
+from .client import FunctionClient
+from .deploy import deployed, stop_registered_replicas
+from .endpoint import Endpoint
+from .errors import CallTimeout, InvalidCallArgument, InvalidServiceDefinition, ServiceNotFound, ValidationError
 from .message import CommunicationPattern, Message
-from .router import replica_rows, validate_bus_name
+from .ray_transport import forget_bus_on_gateways
+from .router import ROUTER_NAMESPACE, bus_namespace, router_name, validate_bus_name
+from .router import bus_namespace as _ns
+from .service import BaseService
+from .views import replica_rows
 
 __all__ = ["CommunicationBus", "DeliveryReceipt", "ServiceManager", "get_communication_bus", "get_service_manager"]
 
@@ -76,9 +83,6 @@ class CommunicationBus:
         registry goes with it), and removes rings left by killed processes."""
         import ray
 
-        from .router import ROUTER_NAMESPACE, router_name
-        from .service import deployed
-
         m = _managers.get(self.name)
         if m is not None:
             m.stop_all()
@@ -91,23 +95,17 @@ class CommunicationBus:
         if ray.is_initialized():
             # Replicas deployed by other processes (a detached service of an
             # earlier job): the bus ends with all of its services.
-            from .service import stop_registered_replicas
 
             self.start()
             stop_registered_replicas(self.name, self.client.endpoint.refresh())
         if ray.is_initialized():
-            from .adapter import _destroy_bus_queues
-
             self.start()  # the registry lists the bus's legacy queues
-            _destroy_bus_queues(self.name)
+            destroy_bus_queues(self.name)
         self.stop()
-        ep = _Endpoint.existing(self.name)
+        ep = Endpoint.existing(self.name)
         if ep is not None:
             ep.close()
         if ray.is_initialized():
-            from .router import bus_namespace
-            from .transport import forget_bus_on_gateways
-
             forget_bus_on_gateways(bus_namespace(self.name))
             try:
                 ray.kill(ray.get_actor(router_name(self.name), namespace=ROUTER_NAMESPACE), no_restart=True)
@@ -116,9 +114,6 @@ class CommunicationBus:
         # Rings of processes that were killed without closing (callers, actors).
         # (collect=False leaves them, for a test to look at first.)
         if collect:
-            from . import shm
-            from .router import bus_namespace as _ns
-
             shm.gc(_ns(self.name), keep_legacy=False)
 
     @property
@@ -174,8 +169,6 @@ class CommunicationBus:
         if msg.expires_at is not None:
             timeout = msg.expires_at - time.time()
             if timeout <= 0:
-                from .errors import CallTimeout
-
                 raise CallTimeout(f"message {msg.id} to {msg.receiver}.{msg.function} expired before it was routed")
         args = () if msg.payload is None else (msg.payload,)
         headers = dict(msg.headers, message_id=msg.id)
@@ -262,7 +255,6 @@ class ServiceManager:
         """Starts a BaseService instance here and returns its service id (as the
         original API did), or deploys a service class and returns its
         :class:`~sage_ray_comm.ServiceHandle`."""
-        from .service import BaseService
 
         if isinstance(service, BaseService):
             service.start(bus=self.bus)

@@ -19,8 +19,10 @@ import time
 from collections.abc import Sequence
 
 from . import shm
-from .errors import QueueEmpty
+from .errors import QueueEmpty, RouterUnavailable
 from .queue import SageQueue
+from .router import ROUTER_NAMESPACE, router_client
+from .views import replica_rows
 
 __all__ = ["main"]
 
@@ -99,8 +101,6 @@ def _connect(address: str | None) -> None:
 def _known_buses() -> list:
     import ray
 
-    from .router import ROUTER_NAMESPACE
-
     return sorted(
         a["name"].split(":")[1]
         for a in ray.util.list_named_actors(all_namespaces=True)
@@ -110,7 +110,6 @@ def _known_buses() -> list:
 
 def status_rows(snap: dict, now: float | None = None) -> list:
     """Rows of the status table: the registry's replica rows, formatted for a terminal."""
-    from .router import replica_rows
 
     return [
         {
@@ -139,15 +138,11 @@ def format_table(rows: list) -> str:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    import ray
-
-    from .errors import RouterUnavailable
-    from .router import get_router
 
     _connect(args.address)
     try:
-        router = get_router(args.bus, create=False)
-        snap = ray.get(router.snapshot.remote(), timeout=30)
+        router = router_client(args.bus, create=False)
+        snap = router.snapshot()
     except RouterUnavailable:
         buses = _known_buses()
         print(f"sage-comm: no bus '{args.bus}' on this cluster; buses: {', '.join(buses) or '(none)'}", file=sys.stderr)

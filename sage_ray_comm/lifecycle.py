@@ -37,6 +37,10 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
+from . import shm
+from .ray_transport import forget_bus_on_gateways
+from .router import bus_namespace
+
 __all__ = [
     "RAY_CHECK_SECONDS",
     "STAGES",
@@ -173,15 +177,10 @@ def close_all() -> None:
 def _collect_bus_segments(buses: list[str]) -> None:
     """This process started Ray, so the buses end with it: remove their rings
     on every gateway, their rings whose creator is dead, and their legacy queues."""
-    from . import shm
-    from .router import bus_namespace
-
     for bus in buses:
         ns = bus_namespace(bus)
         if ray_alive():  # else the gateways died with Ray: their rings are stale and go below
             try:
-                from .transport import forget_bus_on_gateways
-
                 forget_bus_on_gateways(ns, timeout=5.0)
             except Exception as e:
                 log.debug("gateways of bus %s: %s", bus, e)

@@ -30,6 +30,8 @@ import os
 import threading
 from typing import Any
 
+from . import lifecycle
+
 __all__ = ["LATENCY_BOUNDARIES", "METRICS", "enabled", "recorder", "set_enabled"]
 
 log = logging.getLogger(__name__)
@@ -153,7 +155,6 @@ class _Recorder:
 
     # -- off the call path
     def _start(self) -> None:
-        from . import lifecycle
 
         if not lifecycle.ray_alive():
             return  # nothing to flush to; the next record after ray.init() starts it
@@ -211,7 +212,6 @@ class _Recorder:
             m[name].set(v, tags=dict(zip(METRICS[name][2], tags, strict=True)))
 
     def _run(self) -> None:
-        from . import lifecycle
 
         while not self._stop.wait(FLUSH_SECONDS):
             if not lifecycle.ray_alive():

@@ -25,6 +25,7 @@ import time
 from typing import Any
 
 from . import shm
+from ._ray import RouterClient, get_or_create_actor
 from .errors import InvalidBusName, InvalidSubscription, NameConflict, RouterUnavailable
 
 __all__ = [
@@ -34,6 +35,7 @@ __all__ = [
     "Registry",
     "Subscription",
     "get_router",
+    "router_client",
     "router_name",
     "topic_matches",
     "validate_pattern",
@@ -134,7 +136,7 @@ class InstanceInfo:
     actor_name: str | None = None
     replica_index: int = 0
     max_concurrency: int = 1
-    policy: str = "least_outstanding"
+    policy: str = "least_outstanding"  # routing.DEFAULT_POLICY (routing imports this module)
     started_at: float = 0.0
     code_id: str = ""  # fingerprint of the class's code: a changed class replaces, an identical one is kept
 
@@ -340,7 +342,8 @@ class _RouterActor:
         ActorDiedError the moment the actor dies (Ray's own actor state), and
         it returns when the replica stops. Other errors (the actor is briefly
         unreachable under load) are not taken as death: the call is renewed."""
-        ray = _ray()
+        import ray
+
         while inst.instance_id in self._watches:
             try:
                 handle = ray.get_actor(inst.actor_name, namespace=ROUTER_NAMESPACE)
@@ -424,36 +427,6 @@ class _RouterActor:
         return self.reg.snapshot()
 
 
-def _ray():
-    import ray
-
-    return ray
-
-
-def get_or_create_actor(
-    cls: type, name: str, namespace: str, args: tuple = (), create: bool = True, **options: Any
-) -> Any:
-    """The named actor, created with ``options`` if missing. Safe when many
-    processes race to create it: ``get_if_exists`` turns a loser's create into
-    a get, and the ValueError of a lost race is retried. Raises ValueError
-    when it cannot be found (``create=False``) or made."""
-    ray = _ray()
-    last: BaseException | None = None
-    for _ in range(20):
-        try:
-            return ray.get_actor(name, namespace=namespace)
-        except ValueError as e:
-            last = e
-            if not create:
-                break
-        try:
-            return ray.remote(cls).options(name=name, namespace=namespace, get_if_exists=True, **options).remote(*args)
-        except ValueError as e:
-            last = e
-            time.sleep(0.05)  # a creation race: the winner's name appears shortly
-    raise ValueError(str(last))
-
-
 def get_router(bus: str, create: bool = True, check_pids: bool | None = None) -> Any:
     """The router actor of ``bus``, created if missing (race-safe across processes).
 
@@ -464,7 +437,8 @@ def get_router(bus: str, create: bool = True, check_pids: bool | None = None) ->
     """
     if check_pids is None:
         check_pids = os.environ.get("SAGE_COMM_ROUTER_PID_CHECK", "1") != "0"
-    ray = _ray()
+    import ray
+
     if not ray.is_initialized():
         raise RouterUnavailable(f"bus '{bus}': Ray is not initialized (call ray.init() or bus.start())")
     name = router_name(bus)
@@ -484,6 +458,11 @@ def get_router(bus: str, create: bool = True, check_pids: bool | None = None) ->
         )
     except ValueError as last:
         raise RouterUnavailable(f"cannot find or create the router '{name}' of bus '{bus}': {last}") from None
+
+
+def router_client(bus: str, create: bool = True, check_pids: bool | None = None) -> RouterClient:
+    """:class:`RouterClient` for the router of ``bus`` (see :func:`get_router`)."""
+    return RouterClient(get_router(bus, create=create, check_pids=check_pids))
 
 
 def code_id_of(cls: type) -> str:
@@ -514,37 +493,6 @@ def code_id_of(cls: type) -> str:
                 h.update(name.encode())
                 feed(code)
     return h.hexdigest()
-
-
-def replica_rows(snap: dict, now: float | None = None) -> list[dict]:
-    """One row per replica of a registry snapshot, for people: ``bus.services()``
-    returns them and ``sage-comm status`` prints them. A replica is shown
-    alive while its last heartbeat is within :data:`HEARTBEAT_GRACE`."""
-    now = time.time() if now is None else now
-    rows = []
-    for name, insts in sorted(snap["services"].items()):
-        for inst in sorted(insts.values(), key=lambda i: (i.replica_index, i.instance_id)):
-            load = snap["load"].get(inst.instance_id, {})
-            seen = snap["last_seen"].get(inst.instance_id)
-            rows.append(
-                {
-                    "service": name,
-                    "instance": inst.instance_id,
-                    "actor": inst.actor_name,
-                    "replica": (inst.actor_name or inst.instance_id).split(":")[-1],
-                    "node": inst.node_id,
-                    "pid": inst.pid,
-                    "functions": sorted(inst.functions),
-                    "alive": seen is not None and now - seen < HEARTBEAT_GRACE,
-                    "last_seen_s": None if seen is None else round(now - seen, 3),
-                    "in_flight": load.get("in_flight", 0),
-                    "queued": load.get("queued", 0),
-                    "calls": load.get("calls", 0),
-                    "handled": load.get("calls", 0) + load.get("sends", 0) + load.get("events", 0),
-                    "errors": load.get("errors", 0),
-                }
-            )
-    return rows
 
 
 def class_id_of(cls: type) -> str:

@@ -32,8 +32,9 @@ from sage_ray_comm._wire import (
     Reply,
     outcome,
 )
-from sage_ray_comm.client import _Endpoint, pick_instance
+from sage_ray_comm.endpoint import Endpoint
 from sage_ray_comm.router import FunctionInfo, InstanceInfo, Subscription
+from sage_ray_comm.routing import pick_instance
 from sage_ray_comm.transport import Transport, settle
 
 
@@ -101,7 +102,7 @@ def make_client(instances, subs=(), policy=None, timeout=None):
     }
     shm_t, ray_t = FakeTransport("shm"), FakeTransport("ray")
     c = FunctionClient("tester", bus="b", policy=policy, timeout=timeout)
-    c._ep = _Endpoint.offline("b", snap, "local", shm_t, ray_t)
+    c._ep = Endpoint.offline("b", snap, "local", shm_t, ray_t)
     return c, shm_t, ray_t
 
 

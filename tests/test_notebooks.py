@@ -61,8 +61,8 @@ def test_kernel_restart_leaves_nothing_behind(tmp_path):
     from nbformat.v4 import new_code_cell, new_notebook
 
     from sage_ray_comm import shm
+    from sage_ray_comm.ray_transport import JANITOR_GRACE
     from sage_ray_comm.router import bus_namespace
-    from sage_ray_comm.transport import JANITOR_GRACE
 
     bus = f"kernel-{uuid.uuid4().hex[:6]}"
     cells = [

@@ -10,7 +10,7 @@ import pytest
 
 from sage_ray_comm import QueueNotFound, SageQueue, ServiceUnavailable, service_function, shm
 from sage_ray_comm._wire import KIND_REQ, KIND_REQ_OOB
-from sage_ray_comm.transport import RingPool, SegmentBlob
+from sage_ray_comm.shm_transport import RingPool, SegmentBlob
 
 
 def test_segment_blob_is_read_once_and_removed(ns):
@@ -146,7 +146,7 @@ def test_node_janitor_collects_a_killed_process_ring_unasked(ray_session):
     import ray
     from _wait import wait_for
 
-    from sage_ray_comm.transport import JANITOR_GRACE, JANITOR_SECONDS, ensure_janitor, get_gateway
+    from sage_ray_comm.ray_transport import JANITOR_GRACE, JANITOR_SECONDS, ensure_janitor, get_gateway
 
     node = ray.get_runtime_context().get_node_id()
     ensure_janitor(node)
@@ -176,7 +176,7 @@ def test_node_janitor_collects_a_killed_process_ring_unasked(ray_session):
 
 _MALLOC_PROBE = """
 import ctypes, json, os, sys
-from sage_ray_comm.transport import tune_malloc
+from sage_ray_comm.shm_transport import tune_malloc
 
 class Info(ctypes.Structure):  # glibc's struct mallinfo2
     _fields_ = [(n, ctypes.c_size_t) for n in

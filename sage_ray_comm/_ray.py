@@ -1,0 +1,126 @@
+"""Ray in one place: starting it, named actors, and the router's remote calls.
+
+Every remote call to a router goes through :class:`RouterClient`, whose
+methods name what they wait for and how long. ``import ray`` stays inside the
+functions: importing it costs about a second, and ``import sage_ray_comm``
+(for a SageQueue, or the CLI's ``gc``) should not pay that.
+
+>>> from sage_ray_comm.router import router_client
+>>> rc = router_client("pipeline")                  # doctest: +SKIP
+>>> rc.snapshot()["services"].keys()                # doctest: +SKIP
+dict_keys(['calculator'])
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .router import InstanceInfo, Subscription
+
+__all__ = [
+    "ACTOR_RACE_RETRIES",
+    "ROUTER_CALL_SECONDS",
+    "ROUTER_READ_SECONDS",
+    "RouterClient",
+    "ensure_ray",
+    "get_or_create_actor",
+]
+
+# How long a router call may take before it counts as unreachable.
+ROUTER_CALL_SECONDS = 10.0  # a registration, heartbeat or subscription
+ROUTER_READ_SECONDS = 30.0  # the whole registry, or a call a user waits on
+# A lost creation race is retried this often, with this pause.
+ACTOR_RACE_RETRIES = 20
+ACTOR_RACE_PAUSE = 0.05
+
+
+def ensure_ray() -> None:
+    """Starts an embedded local Ray if none is running, as a notebook or a
+    script would want (``ray.init()`` with the driver's logs kept quiet)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(ignore_reinit_error=True, log_to_driver=False, configure_logging=False)
+
+
+def get_or_create_actor(
+    cls: type, name: str, namespace: str, args: tuple = (), create: bool = True, **options: Any
+) -> Any:
+    """The named actor, created with ``options`` if missing. Safe when many
+    processes race to create it: ``get_if_exists`` turns a loser's create into
+    a get, and the ValueError of a lost race is retried. Raises ValueError
+    when it cannot be found (``create=False``) or made."""
+    import ray
+
+    last: BaseException | None = None
+    for _ in range(ACTOR_RACE_RETRIES):
+        try:
+            return ray.get_actor(name, namespace=namespace)
+        except ValueError as e:
+            last = e
+            if not create:
+                break
+        try:
+            return ray.remote(cls).options(name=name, namespace=namespace, get_if_exists=True, **options).remote(*args)
+        except ValueError as e:
+            last = e
+            time.sleep(ACTOR_RACE_PAUSE)  # a creation race: the winner's name appears shortly
+    raise ValueError(str(last))
+
+
+class RouterClient:
+    """Typed remote calls to one bus's router actor (see ``router.py``).
+
+    Each method blocks until the router answers, at most its named timeout,
+    and raises what ``ray.get`` raises (a ``GetTimeoutError`` or an actor
+    error) for the caller to turn into its own typed error.
+    """
+
+    def __init__(self, handle: Any) -> None:
+        self.handle = handle
+
+    @staticmethod
+    def _get(ref: Any, timeout: float | None) -> Any:
+        import ray
+
+        return ray.get(ref, timeout=timeout)
+
+    # -- replicas
+    def register(self, inst: InstanceInfo, replace: bool = False, timeout: float | None = ROUTER_READ_SECONDS) -> int:
+        """Adds a replica; returns the registry version that has it."""
+        return self._get(self.handle.register.remote(inst, replace), timeout)
+
+    def deregister(self, instance_id: str, timeout: float = ROUTER_CALL_SECONDS) -> bool:
+        return self._get(self.handle.deregister.remote(instance_id), timeout)
+
+    def heartbeat(self, instance_id: str, load: dict | None, timeout: float = ROUTER_CALL_SECONDS) -> bool:
+        """False when the router does not know the replica (it restarted)."""
+        return self._get(self.handle.heartbeat.remote(instance_id, load), timeout)
+
+    # -- pub/sub membership
+    def subscribe(self, sub: Subscription, timeout: float | None = ROUTER_CALL_SECONDS) -> int:
+        """Adds a subscription; returns the registry version that has it."""
+        return self._get(self.handle.subscribe.remote(sub), timeout)
+
+    def unsubscribe(self, sub_id: str, timeout: float = ROUTER_CALL_SECONDS) -> bool:
+        return self._get(self.handle.unsubscribe.remote(sub_id), timeout)
+
+    # -- legacy queues
+    def register_queue(self, name: str, info: dict, timeout: float = ROUTER_READ_SECONDS) -> dict:
+        return self._get(self.handle.register_queue.remote(name, info), timeout)
+
+    def unregister_queue(self, name: str, timeout: float = ROUTER_READ_SECONDS) -> bool:
+        return self._get(self.handle.unregister_queue.remote(name), timeout)
+
+    # -- the registry
+    def snapshot(self, timeout: float = ROUTER_READ_SECONDS) -> dict:
+        """The whole registry: services, replicas, subscriptions, version."""
+        return self._get(self.handle.snapshot.remote(), timeout)
+
+    def wait_for_change(self, version: int, poll_seconds: float) -> Any:
+        """A future of the next registry snapshot after ``version`` (None
+        after ``poll_seconds`` without a change). Not waited on here: the
+        registry watcher waits on it beside its own stop signal."""
+        return self.handle.wait_for_change.remote(version, poll_seconds).future()

@@ -1,0 +1,532 @@
+"""The replica runtime: serves one service instance from this process.
+
+:class:`Runtime` owns the replica's request ring and its dispatcher threads
+(one waits on the ring at a time; more start while all are busy, up to the
+service's ``max_concurrency``), an asyncio loop for ``async def`` handlers,
+the reply path (with the oversize fallback to a segment), registration with
+the router and heartbeats. :class:`Handler` is one exposed function, with its
+pydantic validator built once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import itertools
+import logging
+import os
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import pydantic
+
+from . import lifecycle, shm
+from ._ray import ROUTER_CALL_SECONDS, ROUTER_READ_SECONDS, RouterClient, ensure_ray
+from ._wire import (
+    ERR_DESERIALIZATION,
+    ERR_FUNCTION,
+    ERR_PROTOCOL,
+    ERR_REMOTE,
+    ERR_TIMEOUT,
+    ERR_UNAVAILABLE,
+    ERR_VALIDATION,
+    OP_CALL,
+    OP_EVENT,
+    PROTOCOL_VERSION,
+    ST_ERROR,
+    BadRequest,
+    ErrorInfo,
+    Reply,
+    Request,
+    decode_request,
+    encode_error,
+    request_ring_name,
+)
+from .errors import (
+    QueueClosed,
+    SageCommError,
+    ServiceUnavailable,
+    SharedMemoryFull,
+)
+from .handlers import Handler, collect_handlers, validation_message
+from .message import envelope
+from .metrics import recorder
+from .queue import SageQueue
+from .ray_transport import ensure_janitor
+from .replies import ReplyWriter
+from .router import (
+    HEARTBEAT_INTERVAL,
+    InstanceInfo,
+    Subscription,
+    bus_namespace,
+    class_id_of,
+    router_client,
+    validate_pattern,
+)
+from .routing import DEFAULT_POLICY
+from .shm_transport import SegmentBlob, take_request, tune_malloc
+from .transport import DIRECT_PREFIX, REQUEST_RING_BYTES, REQUEST_SPIN_US, shm_warn_once
+
+if TYPE_CHECKING:
+    from .service import BaseService
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_CONCURRENCY = 16  # handler threads per replica
+
+
+# A reply that cannot be put in this long (the caller stopped reading) is dropped and counted.
+
+
+def open_request_ring(svc: BaseService, namespace: str, queue_bytes: int, serves_over_ray: bool) -> SageQueue | None:
+    """The replica's request ring; None when /dev/shm has no room for it and
+    the replica can serve over Ray instead (a deployed one can)."""
+    try:
+        return SageQueue(
+            request_ring_name(svc.service_name, svc.service_id),
+            queue_bytes,
+            auto_cleanup=True,
+            namespace=namespace,
+            spin_us=REQUEST_SPIN_US,
+        )
+    except SharedMemoryFull as e:
+        if not serves_over_ray:  # an in-process service has no other way in
+            raise SharedMemoryFull(
+                f"service '{svc.service_name}' cannot serve from this process: {e}. Deploy it as Ray "
+                "actors (Cls.deploy()), which serve over Ray when shared memory is short, or give "
+                "/dev/shm more room (docker run --shm-size=1g)"
+            ) from None
+        shm_warn_once(f"service '{svc.service_name}' replica {svc.service_id}: {e}; it serves over Ray")
+        return None
+
+
+class Runtime:
+    """Serves one service instance from this process: request ring,
+    dispatcher threads, async loop, registration and heartbeats.
+
+    It is given its router, its request ring and how to tell that Ray is up,
+    so its dispatch and reply paths run in a unit test without Ray;
+    :meth:`create` wires the real ones.
+    """
+
+    def __init__(
+        self,
+        svc: BaseService,
+        bus: str,
+        router: RouterClient,
+        queue: SageQueue | None,
+        *,
+        node_id: str | None,
+        reconnect: Callable[[], RouterClient] | None = None,
+        alive: Callable[[], bool] = lifecycle.ray_alive,
+        replica_index: int = 0,
+        actor_name: str | None = None,
+        max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
+        policy: str = DEFAULT_POLICY,
+        replace: bool = False,
+        code_id: str = "",
+    ) -> None:
+        """``queue`` None: this replica serves over Ray only (no room in
+        /dev/shm). ``reconnect`` finds the router again after a failed
+        heartbeat (never creating one); ``alive`` says whether Ray still runs."""
+        self.svc = svc
+        self.bus = bus
+        self.namespace = bus_namespace(bus)
+        self.instance_id = svc.service_id
+        self.max_concurrency = max(1, int(max_concurrency))
+        self.functions, self.events = collect_handlers(svc)
+        self.router = router
+        self._reconnect = reconnect
+        self._alive = alive
+        self.queue = queue
+        # Direct calls (over Ray, to this replica's actor) wait here for their reply.
+        self._direct: dict[str, concurrent.futures.Future] = {}
+        self._direct_ids = itertools.count(1)
+        self._frames_dropped_seen = 0
+        self.stats = {"calls": 0, "errors": 0, "expired": 0, "replies_dropped": 0, "events": 0, "sends": 0}
+        self.reply = ReplyWriter(self.namespace, self.stats, self._direct)
+        self.in_flight = 0
+        self._lock = threading.Lock()
+        self._leader = threading.Lock()
+        self._threads: list[threading.Thread] = []
+        self._idle = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self._hb_thread: threading.Thread | None = None
+        pid = os.getpid()
+        self.info = InstanceInfo(
+            service=svc.service_name,
+            instance_id=self.instance_id,
+            class_id=class_id_of(type(svc)),
+            node_id=node_id,
+            host_id=shm.host_id(),
+            pid=pid,
+            pid_start=shm.process_start_time(pid),
+            request_queue=self.queue.name if self.queue is not None else "",
+            functions={n: h.info for n, h in self.functions.items() if not n.startswith("@event:")},
+            actor_name=actor_name,
+            replica_index=replica_index,
+            max_concurrency=self.max_concurrency,
+            policy=policy,
+            started_at=time.time(),
+            code_id=code_id,
+        )
+        self._replace = replace
+
+    @classmethod
+    def create(
+        cls,
+        svc: BaseService,
+        bus: str,
+        *,
+        actor_name: str | None = None,
+        queue_bytes: int = REQUEST_RING_BYTES,
+        **options: Any,
+    ) -> Runtime:
+        """The runtime of ``svc`` on ``bus`` in this process, with the real
+        router, a request ring in shared memory and the node's janitor.
+        ``options`` are :class:`Runtime`'s keyword arguments."""
+        import ray
+
+        ensure_ray()
+        tune_malloc()
+        namespace = bus_namespace(bus)
+        shm.gc(namespace)  # rings left by replicas and callers that were killed
+        queue = open_request_ring(svc, namespace, queue_bytes, serves_over_ray=bool(actor_name))
+        node_id = ray.get_runtime_context().get_node_id()
+        ensure_janitor(node_id)  # every node with a replica has its segment janitor
+        return cls(
+            svc,
+            bus,
+            router_client(bus),
+            queue,
+            node_id=node_id,
+            reconnect=lambda: router_client(bus, create=False),
+            actor_name=actor_name,
+            **options,
+        )
+
+    # -- lifecycle
+    def start(self) -> None:
+        try:
+            self.svc.initialize()
+            if self.queue is not None:
+                self._spawn()
+
+            self.version = self.router.register(self.info, self._replace)
+            for key, pats in self.events.items():
+                for p in pats:
+                    self.version = self.router.subscribe(self._subscription(key, p), timeout=ROUTER_READ_SECONDS)
+        except BaseException as e:
+            self._shutdown(deregister=False)
+            cause = getattr(e, "cause", None)
+            if isinstance(cause, SageCommError):  # a RayTaskError around our own error
+                raise cause from None
+            raise
+        self._hb_thread = threading.Thread(target=self._heartbeat, name=f"sage-hb-{self.instance_id}", daemon=True)
+        self._hb_thread.start()
+
+    def _subscription(self, key: str, pattern: str, group: str | None = "") -> Subscription:
+        return Subscription(
+            sub_id=f"{self.instance_id}/{key}/{pattern}",
+            pattern=pattern,
+            queue=self.queue.name if self.queue is not None else "",
+            node_id=self.info.node_id,
+            host_id=self.info.host_id,
+            pid=self.info.pid,
+            pid_start=self.info.pid_start,
+            group=self.info.service if group == "" else group,
+            function=key,
+        )
+
+    def add_subscription(self, pattern: str, callback: Callable, group: str | None) -> str:
+
+        validate_pattern(pattern)
+        key = f"@cb:{uuid.uuid4().hex[:8]}"
+        self.functions[key] = Handler(self.info.service, getattr(callback, "__name__", key), callback, None)
+        sub = self._subscription(key, pattern, group)
+        self.version = self.router.subscribe(sub, timeout=ROUTER_READ_SECONDS)
+        return sub.sub_id
+
+    def _heartbeat(self) -> None:
+
+        while not self._stopping.wait(HEARTBEAT_INTERVAL):
+            if not self._alive():
+                # ray.shutdown() under a running service: it cannot be reached
+                # any more, so it stops (cleanup() runs) and drops its Ray handles.
+                threading.Thread(target=self.svc.stop, name=f"sage-stop-{self.instance_id}", daemon=True).start()
+                return
+            try:
+                self.reply.sweep_blobs()
+                load = {"in_flight": self.in_flight, "queued": self.queued(), **self.stats}
+                self._record_gauges()
+                known = self.router.heartbeat(self.instance_id, load)
+                if not known and not self._stopping.is_set():
+                    # The router restarted and forgot us: register again.
+                    if self._reconnect is not None:
+                        self.router = self._reconnect()
+                    self.router.register(self.info, False, timeout=ROUTER_CALL_SECONDS)
+                    for key, pats in self.events.items():
+                        for p in pats:
+                            self.router.subscribe(self._subscription(key, p))
+            except Exception as e:  # router restarting or Ray shutting down: try again next beat
+                if self._stopping.is_set():
+                    return
+                log.debug("heartbeat of %s failed: %s", self.instance_id, e)
+                try:
+                    # Ray restarts a crashed router; one ended by bus.shutdown()
+                    # must stay ended, so a heartbeat never creates one.
+                    if self._reconnect is not None:
+                        self.router = self._reconnect()
+                except Exception:
+                    pass
+
+    def _record_gauges(self) -> None:
+        """Replica gauges for the dashboard, every heartbeat (off the call path)."""
+        tags = (self.bus, self.info.service, (self.info.actor_name or self.instance_id).split(":")[-1])
+        recorder.gauge("sage_replica_in_flight", tags, self.in_flight)
+        if self.queue is None:
+            return
+        st = self.queue.stats()
+        recorder.gauge("sage_ring_fill_ratio", tags, (st["tail"] - st["head"]) / max(1, st["capacity"]))
+        dropped = st["frames_dropped"]
+        recorder.count("sage_frames_dropped_total", (self.bus, "ring"), dropped - self._frames_dropped_seen)
+        self._frames_dropped_seen = dropped
+
+    def stop(self) -> None:
+        self._shutdown(deregister=True)
+
+    def _shutdown(self, deregister: bool) -> None:
+        if self._stopping.is_set():
+            return
+        self._stopping.set()
+        if deregister and self._alive():  # after ray.shutdown() there is no router to tell
+            try:
+                self.router.deregister(self.instance_id)
+            except Exception as e:  # the router is gone: nothing to deregister from
+                log.debug("deregistering %s failed: %s", self.instance_id, e)
+        if self.queue is not None:
+            self.queue.close()  # wakes every dispatcher; callers now get ServiceUnavailable
+        for t in list(self._threads):
+            if t is not threading.current_thread():
+                t.join(timeout=10)
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            if self._loop_thread is not None:
+                self._loop_thread.join(timeout=5)
+        if self._hb_thread is not None and self._hb_thread is not threading.current_thread():
+            self._hb_thread.join(timeout=5)
+        try:
+            self.svc.cleanup()
+        finally:
+            self.reply.close()
+            if self.queue is not None:
+                self.queue.destroy()
+            for fut in list(self._direct.values()):
+                if not fut.done():
+                    fut.set_exception(
+                        ServiceUnavailable(f"replica {self.instance_id} of '{self.info.service}' stopped")
+                    )
+
+    # -- dispatch
+    def queued(self) -> int:
+        """Requests waiting in the ring (0 without one)."""
+        return self.queue.qsize() if self.queue is not None else 0
+
+    def handle_direct(self, payload: bytes, kind: int) -> tuple | None:
+        """Serves one request frame that came as a Ray actor call (this
+        replica has no ring, or its caller has none): the same header, checks
+        and handlers as the ring path. Returns the reply (None for events and
+        sends)."""
+        try:
+            req = decode_request(payload, kind)
+        except BadRequest as e:
+            if e.reply_to is None and e.code != ERR_PROTOCOL:
+                return None
+            extra = (e.header.version, PROTOCOL_VERSION) if e.code == ERR_PROTOCOL else None
+            return Reply(e.cid, ST_ERROR, encode_error(e.code, e.error, str(e.error), extra))
+        if self._stopping.is_set():
+            return (
+                req.cid,
+                ST_ERROR,
+                tuple(
+                    ErrorInfo(
+                        ERR_UNAVAILABLE,
+                        "",
+                        f"replica {self.instance_id} of '{self.info.service}' is stopping",
+                        "",
+                        None,
+                        None,
+                    )
+                ),
+            )
+        if req.op != OP_CALL:
+            self._handle(req)
+            return None
+        key = f"{DIRECT_PREFIX}{next(self._direct_ids)}"
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        self._direct[key] = fut
+        try:
+            self._handle(req._replace(reply_to=key))
+            left = None if req.deadline is None else max(0.0, req.deadline - time.time()) + 1.0
+            return fut.result(timeout=left)  # async handlers reply from their loop
+        except concurrent.futures.TimeoutError:
+            return (
+                req.cid,
+                ST_ERROR,
+                tuple(
+                    ErrorInfo(
+                        ERR_TIMEOUT,
+                        "",
+                        f"call to {req.service}.{req.function} got no reply before its deadline",
+                        "",
+                        None,
+                        None,
+                    )
+                ),
+            )
+        finally:
+            self._direct.pop(key, None)
+
+    def _spawn(self) -> None:
+        # Caller holds self._lock, or is start().
+        t = threading.Thread(
+            target=self._dispatch, name=f"sage-dispatch-{self.instance_id}-{len(self._threads)}", daemon=True
+        )
+        self._threads.append(t)
+        self._idle += 1
+        t.start()
+
+    def _dispatch(self) -> None:
+        while True:
+            with self._leader:  # one thread waits on the ring at a time
+                if self._stopping.is_set():
+                    return
+                try:
+                    req = take_request(self.queue)
+                except QueueClosed:
+                    return
+                except SageCommError as e:  # a corrupted frame: consumed, keep serving
+                    log.warning("service %s dropped a frame: %s", self.info.service, e)
+                    self.stats["errors"] += 1
+                    continue
+                if not isinstance(req, Request):  # not a request, or one that cannot be run
+                    self.stats["errors"] += 1
+                    if req is not None:
+                        self._bad_request(req)
+                    continue
+                with self._lock:
+                    self._idle -= 1
+                    if self._idle == 0 and len(self._threads) < self.max_concurrency:
+                        self._spawn()  # every thread is busy: one more waits on the ring
+            try:
+                self._handle(req)
+            except Exception:  # never lose the dispatcher thread
+                log.exception("service %s failed handling a request", self.info.service)
+            with self._lock:
+                self._idle += 1
+
+    def _bad_request(self, e: BadRequest) -> None:
+        if e.reply_to is None:
+            log.warning("service %s dropped an event or send it could not decode: %s", self.info.service, e)
+            return
+        req = Request(OP_CALL, e.cid, e.function, (), None, e.reply_to, None, None, None, self.info.service)
+        if e.code == ERR_PROTOCOL:
+            self.reply.error(req, ERR_PROTOCOL, str(e.error), (e.header.version, PROTOCOL_VERSION))
+            return
+        self.reply.error(
+            req,
+            ERR_DESERIALIZATION,
+            f"the arguments of the call to {self.info.service}.{e.function} could not be unpickled by "
+            f"replica {self.instance_id}: {e}",
+        )
+
+    def _handle(self, req: Request) -> None:
+        op = req.op
+        if req.deadline is not None and time.time() > req.deadline:
+            self.stats["expired"] += 1
+            if op == OP_CALL:
+                self.reply.error(
+                    req,
+                    ERR_TIMEOUT,
+                    f"deadline of the call to {req.service}.{req.function} passed "
+                    "before a replica could start it; not run",
+                )
+            return
+        h = self.functions.get(req.function)
+        if h is None:
+            if op == OP_CALL:
+                known = sorted(n for n in self.functions if not n.startswith("@"))
+                self.reply.error(
+                    req,
+                    ERR_FUNCTION,
+                    f"service '{req.service}' has no function '{req.function}'; it has: {', '.join(known) or '(none)'}",
+                )
+            self.stats["errors"] += 1
+            return
+        args, kwargs = req.args, req.kwargs
+        if isinstance(args, SegmentBlob):
+            args, kwargs = args.get()
+        if not args and kwargs and "payload" in kwargs and not h.takes_payload:
+            kwargs = dict(kwargs)
+            args = (kwargs.pop("payload"),)
+        if h.wants_message:
+            kwargs = dict(kwargs or {})
+            kwargs["message"] = envelope(req)
+        self.stats["calls" if op == OP_CALL else ("events" if op == OP_EVENT else "sends")] += 1
+        self.in_flight += 1
+        try:
+            result = h.validated(*args, **(kwargs or {}))
+        except pydantic.ValidationError as e:
+            self.in_flight -= 1
+            msg, errs = validation_message(req.service, h.name, e, h.params)
+            self.stats["errors"] += 1
+            if op == OP_CALL:
+                self.reply.error(req, ERR_VALIDATION, msg, errs)
+            else:
+                log.warning("%s", msg)
+            return
+        except Exception as e:
+            self.in_flight -= 1
+            self._failed(req, e)
+            return
+        if h.is_async:
+            fut = asyncio.run_coroutine_threadsafe(result, self._async_loop())
+            fut.add_done_callback(lambda f, req=req: self._async_done(req, f))
+            return
+        self.in_flight -= 1
+        if op == OP_CALL:
+            self.reply.result(req, result)
+
+    def _async_done(self, req: Request, fut: Any) -> None:
+        self.in_flight -= 1
+        try:
+            result = fut.result()
+        except BaseException as e:
+            self._failed(req, e)
+            return
+        if req.op == OP_CALL:
+            self.reply.result(req, result)
+
+    def _failed(self, req: Request, e: BaseException) -> None:
+        self.stats["errors"] += 1
+        if req.op == OP_CALL:
+            self.reply.put(req, (req.cid, ST_ERROR, encode_error(ERR_REMOTE, e)))
+        else:
+            log.warning("%s.%s raised (no caller waits): %r", req.service, req.function, e)
+
+    def _async_loop(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None:
+            with self._lock:
+                if self._loop is None:
+                    loop = asyncio.new_event_loop()
+                    self._loop_thread = threading.Thread(
+                        target=loop.run_forever, name=f"sage-async-{self.instance_id}", daemon=True
+                    )
+                    self._loop_thread.start()
+                    self._loop = loop
+        return self._loop

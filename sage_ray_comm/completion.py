@@ -1,0 +1,118 @@
+"""What happens when a call ends: the caller's accounting and metrics
+(:class:`CallFinisher`), and the retry of idempotent asynchronous calls on
+another replica (:class:`Retrying`).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from ._future import CallFuture
+from ._wire import Reply, outcome
+from .endpoint import Endpoint
+from .errors import CallTimeout, InvalidCallArgument, SageCommError, ServiceUnavailable
+from .metrics import recorder
+
+__all__ = ["CallFinisher", "Retrying", "check_timeout", "pick_timeout"]
+
+log = logging.getLogger(__name__)
+
+
+class Retrying:
+    """The Future call_async returns for an idempotent function: when the
+    replica dies (ServiceUnavailable), the call goes again to another
+    replica, up to three times, within the first attempt's deadline. Other
+    outcomes pass straight through. Retries are issued from the thread that
+    completes the failed attempt."""
+
+    MAX_RETRIES = 3
+
+    def __init__(
+        self,
+        first: concurrent.futures.Future,
+        iid: str,
+        deadline: float,
+        resend: Callable[[float, list[str]], tuple[concurrent.futures.Future, str]],
+        stats: dict,
+    ) -> None:
+        """``resend(seconds_left, excluded_replicas)`` makes one more attempt
+        and returns its future and the replica it went to; ``stats`` counts
+        ``retries``."""
+        self.future: concurrent.futures.Future = CallFuture()
+        self.resend, self.stats = resend, stats
+        self.deadline = deadline
+        self.excluded: list[str] = []
+        self._attempt(first, iid)
+
+    def _attempt(self, fut: concurrent.futures.Future, iid: str) -> None:
+        fut.add_done_callback(lambda f: self._done(f, iid))
+
+    def _done(self, f: concurrent.futures.Future, iid: str) -> None:
+        exc = f.exception()
+        if exc is None:
+            self.future.set_result(f.result())
+            return
+        left = self.deadline - time.monotonic()
+        if not isinstance(exc, ServiceUnavailable) or len(self.excluded) >= self.MAX_RETRIES or left <= 0:
+            self.future.set_exception(exc)
+            return
+        self.excluded.append(iid)
+        try:
+            nxt, nid = self.resend(left, self.excluded)
+        except BaseException as e:  # no replica left, or the retry itself failed: that is the outcome
+            self.future.set_exception(e)
+            return
+        self.stats["retries"] += 1
+        self._attempt(nxt, nid)
+
+
+class CallFinisher:
+    """Turns an async call's reply into its outcome, in the thread that got the
+    reply. One small object per pending call (a closure would be nine)."""
+
+    __slots__ = ("bus", "ep", "function", "iid", "service", "t0", "transport")
+
+    def __init__(self, ep: Endpoint, iid: str, service: str, function: str, transport: str, bus: str) -> None:
+        self.ep, self.iid, self.service, self.function = ep, iid, service, function
+        self.transport, self.bus, self.t0 = transport, bus, time.perf_counter()
+
+    def __call__(self, rep: Reply | None, exc: BaseException | None) -> Any:
+        ep = self.ep
+        ep.outstanding[self.iid] -= 1
+        dt = time.perf_counter() - self.t0
+        if exc is None:
+            try:
+                value = outcome(rep, self.service, self.function)  # type: ignore[arg-type]
+            except SageCommError as e:
+                ep.stats["errors"] += 1
+                recorder.call(
+                    self.bus, self.service, self.function, self.transport, "request_response", dt, type(e).__name__
+                )
+                raise
+            recorder.call(self.bus, self.service, self.function, self.transport, "request_response", dt)
+            return value
+        if isinstance(exc, ServiceUnavailable):
+            ep.mark_dead(self.iid)
+        if isinstance(exc, SageCommError):
+            ep.stats["timeouts" if isinstance(exc, CallTimeout) else "errors"] += 1
+        recorder.call(
+            self.bus, self.service, self.function, self.transport, "request_response", None, type(exc).__name__
+        )
+        raise exc
+
+
+def pick_timeout(given: float | None, declared: float | None, default: float) -> float:
+    """The call's own timeout, else the function's declared one, else the client's default."""
+    return given if given is not None else (declared if declared is not None else default)
+
+
+def check_timeout(t: Any, service: str, function: str) -> float:
+    if not isinstance(t, (int, float)) or t != t or t <= 0:
+        raise InvalidCallArgument(
+            f"timeout of the call to {service}.{function} must be a positive number of seconds, got {t!r}"
+        )
+    return float(t)

@@ -1,0 +1,346 @@
+"""The registry cache: one :class:`Endpoint` per process and bus, shared by
+every client of that bus in the process.
+
+It holds a snapshot of the router's registry (services, replicas, nodes,
+functions, subscriptions), kept fresh by a long poll the router answers when
+the registry changes, so a call never asks the router anything. It also owns
+the transports of this process (shared memory on this node, Ray across
+nodes), the count of calls in flight per replica, and this process's event
+inbox.
+
+>>> from sage_ray_comm.endpoint import Endpoint
+>>> ep = Endpoint.for_bus("pipeline")              # doctest: +SKIP
+>>> [i.instance_id for i in ep.instances("calculator")]   # doctest: +SKIP
+['calculator-3f2a...', 'calculator-9c1b...']
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import threading
+import time
+from collections.abc import Iterable
+from typing import ClassVar
+
+from . import lifecycle, shm
+from ._ray import ensure_ray
+from ._wire import Request
+from .errors import RouterUnavailable, SageCommError, ServiceNotFound, ServiceUnavailable
+from .pubsub import Inbox
+from .ray_transport import JANITOR_GRACE, DirectTransport, RayTransport, ensure_janitor
+from .router import HEARTBEAT_GRACE, InstanceInfo, Subscription, bus_namespace, router_client
+from .shm_transport import ShmTransport
+from .transport import EVENT_RING_BYTES, Transport, check_shm_space, shm_warn_once
+
+__all__ = ["Endpoint"]
+
+log = logging.getLogger(__name__)
+
+
+class Endpoint:
+    """Per process and bus: the registry cache, transports, outstanding counts."""
+
+    _by_bus: ClassVar[dict[str, Endpoint]] = {}
+    _lock = threading.Lock()
+
+    @classmethod
+    def for_bus(cls, bus: str) -> Endpoint:
+        ep = cls._by_bus.get(bus)
+        if ep is not None and not ep.closed and ep._ray_alive():
+            return ep
+        with cls._lock:
+            ep = cls._by_bus.get(bus)
+            if ep is None or ep.closed or not ep._ray_alive():
+                if ep is not None:
+                    ep.close()
+                ep = cls._by_bus[bus] = Endpoint(bus)
+            return ep
+
+    def __init__(self, bus: str) -> None:
+        import ray
+
+        ensure_ray()
+        self.bus = bus
+        self.namespace = bus_namespace(bus)
+        self.router = router_client(bus)
+        self._ray_session = ray.get_runtime_context().get_job_id()
+        self.node_id = ray.get_runtime_context().get_node_id()
+        self.host_id = shm.host_id()
+        self.shm = ShmTransport(self.namespace)
+        self.ray = RayTransport(self.namespace)
+        self.direct: Transport = DirectTransport(self.namespace)
+        check_shm_space()  # a small /dev/shm (a container's 64 MiB) is said once, at start
+        # False once this process could not make a reply ring (/dev/shm full):
+        # its calls then go over Ray, straight to the replicas' actors.
+        self.shm_ok = True
+        self.snapshot: dict = {"version": -1, "services": {}, "subscriptions": [], "load": {}}
+        self.outstanding: dict[str, int] = {}
+        self.dead: set = set()  # instances seen dead here before the router dropped them
+        self._live: dict[str, tuple] = {}
+        self._gen = 0  # bumped whenever the registry or the dead set changes
+        self._rebuild_until = 0.0
+        self.my_subs: dict[str, Subscription] = {}  # this process's callback subscriptions
+        self.rr: dict[str, Iterable[int]] = {}
+        self.stats = {
+            "calls": 0,
+            "shm": 0,
+            "ray": 0,
+            "errors": 0,
+            "timeouts": 0,
+            "retries": 0,
+            "published": 0,
+            "delivered": 0,
+            "dropped": 0,
+            "by_instance": {},
+        }
+        self.closed = False
+        self.refs = 0
+        self._snap_lock = threading.Lock()
+        self._inbox: Inbox | None = None
+        # Set by close(): wakes the watcher at once, so it drops its Ray refs
+        # before Ray shuts down.
+        self._stop: concurrent.futures.Future = concurrent.futures.Future()
+        # Rings of processes that died on this node (callers, replicas, a
+        # killed notebook kernel's whole bus) go now, not whenever someone
+        # remembers `sage-comm gc`: this bus's at once, other buses' once idle
+        # for the janitor's grace (a payload segment may still be on its way).
+        shm.gc(self.namespace)
+        shm.gc_buses(min_idle=JANITOR_GRACE)
+        lifecycle.note_bus(bus)
+        self.refresh()
+        self._watcher = threading.Thread(target=self._watch, name=f"sage-registry-{bus}", daemon=True)
+        self._watcher.start()
+        lifecycle.register(self, "endpoints", Endpoint.close)
+        ensure_janitor(self.node_id)
+
+    @classmethod
+    def offline(cls, bus: str, snapshot: dict, node_id: str | None, shm_t: Transport, ray_t: Transport) -> Endpoint:
+        """An endpoint with a fixed registry and given transports, no Ray and no
+        router: the client's routing logic, tested on its own."""
+        ep = cls.__new__(cls)
+        ep.bus, ep.namespace, ep.router = bus, bus_namespace(bus), None
+        ep._ray_session = None
+        ep.node_id, ep.host_id = node_id, shm.host_id()
+        ep.shm, ep.ray, ep.direct, ep.shm_ok = shm_t, ray_t, ray_t, True
+        ep.snapshot = snapshot
+        ep.outstanding, ep.dead, ep.rr, ep._live, ep._gen = {}, set(), {}, {}, 0
+        ep._rebuild_until, ep.my_subs = 0.0, {}
+        ep.stats = {
+            "calls": 0,
+            "shm": 0,
+            "ray": 0,
+            "errors": 0,
+            "timeouts": 0,
+            "retries": 0,
+            "published": 0,
+            "delivered": 0,
+            "dropped": 0,
+            "by_instance": {},
+        }
+        ep.closed, ep.refs = False, 1
+        ep._snap_lock = threading.Lock()
+        ep._inbox = None
+        return ep
+
+    def _ray_alive(self) -> bool:
+        import ray
+
+        try:
+            return ray.is_initialized() and ray.get_runtime_context().get_job_id() == self._ray_session
+        except Exception:
+            return False
+
+    # -- registry cache
+    def _install(self, snap: dict | None) -> None:
+        if snap is None:
+            return
+        resubscribe = False
+        with self._snap_lock:
+            old = self.snapshot
+            restarted = old.get("started_at") is not None and snap.get("started_at") != old.get("started_at")
+            if restarted:
+                # A new router: its registry refills as replicas' heartbeats
+                # re-register them. Meanwhile keep calling the replicas we know.
+                self._rebuild_until = time.monotonic() + 2 * HEARTBEAT_GRACE
+                resubscribe = True
+            if restarted or snap["version"] >= old.get("version", -1) or snap.get("bus") != old.get("bus"):
+                if time.monotonic() < self._rebuild_until:
+                    snap = dict(snap, services={**old["services"], **snap["services"]})
+                self.snapshot = snap
+                live = {iid for insts in snap["services"].values() for iid in insts}
+                self.dead &= live
+                self._gen += 1
+        if resubscribe:
+            self._resubscribe()
+
+    def _resubscribe(self) -> None:
+        """Registers this process's callback subscriptions with a restarted router."""
+
+        for sub in list(self.my_subs.values()):
+            try:
+                self.router.subscribe(sub)
+            except Exception as e:  # the next restart notice tries again
+                log.warning("could not re-subscribe %s after a router restart: %s", sub.pattern, e)
+
+    def refresh(self) -> dict:
+
+        if self.router is None:  # offline
+            return self.snapshot
+        try:
+            self._install(self.router.snapshot())
+        except Exception as e:
+            try:
+                self.router = router_client(self.bus)
+                self._install(self.router.snapshot())
+            except Exception:
+                raise RouterUnavailable(f"bus '{self.bus}': cannot read the registry from its router: {e}") from None
+        return self.snapshot
+
+    def ensure_version(self, version: int) -> None:
+        if self.snapshot.get("version", -1) < version:
+            self.refresh()
+
+    def _watch(self) -> None:
+        """Long-polls the router for registry changes. Waits on Ray's future of
+        the poll and on this endpoint's stop signal, never inside a Ray call,
+        and checks every RAY_CHECK_SECONDS that Ray still runs: after
+        ``ray.shutdown()`` or ``close()`` it drops its refs and ends."""
+        failures = 0
+        while not self.closed:
+            try:
+                fut = self.router.wait_for_change(self.snapshot.get("version", -1), 5.0)
+                while not fut.done() and not self.closed:
+                    concurrent.futures.wait(
+                        (fut, self._stop),
+                        timeout=lifecycle.RAY_CHECK_SECONDS,
+                        return_when=concurrent.futures.FIRST_COMPLETED,
+                    )
+                    if not self._ray_alive():
+                        break
+                if self.closed or not self._ray_alive():
+                    break
+                self._install(fut.result())
+                failures = 0
+            except Exception:
+                if self.closed or not self._ray_alive():
+                    break
+                failures += 1
+                # back off while the router restarts
+                if self._stop_wait(min(0.1 * failures, 1.0)):
+                    break
+                try:
+                    self.router = router_client(self.bus, create=False)
+                except Exception:
+                    pass
+            finally:
+                fut = None
+        if not self.closed:  # Ray went away under us: release everything of this endpoint
+            self.close()
+
+    def _stop_wait(self, seconds: float) -> bool:
+        try:
+            self._stop.result(timeout=seconds)
+            return True
+        except concurrent.futures.TimeoutError:
+            return False
+
+    def instances(self, service: str) -> list[InstanceInfo]:
+        # Cached per registry snapshot and set of locally seen deaths: the
+        # common call re-uses the list instead of rebuilding it.
+        hit = self._live.get(service)
+        if hit is not None and hit[0] == self._gen:
+            return hit[1]
+        insts = self.snapshot["services"].get(service)
+        if not insts:
+            self.refresh()
+            insts = self.snapshot["services"].get(service)
+            if not insts:
+                known = sorted(self.snapshot["services"])
+                raise ServiceNotFound(
+                    f"no service '{service}' on bus '{self.bus}'; known services: {', '.join(known) or '(none)'}"
+                )
+        live = [i for i in insts.values() if i.instance_id not in self.dead]
+        if not live and self.router is not None:
+            # Every replica we know is dead: ask for news (restarted replicas) before failing.
+            insts = self.refresh()["services"].get(service) or {}
+            live = [i for i in insts.values() if i.instance_id not in self.dead]
+        if not live:
+            raise ServiceUnavailable(
+                f"service '{service}' on bus '{self.bus}' has {len(insts)} replica(s), none of them alive"
+            )
+        self._live[service] = (self._gen, live)
+        return live
+
+    def mark_dead(self, instance_id: str) -> None:
+        """Stops routing to a replica seen dead here, until the registry drops it."""
+        self.dead.add(instance_id)
+        self._gen += 1
+
+    def transport(self, node_id: str | None) -> Transport:
+        """The transport to a subscriber or replica on ``node_id``."""
+        return self.shm if node_id == self.node_id else self.ray
+
+    def transport_for(self, inst: InstanceInfo) -> Transport:
+        """The transport to one replica: shared memory on this node, the
+        node's gateway across nodes, and a direct Ray call to the replica's
+        actor when either side has no ring (shared memory is short)."""
+        if not inst.request_queue or (not self.shm_ok and inst.node_id == self.node_id):
+            return self.direct
+        return self.shm if inst.node_id == self.node_id else self.ray
+
+    def shm_full(self, e: BaseException) -> None:
+        """This process could not make a ring: go over Ray from now on."""
+        self.shm_ok = False
+        shm_warn_once(f"a caller on bus '{self.bus}' could not make its reply ring ({e}); its calls go over Ray")
+
+    # -- pub/sub
+    def inbox(self, buffer_bytes: int | None = None) -> Inbox:
+        if self._inbox is None:
+            with self._snap_lock:
+                if self._inbox is None:
+                    self._inbox = Inbox(self.bus, self.namespace, buffer_bytes or EVENT_RING_BYTES)
+        return self._inbox
+
+    def deliver_direct(self, sub: Subscription, req: Request) -> bool:
+        """An event for a replica with no ring (shared memory was short): over Ray to its actor."""
+        iid = sub.sub_id.split("/", 1)[0]
+        for insts in self.snapshot["services"].values():
+            inst = insts.get(iid)
+            if inst is not None:
+                try:
+                    self.direct.send(inst, req, 0)
+                    return True
+                except SageCommError:
+                    return False
+        return False
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        stop = getattr(self, "_stop", None)
+        if stop is not None and not stop.done():
+            stop.set_result(True)
+        watcher = getattr(self, "_watcher", None)
+        if watcher is not None and watcher is not threading.current_thread():
+            watcher.join(timeout=5)
+        if self._inbox is not None:
+            self._inbox.close()
+        self.shm.close()
+        with Endpoint._lock:
+            if Endpoint._by_bus.get(self.bus) is self:
+                del Endpoint._by_bus[self.bus]
+        lifecycle.unregister(self, "endpoints")
+
+    @classmethod
+    def close_all(cls) -> None:
+        """Closes every endpoint of this process (a replica that stops, a test that ends)."""
+        for ep in list(cls._by_bus.values()):
+            ep.close()
+
+    @classmethod
+    def existing(cls, bus: str) -> Endpoint | None:
+        """This process's open endpoint of ``bus``, without creating one."""
+        ep = cls._by_bus.get(bus)
+        return ep if ep is not None and not ep.closed else None

@@ -1,0 +1,306 @@
+"""Calls over Ray: to another node through its gateway, or straight to a
+replica's actor when shared memory is short.
+
+- :class:`RayTransport` (different nodes): a Ray actor call to the gateway
+  actor of the replica's node, which makes the same shared-memory call there
+  and returns the reply. Same semantics, one more hop; Ray's object store
+  carries large payloads.
+- :class:`DirectTransport`: a Ray actor call straight to the replica's actor
+  (``ServiceActor.handle``), carrying the same request frame as the ring path.
+
+Each node's gateway is also its janitor: every ``JANITOR_SECONDS`` it removes
+segments of dead processes idle for ``JANITOR_GRACE``.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import os
+import threading
+import time
+from typing import Any
+
+from . import shm
+from ._ray import get_or_create_actor
+from ._wire import Reply, Request, encode_request, gateway_name
+from .errors import CallTimeout, SageCommError, ServiceUnavailable
+from .router import ROUTER_NAMESPACE, InstanceInfo, Subscription
+from .shm_transport import ShmTransport
+from .transport import Finish, Transport, settle_from_ref
+
+__all__ = [
+    "GATEWAY_NAMESPACE",
+    "JANITOR_GRACE",
+    "JANITOR_SECONDS",
+    "DirectTransport",
+    "RayTransport",
+    "ensure_janitor",
+    "forget_bus_on_gateways",
+    "get_gateway",
+]
+
+log = logging.getLogger(__name__)
+
+
+GATEWAY_NAMESPACE = "sage_ray_comm"
+
+
+# How often each node's gateway removes segments of processes that died there,
+# and how long such a segment must have been left unwritten first (a process
+# that exits cleans up after itself; the janitor is for those that could not).
+JANITOR_SECONDS = 5.0
+
+
+JANITOR_GRACE = 10.0
+
+
+class _GatewayActor:
+    """One per node (named ``sage:gateway:<node id>``, detached). Two jobs that
+    need a process on every node:
+
+    - makes shared-memory calls on its node for callers on other nodes;
+    - the node's janitor: every :data:`JANITOR_SECONDS` it removes the bus
+      segments of processes that died on its node (callers, replicas, jobs
+      killed without closing) once unwritten for :data:`JANITOR_GRACE`,
+      keeping legacy queues, which outlive their creators until their bus ends.
+    """
+
+    def __init__(self) -> None:
+        self._transports: dict[str, ShmTransport] = {}
+        self._lock = threading.Lock()
+        self.collected = 0
+        self._janitor = threading.Thread(target=self._sweep_forever, name="sage-janitor", daemon=True)
+        self._janitor.start()
+
+    def _sweep_forever(self) -> None:
+        while True:
+            time.sleep(JANITOR_SECONDS)  # a detached actor: it lives as long as the node
+            try:
+                self.collected += len(shm.gc_buses(min_idle=JANITOR_GRACE))
+            except Exception as e:  # /dev/shm unreadable for a moment: try next time
+                log.debug("janitor sweep failed: %s", e)
+
+    def janitor_stats(self) -> dict:
+        """Segments this node's janitor removed so far, and how often it looks."""
+        return {"collected": self.collected, "interval": JANITOR_SECONDS, "grace": JANITOR_GRACE, "pid": os.getpid()}
+
+    def _shm(self, namespace: str) -> ShmTransport:
+        t = self._transports.get(namespace)
+        if t is None:
+            with self._lock:
+                t = self._transports.setdefault(namespace, ShmTransport(namespace))
+        return t
+
+    def ping(self) -> str:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
+    def call(self, namespace: str, inst: InstanceInfo, req: Request, timeout: float):
+        try:
+            return ("ok", self._shm(namespace).call(inst, req, timeout))
+        except SageCommError as e:
+            return ("err", e)
+
+    def send(self, namespace: str, inst: InstanceInfo, req: Request, timeout: float):
+        try:
+            self._shm(namespace).send(inst, req, timeout)
+            return ("ok", None)
+        except SageCommError as e:
+            return ("err", e)
+
+    def deliver(self, namespace: str, sub: Subscription, req: Request) -> bool:
+        return self._shm(namespace).deliver(sub, req)
+
+    def forget(self, namespace: str) -> bool:
+        """The bus is shutting down: drop its rings (reply rings, open handles)."""
+        with self._lock:
+            t = self._transports.pop(namespace, None)
+        if t is not None:
+            t.close()
+        return t is not None
+
+
+def forget_bus_on_gateways(namespace: str, timeout: float = 10.0) -> int:
+    """Tells every node's gateway to drop a bus's rings; returns how many had any."""
+    import ray
+
+    names = [
+        a["name"]
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if a.get("namespace") == GATEWAY_NAMESPACE and a["name"].startswith("sage:gateway:")
+    ]
+    refs = []
+    for n in names:
+        try:
+            refs.append(ray.get_actor(n, namespace=GATEWAY_NAMESPACE).forget.remote(namespace))
+        except ValueError:
+            pass
+    try:
+        return sum(ray.get(refs, timeout=timeout))
+    except Exception:  # a gateway on a lost node: its rings went with the node
+        return 0
+
+
+def ensure_janitor(node_id: str | None) -> None:
+    """Makes sure ``node_id`` has its gateway (and so its janitor); once per process and node."""
+    if not node_id or node_id in _JANITORS:
+        return
+    try:
+        get_gateway(node_id)
+        _JANITORS.add(node_id)
+    except SageCommError as e:  # calls still work; only the periodic sweep is missing
+        log.warning("no janitor on node %s: %s", node_id, e)
+
+
+def get_gateway(node_id: str) -> Any:
+    """The gateway actor on ``node_id``, created there if missing."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    try:
+        return get_or_create_actor(
+            _GatewayActor,
+            gateway_name(node_id),
+            GATEWAY_NAMESPACE,
+            num_cpus=0,
+            max_concurrency=64,
+            max_restarts=-1,
+            lifetime="detached",  # serves every job's callers on that node
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
+        )
+    except ValueError as e:
+        raise ServiceUnavailable(f"cannot find or create the gateway actor on node {node_id}: {e}") from None
+
+
+class RayTransport(Transport):
+    """Cross-node calls: a Ray actor call to the replica node's gateway."""
+
+    name = "ray"
+
+    def __init__(self, namespace: str) -> None:
+        self.namespace = namespace
+        self._gateways: dict[str, Any] = {}
+
+    def _gw(self, inst_or_sub: Any) -> Any:
+        node = inst_or_sub.node_id
+        gw = self._gateways.get(node)
+        if gw is None:
+            gw = self._gateways[node] = get_gateway(node)
+        return gw
+
+    @staticmethod
+    def _unwrap(inst: InstanceInfo, fn: str, out: Any) -> Any:
+        kind, value = out
+        if kind == "err":
+            raise value
+        return value
+
+    def _ray_error(self, inst: InstanceInfo, fn: str, e: BaseException) -> SageCommError:
+        import ray
+
+        self._gateways.pop(inst.node_id, None)
+        if isinstance(e, ray.exceptions.GetTimeoutError):
+            return CallTimeout(f"call to {inst.service}.{fn} on node {inst.node_id} got no reply in time")
+        return ServiceUnavailable(
+            f"call to {inst.service}.{fn}: node {inst.node_id} of replica {inst.instance_id} is unreachable "
+            f"({type(e).__name__}: {e})"
+        )
+
+    def call(self, inst: InstanceInfo, req: Request, timeout: float) -> Reply:
+        import ray
+
+        try:
+            ref = self._gw(inst).call.remote(self.namespace, inst, req, timeout)
+            # A little slack: the gateway's own timeout error should win the race.
+            out = ray.get(ref, timeout=timeout + 1.0)
+        except (ray.exceptions.RayError, ServiceUnavailable) as e:
+            raise self._ray_error(inst, req.function, e) from None
+        return self._unwrap(inst, req.function, out)
+
+    def call_async(self, inst: InstanceInfo, req: Request, timeout: float, finish: Finish) -> concurrent.futures.Future:
+        ref = self._gw(inst).call.remote(self.namespace, inst, req, timeout)
+        return settle_from_ref(
+            ref,
+            finish,
+            lambda out: self._unwrap(inst, req.function, out),
+            lambda e: self._ray_error(inst, req.function, e),
+        )
+
+    def send(self, inst: InstanceInfo, req: Request, timeout: float) -> None:
+        self._gw(inst).send.remote(self.namespace, inst, req, timeout)
+
+    def deliver(self, sub: Subscription, req: Request) -> bool:
+        self._gw(sub).deliver.remote(self.namespace, sub, req)
+        return True
+
+
+class DirectTransport(Transport):
+    """A Ray actor call straight to the replica's actor, served by the same
+    dispatch code as the ring path (``ServiceActor.handle``). Used when
+    shared memory is short: a replica that could not make its request ring,
+    or a caller that could not make a reply ring."""
+
+    name = "ray"
+
+    def __init__(self, namespace: str) -> None:
+        self.namespace = namespace
+        self._actors: dict[str, Any] = {}
+
+    def _actor(self, inst: InstanceInfo) -> Any:
+        a = self._actors.get(inst.instance_id)
+        if a is None:
+            import ray
+
+            if not inst.actor_name:
+                raise ServiceUnavailable(
+                    f"replica {inst.instance_id} of service '{inst.service}' serves only through shared memory, "
+                    "and there is no room in /dev/shm for this caller's reply ring"
+                )
+            try:
+                a = ray.get_actor(inst.actor_name, namespace=ROUTER_NAMESPACE)
+            except ValueError:
+                raise ServiceUnavailable(f"replica {inst.instance_id} of service '{inst.service}' is gone") from None
+            self._actors[inst.instance_id] = a
+        return a
+
+    @staticmethod
+    def _frame(req: Request) -> tuple[bytes, int]:
+        # The same frame as the ring path (header and all), as one bytes.
+        parts, kind = encode_request(req._replace(cid=0, reply_to=None), "a call over Ray")
+        return b"".join(parts), kind
+
+    def _error(self, inst: InstanceInfo, fn: str, e: BaseException) -> SageCommError:
+        import ray
+
+        self._actors.pop(inst.instance_id, None)
+        if isinstance(e, ray.exceptions.GetTimeoutError):
+            return CallTimeout(
+                f"call to {inst.service}.{fn} (replica {inst.instance_id}, over Ray) got no reply in time"
+            )
+        return ServiceUnavailable(
+            f"replica {inst.instance_id} of service '{inst.service}' died or is unreachable "
+            f"while handling '{fn}' ({type(e).__name__})"
+        )
+
+    def call(self, inst: InstanceInfo, req: Request, timeout: float) -> Reply:
+        import ray
+
+        try:
+            out = ray.get(self._actor(inst).handle.remote(*self._frame(req)), timeout=timeout + 1.0)
+        except ray.exceptions.RayError as e:
+            raise self._error(inst, req.function, e) from None
+        return Reply(*out)
+
+    def call_async(self, inst: InstanceInfo, req: Request, timeout: float, finish: Finish) -> concurrent.futures.Future:
+        ref = self._actor(inst).handle.remote(*self._frame(req))
+        return settle_from_ref(ref, finish, lambda out: Reply(*out), lambda e: self._error(inst, req.function, e))
+
+    def send(self, inst: InstanceInfo, req: Request, timeout: float) -> None:
+        self._actor(inst).handle.remote(*self._frame(req))
+
+    def deliver(self, sub: Subscription, req: Request) -> bool:
+        return False  # subscribers always have a ring; see FunctionClient.broadcast
+
+
+_JANITORS: set = set()

@@ -1,0 +1,128 @@
+"""The replica's reply path: results and errors into callers' reply rings.
+
+A caller that died is noticed before its reply is written (its pid is in its
+reply ring's name): the reply is dropped and counted, and the dead caller's
+ring removed. A result too large for a ring travels in a segment, swept once
+read or once its reader died. A call that came over Ray waits on a future
+instead (reply_to ``@direct:<n>``).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import time
+from typing import Any
+
+from . import shm
+from ._wire import ERR_SERIALIZATION, ST_ERROR, ST_OK, ST_OK_BLOB, ErrorInfo, Request, reply_ring_pid
+from .errors import MessageTooLarge, QueueClosed, QueueFull, QueueNotFound, SerializationError
+from .shm_transport import RingPool, SegmentBlob
+from .transport import DIRECT_PREFIX
+
+__all__ = ["REPLY_PUT_TIMEOUT", "ReplyWriter"]
+
+# A reply ring that stays full this long means the caller stopped reading.
+REPLY_PUT_TIMEOUT = 2.0
+
+
+class ReplyWriter:
+    """Writes one replica's replies. ``stats`` is the replica's counters
+    (``errors``, ``replies_dropped``); ``direct`` holds the futures of calls
+    that came over Ray."""
+
+    def __init__(self, namespace: str, stats: dict, direct: dict[str, concurrent.futures.Future]) -> None:
+        self.namespace = namespace
+        self.stats = stats
+        self._direct = direct
+        self.replies = RingPool(namespace)
+        self._callers: dict[str, tuple] = {}  # reply ring -> (checked at, caller alive)
+        # Oversize replies not yet known to be read: (blob, reply ring), swept by the heartbeat.
+        self.blobs: list[tuple] = []
+
+    def sweep_blobs(self) -> None:
+        """Removes oversize replies whose caller read them, or died without reading."""
+        if not self.blobs:
+            return
+        keep = []
+        for blob, reply_to in self.blobs:
+            if not os.path.exists(shm.SHM_DIR + shm.segment_name(self.namespace, blob.name)):
+                continue  # read (the reader unlinks it)
+            caller_pid = reply_ring_pid(reply_to)
+            if caller_pid is not None and not shm.process_alive(caller_pid, 0):
+                blob.discard()
+                self.stats["replies_dropped"] += 1
+                continue
+            keep.append((blob, reply_to))
+        self.blobs = keep
+
+    def error(self, req: Request, code: str, message: str, extra: Any = None) -> None:
+        self.put(req, (req.cid, ST_ERROR, tuple(ErrorInfo(code, "", message, "", None, extra))))
+
+    def result(self, req: Request, result: Any) -> None:
+        try:
+            self.put(req, (req.cid, ST_OK, result), raise_too_large=True)
+        except MessageTooLarge:
+            blob = SegmentBlob.put(result, self.namespace)
+            self.blobs.append((blob, req.reply_to))
+            self.put(req, (req.cid, ST_OK_BLOB, blob))
+        except SerializationError as e:
+            self.stats["errors"] += 1
+            self.error(req, ERR_SERIALIZATION, f"the result of {req.service}.{req.function} cannot be sent back: {e}")
+
+    def caller_alive(self, reply_to: str) -> bool:
+        """Whether the process that owns a reply ring lives (checked at most every 100 ms per ring)."""
+        now = time.monotonic()
+        hit = self._callers.get(reply_to)
+        if hit is not None and now - hit[0] < 0.1:
+            return hit[1]
+        pid = reply_ring_pid(reply_to)
+        if pid is None:
+            return True
+        alive = shm.process_alive(pid, 0)
+        if len(self._callers) > 4096:
+            self._callers.clear()
+        self._callers[reply_to] = (now, alive)
+        return alive
+
+    def put(self, req: Request, rep: tuple, raise_too_large: bool = False) -> None:
+        if req.reply_to is None:
+            return
+        if (
+            req.reply_to[0] == DIRECT_PREFIX[0]
+        ):  # "@direct:<n>": a direct call waits in handle_direct (Ray carries any size)
+            fut = self._direct.get(req.reply_to)
+            if fut is not None and not fut.done():
+                fut.set_result(rep)
+            return
+        if not self.caller_alive(req.reply_to):
+            # The caller died mid-call: drop the reply, count it, and remove its
+            # ring (its creator is dead, so nobody else will).
+            self.stats["replies_dropped"] += 1
+            self.replies.drop(req.reply_to)
+            shm.unlink(shm.segment_name(self.namespace, req.reply_to))
+            if rep[1] == ST_OK_BLOB:
+                rep[2].discard()
+            return
+        try:
+            q = self.replies.get(req.reply_to)
+            q.put(rep, timeout=REPLY_PUT_TIMEOUT)
+        except MessageTooLarge:
+            if raise_too_large:
+                raise
+            self.stats["replies_dropped"] += 1
+        except SerializationError:
+            if raise_too_large:
+                raise
+            self.stats["replies_dropped"] += 1
+        except (QueueNotFound, QueueClosed, QueueFull):
+            # The caller is gone or stopped reading: drop and count, and forget its ring.
+            self.stats["replies_dropped"] += 1
+            self.replies.drop(req.reply_to)
+
+    def close(self) -> None:
+        """Removes unread oversize replies and closes the reply rings."""
+        for blob, _ in self.blobs:
+            blob.discard()
+        self.blobs.clear()
+        self.replies.close()

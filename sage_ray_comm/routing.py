@@ -1,0 +1,43 @@
+"""Which replica takes a call: the routing policies, pure logic with no I/O.
+
+>>> from sage_ray_comm.routing import POLICIES
+>>> POLICIES
+('least_outstanding', 'round_robin')
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable, Sequence
+
+from .router import InstanceInfo
+
+__all__ = ["DEFAULT_POLICY", "POLICIES", "pick_instance"]
+
+POLICIES = ("least_outstanding", "round_robin")
+DEFAULT_POLICY = POLICIES[0]
+
+
+def pick_instance(
+    candidates: Sequence[InstanceInfo],
+    policy: str,
+    outstanding: dict[str, int],
+    local_node: str | None,
+    rr: Iterable[int],
+    rng: random.Random = random,  # type: ignore[assignment]
+) -> InstanceInfo:
+    """Chooses a replica: same-node ones first, then by ``policy``.
+
+    - ``round_robin``: the next replica in instance-id order.
+    - ``least_outstanding``: power of two choices: two replicas at random,
+      the one with fewer calls this process has in flight (ties: either).
+    """
+    local = [c for c in candidates if c.node_id == local_node]
+    pool = sorted(local or candidates, key=lambda c: c.instance_id)
+    if len(pool) == 1:
+        return pool[0]
+    if policy == "round_robin":
+        return pool[next(iter(rr)) % len(pool)]
+    a, b = rng.sample(pool, 2)
+    oa, ob = outstanding.get(a.instance_id, 0), outstanding.get(b.instance_id, 0)
+    return a if oa <= ob else b
