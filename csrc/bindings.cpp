@@ -18,6 +18,10 @@
 #include "ring.hpp"
 
 namespace py = pybind11;
+
+#ifndef SAGE_VERSION
+#error "SAGE_VERSION must be defined by the build (csrc/CMakeLists.txt)"
+#endif
 using sage::Ring;
 using sage::Status;
 
@@ -34,11 +38,13 @@ py::object error_type(const char* name) {
   throw py::error_already_set();
 }
 
-std::string fmt_bytes(uint64_t n) { return std::to_string(n) + " bytes"; }
+std::string fmt_bytes(uint64_t n) {
+  return std::to_string(n) + " bytes";
+}
 
 // Converts a failed status into the matching typed exception.
-[[noreturn]] void raise_status(Status st, const std::string& label, const std::string& detail, int err,
-                               const char* op, uint64_t size = 0, uint64_t limit = 0) {
+[[noreturn]] void raise_status(Status st, const std::string& label, const std::string& detail, int err, const char* op,
+                               uint64_t size = 0, uint64_t limit = 0) {
   switch (st) {
     case Status::kTimeout:
       if (std::strcmp(op, "put") == 0)
@@ -48,8 +54,8 @@ std::string fmt_bytes(uint64_t n) { return std::to_string(n) + " bytes"; }
       raise("QueueClosed", label + " is closed" +
                                (std::strcmp(op, "get") == 0 ? " and drained" : "; " + std::string(op) + " refused"));
     case Status::kTooLarge:
-      raise("MessageTooLarge", "message of " + fmt_bytes(size) + " exceeds the maximum frame of " +
-                                   fmt_bytes(limit) + " for " + label +
+      raise("MessageTooLarge", "message of " + fmt_bytes(size) + " exceeds the maximum frame of " + fmt_bytes(limit) +
+                                   " for " + label +
                                    " (a frame may use at most half the ring; create the queue with a larger maxsize)");
     case Status::kCorrupt:
       raise("QueueCorrupted", label + " is corrupted: " + (detail.empty() ? "validation failed" : detail));
@@ -66,8 +72,8 @@ std::string fmt_bytes(uint64_t n) { return std::to_string(n) + " bytes"; }
       raise("InvalidQueueArgument", label + ": invalid segment name or capacity for " + op);
     case Status::kSysError:
       if (err == ENOSPC)
-        raise("SharedMemoryFull", label + ": " + op + " failed: /dev/shm has no room for " + fmt_bytes(size) +
-                                      " (" + std::strerror(err) + ")");
+        raise("SharedMemoryFull", label + ": " + op + " failed: /dev/shm has no room for " + fmt_bytes(size) + " (" +
+                                      std::strerror(err) + ")");
       raise("SharedMemoryError", label + ": " + op + " failed: " + std::strerror(err));
     case Status::kBufferTooSmall:
     case Status::kOk:
@@ -144,8 +150,7 @@ const Pickle& pickle_fns() {
 
 class PyRing {
  public:
-  PyRing(const std::string& shm_name, uint64_t capacity, int mode, std::string label)
-      : label_(std::move(label)) {
+  PyRing(const std::string& shm_name, uint64_t capacity, int mode, std::string label) : label_(std::move(label)) {
     if (label_.empty()) label_ = "ring " + shm_name;
     Ring* r = nullptr;
     bool created = false;
@@ -323,7 +328,8 @@ class PyRing {
     auto keep = ring();
     Ring& r = *keep;
     size_t want = last_len_ < 64 ? 64 : last_len_;
-    bool writable = last_kind_ == writable_kind;
+    // writable_kind -1 asks for bytes always (and must not match last_kind_'s initial -1).
+    bool writable = writable_kind >= 0 && last_kind_ == writable_kind;
     for (;;) {
       PyObject* obj = writable ? PyByteArray_FromStringAndSize(nullptr, Py_ssize_t(want))
                                : PyBytes_FromStringAndSize(nullptr, Py_ssize_t(want));
@@ -343,7 +349,7 @@ class PyRing {
         // unless another consumer takes it, which the loop also handles).
         Py_DECREF(obj);
         want = got;
-        writable = int(kind) == writable_kind;
+        writable = writable_kind >= 0 && int(kind) == writable_kind;
         continue;
       }
       if (st != Status::kOk) {
@@ -464,6 +470,8 @@ py::tuple fast_methods(py::object self) {
 
 PYBIND11_MODULE(_core, m) {
   m.doc() = "Shared-memory MPMC ring buffer (private; use sage_ray_comm.SageQueue).";
+  // The package version, from pyproject.toml through CMake (one source).
+  m.attr("__version__") = SAGE_VERSION;
   m.attr("LAYOUT_VERSION") = sage::kVersion;
 #ifdef SAGE_SANITIZED
   m.attr("SANITIZED") = true;
@@ -500,24 +508,27 @@ PYBIND11_MODULE(_core, m) {
       .def_readonly("error", &Frame::error);
 
   py::class_<PyRing>(m, "Ring")
-      .def(py::init<const std::string&, uint64_t, int, std::string>(), py::arg("shm_name"),
-           py::arg("capacity"), py::arg("mode") = 0, py::arg("label") = "")
+      .def(py::init<const std::string&, uint64_t, int, std::string>(), py::arg("shm_name"), py::arg("capacity"),
+           py::arg("mode") = 0, py::arg("label") = "")
       .def("put", &PyRing::put, py::arg("data"), py::arg("kind") = 0, py::arg("timeout") = py::none())
-      .def("put_parts", &PyRing::put_parts, py::arg("parts"), py::arg("kind") = 0,
-           py::arg("timeout") = py::none())
+      .def("put_parts", &PyRing::put_parts, py::arg("parts"), py::arg("kind") = 0, py::arg("timeout") = py::none())
       .def("get", &PyRing::get, py::arg("timeout") = py::none(), py::arg("writable_kind") = -1)
       .def("put_object", &PyRing::put_object, py::arg("obj"), py::arg("timeout") = py::none())
       .def("get_object", &PyRing::get_object, py::arg("timeout") = py::none(), py::arg("writable_kind") = -1)
       .def("fast_methods", &fast_methods)
       .def("count", &PyRing::count)
-      .def("would_block_put", [](PyRing& self, uint64_t n) { return self.ring()->would_block_put(n); })
+      .def(
+          "would_block_put", [](PyRing& self, uint64_t n) { return self.ring()->would_block_put(n); }, py::arg("n"))
       .def("close_queue", [](PyRing& self) { self.ring()->close_queue(); })
       .def_property_readonly("closed", [](PyRing& self) { return self.ring()->is_closed(); })
       .def("unblock", &PyRing::unblock)
       .def("stats", &PyRing::stats)
       .def("reset_stats", [](PyRing& self) { self.ring()->reset_stats(); })
-      .def("set_spin_ns", [](PyRing& self, int64_t ns) { self.ring()->set_spin_ns(ns); })
-      .def("_set_test_hook", [](PyRing& self, int hook, int fd) { self.ring()->set_test_hook(hook, fd); })
+      .def(
+          "set_spin_ns", [](PyRing& self, int64_t ns) { self.ring()->set_spin_ns(ns); }, py::arg("ns"))
+      .def(
+          "_set_test_hook", [](PyRing& self, int hook, int fd) { self.ring()->set_test_hook(hook, fd); },
+          py::arg("hook"), py::arg("fd"))
       .def("release", &PyRing::release)
       .def("raw_view", &PyRing::raw_view)
       .def_property_readonly("released", &PyRing::released)
@@ -527,29 +538,35 @@ PYBIND11_MODULE(_core, m) {
       .def_property_readonly("capacity", [](PyRing& self) { return self.ring()->capacity(); })
       .def_property_readonly("max_message_size", [](PyRing& self) { return self.ring()->max_payload(); });
 
-  m.def("unlink", [](const std::string& name) {
-    int err = 0;
-    Status st = Ring::unlink(name, &err);
-    if (st == Status::kNotFound) return false;
-    if (st != Status::kOk) raise_status(st, "segment " + name, "", err, "unlink");
-    return true;
-  });
-  m.def("inspect", [](const std::string& name) -> py::object {
-    sage::Inspect in;
-    int err = 0;
-    Status st = Ring::inspect(name, &in, &err);
-    if (st == Status::kNotFound) return py::none();
-    if (st != Status::kOk) raise_status(st, "segment " + name, "", err, "inspect");
-    py::dict d;
-    d["valid"] = in.valid;
-    d["initializing"] = in.initializing;
-    d["file_size"] = in.file_size;
-    d["creator_pid"] = in.creator_pid;
-    d["creator_alive"] = in.creator_alive;
-    d["live_attached"] = in.live_attached;
-    d["attach_overflow"] = in.attach_overflow;
-    return d;
-  });
+  m.def(
+      "unlink",
+      [](const std::string& name) {
+        int err = 0;
+        Status st = Ring::unlink(name, &err);
+        if (st == Status::kNotFound) return false;
+        if (st != Status::kOk) raise_status(st, "segment " + name, "", err, "unlink");
+        return true;
+      },
+      py::arg("name"));
+  m.def(
+      "inspect",
+      [](const std::string& name) -> py::object {
+        sage::Inspect in;
+        int err = 0;
+        Status st = Ring::inspect(name, &in, &err);
+        if (st == Status::kNotFound) return py::none();
+        if (st != Status::kOk) raise_status(st, "segment " + name, "", err, "inspect");
+        py::dict d;
+        d["valid"] = in.valid;
+        d["initializing"] = in.initializing;
+        d["file_size"] = in.file_size;
+        d["creator_pid"] = in.creator_pid;
+        d["creator_alive"] = in.creator_alive;
+        d["live_attached"] = in.live_attached;
+        d["attach_overflow"] = in.attach_overflow;
+        return d;
+      },
+      py::arg("name"));
   m.def("process_alive", &sage::process_alive, py::arg("pid"), py::arg("start_time") = 0);
   m.def("process_start_time", &sage::process_start_time, py::arg("pid"));
 }

@@ -2,11 +2,6 @@
 // the layout and the protocol.
 #include "ring.hpp"
 
-#include <cerrno>
-#include <climits>
-#include <cstdio>
-#include <cstring>
-#include <ctime>
 #include <fcntl.h>
 #include <linux/futex.h>
 #include <sched.h>
@@ -17,13 +12,21 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include <cerrno>
+#include <climits>
+#include <cstdio>
+#include <cstring>
+#include <ctime>
+
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 #define SAGE_CPU_RELAX() _mm_pause()
 #elif defined(__aarch64__)
 #define SAGE_CPU_RELAX() __asm__ __volatile__("yield")
 #else
-#define SAGE_CPU_RELAX() do {} while (0)
+#define SAGE_CPU_RELAX() \
+  do {                   \
+  } while (0)
 #endif
 
 namespace sage {
@@ -36,7 +39,9 @@ constexpr int64_t kForever = -1;
 constexpr int64_t kSliceClaimNs = 20'000'000;
 constexpr int64_t kSliceNs = 500'000'000;
 
-inline uint64_t align_up(uint64_t v, uint64_t a) { return (v + a - 1) & ~(a - 1); }
+inline uint64_t align_up(uint64_t v, uint64_t a) {
+  return (v + a - 1) & ~(a - 1);
+}
 
 int64_t now_ns() {
   timespec ts;
@@ -138,7 +143,9 @@ uint64_t load_magic(const Header* h) {
 // getpid() is a system call on current glibc; a put needs the pid for its
 // claim, so cache it and refresh it in fork children.
 std::atomic<uint32_t> g_pid{0};
-void refresh_pid() { g_pid.store(uint32_t(getpid()), std::memory_order_relaxed); }
+void refresh_pid() {
+  g_pid.store(uint32_t(getpid()), std::memory_order_relaxed);
+}
 uint32_t my_pid() {
   uint32_t p = g_pid.load(std::memory_order_relaxed);
   if (p == 0) {
@@ -154,18 +161,30 @@ uint32_t my_pid() {
 
 const char* status_name(Status s) {
   switch (s) {
-    case Status::kOk: return "ok";
-    case Status::kTimeout: return "timeout";
-    case Status::kClosed: return "closed";
-    case Status::kTooLarge: return "too large";
-    case Status::kBufferTooSmall: return "buffer too small";
-    case Status::kCorrupt: return "corrupt";
-    case Status::kNotFound: return "not found";
-    case Status::kExists: return "exists";
-    case Status::kBadMagic: return "bad magic";
-    case Status::kBadVersion: return "bad version";
-    case Status::kSysError: return "system error";
-    case Status::kInvalidArg: return "invalid argument";
+    case Status::kOk:
+      return "ok";
+    case Status::kTimeout:
+      return "timeout";
+    case Status::kClosed:
+      return "closed";
+    case Status::kTooLarge:
+      return "too large";
+    case Status::kBufferTooSmall:
+      return "buffer too small";
+    case Status::kCorrupt:
+      return "corrupt";
+    case Status::kNotFound:
+      return "not found";
+    case Status::kExists:
+      return "exists";
+    case Status::kBadMagic:
+      return "bad magic";
+    case Status::kBadVersion:
+      return "bad version";
+    case Status::kSysError:
+      return "system error";
+    case Status::kInvalidArg:
+      return "invalid argument";
   }
   return "unknown";
 }
@@ -249,8 +268,8 @@ Probe probe_segment(int fd, uint64_t* capacity) {
 
 }  // namespace
 
-Status Ring::open(const std::string& shm_name, uint64_t capacity, OpenMode mode, Ring** out,
-                  bool* created, int* err, std::string* detail) {
+Status Ring::open(const std::string& shm_name, uint64_t capacity, OpenMode mode, Ring** out, bool* created, int* err,
+                  std::string* detail) {
   *out = nullptr;
   *created = false;
   *err = 0;
@@ -313,12 +332,19 @@ Status Ring::open(const std::string& shm_name, uint64_t capacity, OpenMode mode,
       need_init = pr == Probe::kEmpty;
     }
     switch (pr) {
-      case Probe::kValid: capacity = cap; break;
-      case Probe::kEmpty: break;
-      case Probe::kBadMagic: return fail(Status::kBadMagic, 0, "not a sage_ray_comm ring (bad magic)");
-      case Probe::kBadVersion: return fail(Status::kBadVersion, 0, "ring layout version differs");
-      case Probe::kBadGeometry: return fail(Status::kCorrupt, 0, "segment header geometry is inconsistent");
-      case Probe::kError: return fail(Status::kSysError, errno, nullptr);
+      case Probe::kValid:
+        capacity = cap;
+        break;
+      case Probe::kEmpty:
+        break;
+      case Probe::kBadMagic:
+        return fail(Status::kBadMagic, 0, "not a sage_ray_comm ring (bad magic)");
+      case Probe::kBadVersion:
+        return fail(Status::kBadVersion, 0, "ring layout version differs");
+      case Probe::kBadGeometry:
+        return fail(Status::kCorrupt, 0, "segment header geometry is inconsistent");
+      case Probe::kError:
+        return fail(Status::kSysError, errno, nullptr);
     }
   }
   if (need_init) {
@@ -537,8 +563,7 @@ Status Ring::advance_to_ready(FrameHeader** frame, uint64_t* pos, bool* blocked,
     if (code == kStatePadding) {
       if (uint64_t(f->len) + kFrameHeader != capacity_ - off) {
         std::snprintf(b, sizeof b, "padding record at position %llu has length %u, expected %llu",
-                      (unsigned long long)head, f->len,
-                      (unsigned long long)(capacity_ - off - kFrameHeader));
+                      (unsigned long long)head, f->len, (unsigned long long)(capacity_ - off - kFrameHeader));
         detail_ = b;
         return Status::kCorrupt;
       }
@@ -546,8 +571,7 @@ Status Ring::advance_to_ready(FrameHeader** frame, uint64_t* pos, bool* blocked,
       continue;
     }
     if (code != kStateCommitted && code != kStateClaimed) {
-      std::snprintf(b, sizeof b, "frame at position %llu has unknown state 0x%x", (unsigned long long)head,
-                    state);
+      std::snprintf(b, sizeof b, "frame at position %llu has unknown state 0x%x", (unsigned long long)head, state);
       detail_ = b;
       return Status::kCorrupt;
     }
@@ -717,16 +741,15 @@ Status Ring::put(const IoPart* parts, size_t nparts, uint16_t kind, int64_t time
     // Full. Spin a little, then sleep until a consumer releases space.
     if (timeout_ns == 0 || try_once) return Status::kTimeout;
     if (remaining(deadline) == 0) return Status::kTimeout;
-    wait_until(&hdr_->space_seq, &hdr_->space_waiters, &hdr_->get_cpu, deadline, kSliceNs, [&] {
-      return !would_block_put(len) || hdr_->closed.load(std::memory_order_relaxed);
-    });
+    wait_until(&hdr_->space_seq, &hdr_->space_waiters, &hdr_->get_cpu, deadline, kSliceNs,
+               [&] { return !would_block_put(len) || hdr_->closed.load(std::memory_order_relaxed); });
   }
 }
 
 // ---------------------------------------------------------------------- get
 
-Status Ring::get(void* buf, size_t cap, size_t* out_len, uint16_t* out_kind, int64_t timeout_ns,
-                 int needs_writable, bool buf_writable) {
+Status Ring::get(void* buf, size_t cap, size_t* out_len, uint16_t* out_kind, int64_t timeout_ns, int needs_writable,
+                 bool buf_writable) {
   *out_len = 0;
   *out_kind = 0;
   Status st = check_magic();
@@ -826,7 +849,9 @@ void Ring::close_queue() {
   futex_wake_all(&hdr_->space_seq);
 }
 
-bool Ring::is_closed() const { return hdr_->closed.load(std::memory_order_acquire) != 0; }
+bool Ring::is_closed() const {
+  return hdr_->closed.load(std::memory_order_acquire) != 0;
+}
 
 Status Ring::unblock(bool* skipped) {
   *skipped = false;

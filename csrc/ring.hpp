@@ -38,10 +38,11 @@
 // consumer blocked behind a dead producer's claim notices within kSliceNs.
 #pragma once
 
+#include <pthread.h>
+
 #include <atomic>
 #include <cstddef>
 #include <cstdint>
-#include <pthread.h>
 #include <string>
 
 namespace sage {
@@ -162,8 +163,8 @@ struct Stats {
 
 // Facts about a segment read without joining it (for gc).
 struct Inspect {
-  bool valid;            // magic and version match
-  bool initializing;     // someone holds the init lock right now
+  bool valid;         // magic and version match
+  bool initializing;  // someone holds the init lock right now
   uint64_t file_size;
   uint32_t creator_pid;
   bool creator_alive;
@@ -183,8 +184,8 @@ class Ring {
   // Opens or creates `shm_name` (must start with '/'). `capacity` is used only
   // when creating; it is rounded up to a multiple of 16.
   // On failure *detail (if given) says what was wrong.
-  static Status open(const std::string& shm_name, uint64_t capacity, OpenMode mode,
-                     Ring** out, bool* created, int* err, std::string* detail = nullptr);
+  static Status open(const std::string& shm_name, uint64_t capacity, OpenMode mode, Ring** out, bool* created, int* err,
+                     std::string* detail = nullptr);
   static Status unlink(const std::string& shm_name, int* err);
   static Status inspect(const std::string& shm_name, Inspect* out, int* err);
 
@@ -200,8 +201,8 @@ class Ring {
   // Copies the next frame into buf. If it does not fit, or its kind equals
   // `needs_writable` and buf_writable is false, returns kBufferTooSmall with
   // *out_len and *out_kind set and leaves the frame in place.
-  Status get(void* buf, size_t cap, size_t* out_len, uint16_t* out_kind, int64_t timeout_ns,
-             int needs_writable = -1, bool buf_writable = true);
+  Status get(void* buf, size_t cap, size_t* out_len, uint16_t* out_kind, int64_t timeout_ns, int needs_writable = -1,
+             bool buf_writable = true);
 
   // Number of committed messages and their payload bytes, counted in shared
   // memory (walks the frames under the consumer lock).
@@ -276,7 +277,7 @@ class Ring {
 };
 
 // Helpers shared with the binding (and tests).
-uint64_t process_start_time(uint32_t pid);  // 0 if no such process
+uint64_t process_start_time(uint32_t pid);              // 0 if no such process
 bool process_alive(uint32_t pid, uint64_t start_time);  // start_time 0: pid only
 
 }  // namespace sage

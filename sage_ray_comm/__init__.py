@@ -9,6 +9,8 @@ Same-node traffic goes through a C++ ring buffer in shared memory
 [1, 2, 3]
 """
 
+from importlib import metadata as _metadata
+
 from . import errors, shm
 from .adapter import LegacyQueueAdapter, create_queue_adapter, migrate_service
 from .bus import CommunicationBus, DeliveryReceipt, ServiceManager, get_communication_bus, get_service_manager
@@ -19,7 +21,7 @@ from .queue import DEFAULT_MAXSIZE, SageQueue, SageQueueRef, destroy_queue
 from .sage_api import ServiceCallMixin, call_service, call_service_async
 from .service import BaseService, ServiceFunction, ServiceHandle, sage_service, service_function, subscribe
 
-__version__ = "0.1.0"
+__version__ = _metadata.version("sage_ray_comm")  # one source: pyproject.toml (CMake gives it to _core too)
 
 __all__ = [
     "__version__",

@@ -10,6 +10,7 @@ Defined in the package so that Ray workers import them by name.
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 import time
@@ -94,6 +95,10 @@ class Monitor(BaseService):
         return dict(self.counts)
 
 
+def _record_latency(lat: list, sent: float, _fut: object) -> None:
+    lat.append(time.perf_counter() - sent)
+
+
 def make_records(n: int, seed: int = 7) -> list[dict[str, Any]]:
     import random
 
@@ -151,7 +156,7 @@ def run(records: int = 3000, window: int = 16) -> int:
         for rec in data:
             sent = time.perf_counter()
             fut = client.call_async("featurize", "process", rec)
-            fut.add_done_callback(lambda f, sent=sent: lat.append(time.perf_counter() - sent))
+            fut.add_done_callback(functools.partial(_record_latency, lat, sent))
             pending.append(fut)
             if len(pending) >= window:  # bounded pipelining
                 pending.pop(0).result(timeout=60)

@@ -39,15 +39,15 @@ class CallFuture(_Future):
 
     def __init__(self) -> None:  # no super().__init__(): that is what we avoid
         self._state = PENDING
-        self._result = None
-        self._exception = None
-        self._cond = None
-        self._wl = None
-        self._cbs = None
+        self._result: object = None
+        self._exception: BaseException | None = None
+        self._cond: threading.Condition | None = None
+        self._wl: list | None = None
+        self._cbs: list | None = None
 
     # -- lazily made parts, under the names the stock Future and wait() use
-    @property
-    def _condition(self) -> threading.Condition:
+    @property  # the stock Future's attribute, made lazily (typeshed types it as a plain attribute)
+    def _condition(self) -> threading.Condition:  # type: ignore[override]
         c = self._cond
         if c is None:
             with _LOCK:
@@ -57,19 +57,21 @@ class CallFuture(_Future):
         return c
 
     @property
-    def _waiters(self) -> list:
-        if self._wl is None:
+    def _waiters(self) -> list:  # type: ignore[override]
+        wl = self._wl
+        if wl is None:
             with _LOCK:
-                if self._wl is None:
-                    self._wl = []
-        return self._wl
+                wl = self._wl
+                if wl is None:
+                    wl = self._wl = []
+        return wl
 
     @property
     def _done_callbacks(self) -> list:
         return self._cbs if self._cbs is not None else []
 
     # -- completion
-    def _complete(self, state: str, result: object, exception: object) -> None:
+    def _complete(self, state: str, result: object, exception: BaseException | None) -> None:
         with _LOCK:
             cond = self._cond
             if cond is None:  # nobody waits: the module lock alone orders the change
@@ -88,12 +90,12 @@ class CallFuture(_Future):
                     else:
                         waiter.add_exception(self)
                 cond.notify_all()
-        self._invoke_callbacks()
+        self._invoke_callbacks()  # type: ignore[attr-defined]  # the stock Future's, untyped
 
     def set_result(self, result: object) -> None:
         self._complete(FINISHED, result, None)
 
-    def set_exception(self, exception: BaseException) -> None:
+    def set_exception(self, exception: BaseException | None) -> None:
         self._complete(FINISHED, None, exception)
 
     def cancel(self) -> bool:
@@ -106,15 +108,16 @@ class CallFuture(_Future):
                     return True
                 self._state = CANCELLED
             cond.notify_all()
-        self._invoke_callbacks()
+        self._invoke_callbacks()  # type: ignore[attr-defined]  # the stock Future's, untyped
         return True
 
     def add_done_callback(self, fn) -> None:
         with _LOCK:
             if self._state not in _DONE:
-                if self._cbs is None:
-                    self._cbs = []
-                self._cbs.append(fn)
+                cbs = self._cbs
+                if cbs is None:
+                    cbs = self._cbs = []
+                cbs.append(fn)
                 return
         try:
             fn(self)
@@ -128,10 +131,11 @@ class CallFuture(_Future):
     def result(self, timeout: float | None = None) -> object:
         if self._state == FINISHED:
             if self._exception is not None:
+                exc = self._exception
                 try:
-                    raise self._exception
+                    raise exc
                 finally:
-                    self = None  # break the traceback cycle, as the stock Future does
+                    del exc, self  # break the traceback cycle, as the stock Future does
             return self._result
         return super().result(timeout)
 

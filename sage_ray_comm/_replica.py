@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import itertools
 import logging
 import os
@@ -402,12 +403,15 @@ class Runtime:
         t.start()
 
     def _dispatch(self) -> None:
+        queue = self.queue
+        if queue is None:  # no ring: this replica serves over Ray only
+            return
         while True:
             with self._leader:  # one thread waits on the ring at a time
                 if self._stopping.is_set():
                     return
                 try:
-                    req = take_request(self.queue)
+                    req = take_request(queue)
                 except QueueClosed:
                     return
                 except SageCommError as e:  # a corrupted frame: consumed, keep serving
@@ -496,7 +500,7 @@ class Runtime:
             return
         if h.is_async:
             fut = asyncio.run_coroutine_threadsafe(result, self._async_loop())
-            fut.add_done_callback(lambda f, req=req: self._async_done(req, f))
+            fut.add_done_callback(functools.partial(self._async_done, req))
             return
         self.in_flight -= 1
         if op == OP_CALL:

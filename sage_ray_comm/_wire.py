@@ -350,7 +350,7 @@ def encode_payload(obj: Any, label: str) -> tuple[list, int]:
     return parts, KIND_PICKLE_OOB
 
 
-def unpickle_error(e: Exception, payload: Any, label: str) -> DeserializationError:
+def unpickle_error(e: BaseException, payload: Any, label: str) -> DeserializationError:
     return DeserializationError(
         f"could not unpickle a {len(payload)}-byte message from {label}: {type(e).__name__}: {e} "
         "(the message was consumed; the queue is still usable)"
@@ -499,7 +499,7 @@ def remote_error(info: ErrorInfo, service: str, function: str) -> BaseException:
             original = pickle.loads(info.exc_pickle)
         except Exception:
             original = None
-    cls: type = RemoteError
+    cls: type[RemoteError] = RemoteError
     if isinstance(original, Exception) and not isinstance(original, RemoteError):
         cls = _dual_class(type(original))
     try:
@@ -517,10 +517,10 @@ def remote_error(info: ErrorInfo, service: str, function: str) -> BaseException:
     return err
 
 
-_DUALS: dict[type, type] = {}
+_DUALS: dict[type, type[RemoteError]] = {}
 
 
-def _dual_class(t: type) -> type:
+def _dual_class(t: type) -> type[RemoteError]:
     """A subclass of both RemoteError and ``t``, so ``except t`` still catches it."""
     d = _DUALS.get(t)
     if d is None:

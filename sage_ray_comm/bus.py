@@ -23,7 +23,7 @@ import pydantic
 from . import lifecycle, shm
 from .adapter import destroy_bus_queues
 from .client import FunctionClient
-from .deploy import deployed, stop_registered_replicas
+from .deploy import ServiceHandle, deployed, stop_registered_replicas
 from .endpoint import Endpoint
 from .errors import CallTimeout, InvalidCallArgument, InvalidServiceDefinition, ServiceNotFound, ValidationError
 from .message import CommunicationPattern, Message
@@ -226,7 +226,7 @@ _buses_lock = threading.Lock()
 def get_communication_bus(name: str = "default") -> CommunicationBus:
     """The bus called ``name`` (one object per name in this process).
 
-    Unlike the seed, the name is honoured: ``get_communication_bus("a")`` and
+    Unlike the original code, the name is honoured: ``get_communication_bus("a")`` and
     ``get_communication_bus("b")`` are different, isolated buses.
     """
     validate_bus_name(name)
@@ -238,7 +238,7 @@ def get_communication_bus(name: str = "default") -> CommunicationBus:
 
 
 class ServiceManager:
-    """The services this process runs or deployed on one bus (the seed's manager).
+    """The services this process runs or deployed on one bus (the original code's manager).
 
     >>> mgr = get_service_manager()                              # doctest: +SKIP
     >>> mgr.register_service(MyService())       # starts it in this process
@@ -256,6 +256,7 @@ class ServiceManager:
         original API did), or deploys a service class and returns its
         :class:`~sage_ray_comm.ServiceHandle`."""
 
+        held: BaseService | ServiceHandle
         if isinstance(service, BaseService):
             service.start(bus=self.bus)
             name, held = service.service_name, service
@@ -263,8 +264,8 @@ class ServiceManager:
                 self._services[name] = held
             return service.service_id
         elif isinstance(service, type) and issubclass(service, BaseService):
-            held = service.deploy(bus=self.bus, **deploy_options)
-            name = held.name
+            handle = service.deploy(bus=self.bus, **deploy_options)
+            name, held = handle.name, handle
         else:
             raise InvalidServiceDefinition(
                 f"register_service takes a BaseService instance or class, got {type(service).__name__}"

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import multiprocessing as mp
 import sys
 import time
@@ -90,7 +91,7 @@ def _connect(address: str | None) -> None:
                 f"sage-comm: no running Ray cluster at {address} ({e}); pass --address host:port of a running cluster"
             ) from None
     try:
-        ray.init(address=address or "auto", log_to_driver=False, configure_logging=False, logging_level="ERROR")
+        ray.init(address=address or "auto", log_to_driver=False, configure_logging=False, logging_level=logging.ERROR)
     except (ConnectionError, RuntimeError, ValueError) as e:
         raise SystemExit(
             f"sage-comm: no running Ray cluster at {address or 'auto'} ({type(e).__name__}: {e}); "

@@ -37,7 +37,7 @@ from ._wire import (
     outcome,
 )
 from .completion import CallFinisher, Retrying, check_timeout, pick_timeout
-from .endpoint import Endpoint
+from .endpoint import Endpoint, TransportFactory
 from .errors import (
     CallTimeout,
     FunctionNotFound,
@@ -50,7 +50,6 @@ from .errors import (
 )
 from .metrics import recorder
 from .router import (
-    InstanceInfo,
     Subscription,
     topic_matches,
     validate_bus_name,
@@ -58,7 +57,6 @@ from .router import (
     validate_topic,
 )
 from .routing import POLICIES, pick_instance
-from .transport import Transport
 from .views import function_index, function_signatures, service_list
 
 __all__ = ["DEFAULT_TIMEOUT", "FunctionClient"]
@@ -85,9 +83,24 @@ class FunctionClient:
         timeout: default timeout of calls, in seconds, when the function
             declares none (``$SAGE_COMM_TIMEOUT`` or 30).
         policy: override every service's load-balancing policy.
+        transport: a factory ``node_id -> Transport`` used for every call and
+            event instead of shared memory and Ray (as httpx takes a
+            transport); ``sage_ray_comm.testing.FakeTransport`` is one. The
+            client then gets a registry cache of its own.
+        router: the registry to read instead of the bus's router actor, such
+            as ``sage_ray_comm.testing.FakeRouter`` (then no Ray is needed);
+            ``node_id`` names this process's node for same-node preference.
 
     >>> client = FunctionClient(bus="production_bus")                # doctest: +SKIP
     >>> client.call("calculator", "add", 1, 2, timeout=5)            # doctest: +SKIP
+    3
+
+    In a test, without Ray:
+
+    >>> from sage_ray_comm.testing import FakeRouter, FakeTransport
+    >>> fake = FakeTransport(handler=lambda inst, req: sum(req.args))
+    >>> router = FakeRouter("b").add_replica("calculator", "calc-1", functions=["add"])
+    >>> FunctionClient(bus="b", transport=lambda node: fake, router=router).call("calculator", "add", 1, 2)
     3
     """
 
@@ -98,6 +111,9 @@ class FunctionClient:
         *,
         timeout: float | None = None,
         policy: str | None = None,
+        transport: TransportFactory | None = None,
+        router: Any = None,
+        node_id: str | None = None,
     ) -> None:
         if bus is not None and not isinstance(bus, str):
             bus = getattr(bus, "name", bus)
@@ -109,6 +125,7 @@ class FunctionClient:
             timeout if timeout is not None else os.environ.get("SAGE_COMM_TIMEOUT", DEFAULT_TIMEOUT)
         )
         self.policy = policy
+        self._own = (transport, router, node_id) if (transport is not None or router is not None) else None
         self._ep: Endpoint | None = None
         self._subs: list[str] = []
         self._closed = False
@@ -119,7 +136,11 @@ class FunctionClient:
         if ep is None or ep.closed:
             if self._closed:
                 raise ServiceUnavailable(f"client '{self.client_id}' is closed")
-            ep = self._ep = Endpoint.for_bus(self.bus)
+            if self._own is not None:  # given transports or a registry: a private endpoint
+                transport, router, node_id = self._own
+                ep = self._ep = Endpoint(self.bus, transport=transport, router=router, node_id=node_id)
+            else:
+                ep = self._ep = Endpoint.for_bus(self.bus)
             ep.refs += 1
         return ep
 
@@ -164,23 +185,6 @@ class FunctionClient:
     ) -> Request:
         return Request(op, 0, function, args, kwargs or None, None, deadline, self.client_id, headers, service)
 
-    def _account(self, ep: Endpoint, inst: InstanceInfo, transport: Transport, delta: int) -> None:
-        iid = inst.instance_id
-        ep.outstanding[iid] = ep.outstanding.get(iid, 0) + delta
-        if delta > 0:
-            s = ep.stats
-            s["calls"] += 1
-            s[transport.name] += 1
-            s["by_instance"][iid] = s["by_instance"].get(iid, 0) + 1
-
-    @staticmethod
-    def _uncount(ep: Endpoint, inst: InstanceInfo, transport: Transport) -> None:
-        """Takes back the counts of an attempt that never left (it is retried another way)."""
-        s = ep.stats
-        s["calls"] -= 1
-        s[transport.name] -= 1
-        s["by_instance"][inst.instance_id] -= 1
-
     def call(
         self,
         service: str,
@@ -204,7 +208,7 @@ class FunctionClient:
             t = check_timeout(pick_timeout(timeout, finfo.timeout, self.default_timeout), service, function)
             transport = ep.transport_for(inst)
             req = self._request(OP_CALL, service, function, args, kwargs, time.time() + t, headers)
-            self._account(ep, inst, transport, 1)
+            ep.count_call(inst, transport, 1)
             t0 = time.perf_counter()
             try:
                 rep = transport.call(inst, req, t)
@@ -212,7 +216,7 @@ class FunctionClient:
                 if transport is ep.direct:
                     raise
                 ep.shm_full(e)  # no room for this call's rings: the same call over Ray
-                self._uncount(ep, inst, transport)
+                ep.uncount_call(inst, transport)
                 continue
             except ServiceUnavailable:
                 ep.mark_dead(inst.instance_id)
@@ -230,7 +234,7 @@ class FunctionClient:
                 recorder.call(self.bus, service, function, transport.name, "request_response", None, "CallTimeout")
                 raise
             finally:
-                self._account(ep, inst, transport, -1)
+                ep.count_call(inst, transport, -1)
             try:
                 value = outcome(rep, service, function)
             except SageCommError as e:
@@ -293,7 +297,7 @@ class FunctionClient:
         t = check_timeout(pick_timeout(timeout, finfo.timeout, self.default_timeout), service, function)
         transport = ep.transport_for(inst)
         req = self._request(OP_CALL, service, function, args, kwargs, time.time() + t, headers)
-        self._account(ep, inst, transport, 1)
+        ep.count_call(inst, transport, 1)
 
         finish = CallFinisher(ep, inst.instance_id, service, function, transport.name, self.bus)
         try:
@@ -301,17 +305,17 @@ class FunctionClient:
             return fut, inst.instance_id, finfo.idempotent, time.monotonic() + t
         except SharedMemoryFull as e:
             if transport is ep.direct:
-                self._account(ep, inst, transport, -1)
+                ep.count_call(inst, transport, -1)
                 raise
             ep.shm_full(e)  # no room for this call's rings: the same call over Ray
-            self._uncount(ep, inst, transport)
-            ep.stats[ep.direct.name] += 1
+            ep.uncount_call(inst, transport)
+            ep.stats[ep.direct.name] = ep.stats.get(ep.direct.name, 0) + 1
             ep.stats["calls"] += 1
             ep.stats["by_instance"][inst.instance_id] += 1
             finish.transport = ep.direct.name
             return ep.direct.call_async(inst, req, t, finish), inst.instance_id, finfo.idempotent, time.monotonic() + t
         except BaseException:
-            self._account(ep, inst, transport, -1)
+            ep.count_call(inst, transport, -1)
             raise
 
     async def acall(
@@ -357,7 +361,7 @@ class FunctionClient:
             transport = ep.direct
             transport.send(inst, req, t)
         ep.stats["by_instance"][inst.instance_id] = ep.stats["by_instance"].get(inst.instance_id, 0) + 1
-        ep.stats[transport.name] += 1
+        ep.stats[transport.name] = ep.stats.get(transport.name, 0) + 1
         recorder.call(
             self.bus, service, function, transport.name, "point_to_point" if instance else "load_balanced", None
         )
@@ -442,12 +446,10 @@ class FunctionClient:
         return sub_id
 
     def unsubscribe(self, sub_id: str) -> bool:
-
+        """Ends a subscription made by :meth:`subscribe`; False if it was unknown."""
         ep = self.endpoint
         ok = ep.router.unsubscribe(sub_id, timeout=ROUTER_READ_SECONDS)
-        ep.my_subs.pop(sub_id, None)
-        if ep._inbox is not None:
-            ep._inbox.callbacks.pop(sub_id, None)
+        ep.forget_subscription(sub_id)
         if sub_id in self._subs:
             self._subs.remove(sub_id)
         ep.refresh()
@@ -528,9 +530,7 @@ class FunctionClient:
                 ep.router.unsubscribe(sid)
             except Exception:
                 pass
-            if ep._inbox is not None:
-                ep._inbox.callbacks.pop(sid, None)
-            ep.my_subs.pop(sid, None)
+            ep.forget_subscription(sid)
         ep.refs -= 1
         if ep.refs <= 0:
             ep.close()

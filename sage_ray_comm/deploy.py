@@ -13,6 +13,7 @@ import logging
 import os
 import threading
 import uuid
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from . import lifecycle, shm
@@ -157,7 +158,7 @@ def deployed(bus: str | None = None) -> list[ServiceHandle]:
     return [h for (b, _), h in list(_DEPLOYED.items()) if bus is None or b == bus]
 
 
-def _stop_actors(actors: list, infos: list[InstanceInfo | None], bus: str, timeout: float) -> None:
+def _stop_actors(actors: list, infos: Sequence[InstanceInfo | None], bus: str, timeout: float) -> None:
     import ray
 
     refs = [a.stop.remote() for a in actors]
@@ -184,7 +185,12 @@ def _stop_actors(actors: list, infos: list[InstanceInfo | None], bus: str, timeo
 
 
 def deploy_service(
-    cls: type, *args: Any, replicas: int | None = None, bus: str | None = None, replace: bool = False, **kwargs: Any
+    cls: type[BaseService],
+    *args: Any,
+    replicas: int | None = None,
+    bus: str | None = None,
+    replace: bool = False,
+    **kwargs: Any,
 ) -> ServiceHandle:
     import ray
 
@@ -235,22 +241,22 @@ def deploy_service(
     infos: list[Any] = [None] * n
     try:
         for _ in range(5):
-            todo = [k for k in range(n) if infos[k] is None or infos[k].code_id != code]
+            todo = [i for i in range(n) if infos[i] is None or infos[i].code_id != code]
             if not todo:
                 break
-            results = []
-            for k in todo:
+            results: list[Any] = []
+            for idx in todo:
                 try:
-                    results.append(ray.get(actors[k].start.remote(), timeout=120))
+                    results.append(ray.get(actors[idx].start.remote(), timeout=120))
                 except ray.exceptions.RayActorError:
                     results.append(None)  # another deployer was replacing it: make it again
-            for k, info in zip(todo, results, strict=True):
+            for idx, info in zip(todo, results, strict=True):
                 if info is not None and info.code_id != code:
-                    _stop_actors([actors[k]], [info], bus, 10)  # an older version held the name
+                    _stop_actors([actors[idx]], [info], bus, 10)  # an older version held the name
                     info = None
                 if info is None:
-                    actors[k] = make(k + 1)
-                infos[k] = info
+                    actors[idx] = make(idx + 1)
+                infos[idx] = info
         if any(i is None or i.code_id != code for i in infos):
             raise ServiceUnavailable(f"could not start the {n} replica(s) of service '{name}' on bus '{bus}'")
     except Exception as e:

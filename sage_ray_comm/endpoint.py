@@ -20,8 +20,8 @@ import concurrent.futures
 import logging
 import threading
 import time
-from collections.abc import Iterable
-from typing import ClassVar
+from collections.abc import Callable, Iterator
+from typing import Any, ClassVar
 
 from . import lifecycle, shm
 from ._ray import ensure_ray
@@ -38,8 +38,17 @@ __all__ = ["Endpoint"]
 log = logging.getLogger(__name__)
 
 
+TransportFactory = Callable[[str | None], Transport]  # node id -> the transport to it
+
+
 class Endpoint:
-    """Per process and bus: the registry cache, transports, outstanding counts."""
+    """Per process and bus: the registry cache, transports, outstanding counts.
+
+    The shared one (:meth:`for_bus`) reads the bus's router and uses the real
+    transports. A client given a ``transport`` factory, or a ``router`` (such
+    as ``sage_ray_comm.testing.FakeRouter``), gets a private one built with
+    them; with a router given, no Ray is needed at all.
+    """
 
     _by_bus: ClassVar[dict[str, Endpoint]] = {}
     _lock = threading.Lock()
@@ -57,20 +66,44 @@ class Endpoint:
                 ep = cls._by_bus[bus] = Endpoint(bus)
             return ep
 
-    def __init__(self, bus: str) -> None:
-        import ray
-
-        ensure_ray()
+    def __init__(
+        self,
+        bus: str,
+        *,
+        transport: TransportFactory | None = None,
+        router: Any = None,
+        node_id: str | None = None,
+    ) -> None:
+        """``transport``: node id -> Transport, used for every call and event
+        instead of the real ones. ``router``: a RouterClient-like registry
+        (``register``, ``subscribe``, ``snapshot``, ``wait_for_change``...)
+        instead of the bus's router actor; ``node_id`` is then this process's
+        node (for same-node preference)."""
         self.bus = bus
         self.namespace = bus_namespace(bus)
-        self.router = router_client(bus)
-        self._ray_session = ray.get_runtime_context().get_job_id()
-        self.node_id = ray.get_runtime_context().get_node_id()
         self.host_id = shm.host_id()
-        self.shm = ShmTransport(self.namespace)
-        self.ray = RayTransport(self.namespace)
-        self.direct: Transport = DirectTransport(self.namespace)
-        check_shm_space()  # a small /dev/shm (a container's 64 MiB) is said once, at start
+        self._factory = transport
+        self._ray_session: str | None = None
+        self.router: Any
+        if router is None:
+            import ray
+
+            ensure_ray()
+            self.router = router_client(bus)
+            self._ray_session = ray.get_runtime_context().get_job_id()
+            self.node_id: str | None = ray.get_runtime_context().get_node_id()
+        else:
+            self.router, self.node_id = router, node_id
+        self.shm: Transport
+        self.ray: Transport | None
+        if transport is None:
+            self.shm = ShmTransport(self.namespace)
+            self.ray = RayTransport(self.namespace)
+            self.direct: Transport = DirectTransport(self.namespace)
+            check_shm_space()  # a small /dev/shm (a container's 64 MiB) is said once, at start
+        else:
+            self.shm = self.direct = transport(self.node_id)
+            self.ray = None
         # False once this process could not make a reply ring (/dev/shm full):
         # its calls then go over Ray, straight to the replicas' actors.
         self.shm_ok = True
@@ -81,8 +114,8 @@ class Endpoint:
         self._gen = 0  # bumped whenever the registry or the dead set changes
         self._rebuild_until = 0.0
         self.my_subs: dict[str, Subscription] = {}  # this process's callback subscriptions
-        self.rr: dict[str, Iterable[int]] = {}
-        self.stats = {
+        self.rr: dict[str, Iterator[int]] = {}
+        self.stats: dict[str, Any] = {
             "calls": 0,
             "shm": 0,
             "ray": 0,
@@ -105,45 +138,22 @@ class Endpoint:
         # killed notebook kernel's whole bus) go now, not whenever someone
         # remembers `sage-comm gc`: this bus's at once, other buses' once idle
         # for the janitor's grace (a payload segment may still be on its way).
-        shm.gc(self.namespace)
-        shm.gc_buses(min_idle=JANITOR_GRACE)
-        lifecycle.note_bus(bus)
+        if router is None:
+            shm.gc(self.namespace)
+            shm.gc_buses(min_idle=JANITOR_GRACE)
+            lifecycle.note_bus(bus)
         self.refresh()
         self._watcher = threading.Thread(target=self._watch, name=f"sage-registry-{bus}", daemon=True)
         self._watcher.start()
         lifecycle.register(self, "endpoints", Endpoint.close)
-        ensure_janitor(self.node_id)
-
-    @classmethod
-    def offline(cls, bus: str, snapshot: dict, node_id: str | None, shm_t: Transport, ray_t: Transport) -> Endpoint:
-        """An endpoint with a fixed registry and given transports, no Ray and no
-        router: the client's routing logic, tested on its own."""
-        ep = cls.__new__(cls)
-        ep.bus, ep.namespace, ep.router = bus, bus_namespace(bus), None
-        ep._ray_session = None
-        ep.node_id, ep.host_id = node_id, shm.host_id()
-        ep.shm, ep.ray, ep.direct, ep.shm_ok = shm_t, ray_t, ray_t, True
-        ep.snapshot = snapshot
-        ep.outstanding, ep.dead, ep.rr, ep._live, ep._gen = {}, set(), {}, {}, 0
-        ep._rebuild_until, ep.my_subs = 0.0, {}
-        ep.stats = {
-            "calls": 0,
-            "shm": 0,
-            "ray": 0,
-            "errors": 0,
-            "timeouts": 0,
-            "retries": 0,
-            "published": 0,
-            "delivered": 0,
-            "dropped": 0,
-            "by_instance": {},
-        }
-        ep.closed, ep.refs = False, 1
-        ep._snap_lock = threading.Lock()
-        ep._inbox = None
-        return ep
+        if router is None:
+            ensure_janitor(self.node_id)
 
     def _ray_alive(self) -> bool:
+        """Whether the Ray this endpoint started in still runs (always, for a
+        given router: it needs no Ray)."""
+        if self._ray_session is None:
+            return True
         import ray
 
         try:
@@ -184,12 +194,11 @@ class Endpoint:
                 log.warning("could not re-subscribe %s after a router restart: %s", sub.pattern, e)
 
     def refresh(self) -> dict:
-
-        if self.router is None:  # offline
-            return self.snapshot
         try:
             self._install(self.router.snapshot())
         except Exception as e:
+            if self._ray_session is None:  # a given router: nothing to reconnect to
+                raise RouterUnavailable(f"bus '{self.bus}': cannot read the registry: {e}") from None
             try:
                 self.router = router_client(self.bus)
                 self._install(self.router.snapshot())
@@ -229,6 +238,8 @@ class Endpoint:
                 # back off while the router restarts
                 if self._stop_wait(min(0.1 * failures, 1.0)):
                     break
+                if self._ray_session is None:
+                    continue  # a given router: no actor to find again
                 try:
                     self.router = router_client(self.bus, create=False)
                 except Exception:
@@ -279,15 +290,19 @@ class Endpoint:
 
     def transport(self, node_id: str | None) -> Transport:
         """The transport to a subscriber or replica on ``node_id``."""
-        return self.shm if node_id == self.node_id else self.ray
+        if self._factory is not None:
+            return self._factory(node_id)
+        return self.shm if node_id == self.node_id or self.ray is None else self.ray
 
     def transport_for(self, inst: InstanceInfo) -> Transport:
         """The transport to one replica: shared memory on this node, the
         node's gateway across nodes, and a direct Ray call to the replica's
         actor when either side has no ring (shared memory is short)."""
+        if self._factory is not None:
+            return self._factory(inst.node_id)
         if not inst.request_queue or (not self.shm_ok and inst.node_id == self.node_id):
             return self.direct
-        return self.shm if inst.node_id == self.node_id else self.ray
+        return self.shm if inst.node_id == self.node_id or self.ray is None else self.ray
 
     def shm_full(self, e: BaseException) -> None:
         """This process could not make a ring: go over Ray from now on."""
@@ -301,6 +316,29 @@ class Endpoint:
                 if self._inbox is None:
                     self._inbox = Inbox(self.bus, self.namespace, buffer_bytes or EVENT_RING_BYTES)
         return self._inbox
+
+    def count_call(self, inst: InstanceInfo, transport: Transport, delta: int) -> None:
+        """A call to ``inst`` left (``delta`` 1: counted in the stats too) or ended (-1)."""
+        iid = inst.instance_id
+        self.outstanding[iid] = self.outstanding.get(iid, 0) + delta
+        if delta > 0:
+            s = self.stats
+            s["calls"] += 1
+            s[transport.name] = s.get(transport.name, 0) + 1
+            s["by_instance"][iid] = s["by_instance"].get(iid, 0) + 1
+
+    def uncount_call(self, inst: InstanceInfo, transport: Transport) -> None:
+        """Takes back the counts of an attempt that never left (it is retried another way)."""
+        s = self.stats
+        s["calls"] -= 1
+        s[transport.name] -= 1
+        s["by_instance"][inst.instance_id] -= 1
+
+    def forget_subscription(self, sub_id: str) -> None:
+        """Stops delivering ``sub_id``'s events to its callback in this process."""
+        if self._inbox is not None:
+            self._inbox.callbacks.pop(sub_id, None)
+        self.my_subs.pop(sub_id, None)
 
     def deliver_direct(self, sub: Subscription, req: Request) -> bool:
         """An event for a replica with no ring (shared memory was short): over Ray to its actor."""
@@ -327,7 +365,8 @@ class Endpoint:
             watcher.join(timeout=5)
         if self._inbox is not None:
             self._inbox.close()
-        self.shm.close()
+        if self._factory is None:  # a factory's transports are its owner's to close
+            self.shm.close()
         with Endpoint._lock:
             if Endpoint._by_bus.get(self.bus) is self:
                 del Endpoint._by_bus[self.bus]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import inspect
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pydantic
 
@@ -55,10 +55,10 @@ class Handler:
         )
         annotated = any(p.annotation is not inspect.Parameter.empty for p in sig.parameters.values())
         # Validate only annotated handlers: pydantic costs a few microseconds a call.
-        self.validated = bound
+        self.validated: Callable[..., Any] = bound
         if annotated and resolvable:
             try:
-                self.validated = pydantic.validate_call(bound, config=pydantic.ConfigDict(arbitrary_types_allowed=True))
+                self.validated = pydantic.validate_call(config=pydantic.ConfigDict(arbitrary_types_allowed=True))(bound)
             except Exception as e:  # an annotation pydantic cannot build a schema for
                 log.warning("%s.%s: arguments are not validated (%s: %s)", service, name, type(e).__name__, e)
         elif annotated:

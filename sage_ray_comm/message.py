@@ -41,7 +41,7 @@ class MessageType(str, enum.Enum):
     EVENT = "event"
     COMMAND = "command"
     HEARTBEAT = "heartbeat"
-    # The seed's names for two of the above.
+    # The original code's names for two of the above.
     NOTIFICATION = "notification"
     BROADCAST = "broadcast"
 
@@ -92,7 +92,7 @@ class Message(BaseModel):
     headers: dict[str, str] = Field(default_factory=dict)
     ttl: float | None = Field(default=None, gt=0)
     deadline: float | None = None
-    # The seed kept the payload's routing topic on events.
+    # The original code kept the payload's routing topic on events.
     topic: str | None = None
 
     @property

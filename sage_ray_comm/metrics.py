@@ -124,6 +124,7 @@ class _Recorder:
         c = self.counts
         c[key] = c.get(key, 0) + 1
         if error is not None:
+            k2: tuple[str, tuple[str, ...]]
             if error == "CallTimeout":
                 k2 = ("sage_call_timeouts_total", (bus, service, function, transport))
             else:

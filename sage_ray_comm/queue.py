@@ -29,7 +29,7 @@ import os
 import time
 import weakref
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, cast
 
 from . import _core, shm
 from ._wire import (
@@ -51,7 +51,7 @@ from .errors import (
 
 __all__ = ["DEFAULT_MAXSIZE", "SageQueue", "SageQueueRef", "destroy_queue"]
 
-DEFAULT_MAXSIZE = 1 << 20  # bytes of ring, as in the seed
+DEFAULT_MAXSIZE = 1 << 20  # bytes of ring, as in the original code
 
 # The binding encodes and decodes these two kinds itself (Ring.put_object and
 # get_object); the codes must agree with the wire module's.
@@ -95,7 +95,7 @@ class SageQueueRef:
     host_id: str = ""
 
     @property
-    def name(self) -> str:  # the seed's spelling
+    def name(self) -> str:  # the original code's spelling
         return self.queue_name
 
     def get_queue(self) -> SageQueue:
@@ -190,7 +190,7 @@ class SageQueue:
         left = self._put_object(obj, t)
         if left is None:
             return
-        if left is not False and not names_main(obj, left):
+        if isinstance(left, bytes) and not names_main(obj, left):
             self._ring.put(left, KIND_PICKLE, t)  # globals, none from __main__
             return
         parts, kind = encode_payload(obj, self._label)
@@ -231,7 +231,7 @@ class SageQueue:
     def get_bytes(self, block: bool = True, timeout: float | None = None) -> bytes:
         """Removes the next frame and returns its raw bytes, whatever put it."""
         payload, _kind = self._ring.get(_timeout_for(block, timeout))
-        return payload
+        return cast(bytes, payload)  # bytes: no writable kind was asked for
 
     # -------------------------------------------------------------- frames
     # For protocols built on the ring (the service layer's request and reply
@@ -318,13 +318,13 @@ class SageQueue:
 
     def stats(self) -> dict:
         """Counters kept in shared memory: messages and bytes in and out, and more."""
-        s = self._ring.stats()
+        s: dict[str, Any] = dict(self._ring.stats())
         msgs, nbytes = self._ring.count()
         s.update(name=self.name, namespace=self.namespace, qsize=msgs, queued_bytes=nbytes)
         return s
 
     def get_stats(self) -> dict:
-        """The seed's statistics keys, plus everything in :meth:`stats`."""
+        """The original code's statistics keys, plus everything in :meth:`stats`."""
         s = self.stats()
         used = s["tail"] - s["head"]
         s.update(
@@ -398,7 +398,7 @@ class SageQueue:
         self._unlinked = True
 
     def destroy(self) -> None:
-        """The seed's cleanup: close, unlink and release."""
+        """The original code's cleanup: close, unlink and release."""
         if not self._ring.released:
             self._ring.close_queue()
         self.unlink()

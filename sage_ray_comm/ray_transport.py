@@ -199,7 +199,7 @@ class RayTransport(Transport):
     def _ray_error(self, inst: InstanceInfo, fn: str, e: BaseException) -> SageCommError:
         import ray
 
-        self._gateways.pop(inst.node_id, None)
+        self._gateways.pop(inst.node_id or "", None)
         if isinstance(e, ray.exceptions.GetTimeoutError):
             return CallTimeout(f"call to {inst.service}.{fn} on node {inst.node_id} got no reply in time")
         return ServiceUnavailable(

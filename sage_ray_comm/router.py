@@ -344,9 +344,12 @@ class _RouterActor:
         unreachable under load) are not taken as death: the call is renewed."""
         import ray
 
+        name = inst.actor_name
+        if not name:  # an in-process service: heartbeats alone tell
+            return
         while inst.instance_id in self._watches:
             try:
-                handle = ray.get_actor(inst.actor_name, namespace=ROUTER_NAMESPACE)
+                handle = ray.get_actor(name, namespace=ROUTER_NAMESPACE)
                 await handle.watch.remote()
                 break  # it stopped
             except (ray.exceptions.ActorDiedError, ValueError):

@@ -71,7 +71,7 @@ DEFAULT_TIMEOUT = 30.0
 
 # ------------------------------------------------------------- decorators
 class ServiceFunction:
-    """Marks a method as callable by other processes (the seed's spelling).
+    """Marks a method as callable by other processes (the original code's spelling).
 
     Args:
         name: the name callers use (default: the method's name).
@@ -239,6 +239,23 @@ class BaseService(ServiceCallMixin):
         """Runs once after the service stopped taking requests. Override it.
         (Called by ``stop()``; an extra call from user code is a no-op.)"""
 
+    @classmethod
+    def deploy(
+        cls, *args: Any, replicas: int | None = None, bus: str | None = None, replace: bool = False, **kwargs: Any
+    ) -> ServiceHandle:
+        """Starts ``replicas`` Ray actors of this service on ``bus`` (defaults:
+        the ``@sage_service`` declaration), each built with ``cls(*args,
+        **kwargs)`` inside its actor; waits until all are registered.
+
+        ``replace=True`` stops the replicas a different version of the class
+        holds under the same names first. Returns a :class:`ServiceHandle`.
+
+        >>> handle = Calculator.deploy(bus="pipeline")     # doctest: +SKIP
+        >>> handle.replicas
+        2
+        """
+        return deploy_service(cls, *args, replicas=replicas, bus=bus, replace=replace, **kwargs)
+
     def start(
         self,
         bus: str | None = None,
@@ -332,7 +349,7 @@ class BaseService(ServiceCallMixin):
     def call_function(
         self, target_service: str, function: str, *args: Any, timeout: float | None = None, **kwargs: Any
     ) -> Any:
-        """Calls another service's function and returns its result (the seed's API)."""
+        """Calls another service's function and returns its result (the original code's API)."""
         return self.client.call(target_service, function, *args, timeout=timeout, **kwargs)
 
     def broadcast(self, topic: str, payload: Any) -> int:
@@ -376,21 +393,6 @@ class BaseService(ServiceCallMixin):
 # ------------------------------------------------------------ as Ray actors
 
 
-class _Deployer:
-    """``Cls.deploy(*args, replicas=None, bus=None, replace=False, **kwargs)``: starts
-    the replicas as Ray actors, waits until all are registered, returns a ServiceHandle."""
-
-    def __get__(self, obj: Any, cls: type) -> Callable[..., ServiceHandle]:
-        def deploy(*args: Any, **kwargs: Any) -> ServiceHandle:
-            return deploy_service(cls, *args, **kwargs)
-
-        deploy.__doc__ = _Deployer.__doc__
-        return deploy
-
-
-BaseService.deploy = _Deployer()  # type: ignore[attr-defined]
-
-
 def sage_service(
     name: str | None = None,
     *,
@@ -424,11 +426,15 @@ def sage_service(
     if policy not in POLICIES:
         raise InvalidServiceDefinition(f"policy must be one of {', '.join(map(repr, POLICIES))}, got {policy!r}")
 
-    def wrap(cls: type) -> type:
-        if not (isinstance(cls, type) and issubclass(cls, BaseService)):
-            # Plain classes get BaseService mixed in, as the seed allowed.
+    def wrap(given: type) -> type:
+        cls: type[BaseService]
+        if isinstance(given, type) and issubclass(given, BaseService):
+            cls = given
+        else:  # plain classes get BaseService mixed in, as the original API allowed
             cls = type(
-                cls.__name__, (cls, BaseService), {"__module__": cls.__module__, "__qualname__": cls.__qualname__}
+                given.__name__,
+                (given, BaseService),
+                {"__module__": given.__module__, "__qualname__": given.__qualname__},
             )
         cls.__sage_name__ = name or cls.__name__
         cls.__sage_options__ = {

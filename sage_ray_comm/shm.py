@@ -3,7 +3,7 @@
 Segments live in ``/dev/shm`` as ``sage_rc.<namespace>.<name>.<digest>``. The
 digest covers the exact (namespace, name) pair, so two namespaces never share
 a segment even when their sanitised names collide, and every process that
-asks for the same pair on a node opens the same segment (the seed derived
+asks for the same pair on a node opens the same segment (the original code derived
 names from the pid, so two processes never met).
 
 >>> from sage_ray_comm import shm
@@ -217,12 +217,12 @@ def list_segments(namespace: str | None = None) -> list[SegmentInfo]:
             SegmentInfo(
                 shm_name="/" + fname,
                 size=info["file_size"],
-                valid=info["valid"],
-                initializing=info["initializing"],
-                creator_pid=info["creator_pid"],
-                creator_alive=info["creator_alive"],
-                live_attached=info["live_attached"],
-                attach_overflow=info.get("attach_overflow", False),
+                valid=bool(info["valid"]),
+                initializing=bool(info["initializing"]),
+                creator_pid=int(info["creator_pid"]),
+                creator_alive=bool(info["creator_alive"]),
+                live_attached=int(info["live_attached"]),
+                attach_overflow=bool(info.get("attach_overflow", False)),
                 idle_seconds=idle,
             )
         )

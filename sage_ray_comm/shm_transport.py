@@ -368,7 +368,7 @@ class ShmTransport(Transport):
             if blob is not None:
                 blob.discard()
 
-    def _stale(self, inst: InstanceInfo, rep: tuple) -> None:
+    def _stale(self, inst: InstanceInfo | None, rep: tuple) -> None:
         # The reply to a call that already timed out: drop it (and its segment).
         self.stale_replies += 1
         if rep[1] == ST_OK_BLOB:

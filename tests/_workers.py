@@ -43,7 +43,7 @@ def put_objects(ns, name, objs):
 
 
 def open_by_name_and_put(ns, name, obj):
-    # Opens by name only, as unrelated processes of the seed did.
+    # Opens by name only, as unrelated processes of the original code did.
     q = SageQueue(name, namespace=ns)
     q.put(obj, timeout=30)
     # The parent owns the segment; do not unlink it on exit.

@@ -1,11 +1,11 @@
-"""The client's routing logic against a fake transport (no Ray), as Ray Serve's
-router tests do: which replica and which transport each call takes, retries,
-and how replies turn into values and typed errors."""
+"""The client's routing logic against the shipped fakes (sage_ray_comm.testing:
+no Ray, no shared memory), as Ray Serve's router tests do: which replica and
+which transport each call takes, retries, and how replies turn into values
+and typed errors."""
 
 from __future__ import annotations
 
 import collections
-import concurrent.futures
 import itertools
 import pickle
 import random
@@ -27,15 +27,13 @@ from sage_ray_comm._wire import (
     OP_CALL,
     OP_EVENT,
     ST_ERROR,
-    ST_OK,
     ErrorInfo,
     Reply,
     outcome,
 )
-from sage_ray_comm.endpoint import Endpoint
 from sage_ray_comm.router import FunctionInfo, InstanceInfo, Subscription
 from sage_ray_comm.routing import pick_instance
-from sage_ray_comm.transport import Transport, settle
+from sage_ray_comm.testing import FakeRouter, FakeTransport
 
 
 def inst(iid, node="local", service="calc", idempotent=False, policy="least_outstanding", timeout=7.0):
@@ -53,56 +51,29 @@ def inst(iid, node="local", service="calc", idempotent=False, policy="least_outs
     )
 
 
-class FakeTransport(Transport):
-    """Answers add(a, b) = a + b; can be told that some replicas are dead."""
-
-    def __init__(self, name):
-        self.name = name
-        self.calls = []  # (instance_id, request, timeout)
-        self.dead = set()
-        self.delivered = []
-        self.full = set()
-
-    def call(self, inst, req, timeout):
-        self.calls.append((inst.instance_id, req, timeout))
-        if inst.instance_id in self.dead:
-            raise ServiceUnavailable(f"{inst.instance_id} died")
-        return Reply(req.cid, ST_OK, sum(req.args))
-
-    def call_async(self, inst, req, timeout, finish):
-        f = concurrent.futures.Future()
-        try:
-            rep, exc = self.call(inst, req, timeout), None
-        except Exception as e:
-            rep, exc = None, e
-        settle(f, finish, rep, exc)
-        return f
-
-    def send(self, inst, req, timeout):
-        self.calls.append((inst.instance_id, req, timeout))
-
-    def deliver(self, sub, req):
-        if sub.sub_id in self.full:
-            return False
-        self.delivered.append((sub.sub_id, req))
-        return True
+def _add(inst, req):
+    return sum(req.args)
 
 
 def make_client(instances, subs=(), policy=None, timeout=None):
-    services = collections.defaultdict(dict)
+    """A client on a FakeRouter holding ``instances`` and ``subs``, whose calls
+    go to one FakeTransport for node "local" (this process's) and another for
+    every other node."""
+    router = FakeRouter("b")
     for i in instances:
-        services[i.service][i.instance_id] = i
-    snap = {
-        "bus": "b",
-        "version": 1,
-        "services": dict(services),
-        "subscriptions": list(subs),
-        "load": {},
-        "last_seen": {},
-    }
-    shm_t, ray_t = FakeTransport("shm"), FakeTransport("ray")
-    c = FunctionClient("tester", bus="b", policy=policy, timeout=timeout)
-    c._ep = Endpoint.offline("b", snap, "local", shm_t, ray_t)
+        router.register(i)
+    for sub in subs:
+        router.subscribe(sub)
+    shm_t, ray_t = FakeTransport("shm", handler=_add), FakeTransport("ray", handler=_add)
+    c = FunctionClient(
+        "tester",
+        bus="b",
+        policy=policy,
+        timeout=timeout,
+        transport=lambda node: shm_t if node == "local" else ray_t,
+        router=router,
+        node_id="local",
+    )
     return c, shm_t, ray_t
 
 
@@ -202,7 +173,7 @@ def test_idempotent_calls_retry_on_another_replica():
 def test_non_idempotent_calls_surface_the_death():
     c, shm_t, _ = make_client([inst("a"), inst("b")], policy="round_robin")
     shm_t.dead.add("a")
-    with pytest.raises(ServiceUnavailable, match="a died"):
+    with pytest.raises(ServiceUnavailable, match="replica a of service 'calc' is dead"):
         c.call("calc", "add", 1, 1)
     # the dead replica is not chosen again until the registry drops it
     assert c.call("calc", "add", 1, 1) == 2

@@ -133,13 +133,25 @@ def test_non_contiguous_array_still_round_trips(ns):
         assert np.array_equal(q.get(), a)
 
 
+def test_get_bytes_returns_bytes_even_on_a_fresh_handle(ns):
+    # A first small frame once came back as a bytearray (the "no writable
+    # kind" value matched the handle's initial "last kind").
+    with SageQueue("q", namespace=ns) as q:
+        q.put_bytes(b"xy")
+        got = q.get_bytes(timeout=1)
+        assert got == b"xy" and type(got) is bytes
+        q.put_frame([b"ab", b"cd"], 42)
+        assert q.get_frame(timeout=1) == (b"abcd", 42)
+
+
 def test_messages_over_64k_work(ns):
-    # The seed failed silently above 64 KiB.
+    # The original code failed silently above 64 KiB.
     with SageQueue("q", maxsize=8 << 20, namespace=ns) as q:
         for size in (64 * 1024 - 1, 64 * 1024, 64 * 1024 + 1, 1 << 20, 3 << 20):
             blob = os.urandom(size)
             q.put_bytes(blob)
-            assert q.get_bytes(timeout=1) == blob
+            got = q.get_bytes(timeout=1)
+            assert got == blob and type(got) is bytes
             q.put(blob)
             assert q.get(timeout=1) == blob
 
@@ -249,7 +261,7 @@ def _explode(msg):
 
 
 def test_unpickle_failure_raises_and_queue_stays_usable(ns):
-    # The seed dropped such messages silently.
+    # The original code dropped such messages silently.
     with SageQueue("q", namespace=ns) as q:
         q.put(_Boom())
         q.put("after")
@@ -379,7 +391,7 @@ def test_pickled_queue_reattaches_in_child(ns):
 
 
 def test_same_name_in_two_processes_is_one_queue(ns):
-    # The seed derived names from the pid, so these two never met.
+    # The original code derived names from the pid, so these two never met.
     with SageQueue("shared", namespace=ns) as q:
         p = SPAWN.Process(target=_workers.open_by_name_and_put, args=(ns, "shared", "hello from child"))
         p.start()
@@ -388,7 +400,7 @@ def test_same_name_in_two_processes_is_one_queue(ns):
 
 
 def test_qsize_counts_all_processes(ns):
-    # The seed's qsize counted only the calling process's own puts.
+    # The original code's qsize counted only the calling process's own puts.
     with SageQueue("q", namespace=ns) as q:
         for i in range(5):
             q.put(i)
@@ -402,7 +414,7 @@ def test_qsize_counts_all_processes(ns):
 
 
 def test_blocked_get_sleeps_instead_of_polling(ns):
-    # The seed polled with 1 ms sleeps: ~1000 context switches per second of
+    # The original code polled with 1 ms sleeps: ~1000 context switches per second of
     # waiting. A futex sleep wakes only at its (long) re-check slices.
     with SageQueue("q", namespace=ns):
         parent, child = SPAWN.Pipe()

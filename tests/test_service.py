@@ -133,7 +133,7 @@ def test_acall_from_an_async_ray_actor(calc, bus):
     ray.kill(a)
 
 
-def test_seed_in_process_form_is_registered_like_any_other(bus):
+def test_original_in_process_form_is_registered_like_any_other(bus):
     events = []
 
     class MyService(BaseService):
@@ -173,7 +173,7 @@ def test_seed_in_process_form_is_registered_like_any_other(bus):
     client.close()
 
 
-# -------------------------------------------------- seed defects, regressions
+# -------------------------------------------------- defects of the original code, regressions
 def test_async_handlers_are_awaited(calc):
     _, client = calc
     assert client.call("calculator", "async_double", 21) == 42

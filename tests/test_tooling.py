@@ -62,7 +62,10 @@ def _runtime_params(obj: object) -> list[tuple[str, bool]]:
             params.append(cur)
             cur = ""
             continue
-        depth += ch in "[(" and 1 or (-1 if ch in "])" else 0)
+        if ch in "[(":
+            depth += 1
+        elif ch in "])":
+            depth -= 1
         cur += ch
     if cur.strip():
         params.append(cur)
@@ -125,3 +128,12 @@ def test_stub_signatures_match_the_binding():
                 assert _stub_params(m) == _runtime_params(rt), f"{node.name}.{m.name}"
                 checked += 1
     assert checked > 20
+
+
+def test_one_version_source():
+    import sage_ray_comm
+
+    # (tomllib is 3.11+; the project supports 3.10)
+    declared = re.search(r'^version = "([^"]+)"', (ROOT / "pyproject.toml").read_text(), re.M).group(1)
+    # A stale build of the extension (csrc changed, no reinstall) shows here too.
+    assert sage_ray_comm.__version__ == _core.__version__ == declared
