@@ -32,7 +32,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any, cast
 
 from . import _core, shm
-from ._wire import (
+from ._codec import (
     KIND_PICKLE,
     KIND_PICKLE_OOB,
     KIND_RAW,

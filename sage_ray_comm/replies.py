@@ -101,8 +101,9 @@ class ReplyWriter:
             self.stats["replies_dropped"] += 1
             self.replies.drop(req.reply_to)
             shm.unlink(shm.segment_name(self.namespace, req.reply_to))
-            if rep[1] == ST_OK_BLOB:
-                rep[2].discard()
+            _cid, status, value = rep
+            if status == ST_OK_BLOB:
+                value.discard()
             return
         try:
             q = self.replies.get(req.reply_to)

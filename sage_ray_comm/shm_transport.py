@@ -22,7 +22,7 @@ import os
 import threading
 import time
 import uuid
-from typing import Any
+from typing import Any, NamedTuple
 
 from . import shm
 from ._future import CallFuture
@@ -37,6 +37,7 @@ from ._wire import (
     encode_payload,
     encode_request,
     reply_ring_name,
+    request_tuple,
 )
 from .errors import (
     CallTimeout,
@@ -137,6 +138,26 @@ def put_request(q: SageQueue, req: Request | tuple, timeout: float | None) -> No
     """Writes one request frame (see _wire) into a replica's or subscriber's ring."""
     parts, kind = encode_request(req, q.label)
     q.put_frame(parts, kind, 0.0 if timeout == 0 else timeout)
+
+
+def put_request_parking(
+    q: SageQueue, req: Request, timeout: float | None, namespace: str, cid: int, reply_to: str | None
+) -> SegmentBlob | None:
+    """Writes ``req`` (with this attempt's ``cid`` and ``reply_to``) into a
+    ring; arguments too large for it go into a segment the frame then carries.
+    Returns that segment (None if not needed); if the frame still cannot be
+    written, the segment is removed and the error raised."""
+    try:
+        put_request(q, request_tuple(req, cid, reply_to), timeout)
+        return None
+    except MessageTooLarge:
+        blob = SegmentBlob.put((req.args, req.kwargs), namespace)
+    try:
+        put_request(q, request_tuple(req, cid, reply_to, blob, None), timeout)
+    except BaseException:
+        blob.discard()
+        raise
+    return blob
 
 
 def take_request(q: SageQueue) -> Request | BadRequest | None:
@@ -257,6 +278,16 @@ class _ReplyRing:
         self.cids = itertools.count(1)
 
 
+class _Pending(NamedTuple):
+    """An asynchronous call waiting for its reply."""
+
+    future: concurrent.futures.Future
+    inst: InstanceInfo
+    end: float  # time.monotonic() deadline
+    blob: SegmentBlob | None  # its oversize arguments, removed once answered
+    finish: Finish
+
+
 class ShmTransport(Transport):
     """Same-node calls through shared-memory rings (see the module docstring)."""
 
@@ -270,7 +301,7 @@ class ShmTransport(Transport):
         self._rings: list = []  # every reply ring made, released by close()
         self._lock = threading.Lock()
         self._async: _ReplyRing | None = None
-        self._pending: dict[int, tuple] = {}  # cid -> (future, instance, monotonic end, blob, finish)
+        self._pending: dict[int, _Pending] = {}  # correlation id -> the call
         self._reader: threading.Thread | None = None
         self._closed = False
         self.stale_replies = 0
@@ -288,39 +319,25 @@ class ShmTransport(Transport):
                 f"replica {inst.instance_id} of service '{inst.service}' is gone (its request queue "
                 f"no longer exists) while calling '{req.function}'"
             ) from None
-        blob = None
         try:
-            try:
-                # A plain tuple pickles 4x faster than the NamedTuple, and building it
-                # directly beats NamedTuple._replace by 10x.
-                put_request(q, (req[0], cid, req[2], req[3], req[4], reply_to, req[6], req[7], req[8], req[9]), timeout)
-            except MessageTooLarge:
-                blob = SegmentBlob.put((req.args, req.kwargs), self.namespace)
-                put_request(q, (req[0], cid, req[2], blob, None, reply_to, req[6], req[7], req[8], req[9]), timeout)
+            return put_request_parking(q, req, timeout, self.namespace, cid, reply_to)
         except SerializationError as e:
-            if blob is not None:
-                blob.discard()
             cause = e.__cause__ or e
             raise SerializationError(
                 f"the arguments of the call to {inst.service}.{req.function} cannot be pickled: "
                 f"{type(cause).__name__}: {cause}"
             ) from None
         except QueueFull:
-            if blob is not None:
-                blob.discard()
             raise CallTimeout(
                 f"call to {inst.service}.{req.function}: replica {inst.instance_id}'s request queue "
                 f"stayed full for {timeout:.3g} s (backpressure: the replica is overloaded)"
             ) from None
         except QueueClosed:
-            if blob is not None:
-                blob.discard()
             self.pool.drop(inst.request_queue)
             raise ServiceUnavailable(
                 f"replica {inst.instance_id} of service '{inst.service}' is stopping (its request "
                 f"queue is closed); call to '{req.function}' not delivered"
             ) from None
-        return blob
 
     @staticmethod
     def _resolve(inst: InstanceInfo, rep: Reply) -> Reply:
@@ -361,7 +378,7 @@ class ShmTransport(Transport):
                             f"died while handling '{req.function}'"
                         ) from None
                     continue
-                if rep[0] == cid:
+                if rep[0] == cid:  # (cid, status, value), a plain tuple
                     return self._resolve(inst, Reply(*rep))
                 self._stale(inst, rep)
         finally:
@@ -371,8 +388,9 @@ class ShmTransport(Transport):
     def _stale(self, inst: InstanceInfo | None, rep: tuple) -> None:
         # The reply to a call that already timed out: drop it (and its segment).
         self.stale_replies += 1
-        if rep[1] == ST_OK_BLOB:
-            rep[2].discard()
+        _cid, status, value = rep
+        if status == ST_OK_BLOB:
+            value.discard()
 
     # -- asynchronous calls: one shared ring, one reader thread
     def _async_ring(self) -> _ReplyRing:
@@ -392,7 +410,7 @@ class ShmTransport(Transport):
         ring = self._async_ring()
         cid = next(ring.cids)
         fut: concurrent.futures.Future = CallFuture()
-        self._pending[cid] = (fut, inst, time.monotonic() + timeout, None, finish)
+        self._pending[cid] = _Pending(fut, inst, time.monotonic() + timeout, None, finish)
         try:
             blob = self._put(inst, req, timeout, cid, ring.name)
         except BaseException:
@@ -401,7 +419,7 @@ class ShmTransport(Transport):
         if blob is not None:
             entry = self._pending.get(cid)
             if entry is not None:
-                self._pending[cid] = (*entry[:3], blob, finish)
+                self._pending[cid] = entry._replace(blob=blob)
             else:
                 blob.discard()
         return fut
@@ -426,14 +444,15 @@ class ShmTransport(Transport):
         while True:
             try:
                 rep = get(timeout=LIVENESS_SLICE)
-                entry = pending.pop(rep[0], None)
+                cid, status, _ = rep
+                entry = pending.pop(cid, None)
                 if entry is None:
                     self._stale(None, rep)
-                elif entry[3] is None and rep[1] == ST_OK:
-                    settle(entry[0], entry[4], rep, None)  # the common case, inline
+                elif entry.blob is None and status == ST_OK:
+                    settle(entry.future, entry.finish, rep, None)  # the common case, inline
                 else:
-                    pending[rep[0]] = entry
-                    self._finish(rep[0], Reply(*rep))
+                    pending[cid] = entry
+                    self._finish(cid, Reply(*rep))
             except QueueEmpty:
                 pass
             except QueueClosed:
@@ -479,18 +498,10 @@ class ShmTransport(Transport):
         except QueueNotFound:
             return False
         try:
-            put_request(q, tuple(req), 0)
+            put_request_parking(q, req, 0, self.namespace, req.cid, req.reply_to)
             return True
         except (QueueFull, QueueClosed):
             return False
-        except MessageTooLarge:
-            blob = SegmentBlob.put((req.args, req.kwargs), self.namespace)
-            try:
-                put_request(q, tuple(req._replace(args=blob, kwargs=None)), 0)
-                return True
-            except (QueueFull, QueueClosed):
-                blob.discard()
-                return False
 
     def close(self) -> None:
         with self._lock:

@@ -8,7 +8,7 @@ import importlib
 
 import pytest
 
-RAY_FREE = ["_wire", "testing", "routing", "queue", "shm", "message", "errors", "router", "lifecycle"]
+RAY_FREE = ["_wire", "_codec", "testing", "routing", "queue", "shm", "message", "errors", "router", "lifecycle"]
 
 
 @pytest.mark.parametrize("name", RAY_FREE)

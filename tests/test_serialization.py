@@ -15,7 +15,7 @@ import uuid
 
 import pytest
 
-from sage_ray_comm._wire import _MAIN, dumps
+from sage_ray_comm._codec import _MAIN, dumps
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -80,7 +80,7 @@ def test_large_pickles_are_judged_by_their_objects(monkeypatch):
     """Over _SCAN_MAX bytes the pickle is not searched (340 us per MiB): the
     object graph decides. A big payload next to a __main__ object still goes
     by value; builtins only, however big, stay plain pickle."""
-    from sage_ray_comm._wire import _SCAN_MAX, _builtin_only
+    from sage_ray_comm._codec import _SCAN_MAX, _builtin_only
 
     main_cls = type("BigMain", (), {"__module__": "__main__"})
     monkeypatch.setattr(sys.modules["__main__"], "BigMain", main_cls, raising=False)

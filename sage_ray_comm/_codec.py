@@ -1,0 +1,216 @@
+"""The payload codec: pickle protocol 5, with out-of-band buffers, as Ray
+pickles. Part of the wire format (``_wire`` re-exports it): SageQueue frames
+and the bodies of request and reply frames are encoded here.
+
+A payload is plain ``pickle`` where the receiver can import what it names,
+and Ray's cloudpickle (by value) where it cannot: classes, models and
+dataclasses defined in ``__main__``, lambdas, closures. Contiguous buffers
+(numpy arrays, bytearrays) travel out-of-band, aligned, copied once.
+
+>>> parts, kind = encode_payload({"a": 1}, "example")
+>>> kind == KIND_PICKLE, decode_payload(parts[0], kind, "example")
+(True, {'a': 1})
+"""
+
+from __future__ import annotations
+
+import pickle
+import struct
+from typing import Any
+
+from .errors import DeserializationError, SerializationError
+
+__all__ = [
+    "KIND_PICKLE",
+    "KIND_PICKLE_OOB",
+    "KIND_RAW",
+    "decode_oob",
+    "decode_payload",
+    "dumps",
+    "encode_payload",
+    "names_main",
+    "unpickle_error",
+]
+
+# Ring frame kinds of SageQueue payloads (the binding encodes 1 and 2 itself:
+# queue.py checks it agrees).
+KIND_RAW = 1  # put_bytes: the payload is the caller's bytes
+KIND_PICKLE = 2  # pickle protocol 5, no out-of-band buffers
+KIND_PICKLE_OOB = 3  # pickle protocol 5 plus out-of-band buffers (numpy...)
+
+
+# KIND_PICKLE_OOB payload: header, buffer lengths, pickle, then each buffer at
+# a 16-byte aligned offset (so numpy views of it are aligned).
+_OOB_HEAD = struct.Struct("<4sIQ")  # magic, buffer count, pickle length
+_OOB_MAGIC = b"SQ5B"
+_ALIGN = 16
+_ZEROS = bytes(_ALIGN)
+# Out-of-band buffers totalling less than this are cheaper in-band.
+_OOB_MIN = 1024
+
+
+def _pad(n: int) -> int:
+    return (-n) % _ALIGN
+
+
+# Plain pickle names classes and functions by module; one defined in a script
+# or a notebook is "__main__", which in the receiving process is another file
+# (Ray's default_worker.py). Such a pickle contains these bytes, after a
+# STACK_GLOBAL opcode (protocol 4+ writes every reference to a module-level
+# name with it). Looking for that one byte first is a memchr: the full search
+# runs only for pickles that name some global (measured: +0.04 us for a
+# request frame, against +0.24 us for `b"__main__" in data` on every one).
+_MAIN = b"__main__"
+_STACK_GLOBAL = pickle.STACK_GLOBAL[0]
+# Above this size, searching the pickle costs more than looking at the object
+# (measured: 340 us to search a 1 MiB pickle for __main__): a graph of builtin
+# types only cannot name __main__, and needs no search at all.
+_SCAN_MAX = 4096
+_ATOMS = frozenset({bytes, str, int, float, bool, type(None), bytearray, complex, memoryview})
+_CONTAINERS = frozenset({tuple, list, set, frozenset})
+_WALK_BUDGET = 10_000  # objects looked at before giving up and searching the bytes
+
+
+def _builtin_only(obj: Any) -> bool:
+    """Whether ``obj`` is made of builtin types only (exact types, so a
+    subclass defined anywhere does not pass), within a budget of objects."""
+    todo, seen = [obj], 0
+    while todo:
+        x = todo.pop()
+        seen += 1
+        if seen > _WALK_BUDGET:
+            return False
+        t = type(x)
+        if t in _ATOMS:
+            continue
+        if t in _CONTAINERS:
+            todo.extend(x)
+        elif t is dict:
+            todo.extend(x.keys())
+            todo.extend(x.values())
+        else:
+            return False
+    return True
+
+
+def names_main(obj: Any, data: bytes) -> bool:
+    """Whether the plain pickle ``data`` of ``obj`` refers to ``__main__``
+    (the caller has seen a STACK_GLOBAL byte in it)."""
+    if len(data) > _SCAN_MAX and _builtin_only(obj):
+        return False
+    return _MAIN in data
+
+
+def dumps(obj: Any, bufs: list | None = None) -> bytes:
+    """Pickles ``obj`` as Ray would: by reference where the receiver can import
+    it (plain ``pickle``, the fast path), by value (Ray's cloudpickle) where it
+    cannot: classes, models and dataclasses defined in ``__main__`` (a script
+    or a notebook), lambdas, closures and local functions.
+
+    The receiver always uses plain ``pickle.loads``. ``bufs``, if given,
+    collects the out-of-band buffers (pickle protocol 5).
+
+    >>> import pickle
+    >>> pickle.loads(dumps(lambda x: x + 1))(1)
+    2
+    """
+    try:
+        data = pickle.dumps(obj, protocol=5, buffer_callback=None if bufs is None else bufs.append)
+        if _STACK_GLOBAL not in data or not names_main(obj, data):
+            return data
+    except (pickle.PicklingError, AttributeError, TypeError):
+        pass  # a lambda, a local function: cloudpickle may still do it
+    return _dumps_by_value(obj, bufs)
+
+
+def _dumps_by_value(obj: Any, bufs: list | None) -> bytes:
+    from ray import cloudpickle  # ray is a dependency; imported only when needed
+
+    if bufs is not None:
+        bufs.clear()  # the plain attempt may have handed out buffers already
+    return cloudpickle.dumps(obj, protocol=5, buffer_callback=None if bufs is None else bufs.append)
+
+
+def encode_payload(obj: Any, label: str) -> tuple[list, int]:
+    """Pickles ``obj`` (protocol 5, see :func:`dumps`). Contiguous buffers (numpy arrays,
+    bytearrays, PickleBuffers) stay out-of-band, so they are copied once,
+    straight into the ring."""
+    bufs: list = []
+    try:
+        # dumps() inlined: this runs twice per call (request and reply).
+        try:
+            data = pickle.dumps(obj, protocol=5, buffer_callback=bufs.append)
+        except (pickle.PicklingError, AttributeError, TypeError):
+            data = _dumps_by_value(obj, bufs)
+        else:
+            if _STACK_GLOBAL in data and names_main(obj, data):
+                data = _dumps_by_value(obj, bufs)
+    except Exception as e:  # pickling runs user code: anything can come out
+        raise SerializationError(
+            f"cannot pickle a {type(obj).__module__}.{type(obj).__qualname__} for {label}: {type(e).__name__}: {e}"
+        ) from e
+    if not bufs:
+        return [data], KIND_PICKLE
+    try:
+        raws = [b.raw() for b in bufs]
+    except BufferError:
+        # A non-contiguous buffer: let pickle copy everything in-band.
+        return [dumps(obj)], KIND_PICKLE
+    if sum(r.nbytes for r in raws) < _OOB_MIN:
+        return [dumps(obj)], KIND_PICKLE  # tiny: the frame header costs more
+    head = _OOB_HEAD.pack(_OOB_MAGIC, len(raws), len(data))
+    lens = struct.pack(f"<{len(raws)}Q", *(r.nbytes for r in raws))
+    parts: list = [head, lens, data]
+    offset = len(head) + len(lens) + len(data)
+    for r in raws:
+        p = _pad(offset)
+        if p:
+            parts.append(_ZEROS[:p])
+            offset += p
+        parts.append(r)
+        offset += r.nbytes
+    return parts, KIND_PICKLE_OOB
+
+
+def unpickle_error(e: BaseException, payload: Any, label: str) -> DeserializationError:
+    return DeserializationError(
+        f"could not unpickle a {len(payload)}-byte message from {label}: {type(e).__name__}: {e} "
+        "(the message was consumed; the queue is still usable)"
+    )
+
+
+def decode_payload(payload: Any, kind: int, label: str) -> Any:
+    try:
+        if kind == KIND_PICKLE:
+            return pickle.loads(payload)
+        if kind == KIND_RAW:
+            return payload  # already a bytes object
+        if kind == KIND_PICKLE_OOB:
+            return decode_oob(memoryview(payload))
+    except Exception as e:  # unpickling runs user code: anything can come out
+        raise unpickle_error(e, payload, label) from e
+    raise DeserializationError(f"message of unknown kind {kind} ({len(payload)} bytes) from {label}")
+
+
+def decode_oob(view: memoryview) -> Any:
+    n = len(view)
+    if n < _OOB_HEAD.size:
+        raise ValueError(f"truncated header ({n} bytes)")
+    magic, nbufs, plen = _OOB_HEAD.unpack_from(view, 0)
+    if magic != _OOB_MAGIC or nbufs > n // 8:
+        raise ValueError("bad out-of-band header")
+    pos = _OOB_HEAD.size
+    lens = struct.unpack_from(f"<{nbufs}Q", view, pos)
+    pos += 8 * nbufs
+    if pos + plen > n:
+        raise ValueError(f"pickle of {plen} bytes overruns the {n}-byte message")
+    data = view[pos : pos + plen]
+    pos += plen
+    buffers = []
+    for ln in lens:
+        pos += _pad(pos)
+        if pos + ln > n:
+            raise ValueError(f"buffer of {ln} bytes overruns the {n}-byte message")
+        buffers.append(view[pos : pos + ln])
+        pos += ln
+    return pickle.loads(data, buffers=buffers)
