@@ -485,6 +485,12 @@ PYBIND11_MODULE(_core, m) {
   m.attr("OPEN_OR_CREATE") = int(sage::OpenMode::kCreateOrOpen);
   m.attr("OPEN_ONLY") = int(sage::OpenMode::kOpenOnly);
   m.attr("CREATE_ONLY") = int(sage::OpenMode::kCreateOnly);
+  // Where Ring._set_test_hook stops an operation, so a test can SIGKILL the
+  // process there (tests/test_queue.py's crash tests).
+  m.attr("HOOK_NONE") = int(Ring::kHookNone);
+  m.attr("HOOK_AFTER_CLAIM") = int(Ring::kHookAfterClaim);
+  m.attr("HOOK_IN_PRODUCER_LOCK") = int(Ring::kHookInProdLock);
+  m.attr("HOOK_IN_CONSUMER_LOCK") = int(Ring::kHookInConsLock);
 
   // Byte offsets of header fields, for tests that corrupt a segment on purpose.
   py::dict offsets;

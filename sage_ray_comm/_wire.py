@@ -229,6 +229,8 @@ def gateway_name(node_id: str) -> str:
 _REQ_HEAD = struct.Struct("<4sHHQdQQIHHHH")  # see the module docstring
 _REQ_MAGIC = b"SQRQ"
 _ALIGN_BODY = 16  # the body starts 16-byte aligned, so out-of-band buffers stay aligned
+_REQUEST_FIELDS = len(Request._fields)
+_make_request = Request._make
 
 
 class BadRequest(Exception):
@@ -263,8 +265,10 @@ def request_tuple(req: Request, cid: int, reply_to: str | None, args: Any = None
 def encode_request(req: Request | tuple, label: str) -> tuple[list, int]:
     """The parts (buffers to write back to back) and ring kind of a request
     frame; ``req`` is a Request or its :func:`request_tuple`."""
+    if type(req) is not tuple:
+        req = tuple(req)  # the body is a plain tuple: it pickles 4x faster than the NamedTuple
     parts, kind = encode_payload(req, label)
-    _op, cid, function, _args, _kwargs, reply_to, deadline, *_ = req
+    _op, cid, function, _args, _kwargs, reply_to, deadline, _sender, _headers, _service = req
     rt = (reply_to or "").encode()
     fn = (function or "").encode()[:65535]
     head = _REQ_HEAD.pack(_REQ_MAGIC, PROTOCOL_VERSION, 0, cid, deadline or 0.0, 0, 0, 0, len(rt), len(fn), 0, 0)
@@ -299,27 +303,38 @@ def decode_header(payload: Any, kind: int) -> tuple[RequestHeader, int]:
 
 def decode_request(payload: Any, kind: int) -> Request:
     """The request of a frame. Raises BadRequest (header known: the replica
-    can answer) or ValueError (not a request)."""
-    header, body_at = decode_header(payload, kind)
-    if header.version != PROTOCOL_VERSION:
+    can answer) or ValueError (not a request).
+
+    The common case reads only the fixed fields it needs: building the whole
+    :class:`RequestHeader` costs as much as unpickling a small body, so that
+    is done only for a request that cannot be run.
+    """
+    if (kind != KIND_REQ and kind != KIND_REQ_OOB) or len(payload) < _REQ_HEAD.size:
+        raise ValueError(f"not a request frame (kind {kind}, {len(payload)} bytes)")
+    magic, version, _f, _cid, _d, _c, _s, _cr, nrt, nfn, ntr, _ = _REQ_HEAD.unpack_from(payload, 0)
+    end = _REQ_HEAD.size + nrt + nfn + ntr
+    if magic != _REQ_MAGIC or end > len(payload):
+        raise ValueError("bad request header")
+    if version != PROTOCOL_VERSION:
+        header, _ = decode_header(payload, kind)
         raise BadRequest(
             header,
             ProtocolMismatch(
-                f"the caller speaks protocol version {header.version}, this replica speaks "
+                f"the caller speaks protocol version {version}, this replica speaks "
                 f"{PROTOCOL_VERSION} (upgrade or redeploy one side)",
-                caller_version=header.version,
+                caller_version=version,
                 replica_version=PROTOCOL_VERSION,
             ),
             ERR_PROTOCOL,
         )
-    body = memoryview(payload)[body_at:]
+    body = memoryview(payload)[end + (-end) % _ALIGN_BODY :]
     try:
         frame = pickle.loads(body) if kind == KIND_REQ else decode_oob(body)
-        if not isinstance(frame, tuple) or len(frame) != len(Request._fields):
-            raise ValueError(f"a request must be a {len(Request._fields)}-tuple, got {type(frame).__name__}")
-        return Request._make(frame)
+        if not isinstance(frame, tuple) or len(frame) != _REQUEST_FIELDS:
+            raise ValueError(f"a request must be a {_REQUEST_FIELDS}-tuple, got {type(frame).__name__}")
+        return _make_request(frame)
     except Exception as e:  # unpickling runs user code: anything can come out
-        raise BadRequest(header, e) from None
+        raise BadRequest(decode_header(payload, kind)[0], e) from None
 
 
 # -------------------------------------------------------------- errors

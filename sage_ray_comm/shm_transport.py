@@ -22,7 +22,7 @@ import os
 import threading
 import time
 import uuid
-from typing import Any, NamedTuple
+from typing import Any
 
 from . import shm
 from ._future import CallFuture
@@ -278,16 +278,6 @@ class _ReplyRing:
         self.cids = itertools.count(1)
 
 
-class _Pending(NamedTuple):
-    """An asynchronous call waiting for its reply."""
-
-    future: concurrent.futures.Future
-    inst: InstanceInfo
-    end: float  # time.monotonic() deadline
-    blob: SegmentBlob | None  # its oversize arguments, removed once answered
-    finish: Finish
-
-
 class ShmTransport(Transport):
     """Same-node calls through shared-memory rings (see the module docstring)."""
 
@@ -301,7 +291,8 @@ class ShmTransport(Transport):
         self._rings: list = []  # every reply ring made, released by close()
         self._lock = threading.Lock()
         self._async: _ReplyRing | None = None
-        self._pending: dict[int, _Pending] = {}  # correlation id -> the call
+        # correlation id -> (future, instance, monotonic end, oversize-args blob, finish)
+        self._pending: dict[int, tuple] = {}
         self._reader: threading.Thread | None = None
         self._closed = False
         self.stale_replies = 0
@@ -410,7 +401,7 @@ class ShmTransport(Transport):
         ring = self._async_ring()
         cid = next(ring.cids)
         fut: concurrent.futures.Future = CallFuture()
-        self._pending[cid] = _Pending(fut, inst, time.monotonic() + timeout, None, finish)
+        self._pending[cid] = (fut, inst, time.monotonic() + timeout, None, finish)
         try:
             blob = self._put(inst, req, timeout, cid, ring.name)
         except BaseException:
@@ -419,7 +410,8 @@ class ShmTransport(Transport):
         if blob is not None:
             entry = self._pending.get(cid)
             if entry is not None:
-                self._pending[cid] = entry._replace(blob=blob)
+                fut_, inst_, end, _, finish_ = entry
+                self._pending[cid] = (fut_, inst_, end, blob, finish_)
             else:
                 blob.discard()
         return fut
@@ -448,11 +440,13 @@ class ShmTransport(Transport):
                 entry = pending.pop(cid, None)
                 if entry is None:
                     self._stale(None, rep)
-                elif entry.blob is None and status == ST_OK:
-                    settle(entry.future, entry.finish, rep, None)  # the common case, inline
                 else:
-                    pending[cid] = entry
-                    self._finish(cid, Reply(*rep))
+                    fut, _inst, _end, blob, finish = entry
+                    if blob is None and status == ST_OK:
+                        settle(fut, finish, rep, None)  # the common case, inline
+                    else:
+                        pending[cid] = entry
+                        self._finish(cid, Reply(*rep))
             except QueueEmpty:
                 pass
             except QueueClosed:

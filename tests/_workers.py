@@ -8,7 +8,7 @@ import struct
 
 import _core_override  # noqa: F401  (must precede the package import)
 
-from sage_ray_comm import QueueClosed, QueueEmpty, SageQueue
+from sage_ray_comm import QueueClosed, QueueEmpty, SageQueue, _core
 
 REC = struct.Struct("<II")  # (producer id, sequence number)
 
@@ -106,7 +106,7 @@ def stall_in_hook(ns, name, hook, notify, size):
     """Runs one put (or get) that stops at `hook`; the parent SIGKILLs us there."""
     q = SageQueue(name, namespace=ns, create=False)
     q._ring._set_test_hook(hook, notify.fileno())
-    if hook == 3:
+    if hook == _core.HOOK_IN_CONSUMER_LOCK:
         q.get_bytes(timeout=30)
     else:
         q.put_bytes(b"s" * size, timeout=30)

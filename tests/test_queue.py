@@ -542,7 +542,7 @@ def _stall_and_kill(ns, name, hook, size=256):
 def test_producer_killed_between_claim_and_commit_is_skipped_and_counted(ns):
     with SageQueue("q", namespace=ns) as q:
         q.put("before")
-        _stall_and_kill(ns, "q", hook=1)
+        _stall_and_kill(ns, "q", hook=_core.HOOK_AFTER_CLAIM)
         q.put("after")
         assert q.get(timeout=5) == "before"
         assert q.get(timeout=5) == "after"  # the dead claim did not wedge the reader
@@ -554,7 +554,7 @@ def test_producer_killed_between_claim_and_commit_is_skipped_and_counted(ns):
 def test_unblock_skips_a_dead_claim_on_request(ns):
     with SageQueue("q", namespace=ns) as q:
         assert q.unblock() is False  # nothing to skip
-        _stall_and_kill(ns, "q", hook=1)
+        _stall_and_kill(ns, "q", hook=_core.HOOK_AFTER_CLAIM)
         assert q.stats()["tail"] > q.stats()["head"]  # the dead claim sits at head
         assert q.unblock() is True
         assert q.stats()["head"] == q.stats()["tail"] and q.stats()["frames_dropped"] == 1
@@ -566,7 +566,7 @@ def test_consumer_blocked_behind_claim_notices_producer_death(ns):
         got = []
         t = threading.Thread(target=lambda: got.append(q.get(timeout=30)))
         t.start()
-        _stall_and_kill(ns, "q", hook=1)  # the waiting consumer now faces a dead claim
+        _stall_and_kill(ns, "q", hook=_core.HOOK_AFTER_CLAIM)  # the waiting consumer now faces a dead claim
         q.put("next")
         t.join(30)
         assert got == ["next"]
@@ -575,7 +575,7 @@ def test_consumer_blocked_behind_claim_notices_producer_death(ns):
 
 def test_producer_killed_holding_the_lock_does_not_wedge(ns):
     with SageQueue("q", namespace=ns) as q:
-        _stall_and_kill(ns, "q", hook=2)
+        _stall_and_kill(ns, "q", hook=_core.HOOK_IN_PRODUCER_LOCK)
         q.put("after", timeout=5)  # EOWNERDEAD recovered, nothing half-claimed
         assert q.get(timeout=5) == "after"
         st = q.stats()
@@ -585,7 +585,7 @@ def test_producer_killed_holding_the_lock_does_not_wedge(ns):
 def test_consumer_killed_mid_copy_leaves_message_for_the_next(ns):
     with SageQueue("q", namespace=ns) as q:
         q.put_bytes(b"precious")
-        _stall_and_kill(ns, "q", hook=3)
+        _stall_and_kill(ns, "q", hook=_core.HOOK_IN_CONSUMER_LOCK)
         assert q.get_bytes(timeout=5) == b"precious"  # not lost, delivered once
         with pytest.raises(QueueEmpty):
             q.get_bytes(timeout=0.05)
