@@ -40,8 +40,8 @@ from ._wire import (
     ST_ERROR,
     BadRequest,
     ErrorInfo,
-    Reply,
     Request,
+    bad_request_reply,
     decode_request,
     encode_error,
     request_ring_name,
@@ -346,10 +346,8 @@ class Runtime:
         try:
             req = decode_request(payload, kind)
         except BadRequest as e:
-            if e.reply_to is None and e.code != ERR_PROTOCOL:
-                return None
-            extra = (e.header.version, PROTOCOL_VERSION) if e.code == ERR_PROTOCOL else None
-            return Reply(e.cid, ST_ERROR, encode_error(e.code, e.error, str(e.error), extra))
+            self.stats["errors"] += 1
+            return bad_request_reply(e)  # a send over Ray ignores it
         if self._stopping.is_set():
             return (
                 req.cid,

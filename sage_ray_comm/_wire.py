@@ -89,6 +89,7 @@ __all__ = [
     "Request",
     "RequestHeader",
     "actor_name",
+    "bad_request_reply",
     "decode_payload",
     "decode_request",
     "dumps",
@@ -96,6 +97,7 @@ __all__ = [
     "encode_payload",
     "encode_request",
     "event_ring_name",
+    "frame_bytes",
     "gateway_name",
     "names_main",
     "outcome",
@@ -335,6 +337,22 @@ def decode_request(payload: Any, kind: int) -> Request:
         return _make_request(frame)
     except Exception as e:  # unpickling runs user code: anything can come out
         raise BadRequest(decode_header(payload, kind)[0], e) from None
+
+
+def frame_bytes(req: Request) -> tuple[bytes, int]:
+    """The whole request frame of ``req`` as one bytes, and its kind: what a
+    call over Ray carries (the same header as the ring path)."""
+    parts, kind = encode_request(req, f"a call to {req.service}.{req.function} over Ray")
+    return b"".join(parts), kind
+
+
+def bad_request_reply(e: BadRequest) -> Reply:
+    """The error reply to a request that cannot be run (see BadRequest)."""
+    if e.code == ERR_PROTOCOL:
+        extra = (e.header.version, PROTOCOL_VERSION)
+        return Reply(e.cid, ST_ERROR, encode_error(e.code, e.error, str(e.error), extra))
+    message = f"the arguments of the call to {e.function} could not be unpickled: {e}"
+    return Reply(e.cid, ST_ERROR, encode_error(e.code, e.error, message))
 
 
 # -------------------------------------------------------------- errors

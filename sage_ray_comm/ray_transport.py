@@ -23,8 +23,16 @@ from typing import Any
 
 from . import shm
 from ._ray import get_or_create_actor
-from ._wire import Reply, Request, encode_request, gateway_name
-from .errors import CallTimeout, SageCommError, ServiceUnavailable
+from ._wire import (
+    BadRequest,
+    Reply,
+    Request,
+    bad_request_reply,
+    decode_request,
+    frame_bytes,
+    gateway_name,
+)
+from .errors import CallTimeout, DeserializationError, SageCommError, ServiceUnavailable
 from .router import ROUTER_NAMESPACE, InstanceInfo, Subscription
 from .shm_transport import ShmTransport
 from .transport import Finish, Transport, settle_from_ref
@@ -97,20 +105,34 @@ class _GatewayActor:
 
         return ray.get_runtime_context().get_node_id()
 
-    def call(self, namespace: str, inst: InstanceInfo, req: Request, timeout: float):
+    # Callers on other nodes send whole request frames (see _wire): the
+    # gateway reads the same versioned header a replica does, so a caller on
+    # another protocol version is answered here, before anything is run.
+    def call(self, namespace: str, inst: InstanceInfo, payload: bytes, kind: int, timeout: float):
+        try:
+            req = decode_request(payload, kind)
+        except BadRequest as e:
+            return ("ok", bad_request_reply(e))
         try:
             return ("ok", self._shm(namespace).call(inst, req, timeout))
         except SageCommError as e:
             return ("err", e)
 
-    def send(self, namespace: str, inst: InstanceInfo, req: Request, timeout: float):
+    def send(self, namespace: str, inst: InstanceInfo, payload: bytes, kind: int, timeout: float):
         try:
-            self._shm(namespace).send(inst, req, timeout)
+            self._shm(namespace).send(inst, decode_request(payload, kind), timeout)
             return ("ok", None)
+        except BadRequest as e:
+            return ("err", DeserializationError(f"gateway of node {inst.node_id}: {e}"))
         except SageCommError as e:
             return ("err", e)
 
-    def deliver(self, namespace: str, sub: Subscription, req: Request) -> bool:
+    def deliver(self, namespace: str, sub: Subscription, payload: bytes, kind: int) -> bool:
+        try:
+            req = decode_request(payload, kind)
+        except BadRequest as e:
+            log.warning("gateway dropped an event for %s it could not decode: %s", sub.pattern, e)
+            return False
         return self._shm(namespace).deliver(sub, req)
 
     def forget(self, namespace: str) -> bool:
@@ -211,7 +233,7 @@ class RayTransport(Transport):
         import ray
 
         try:
-            ref = self._gw(inst).call.remote(self.namespace, inst, req, timeout)
+            ref = self._gw(inst).call.remote(self.namespace, inst, *frame_bytes(req), timeout)
             # A little slack: the gateway's own timeout error should win the race.
             out = ray.get(ref, timeout=timeout + 1.0)
         except (ray.exceptions.RayError, ServiceUnavailable) as e:
@@ -219,7 +241,7 @@ class RayTransport(Transport):
         return self._unwrap(inst, req.function, out)
 
     def call_async(self, inst: InstanceInfo, req: Request, timeout: float, finish: Finish) -> concurrent.futures.Future:
-        ref = self._gw(inst).call.remote(self.namespace, inst, req, timeout)
+        ref = self._gw(inst).call.remote(self.namespace, inst, *frame_bytes(req), timeout)
         return settle_from_ref(
             ref,
             finish,
@@ -228,10 +250,10 @@ class RayTransport(Transport):
         )
 
     def send(self, inst: InstanceInfo, req: Request, timeout: float) -> None:
-        self._gw(inst).send.remote(self.namespace, inst, req, timeout)
+        self._gw(inst).send.remote(self.namespace, inst, *frame_bytes(req), timeout)
 
     def deliver(self, sub: Subscription, req: Request) -> bool:
-        self._gw(sub).deliver.remote(self.namespace, sub, req)
+        self._gw(sub).deliver.remote(self.namespace, sub, *frame_bytes(req))
         return True
 
 
@@ -264,12 +286,6 @@ class DirectTransport(Transport):
             self._actors[inst.instance_id] = a
         return a
 
-    @staticmethod
-    def _frame(req: Request) -> tuple[bytes, int]:
-        # The same frame as the ring path (header and all), as one bytes.
-        parts, kind = encode_request(req._replace(cid=0, reply_to=None), "a call over Ray")
-        return b"".join(parts), kind
-
     def _error(self, inst: InstanceInfo, fn: str, e: BaseException) -> SageCommError:
         import ray
 
@@ -287,17 +303,17 @@ class DirectTransport(Transport):
         import ray
 
         try:
-            out = ray.get(self._actor(inst).handle.remote(*self._frame(req)), timeout=timeout + 1.0)
+            out = ray.get(self._actor(inst).handle.remote(*frame_bytes(req)), timeout=timeout + 1.0)
         except ray.exceptions.RayError as e:
             raise self._error(inst, req.function, e) from None
         return Reply(*out)
 
     def call_async(self, inst: InstanceInfo, req: Request, timeout: float, finish: Finish) -> concurrent.futures.Future:
-        ref = self._actor(inst).handle.remote(*self._frame(req))
+        ref = self._actor(inst).handle.remote(*frame_bytes(req))
         return settle_from_ref(ref, finish, lambda out: Reply(*out), lambda e: self._error(inst, req.function, e))
 
     def send(self, inst: InstanceInfo, req: Request, timeout: float) -> None:
-        self._actor(inst).handle.remote(*self._frame(req))
+        self._actor(inst).handle.remote(*frame_bytes(req))
 
     def deliver(self, sub: Subscription, req: Request) -> bool:
         return False  # subscribers always have a ring; see FunctionClient.broadcast

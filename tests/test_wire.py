@@ -13,7 +13,15 @@ import ray
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sage_ray_comm import BaseService, FunctionClient, ProtocolMismatch, _wire, sage_service, service_function
+from sage_ray_comm import (
+    BaseService,
+    DeserializationError,
+    FunctionClient,
+    ProtocolMismatch,
+    _wire,
+    sage_service,
+    service_function,
+)
 from sage_ray_comm._wire import (
     ERR_PROTOCOL,
     KIND_REQ,
@@ -130,3 +138,34 @@ def test_the_ray_path_checks_the_same_header(bus, monkeypatch):
     with pytest.raises(ProtocolMismatch) as ei:
         outcome(rep, "wire_echo", "echo")
     assert (ei.value.caller_version, ei.value.replica_version) == (PROTOCOL_VERSION + 1, PROTOCOL_VERSION)
+
+
+def test_a_gateway_answers_a_caller_on_another_protocol_version(bus, monkeypatch):
+    """Cross-node calls reach a node through its gateway with the same frame."""
+    from sage_ray_comm.ray_transport import get_gateway
+    from sage_ray_comm.router import bus_namespace
+
+    handle = WireEcho.deploy(bus=bus)
+    inst = handle.instances[0]
+    gw = get_gateway(inst.node_id)
+    req = Request(OP_CALL, 0, "echo", (6,), None, None, None, None, None, "wire_echo")
+    data, kind = _frame_bytes(req)
+    status, rep = ray.get(gw.call.remote(bus_namespace(bus), inst, data, kind, 10.0), timeout=30)
+    assert status == "ok" and outcome(Reply(*rep), "wire_echo", "echo") == 6
+    monkeypatch.setattr(_wire, "PROTOCOL_VERSION", PROTOCOL_VERSION + 2)
+    data, kind = _frame_bytes(req)
+    monkeypatch.setattr(_wire, "PROTOCOL_VERSION", PROTOCOL_VERSION)
+    status, rep = ray.get(gw.call.remote(bus_namespace(bus), inst, data, kind, 10.0), timeout=30)
+    with pytest.raises(ProtocolMismatch) as ei:
+        outcome(Reply(*rep), "wire_echo", "echo")
+    assert ei.value.caller_version == PROTOCOL_VERSION + 2
+
+
+def test_the_ray_path_answers_a_body_that_does_not_unpickle(bus):
+    handle = WireEcho.deploy(bus=bus)
+    actor = ray.get_actor(handle.instances[0].actor_name, namespace=ROUTER_NAMESPACE)
+    data, kind = _frame_bytes(Request(OP_CALL, 0, "echo", (5,), None, None, None, None, None, "wire_echo"))
+    header_end = decode_header(data, kind)[1]
+    rep = Reply(*ray.get(actor.handle.remote(data[:header_end] + b"\x80\x05garbage", kind), timeout=30))
+    with pytest.raises(DeserializationError, match="echo"):
+        outcome(rep, "wire_echo", "echo")
