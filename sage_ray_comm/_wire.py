@@ -90,6 +90,7 @@ __all__ = [
     "RequestHeader",
     "actor_name",
     "bad_request_reply",
+    "blob_name",
     "decode_payload",
     "decode_request",
     "dumps",
@@ -106,6 +107,7 @@ __all__ = [
     "reply_ring_pid",
     "request_ring_name",
     "request_tuple",
+    "router_name",
     "unpickle_error",
 ]
 
@@ -215,6 +217,16 @@ def reply_ring_pid(name: str) -> int | None:
 def event_ring_name(pid: int, token: str) -> str:
     """A process's ring for events to its ``subscribe`` callbacks."""
     return f"evt.{pid}.{token}"
+
+
+def blob_name(pid: int, token: str) -> str:
+    """A one-off segment holding a payload too large for a ring."""
+    return f"blob.{pid}.{token}"
+
+
+def router_name(bus: str) -> str:
+    """The Ray actor name of a bus's router (in the router's Ray namespace)."""
+    return f"sage:{bus}:router"
 
 
 def actor_name(bus: str, service: str, index: int) -> str:

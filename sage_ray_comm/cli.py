@@ -19,7 +19,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from . import shm
+from . import _demo, shm
 from .errors import QueueEmpty, RouterUnavailable
 from .queue import SageQueue
 from .router import ROUTER_NAMESPACE, router_client
@@ -71,8 +71,6 @@ def cmd_queue_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from . import _demo
-
     return _demo.run(records=args.records, window=args.window)
 
 

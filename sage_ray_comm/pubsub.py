@@ -14,7 +14,7 @@ import threading
 import uuid
 from collections.abc import Callable
 
-from ._wire import Request
+from ._wire import Request, event_ring_name
 from .errors import SageCommError
 from .message import envelope
 from .queue import SageQueue
@@ -30,7 +30,7 @@ class Inbox:
     """A process's ring for events to ``bus.subscribe`` callbacks, and its reader thread."""
 
     def __init__(self, bus: str, namespace: str, buffer_bytes: int = EVENT_RING_BYTES) -> None:
-        self.name = f"evt.{os.getpid()}.{uuid.uuid4().hex[:10]}"
+        self.name = event_ring_name(os.getpid(), uuid.uuid4().hex[:10])
         self.queue = SageQueue(self.name, buffer_bytes, auto_cleanup=True, namespace=namespace)
         self.callbacks: dict[str, Callable] = {}
         self.wants_message: dict[str, bool] = {}

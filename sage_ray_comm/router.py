@@ -26,6 +26,7 @@ from typing import Any
 
 from . import shm
 from ._ray import RouterClient, get_or_create_actor
+from ._wire import router_name
 from .errors import InvalidBusName, InvalidSubscription, NameConflict, RouterUnavailable
 
 __all__ = [
@@ -55,11 +56,6 @@ def validate_bus_name(name: str) -> str:
     if not isinstance(name, str) or not _BUS_NAME.match(name):
         raise InvalidBusName(f"bus name must be 1-100 characters of letters, digits, '_', '.', '-', got {name!r}")
     return name
-
-
-def router_name(bus: str) -> str:
-    """The Ray actor name of a bus's router (namespace :data:`ROUTER_NAMESPACE`)."""
-    return f"sage:{bus}:router"
 
 
 def bus_namespace(bus: str) -> str:

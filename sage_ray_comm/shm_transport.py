@@ -33,6 +33,7 @@ from ._wire import (
     BadRequest,
     Reply,
     Request,
+    blob_name,
     decode_request,
     encode_payload,
     encode_request,
@@ -93,7 +94,7 @@ class SegmentBlob:
     def put(cls, obj: Any, namespace: str) -> SegmentBlob:
         parts, kind = encode_payload(obj, f"an oversize payload in namespace '{namespace}'")
         nbytes = sum(memoryview(p).nbytes for p in parts)
-        name = f"blob.{os.getpid()}.{uuid.uuid4().hex[:12]}"
+        name = blob_name(os.getpid(), uuid.uuid4().hex[:12])
         cap = 2 * (nbytes + 64) + 4096
         if cap > shm.MAX_SEGMENT_BYTES:
             raise MessageTooLarge(
