@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import pydantic
 
-from . import lifecycle, shm
+from . import context, lifecycle, shm
 from ._ray import ROUTER_CALL_SECONDS, ROUTER_READ_SECONDS, RouterClient, ensure_ray
 from ._wire import (
     ERR_DESERIALIZATION,
@@ -481,8 +481,15 @@ class Runtime:
             kwargs["message"] = envelope(req)
         self.stats["calls" if op == OP_CALL else ("events" if op == OP_EVENT else "sends")] += 1
         self.in_flight += 1
+        # The handler's own calls inherit its deadline (context.py); an async
+        # handler's task copies the context when it is scheduled below.
+        token = context.enter(context.Handling(req.service, req.function, req.deadline))
         try:
             result = h.validated(*args, **(kwargs or {}))
+            if h.is_async:
+                fut = asyncio.run_coroutine_threadsafe(result, self._async_loop())
+                fut.add_done_callback(functools.partial(self._async_done, req))
+                return
         except pydantic.ValidationError as e:
             self.in_flight -= 1
             msg, errs = validation_message(req.service, h.name, e, h.params)
@@ -496,10 +503,8 @@ class Runtime:
             self.in_flight -= 1
             self._failed(req, e)
             return
-        if h.is_async:
-            fut = asyncio.run_coroutine_threadsafe(result, self._async_loop())
-            fut.add_done_callback(functools.partial(self._async_done, req))
-            return
+        finally:
+            context.leave(token)
         self.in_flight -= 1
         if op == OP_CALL:
             self.reply.result(req, result)

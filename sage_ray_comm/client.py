@@ -27,7 +27,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from . import shm
+from . import context, shm
 from ._ray import ROUTER_READ_SECONDS
 from ._wire import (
     OP_CALL,
@@ -206,6 +206,7 @@ class FunctionClient:
         while True:
             ep, inst, finfo = self._route(service, function, instance, excluded)
             t = check_timeout(pick_timeout(timeout, finfo.timeout, self.default_timeout), service, function)
+            t, cut_by = context.bound_by_parent(t, service, function)
             transport = ep.transport_for(inst)
             req = self._request(OP_CALL, service, function, args, kwargs, time.time() + t, headers)
             ep.count_call(inst, transport, 1)
@@ -229,9 +230,11 @@ class FunctionClient:
                     ep.stats["retries"] += 1
                     continue
                 raise
-            except CallTimeout:
+            except CallTimeout as e:
                 ep.stats["timeouts"] += 1
                 recorder.call(self.bus, service, function, transport.name, "request_response", None, "CallTimeout")
+                if cut_by is not None:
+                    raise CallTimeout(f"{e} ({cut_by})") from e
                 raise
             finally:
                 ep.count_call(inst, transport, -1)
@@ -295,11 +298,12 @@ class FunctionClient:
         """One attempt: (future, replica id, idempotent, monotonic deadline)."""
         ep, inst, finfo = self._route(service, function, instance, exclude)
         t = check_timeout(pick_timeout(timeout, finfo.timeout, self.default_timeout), service, function)
+        t, cut_by = context.bound_by_parent(t, service, function)
         transport = ep.transport_for(inst)
         req = self._request(OP_CALL, service, function, args, kwargs, time.time() + t, headers)
         ep.count_call(inst, transport, 1)
 
-        finish = CallFinisher(ep, inst.instance_id, service, function, transport.name, self.bus)
+        finish = CallFinisher(ep, inst.instance_id, service, function, transport.name, self.bus, cut_by)
         try:
             fut = transport.call_async(inst, req, t, finish)
             return fut, inst.instance_id, finfo.idempotent, time.monotonic() + t

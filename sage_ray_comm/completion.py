@@ -74,11 +74,14 @@ class CallFinisher:
     """Turns an async call's reply into its outcome, in the thread that got the
     reply. One small object per pending call (a closure would be nine)."""
 
-    __slots__ = ("bus", "ep", "function", "iid", "service", "t0", "transport")
+    __slots__ = ("bus", "cut_by", "ep", "function", "iid", "service", "t0", "transport")
 
-    def __init__(self, ep: Endpoint, iid: str, service: str, function: str, transport: str, bus: str) -> None:
+    def __init__(
+        self, ep: Endpoint, iid: str, service: str, function: str, transport: str, bus: str, cut_by: str | None = None
+    ) -> None:
         self.ep, self.iid, self.service, self.function = ep, iid, service, function
         self.transport, self.bus, self.t0 = transport, bus, time.perf_counter()
+        self.cut_by = cut_by  # why the timeout is shorter than asked: the parent call's deadline
 
     def __call__(self, rep: Reply | None, exc: BaseException | None) -> Any:
         ep = self.ep
@@ -102,6 +105,8 @@ class CallFinisher:
         recorder.call(
             self.bus, self.service, self.function, self.transport, "request_response", None, type(exc).__name__
         )
+        if self.cut_by is not None and isinstance(exc, CallTimeout):
+            raise CallTimeout(f"{exc} ({self.cut_by})") from exc
         raise exc
 
 

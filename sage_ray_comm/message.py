@@ -101,6 +101,15 @@ class Message(BaseModel):
         ends = [d for d in (self.deadline, self.timestamp + self.ttl if self.ttl else None) if d is not None]
         return min(ends) if ends else None
 
+    def remaining(self, now: float | None = None) -> float | None:
+        """Seconds left before :attr:`expires_at` (negative once it passed; None: never expires).
+
+        >>> Message(deadline=time.time() + 10).remaining() > 9
+        True
+        """
+        exp = self.expires_at
+        return None if exp is None else exp - (now if now is not None else time.time())
+
     def is_expired(self, now: float | None = None) -> bool:
         """True once :attr:`expires_at` has passed."""
         exp = self.expires_at

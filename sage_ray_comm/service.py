@@ -34,7 +34,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any, ClassVar
 
-from . import lifecycle
+from . import context, lifecycle
 from ._replica import DEFAULT_MAX_CONCURRENCY, Runtime
 from .client import FunctionClient
 from .deploy import ServiceHandle, deploy_service
@@ -345,6 +345,26 @@ class BaseService(ServiceCallMixin):
 
     def _sage_client(self) -> Any:
         return self.client  # call_service[...] uses the service's own client and bus
+
+    @staticmethod
+    def deadline() -> float | None:
+        """Inside a handler: the deadline of the request it is serving, in
+        epoch seconds (None if its caller set none). Calls the handler makes
+        inherit it.
+
+        >>> class Search(BaseService):
+        ...     @service_function
+        ...     def query(self, q: str) -> list:
+        ...         if self.remaining() is not None and self.remaining() < 0.05:
+        ...             return []  # not worth starting
+        ...         return self.call_function("index", "lookup", q)
+        """
+        return context.deadline()
+
+    @staticmethod
+    def remaining() -> float | None:
+        """Inside a handler: seconds left before its request's deadline (None: no deadline)."""
+        return context.remaining()
 
     def call_function(
         self, target_service: str, function: str, *args: Any, timeout: float | None = None, **kwargs: Any

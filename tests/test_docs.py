@@ -8,7 +8,19 @@ import importlib
 
 import pytest
 
-RAY_FREE = ["_wire", "_codec", "testing", "routing", "queue", "shm", "message", "errors", "router", "lifecycle"]
+RAY_FREE = [
+    "_wire",
+    "_codec",
+    "context",
+    "testing",
+    "routing",
+    "queue",
+    "shm",
+    "message",
+    "errors",
+    "router",
+    "lifecycle",
+]
 
 
 @pytest.mark.parametrize("name", RAY_FREE)
