@@ -27,23 +27,20 @@ import pydantic
 from . import context, lifecycle, shm
 from ._ray import ROUTER_CALL_SECONDS, ROUTER_READ_SECONDS, RouterClient, ensure_ray
 from ._wire import (
-    ERR_DESERIALIZATION,
     ERR_FUNCTION,
-    ERR_PROTOCOL,
     ERR_REMOTE,
     ERR_TIMEOUT,
     ERR_UNAVAILABLE,
     ERR_VALIDATION,
     OP_CALL,
     OP_EVENT,
-    PROTOCOL_VERSION,
     ST_ERROR,
     BadRequest,
-    ErrorInfo,
     Request,
     bad_request_reply,
     decode_request,
     encode_error,
+    error_reply,
     request_ring_name,
 )
 from .errors import (
@@ -334,6 +331,11 @@ class Runtime:
                     )
 
     # -- dispatch
+    @property
+    def thread_count(self) -> int:
+        """Dispatcher threads started so far."""
+        return len(self._threads)
+
     def queued(self) -> int:
         """Requests waiting in the ring (0 without one)."""
         return self.queue.qsize() if self.queue is not None else 0
@@ -347,21 +349,10 @@ class Runtime:
             req = decode_request(payload, kind)
         except BadRequest as e:
             self.stats["errors"] += 1
-            return bad_request_reply(e)  # a send over Ray ignores it
+            return bad_request_reply(e, self.info.service, f"replica {self.instance_id}")  # a send ignores it
         if self._stopping.is_set():
-            return (
-                req.cid,
-                ST_ERROR,
-                tuple(
-                    ErrorInfo(
-                        ERR_UNAVAILABLE,
-                        "",
-                        f"replica {self.instance_id} of '{self.info.service}' is stopping",
-                        "",
-                        None,
-                        None,
-                    )
-                ),
+            return error_reply(
+                req.cid, ERR_UNAVAILABLE, f"replica {self.instance_id} of '{self.info.service}' is stopping"
             )
         if req.op != OP_CALL:
             self._handle(req)
@@ -374,19 +365,8 @@ class Runtime:
             left = None if req.deadline is None else max(0.0, req.deadline - time.time()) + 1.0
             return fut.result(timeout=left)  # async handlers reply from their loop
         except concurrent.futures.TimeoutError:
-            return (
-                req.cid,
-                ST_ERROR,
-                tuple(
-                    ErrorInfo(
-                        ERR_TIMEOUT,
-                        "",
-                        f"call to {req.service}.{req.function} got no reply before its deadline",
-                        "",
-                        None,
-                        None,
-                    )
-                ),
+            return error_reply(
+                req.cid, ERR_TIMEOUT, f"call to {req.service}.{req.function} got no reply before its deadline"
             )
         finally:
             self._direct.pop(key, None)
@@ -437,15 +417,7 @@ class Runtime:
             log.warning("service %s dropped an event or send it could not decode: %s", self.info.service, e)
             return
         req = Request(OP_CALL, e.cid, e.function, (), None, e.reply_to, None, None, None, self.info.service)
-        if e.code == ERR_PROTOCOL:
-            self.reply.error(req, ERR_PROTOCOL, str(e.error), (e.header.version, PROTOCOL_VERSION))
-            return
-        self.reply.error(
-            req,
-            ERR_DESERIALIZATION,
-            f"the arguments of the call to {self.info.service}.{e.function} could not be unpickled by "
-            f"replica {self.instance_id}: {e}",
-        )
+        self.reply.put(req, tuple(bad_request_reply(e, self.info.service, f"replica {self.instance_id}")))
 
     def _handle(self, req: Request) -> None:
         op = req.op

@@ -97,6 +97,7 @@ __all__ = [
     "encode_error",
     "encode_payload",
     "encode_request",
+    "error_reply",
     "event_ring_name",
     "frame_bytes",
     "gateway_name",
@@ -291,20 +292,26 @@ def encode_request(req: Request | tuple, label: str) -> tuple[list, int]:
     return [head, *parts], (KIND_REQ if kind == KIND_PICKLE else KIND_REQ_OOB)
 
 
+def _fixed_fields(payload: Any, kind: int) -> tuple[tuple, int]:
+    """The header's fixed fields (``_REQ_HEAD``'s order) and where its strings
+    end, checked. Raises ValueError for a frame that is not a request."""
+    if (kind != KIND_REQ and kind != KIND_REQ_OOB) or len(payload) < _REQ_HEAD.size:
+        raise ValueError(f"not a request frame (kind {kind}, {len(payload)} bytes)")
+    fields = _REQ_HEAD.unpack_from(payload, 0)
+    if fields[0] != _REQ_MAGIC:
+        raise ValueError("bad request header")
+    end = _REQ_HEAD.size + fields[8] + fields[9] + fields[10]  # + the lengths of the three strings
+    if end > len(payload):
+        raise ValueError(f"request header overruns the {len(payload)}-byte frame")
+    return fields, end
+
+
 def decode_header(payload: Any, kind: int) -> tuple[RequestHeader, int]:
     """The header of a request frame and the body's offset. Raises ValueError
     for a frame that is not a request at all."""
-    if kind not in (KIND_REQ, KIND_REQ_OOB) or len(payload) < _REQ_HEAD.size:
-        raise ValueError(f"not a request frame (kind {kind}, {len(payload)} bytes)")
-    magic, version, flags, cid, deadline, cancel_id, stream_id, credit, nrt, nfn, ntr, _ = _REQ_HEAD.unpack_from(
-        payload, 0
-    )
-    if magic != _REQ_MAGIC:
-        raise ValueError("bad request header")
+    fields, end = _fixed_fields(payload, kind)
+    _magic, version, flags, cid, deadline, cancel_id, stream_id, credit, nrt, nfn, _ntr, _ = fields
     pos = _REQ_HEAD.size
-    end = pos + nrt + nfn + ntr
-    if end > len(payload):
-        raise ValueError(f"request header overruns the {len(payload)}-byte frame")
     view = memoryview(payload)
     reply_to = bytes(view[pos : pos + nrt]).decode(errors="replace") or None
     function = bytes(view[pos + nrt : pos + nrt + nfn]).decode(errors="replace")
@@ -319,16 +326,12 @@ def decode_request(payload: Any, kind: int) -> Request:
     """The request of a frame. Raises BadRequest (header known: the replica
     can answer) or ValueError (not a request).
 
-    The common case reads only the fixed fields it needs: building the whole
+    The common case reads only the fixed fields: building the whole
     :class:`RequestHeader` costs as much as unpickling a small body, so that
     is done only for a request that cannot be run.
     """
-    if (kind != KIND_REQ and kind != KIND_REQ_OOB) or len(payload) < _REQ_HEAD.size:
-        raise ValueError(f"not a request frame (kind {kind}, {len(payload)} bytes)")
-    magic, version, _f, _cid, _d, _c, _s, _cr, nrt, nfn, ntr, _ = _REQ_HEAD.unpack_from(payload, 0)
-    end = _REQ_HEAD.size + nrt + nfn + ntr
-    if magic != _REQ_MAGIC or end > len(payload):
-        raise ValueError("bad request header")
+    fields, end = _fixed_fields(payload, kind)
+    version = fields[1]
     if version != PROTOCOL_VERSION:
         header, _ = decode_header(payload, kind)
         raise BadRequest(
@@ -358,12 +361,18 @@ def frame_bytes(req: Request) -> tuple[bytes, int]:
     return b"".join(parts), kind
 
 
-def bad_request_reply(e: BadRequest) -> Reply:
-    """The error reply to a request that cannot be run (see BadRequest)."""
+def error_reply(cid: int, code: str, message: str, extra: Any = None) -> tuple:
+    """A reply frame for an error the library itself found (no exception to carry)."""
+    return (cid, ST_ERROR, tuple(ErrorInfo(code, "", message, "", None, extra)))
+
+
+def bad_request_reply(e: BadRequest, service: str, by: str) -> Reply:
+    """The error reply to a request that cannot be run (see BadRequest), from
+    ``by`` (which process read it: "replica <id>", a node's gateway)."""
     if e.code == ERR_PROTOCOL:
         extra = (e.header.version, PROTOCOL_VERSION)
         return Reply(e.cid, ST_ERROR, encode_error(e.code, e.error, str(e.error), extra))
-    message = f"the arguments of the call to {e.function} could not be unpickled: {e}"
+    message = f"the arguments of the call to {service}.{e.function} could not be unpickled by {by}: {e}"
     return Reply(e.cid, ST_ERROR, encode_error(e.code, e.error, message))
 
 

@@ -58,7 +58,7 @@ class CommunicationBus:
     def start(self) -> CommunicationBus:
         """Finds or creates the bus's router (starting a local Ray if needed). Idempotent."""
         with self._lock:
-            if self._client is None or self._client._closed:
+            if self._client is None or self._client.closed:
                 self._client = FunctionClient(client_id=f"bus:{self.name}", bus=self.name)
                 self._client.endpoint  # noqa: B018  (connects now, so errors surface here)
         return self
@@ -66,7 +66,7 @@ class CommunicationBus:
     @property
     def client(self) -> FunctionClient:
         """The bus's own FunctionClient (started on first use)."""
-        if self._client is None or self._client._closed:
+        if self._client is None or self._client.closed:
             self.start()
         return self._client  # type: ignore[return-value]
 
@@ -118,7 +118,7 @@ class CommunicationBus:
 
     @property
     def is_running(self) -> bool:
-        return self._client is not None and not self._client._closed
+        return self._client is not None and not self._client.closed
 
     # -- patterns
     def call(self, service: str, function: str, *args: Any, **kwargs: Any) -> Any:

@@ -131,6 +131,11 @@ class FunctionClient:
         self._closed = False
 
     @property
+    def closed(self) -> bool:
+        """True after :meth:`close`."""
+        return self._closed
+
+    @property
     def endpoint(self) -> Endpoint:
         ep = self._ep
         if ep is None or ep.closed:
@@ -312,10 +317,7 @@ class FunctionClient:
                 ep.count_call(inst, transport, -1)
                 raise
             ep.shm_full(e)  # no room for this call's rings: the same call over Ray
-            ep.uncount_call(inst, transport)
-            ep.stats[ep.direct.name] = ep.stats.get(ep.direct.name, 0) + 1
-            ep.stats["calls"] += 1
-            ep.stats["by_instance"][inst.instance_id] += 1
+            ep.recount_call(transport, ep.direct)
             finish.transport = ep.direct.name
             return ep.direct.call_async(inst, req, t, finish), inst.instance_id, finfo.idempotent, time.monotonic() + t
         except BaseException:
@@ -364,8 +366,7 @@ class FunctionClient:
             ep.shm_full(e)
             transport = ep.direct
             transport.send(inst, req, t)
-        ep.stats["by_instance"][inst.instance_id] = ep.stats["by_instance"].get(inst.instance_id, 0) + 1
-        ep.stats[transport.name] = ep.stats.get(transport.name, 0) + 1
+        ep.count_sent(inst, transport)
         recorder.call(
             self.bus, service, function, transport.name, "point_to_point" if instance else "load_balanced", None
         )

@@ -12,14 +12,13 @@ from __future__ import annotations
 import logging
 import os
 import threading
-import uuid
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from . import lifecycle, shm
 from ._ray import ensure_ray
 from ._replica import DEFAULT_MAX_CONCURRENCY
-from ._wire import ERR_UNAVAILABLE, ST_ERROR, ErrorInfo, actor_name, decode_header
+from ._wire import ERR_UNAVAILABLE, actor_name, decode_header, error_reply
 from .endpoint import Endpoint
 from .errors import InvalidServiceDefinition, NameConflict, SageCommError, ServiceUnavailable
 from .router import (
@@ -33,6 +32,7 @@ from .router import (
 )
 
 if TYPE_CHECKING:
+    from ._replica import Runtime
     from .service import BaseService
 
 log = logging.getLogger(__name__)
@@ -57,6 +57,7 @@ class ServiceActor:
 
         self._args = (cls, args, kwargs, bus, index, actor_name, replace, code_id)
         self.svc: BaseService | None = None
+        self.rt: Runtime | None = None  # the runtime start() made; the service's own until it stops
         self._stopped = threading.Event()
         self._start_lock = threading.Lock()  # concurrent deployers call start() at once
         if ray.get_runtime_context().was_current_actor_reconstructed:
@@ -66,13 +67,11 @@ class ServiceActor:
     def start(self) -> InstanceInfo:
         cls, args, kwargs, bus, index, actor_name, replace, code_id = self._args
         with self._start_lock:
-            if self.svc is None:
+            if self.rt is None:
                 svc = cls(*args, **kwargs)
-                svc._ensure_base()
-                svc.service_id = f"{svc.service_name}#{index}-{uuid.uuid4().hex[:6]}"
-                svc.start(bus, replace=replace, _replica_index=index, _actor_name=actor_name, _code_id=code_id)
+                self.rt = svc.start_replica(bus, index, actor_name, replace, code_id)
                 self.svc = svc
-        return self.svc._runtime.info  # type: ignore[union-attr]
+            return self.rt.info
 
     def watch(self) -> bool:
         """Returns when the replica stops; the router keeps one call pending, and
@@ -94,10 +93,9 @@ class ServiceActor:
 
     def handle(self, payload: bytes, kind: int) -> tuple | None:
         """A request frame sent over Ray straight to this replica (see Runtime.handle_direct)."""
-        rt = self.svc._runtime if self.svc is not None else None
+        rt = self.rt if self.svc is not None and self.svc.is_running else None
         if rt is None:
-            info = ErrorInfo(ERR_UNAVAILABLE, "", "replica is not running", "", None, None)
-            return (decode_header(payload, kind)[0].cid, ST_ERROR, tuple(info))
+            return error_reply(decode_header(payload, kind)[0].cid, ERR_UNAVAILABLE, "replica is not running")
         return rt.handle_direct(payload, kind)
 
     def pid(self) -> int:

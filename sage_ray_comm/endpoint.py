@@ -272,7 +272,7 @@ class Endpoint:
                     f"no service '{service}' on bus '{self.bus}'; known services: {', '.join(known) or '(none)'}"
                 )
         live = [i for i in insts.values() if i.instance_id not in self.dead]
-        if not live and self.router is not None:
+        if not live:
             # Every replica we know is dead: ask for news (restarted replicas) before failing.
             insts = self.refresh()["services"].get(service) or {}
             live = [i for i in insts.values() if i.instance_id not in self.dead]
@@ -298,11 +298,9 @@ class Endpoint:
         """The transport to one replica: shared memory on this node, the
         node's gateway across nodes, and a direct Ray call to the replica's
         actor when either side has no ring (shared memory is short)."""
-        if self._factory is not None:
-            return self._factory(inst.node_id)
-        if not inst.request_queue or (not self.shm_ok and inst.node_id == self.node_id):
+        if self._factory is None and (not inst.request_queue or (not self.shm_ok and inst.node_id == self.node_id)):
             return self.direct
-        return self.shm if inst.node_id == self.node_id or self.ray is None else self.ray
+        return self.transport(inst.node_id)
 
     def shm_full(self, e: BaseException) -> None:
         """This process could not make a ring: go over Ray from now on."""
@@ -317,15 +315,25 @@ class Endpoint:
                     self._inbox = Inbox(self.bus, self.namespace, buffer_bytes or EVENT_RING_BYTES)
         return self._inbox
 
+    def count_sent(self, inst: InstanceInfo, transport: Transport) -> None:
+        """One more message (a call or a send) to ``inst`` over ``transport``, in the stats."""
+        s = self.stats
+        s[transport.name] = s.get(transport.name, 0) + 1
+        s["by_instance"][inst.instance_id] = s["by_instance"].get(inst.instance_id, 0) + 1
+
     def count_call(self, inst: InstanceInfo, transport: Transport, delta: int) -> None:
         """A call to ``inst`` left (``delta`` 1: counted in the stats too) or ended (-1)."""
         iid = inst.instance_id
         self.outstanding[iid] = self.outstanding.get(iid, 0) + delta
         if delta > 0:
-            s = self.stats
-            s["calls"] += 1
-            s[transport.name] = s.get(transport.name, 0) + 1
-            s["by_instance"][iid] = s["by_instance"].get(iid, 0) + 1
+            self.stats["calls"] += 1
+            self.count_sent(inst, transport)
+
+    def recount_call(self, was: Transport, now: Transport) -> None:
+        """A call that could not leave over ``was`` goes over ``now`` instead."""
+        s = self.stats
+        s[was.name] -= 1
+        s[now.name] = s.get(now.name, 0) + 1
 
     def uncount_call(self, inst: InstanceInfo, transport: Transport) -> None:
         """Takes back the counts of an attempt that never left (it is retried another way)."""
@@ -357,12 +365,10 @@ class Endpoint:
         if self.closed:
             return
         self.closed = True
-        stop = getattr(self, "_stop", None)
-        if stop is not None and not stop.done():
-            stop.set_result(True)
-        watcher = getattr(self, "_watcher", None)
-        if watcher is not None and watcher is not threading.current_thread():
-            watcher.join(timeout=5)
+        if not self._stop.done():
+            self._stop.set_result(True)
+        if self._watcher is not threading.current_thread():
+            self._watcher.join(timeout=5)
         if self._inbox is not None:
             self._inbox.close()
         if self._factory is None:  # a factory's transports are its owner's to close

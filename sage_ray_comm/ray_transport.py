@@ -112,7 +112,7 @@ class _GatewayActor:
         try:
             req = decode_request(payload, kind)
         except BadRequest as e:
-            return ("ok", bad_request_reply(e))
+            return ("ok", bad_request_reply(e, inst.service, f"the gateway of node {inst.node_id}"))
         try:
             return ("ok", self._shm(namespace).call(inst, req, timeout))
         except SageCommError as e:

@@ -15,7 +15,7 @@ import time
 from typing import Any
 
 from . import shm
-from ._wire import ERR_SERIALIZATION, ST_ERROR, ST_OK, ST_OK_BLOB, ErrorInfo, Request, reply_ring_pid
+from ._wire import ERR_SERIALIZATION, ST_OK, ST_OK_BLOB, Request, error_reply, reply_ring_pid
 from .errors import MessageTooLarge, QueueClosed, QueueFull, QueueNotFound, SerializationError
 from .shm_transport import RingPool, SegmentBlob
 from .transport import DIRECT_PREFIX
@@ -48,8 +48,7 @@ class ReplyWriter:
         for blob, reply_to in self.blobs:
             if not os.path.exists(shm.SHM_DIR + shm.segment_name(self.namespace, blob.name)):
                 continue  # read (the reader unlinks it)
-            caller_pid = reply_ring_pid(reply_to)
-            if caller_pid is not None and not shm.process_alive(caller_pid, 0):
+            if not self.caller_alive(reply_to):
                 blob.discard()
                 self.stats["replies_dropped"] += 1
                 continue
@@ -57,7 +56,7 @@ class ReplyWriter:
         self.blobs = keep
 
     def error(self, req: Request, code: str, message: str, extra: Any = None) -> None:
-        self.put(req, (req.cid, ST_ERROR, tuple(ErrorInfo(code, "", message, "", None, extra))))
+        self.put(req, error_reply(req.cid, code, message, extra))
 
     def result(self, req: Request, result: Any) -> None:
         try:
@@ -108,12 +107,8 @@ class ReplyWriter:
         try:
             q = self.replies.get(req.reply_to)
             q.put(rep, timeout=REPLY_PUT_TIMEOUT)
-        except MessageTooLarge:
-            if raise_too_large:
-                raise
-            self.stats["replies_dropped"] += 1
-        except SerializationError:
-            if raise_too_large:
+        except (MessageTooLarge, SerializationError):
+            if raise_too_large:  # the caller (result()) parks it or reports it
                 raise
             self.stats["replies_dropped"] += 1
         except (QueueNotFound, QueueClosed, QueueFull):

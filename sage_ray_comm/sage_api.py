@@ -81,7 +81,7 @@ class ServiceCallMixin:
 
     def _sage_client(self) -> FunctionClient:
         c = self.__dict__.get("_sage_call_client")
-        if c is None or c._closed:
+        if c is None or c.closed:
             bus = getattr(self, "bus_name", None) or self.sage_bus or "default"
             c = FunctionClient(client_id=f"{type(self).__name__}-{uuid.uuid4().hex[:6]}", bus=bus)
             self.__dict__["_sage_call_client"] = c
@@ -102,7 +102,7 @@ _default_clients: dict[str, FunctionClient] = {}
 def _client_for(bus: str | None) -> FunctionClient:
     b = bus or "default"
     c = _default_clients.get(b)
-    if c is None or c._closed:
+    if c is None or c.closed:
         c = _default_clients[b] = FunctionClient(client_id=f"call_service-{os.getpid()}", bus=b)
     return c
 

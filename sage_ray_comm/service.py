@@ -256,6 +256,15 @@ class BaseService(ServiceCallMixin):
         """
         return deploy_service(cls, *args, replicas=replicas, bus=bus, replace=replace, **kwargs)
 
+    def start_replica(self, bus: str, index: int, actor_name: str, replace: bool, code_id: str) -> Runtime:
+        """Serves this instance as replica ``index`` of a deployment (what the
+        replica actor of ``deploy.py`` calls); returns its runtime."""
+        self._ensure_base()
+        self.service_id = f"{self.service_name}#{index}-{uuid.uuid4().hex[:6]}"
+        self.start(bus, replace=replace, _replica_index=index, _actor_name=actor_name, _code_id=code_id)
+        assert self._runtime is not None  # start() raises otherwise
+        return self._runtime
+
     def start(
         self,
         bus: str | None = None,
@@ -330,7 +339,7 @@ class BaseService(ServiceCallMixin):
             "instance_id": rt.instance_id,
             "in_flight": rt.in_flight,
             "queued": rt.queued(),
-            "threads": len(rt._threads),
+            "threads": rt.thread_count,
             **rt.stats,
         }
 
