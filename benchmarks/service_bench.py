@@ -34,6 +34,7 @@ from sage_ray_comm import (
     get_communication_bus,
     sage_service,
     service_function,
+    tracing,
 )
 from sage_ray_comm.ray_transport import get_gateway
 
@@ -51,6 +52,10 @@ class Echo(BaseService):
     @service_function
     def echo(self, x):
         return x
+
+    @service_function
+    def set_tracing(self, on: bool) -> None:
+        tracing.set_enabled(on)  # the replica's side of the switch, for the overhead rounds
 
 
 @ray.remote(num_cpus=0.1)
@@ -73,6 +78,33 @@ def timed(fn, payload, n: int, warm: int) -> list:
         fn(payload)
         out.append((time.perf_counter_ns() - t0) / 1000.0)
     return out
+
+
+def alternating(switch, call, pairs: int, per_round: int) -> dict:
+    """The added time per call of whatever ``switch(on)`` turns on, judged on
+    the real call path: short rounds with it on and off alternate in this
+    process, many times (which goes first alternates too, so drift within a
+    pair cancels out); each pair's difference of medians is one sample."""
+    diffs, on_meds, off_meds = [], [], []
+    for k in range(pairs):
+        meds = {}
+        for on in (True, False) if k % 2 == 0 else (False, True):
+            switch(on)
+            meds[on] = pct(timed(call, None, per_round, 20), 0.5)
+        diffs.append(meds[True] - meds[False])
+        on_meds.append(meds[True])
+        off_meds.append(meds[False])
+    switch(True)
+    mean = statistics.fmean(diffs)
+    half = 1.96 * statistics.stdev(diffs) / len(diffs) ** 0.5
+    return {
+        "pairs": pairs,
+        "calls_per_round": per_round,
+        "added_us_mean": mean,
+        "added_us_ci95": [mean - half, mean + half],
+        "p50_on_median_us": statistics.median(on_meds),
+        "p50_off_median_us": statistics.median(off_meds),
+    }
 
 
 def iters_for(size: int, quick: bool) -> int:
@@ -128,29 +160,15 @@ def main() -> int:
         rows.append((size, entry))
         print(f"  measured {size} B", file=sys.stderr, flush=True)
 
-    # Metrics cost, judged on the real call path: short rounds with recording
-    # on and off alternate in this process, many times; each pair's
-    # difference of medians estimates the added time per call, and the claim
-    # holds only if the upper end of its 95% confidence interval is below 5%
-    # of the 8 B p50.
+    # Metrics cost: the upper end of the 95% confidence interval of the
+    # added time per call must be below 5% of the 8 B p50.
     from sage_ray_comm import metrics as sage_metrics
 
     small8 = os.urandom(8)
     pairs, per_round = (40, 200) if args.quick else (150, 300)
-    diffs, on_meds, off_meds = [], [], []
-    for k in range(pairs):
-        meds = {}
-        # alternate which goes first, so drift within a pair cancels out
-        for on in (True, False) if k % 2 == 0 else (False, True):
-            sage_metrics.set_enabled(on)
-            lat = timed(lambda p: client.call("echo", "echo", p), small8, per_round, 20)
-            meds[on] = pct(lat, 0.5)
-        diffs.append(meds[True] - meds[False])
-        on_meds.append(meds[True])
-        off_meds.append(meds[False])
-    sage_metrics.set_enabled(True)
-    mean = statistics.fmean(diffs)
-    half = 1.96 * statistics.stdev(diffs) / len(diffs) ** 0.5
+    echo8 = lambda _: client.call("echo", "echo", small8)  # noqa: E731
+    mo = alternating(sage_metrics.set_enabled, echo8, pairs, per_round)
+    mean, half = mo["added_us_mean"], mo["added_us_ci95"][1] - mo["added_us_mean"]
     p50_8 = results["latency_us"]["8"]["sage_call"]["p50"]
     overhead = (mean + half) / p50_8
     # For reference: the recording's own work, timed alone.
@@ -162,17 +180,26 @@ def main() -> int:
         t1 = time.perf_counter()
         rec.call("bench", "echo", "echo", "shm", "request_response", time.perf_counter() - t1)
     cost_us = (time.perf_counter() - t0) / k * 1e6
-    results["metrics_overhead"] = {
-        "pairs": pairs,
-        "calls_per_round": per_round,
-        "added_us_mean": mean,
-        "added_us_ci95": [mean - half, mean + half],
-        "p50_8B_us": p50_8,
-        "overhead_upper": overhead,
-        "p50_on_median_us": statistics.median(on_meds),
-        "p50_off_median_us": statistics.median(off_meds),
-        "recording_alone_us": cost_us,
-    }
+    results["metrics_overhead"] = {**mo, "p50_8B_us": p50_8, "overhead_upper": overhead, "recording_alone_us": cost_us}
+
+    # Tracing with no provider configured (the default) against the switch
+    # that bypasses it (SAGE_COMM_TRACING=0), on both sides of the call:
+    # the upper end of the 95% CI of the added time must be below 0.3 us.
+    assert not tracing.recording(), "the benchmark measures tracing with no provider"
+
+    def tracing_switch(on: bool) -> None:
+        tracing.set_enabled(on)
+        client.call("echo", "set_tracing", on)
+
+    to = alternating(tracing_switch, echo8, pairs, per_round)
+    k = 200000
+    t0 = time.perf_counter()
+    for _ in range(k):
+        span, _ = tracing.start_call("echo", "echo", "bench")
+        tracing.recording()
+        tracing.finish(span)
+    to["caller_side_alone_us"] = (time.perf_counter() - t0) / k * 1e6
+    results["tracing_overhead"] = to
 
     # Pipelined throughput: keep many calls in flight, then collect them all.
     n_pipe = 2000 if args.quick else 10000
@@ -224,6 +251,7 @@ def main() -> int:
         "1 MiB >= 5x faster than Ray actor call": ratios["p50_vs_ray"][str(1 << 20)] >= 5,
         "pipelined >= 20x Ray": ratios["pipelined_vs_ray"] >= 20,
         "metrics: 95% CI upper end of the added time < 5% of the 8 B p50": overhead < 0.05,
+        "tracing, no provider: 95% CI upper end of the added time < 0.3 us": to["added_us_ci95"][1] < 0.3,
     }
     if cgraph is not None:
         checks["p50 <= compiled graph (<= 1 KiB)"] = all(ratios["p50_vs_cgraph"][str(s)] >= 1 for s in (8, 1024))
@@ -253,6 +281,12 @@ def main() -> int:
         f"metrics recording on the call path: {mo['added_us_mean']:+.3f} us per call, 95% CI [{lo:+.3f}, {hi:+.3f}] "
         f"({mo['pairs']} pairs of {mo['calls_per_round']}-call rounds); upper end = {mo['overhead_upper'] * 100:.1f}% "
         f"of the 8 B p50 ({mo['p50_8B_us']:.1f} us); recording alone {mo['recording_alone_us']:.3f} us"
+    )
+    lo, hi = to["added_us_ci95"]
+    print(
+        f"tracing with no provider: {to['added_us_mean']:+.3f} us per call, 95% CI [{lo:+.3f}, {hi:+.3f}] "
+        f"against SAGE_COMM_TRACING=0 ({to['pairs']} pairs); the caller side's checks alone "
+        f"{to['caller_side_alone_us']:.3f} us"
     )
     for name, ok in checks.items():
         print(f"  [{'ok' if ok else 'MISSED'}] {name}")

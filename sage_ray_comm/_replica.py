@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import pydantic
 
-from . import context, lifecycle, shm
+from . import context, lifecycle, shm, tracing
 from ._ray import ROUTER_CALL_SECONDS, ROUTER_READ_SECONDS, RouterClient, ensure_ray
 from ._wire import (
     ERR_FUNCTION,
@@ -48,6 +48,7 @@ from .errors import (
     SageCommError,
     ServiceUnavailable,
     SharedMemoryFull,
+    ValidationError,
 )
 from .handlers import Handler, collect_handlers, validation_message
 from .message import envelope
@@ -355,13 +356,13 @@ class Runtime:
                 req.cid, ERR_UNAVAILABLE, f"replica {self.instance_id} of '{self.info.service}' is stopping"
             )
         if req.op != OP_CALL:
-            self._handle(req)
+            self._handle(req, "ray", len(payload))
             return None
         key = f"{DIRECT_PREFIX}{next(self._direct_ids)}"
         fut: concurrent.futures.Future = concurrent.futures.Future()
         self._direct[key] = fut
         try:
-            self._handle(req._replace(reply_to=key))
+            self._handle(req._replace(reply_to=key), "ray", len(payload))
             left = None if req.deadline is None else max(0.0, req.deadline - time.time()) + 1.0
             return fut.result(timeout=left)  # async handlers reply from their loop
         except concurrent.futures.TimeoutError:
@@ -389,7 +390,7 @@ class Runtime:
                 if self._stopping.is_set():
                     return
                 try:
-                    req = take_request(queue)
+                    req, nbytes = take_request(queue)
                 except QueueClosed:
                     return
                 except SageCommError as e:  # a corrupted frame: consumed, keep serving
@@ -406,7 +407,7 @@ class Runtime:
                     if self._idle == 0 and len(self._threads) < self.max_concurrency:
                         self._spawn()  # every thread is busy: one more waits on the ring
             try:
-                self._handle(req)
+                self._handle(req, "shm", nbytes)
             except Exception:  # never lose the dispatcher thread
                 log.exception("service %s failed handling a request", self.info.service)
             with self._lock:
@@ -419,7 +420,10 @@ class Runtime:
         req = Request(OP_CALL, e.cid, e.function, (), None, e.reply_to, None, None, None, self.info.service)
         self.reply.put(req, tuple(bad_request_reply(e, self.info.service, f"replica {self.instance_id}")))
 
-    def _handle(self, req: Request) -> None:
+    def _handle(self, req: Request, transport: str, nbytes: int) -> None:
+        """Runs one request's handler and replies (a call), in this thread
+        (sync handlers) or on the replica's loop (async ones). ``transport``
+        and ``nbytes`` (the frame's size) are for its span."""
         op = req.op
         if req.deadline is not None and time.time() > req.deadline:
             self.stats["expired"] += 1
@@ -453,14 +457,15 @@ class Runtime:
             kwargs["message"] = envelope(req)
         self.stats["calls" if op == OP_CALL else ("events" if op == OP_EVENT else "sends")] += 1
         self.in_flight += 1
-        # The handler's own calls inherit its deadline (context.py); an async
-        # handler's task copies the context when it is scheduled below.
-        token = context.enter(context.Handling(req.service, req.function, req.deadline))
+        span = self._span(req, transport, nbytes) if tracing.ENABLED and tracing.recording() else None
+        # The handler's own calls inherit its deadline and trace (context.py);
+        # an async handler's task copies the context when it is scheduled below.
+        token = context.enter(context.Handling(req.service, req.function, req.deadline, req.trace))
         try:
             result = h.validated(*args, **(kwargs or {}))
             if h.is_async:
                 fut = asyncio.run_coroutine_threadsafe(result, self._async_loop())
-                fut.add_done_callback(functools.partial(self._async_done, req))
+                fut.add_done_callback(functools.partial(self._async_done, req, span))
                 return
         except pydantic.ValidationError as e:
             self.in_flight -= 1
@@ -470,28 +475,53 @@ class Runtime:
                 self.reply.error(req, ERR_VALIDATION, msg, errs)
             else:
                 log.warning("%s", msg)
+            if span is not None:
+                span.close(ValidationError(msg))
             return
         except Exception as e:
             self.in_flight -= 1
-            self._failed(req, e)
+            self._failed(req, e, span)
             return
         finally:
             context.leave(token)
+            if span is not None:
+                span.detach()  # leaves this thread's context; the span ends with the handler
         self.in_flight -= 1
         if op == OP_CALL:
             self.reply.result(req, result)
+        if span is not None:
+            span.close()
 
-    def _async_done(self, req: Request, fut: Any) -> None:
+    def _span(self, req: Request, transport: str, nbytes: int) -> Any:
+        """The SERVER or CONSUMER span of a request about to be handled (tracing.py)."""
+        event = req.op == OP_EVENT
+        return tracing.start_handling(
+            req.op == OP_CALL,
+            self.info.service,
+            req.function,
+            req.trace,
+            replica=self.instance_id,
+            transport=transport,
+            nbytes=nbytes,
+            topic=(req.headers or {}).get("topic") if event else None,
+            group=req.service if event else None,
+        )
+
+    def _async_done(self, req: Request, span: Any, fut: Any) -> None:
         self.in_flight -= 1
         try:
             result = fut.result()
         except BaseException as e:
-            self._failed(req, e)
+            self._failed(req, e, span)
             return
         if req.op == OP_CALL:
             self.reply.result(req, result)
+        if span is not None:
+            span.close()
 
-    def _failed(self, req: Request, e: BaseException) -> None:
+    def _failed(self, req: Request, e: BaseException, span: Any = None) -> None:
+        if span is not None:
+            span.close(e)
         self.stats["errors"] += 1
         if req.op == OP_CALL:
             self.reply.put(req, (req.cid, ST_ERROR, encode_error(ERR_REMOTE, e)))

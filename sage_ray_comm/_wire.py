@@ -18,9 +18,13 @@ out-of-band buffers (``KIND_REQ_OOB``, see :func:`encode_payload`)::
         40     4  stream credit                      reserved for streaming
         44     2  length of reply_to (utf-8)
         46     2  length of function (utf-8)
-        48     2  length of the trace context        reserved for tracing
+        48     2  length of the trace context (utf-8; see tracing.py)
         50     2  reserved (0)
         52        reply_to, function, trace context, zero padding, body
+
+The trace context is W3C ``traceparent``/``tracestate`` as ``name:value``
+lines (empty when the caller has none). The body repeats it, so the common
+path reads no string out of the header.
 
 The header is readable without unpickling anything, so a replica can answer
 a request whose arguments fail to unpickle (or that speaks another protocol
@@ -114,7 +118,8 @@ __all__ = [
 
 # The protocol this build speaks. Bump it whenever the header or the body
 # tuples change shape; a caller and a replica that differ get ProtocolMismatch.
-PROTOCOL_VERSION = 1
+# 2: Request gained ``trace``, and the header's trace field is filled.
+PROTOCOL_VERSION = 2
 
 # ---------------------------------------------------------------- frame kinds
 # Stored in each ring frame's header. 1-3 are SageQueue's, defined with the
@@ -155,6 +160,7 @@ class Request(NamedTuple):
     sender: str | None
     headers: dict | None
     service: str
+    trace: str | None = None  # W3C trace context, as tracing.encode_carrier writes it
 
 
 class Reply(NamedTuple):
@@ -189,7 +195,7 @@ class RequestHeader(NamedTuple):
     credit: int
     reply_to: str | None
     function: str
-    trace: bytes
+    trace: str | None
 
 
 # -------------------------------------------------------------------- names
@@ -274,6 +280,7 @@ def request_tuple(req: Request, cid: int, reply_to: str | None, args: Any = None
         req.sender,
         req.headers,
         req.service,
+        req.trace,
     )
 
 
@@ -283,11 +290,12 @@ def encode_request(req: Request | tuple, label: str) -> tuple[list, int]:
     if type(req) is not tuple:
         req = tuple(req)  # the body is a plain tuple: it pickles 4x faster than the NamedTuple
     parts, kind = encode_payload(req, label)
-    _op, cid, function, _args, _kwargs, reply_to, deadline, _sender, _headers, _service = req
+    _op, cid, function, _args, _kwargs, reply_to, deadline, _sender, _headers, _service, trace = req
     rt = (reply_to or "").encode()
     fn = (function or "").encode()[:65535]
-    head = _REQ_HEAD.pack(_REQ_MAGIC, PROTOCOL_VERSION, 0, cid, deadline or 0.0, 0, 0, 0, len(rt), len(fn), 0, 0)
-    head += rt + fn
+    tr = trace.encode()[:65535] if trace else b""
+    head = _REQ_HEAD.pack(_REQ_MAGIC, PROTOCOL_VERSION, 0, cid, deadline or 0.0, 0, 0, 0, len(rt), len(fn), len(tr), 0)
+    head += rt + fn + tr
     head += bytes((-len(head)) % _ALIGN_BODY)
     return [head, *parts], (KIND_REQ if kind == KIND_PICKLE else KIND_REQ_OOB)
 
@@ -315,7 +323,7 @@ def decode_header(payload: Any, kind: int) -> tuple[RequestHeader, int]:
     view = memoryview(payload)
     reply_to = bytes(view[pos : pos + nrt]).decode(errors="replace") or None
     function = bytes(view[pos + nrt : pos + nrt + nfn]).decode(errors="replace")
-    trace = bytes(view[pos + nrt + nfn : end])
+    trace = bytes(view[pos + nrt + nfn : end]).decode(errors="replace") or None
     header = RequestHeader(
         version, flags, cid, deadline or None, cancel_id, stream_id, credit, reply_to, function, trace
     )
@@ -405,7 +413,9 @@ def remote_error(info: ErrorInfo, service: str, function: str) -> BaseException:
         except Exception:
             original = None
     cls: type[RemoteError] = RemoteError
-    if isinstance(original, Exception) and not isinstance(original, RemoteError):
+    if isinstance(original, RemoteError):
+        cls = type(original)  # a handler's own call failed: keep what it was (``except ValueError`` still works)
+    elif isinstance(original, Exception):
         cls = _dual_class(type(original))
     try:
         err = cls.__new__(cls)

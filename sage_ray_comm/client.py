@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import itertools
 import logging
 import os
 import time
@@ -27,7 +26,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from . import context, shm
+from . import context, shm, tracing
 from ._ray import ROUTER_READ_SECONDS
 from ._wire import (
     OP_CALL,
@@ -40,7 +39,6 @@ from .completion import CallFinisher, Retrying, check_timeout, pick_timeout
 from .endpoint import Endpoint, TransportFactory
 from .errors import (
     CallTimeout,
-    FunctionNotFound,
     InvalidCallArgument,
     InvalidSubscription,
     SageCommError,
@@ -56,7 +54,7 @@ from .router import (
     validate_pattern,
     validate_topic,
 )
-from .routing import POLICIES, pick_instance
+from .routing import POLICIES, publish_targets
 from .views import function_index, function_signatures, service_list
 
 __all__ = ["DEFAULT_TIMEOUT", "FunctionClient"]
@@ -65,15 +63,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT = 30.0
 _MISSING = object()
+_UNTRACED = (None, None)  # no span, no trace context: SAGE_COMM_TRACING=0
 
 
-# ------------------------------------------------------------ pure routing
-
-
-# --------------------------------------------------------------- endpoint
-
-
-# ------------------------------------------------------------------ client
 class FunctionClient:
     """Calls functions of services on a bus.
 
@@ -150,34 +142,6 @@ class FunctionClient:
         return ep
 
     # -- routing
-    def _route(self, service: str, function: str, instance: str | None, exclude: Sequence[str] = ()) -> tuple:
-        ep = self.endpoint
-        if not isinstance(service, str) or not isinstance(function, str):
-            raise InvalidCallArgument(f"service and function must be strings, got {service!r}, {function!r}")
-        cands = ep.instances(service)
-        if instance is not None:
-            chosen = [c for c in cands if c.instance_id == instance or c.actor_name == instance]
-            if not chosen:
-                raise ServiceNotFound(
-                    f"service '{service}' has no live replica '{instance}'; replicas: "
-                    f"{', '.join(c.instance_id for c in cands)}"
-                )
-            inst = chosen[0]
-        else:
-            pool = [c for c in cands if c.instance_id not in exclude] or cands
-            policy = self.policy or pool[0].policy
-            rr = ep.rr.get(service)
-            if rr is None:
-                rr = ep.rr[service] = itertools.count()
-            inst = pick_instance(pool, policy, ep.outstanding, ep.node_id, rr)
-        finfo = inst.functions.get(function)
-        if finfo is None:
-            raise FunctionNotFound(
-                f"service '{service}' has no function '{function}'; it has: "
-                f"{', '.join(sorted(inst.functions)) or '(none)'}"
-            )
-        return ep, inst, finfo
-
     def _request(
         self,
         op: int,
@@ -187,8 +151,9 @@ class FunctionClient:
         kwargs: dict,
         deadline: float | None,
         headers: dict | None,
+        trace: str | None,
     ) -> Request:
-        return Request(op, 0, function, args, kwargs or None, None, deadline, self.client_id, headers, service)
+        return Request(op, 0, function, args, kwargs or None, None, deadline, self.client_id, headers, service, trace)
 
     def call(
         self,
@@ -207,58 +172,69 @@ class FunctionClient:
         ServiceUnavailable (the replica died; idempotent functions are retried
         on another replica first) or the handler's exception as a RemoteError.
         """
-        excluded: list[str] = []
-        while True:
-            ep, inst, finfo = self._route(service, function, instance, excluded)
-            t = check_timeout(pick_timeout(timeout, finfo.timeout, self.default_timeout), service, function)
-            t, cut_by = context.bound_by_parent(t, service, function)
-            transport = ep.transport_for(inst)
-            req = self._request(OP_CALL, service, function, args, kwargs, time.time() + t, headers)
-            ep.count_call(inst, transport, 1)
-            t0 = time.perf_counter()
-            try:
-                rep = transport.call(inst, req, t)
-            except SharedMemoryFull as e:
-                if transport is ep.direct:
-                    raise
-                ep.shm_full(e)  # no room for this call's rings: the same call over Ray
-                ep.uncount_call(inst, transport)
-                continue
-            except ServiceUnavailable:
-                ep.mark_dead(inst.instance_id)
-                ep.stats["errors"] += 1
-                recorder.call(
-                    self.bus, service, function, transport.name, "request_response", None, "ServiceUnavailable"
-                )
-                if finfo.idempotent and instance is None and len(excluded) < 3:
-                    excluded.append(inst.instance_id)
-                    ep.stats["retries"] += 1
+        span, trace = tracing.start_call(service, function, self.bus) if tracing.ENABLED else _UNTRACED
+        try:
+            excluded: list[str] = []
+            while True:
+                ep = self.endpoint
+                inst, finfo = ep.route(service, function, instance, excluded, self.policy)
+                t = check_timeout(pick_timeout(timeout, finfo.timeout, self.default_timeout), service, function)
+                t, cut_by = context.bound_by_parent(t, service, function)
+                transport = ep.transport_for(inst)
+                req = self._request(OP_CALL, service, function, args, kwargs, time.time() + t, headers, trace)
+                ep.count_call(inst, transport, 1)
+                if span is not None:
+                    tracing.set_route(span, inst.instance_id, transport.name)
+                t0 = time.perf_counter()
+                try:
+                    rep = transport.call(inst, req, t)
+                except SharedMemoryFull as e:
+                    if transport is ep.direct:
+                        raise
+                    ep.shm_full(e)  # no room for this call's rings: the same call over Ray
+                    ep.uncount_call(inst, transport)
                     continue
-                raise
-            except CallTimeout as e:
-                ep.stats["timeouts"] += 1
-                recorder.call(self.bus, service, function, transport.name, "request_response", None, "CallTimeout")
-                if cut_by is not None:
-                    raise CallTimeout(f"{e} ({cut_by})") from e
-                raise
-            finally:
-                ep.count_call(inst, transport, -1)
-            try:
-                value = outcome(rep, service, function)
-            except SageCommError as e:
-                ep.stats["errors"] += 1
-                recorder.call(
-                    self.bus,
-                    service,
-                    function,
-                    transport.name,
-                    "request_response",
-                    time.perf_counter() - t0,
-                    type(e).__name__,
-                )
-                raise
-            recorder.call(self.bus, service, function, transport.name, "request_response", time.perf_counter() - t0)
-            return value
+                except ServiceUnavailable:
+                    ep.mark_dead(inst.instance_id)
+                    ep.stats["errors"] += 1
+                    recorder.call(
+                        self.bus, service, function, transport.name, "request_response", None, "ServiceUnavailable"
+                    )
+                    if finfo.idempotent and instance is None and len(excluded) < 3:
+                        excluded.append(inst.instance_id)
+                        ep.stats["retries"] += 1
+                        continue
+                    raise
+                except CallTimeout as e:
+                    ep.stats["timeouts"] += 1
+                    recorder.call(self.bus, service, function, transport.name, "request_response", None, "CallTimeout")
+                    if cut_by is not None:
+                        raise CallTimeout(f"{e} ({cut_by})") from e
+                    raise
+                finally:
+                    ep.count_call(inst, transport, -1)
+                try:
+                    value = outcome(rep, service, function)
+                except SageCommError as e:
+                    ep.stats["errors"] += 1
+                    recorder.call(
+                        self.bus,
+                        service,
+                        function,
+                        transport.name,
+                        "request_response",
+                        time.perf_counter() - t0,
+                        type(e).__name__,
+                    )
+                    raise
+                recorder.call(self.bus, service, function, transport.name, "request_response", time.perf_counter() - t0)
+                if span is not None:
+                    tracing.finish(span)
+                return value
+        except BaseException as e:
+            if span is not None:
+                tracing.finish(span, e)
+            raise
 
     def call_async(
         self,
@@ -277,17 +253,24 @@ class FunctionClient:
         :meth:`call`, an idempotent function whose replica died is retried
         on another one, within the call's timeout.
         """
-        fut, iid, idempotent, deadline = self._call_async_once(
-            service, function, args, kwargs, timeout, instance, headers, ()
-        )
+        span, trace = tracing.start_call(service, function, self.bus) if tracing.ENABLED else _UNTRACED
+        try:
+            fut, iid, idempotent, deadline = self._call_async_once(
+                service, function, args, kwargs, timeout, instance, headers, (), trace, span
+            )
+        except BaseException as e:
+            tracing.finish(span, e)
+            raise
         if instance is not None or not idempotent:
-            return fut  # the common case: the attempt is the call
+            return fut if span is None else tracing.finish_with(span, fut)  # the common case: the attempt is the call
 
         def resend(left: float, excluded: list[str]) -> tuple[concurrent.futures.Future, str]:
-            nxt, nid, _, _ = self._call_async_once(service, function, args, kwargs, left, None, headers, excluded)
+            nxt, nid, _, _ = self._call_async_once(
+                service, function, args, kwargs, left, None, headers, excluded, trace, span
+            )
             return nxt, nid
 
-        return Retrying(fut, iid, deadline, resend, self.endpoint.stats).future
+        return tracing.finish_with(span, Retrying(fut, iid, deadline, resend, self.endpoint.stats).future)
 
     def _call_async_once(
         self,
@@ -299,14 +282,19 @@ class FunctionClient:
         instance: str | None,
         headers: dict | None,
         exclude: Sequence[str],
+        trace: str | None,
+        span: Any,
     ) -> tuple:
         """One attempt: (future, replica id, idempotent, monotonic deadline)."""
-        ep, inst, finfo = self._route(service, function, instance, exclude)
+        ep = self.endpoint
+        inst, finfo = ep.route(service, function, instance, exclude, self.policy)
         t = check_timeout(pick_timeout(timeout, finfo.timeout, self.default_timeout), service, function)
         t, cut_by = context.bound_by_parent(t, service, function)
         transport = ep.transport_for(inst)
-        req = self._request(OP_CALL, service, function, args, kwargs, time.time() + t, headers)
+        req = self._request(OP_CALL, service, function, args, kwargs, time.time() + t, headers, trace)
         ep.count_call(inst, transport, 1)
+        if span is not None:
+            tracing.set_route(span, inst.instance_id, transport.name)
 
         finish = CallFinisher(ep, inst.instance_id, service, function, transport.name, self.bus, cut_by)
         try:
@@ -354,18 +342,26 @@ class FunctionClient:
         ``instance=`` (an instance id or actor name) targets one replica.
         Returns the replica's instance id. Blocks only while its queue is full.
         """
-        ep, inst, finfo = self._route(service, function, instance)
+        ep = self.endpoint
+        inst, finfo = ep.route(service, function, instance, (), self.policy)
         t = check_timeout(pick_timeout(timeout, finfo.timeout, self.default_timeout), service, function)
         transport = ep.transport_for(inst)
-        req = self._request(OP_SEND, service, function, args, kwargs, None, headers)
+        span, trace = tracing.start_send(service, function, self.bus) if tracing.ENABLED else _UNTRACED
+        req = self._request(OP_SEND, service, function, args, kwargs, None, headers, trace)
         try:
-            transport.send(inst, req, t)
-        except SharedMemoryFull as e:
-            if transport is ep.direct:
-                raise
-            ep.shm_full(e)
-            transport = ep.direct
-            transport.send(inst, req, t)
+            try:
+                transport.send(inst, req, t)
+            except SharedMemoryFull as e:
+                if transport is ep.direct:
+                    raise
+                ep.shm_full(e)
+                transport = ep.direct
+                transport.send(inst, req, t)
+        except BaseException as e:
+            tracing.finish(span, e)
+            raise
+        tracing.set_route(span, inst.instance_id, transport.name)
+        tracing.finish(span)
         ep.count_sent(inst, transport)
         recorder.call(
             self.bus, service, function, transport.name, "point_to_point" if instance else "load_balanced", None
@@ -381,26 +377,24 @@ class FunctionClient:
         validate_topic(topic)
         ep = self.endpoint
         hdrs = {"topic": topic, **(headers or {})}
-        groups: dict[str, list[Subscription]] = {}
-        targets: list[Subscription] = []
-        for sub in ep.snapshot["subscriptions"]:
-            if topic_matches(sub.pattern, topic):
-                if sub.group:
-                    groups.setdefault(sub.group + "\0" + sub.pattern, []).append(sub)
-                else:
-                    targets.append(sub)
-        for key, members in groups.items():
-            rr = ep.rr.get("\0pub" + key)
-            if rr is None:
-                rr = ep.rr["\0pub" + key] = itertools.count()
-            local = [m for m in members if m.node_id == ep.node_id] or members
-            local.sort(key=lambda m: m.sub_id)
-            targets.append(local[next(rr) % len(local)])
+        targets = publish_targets(ep.snapshot["subscriptions"], topic, ep.rr, ep.node_id)
+        span, trace = tracing.start_publish(topic, self.bus, self.client_id) if tracing.ENABLED else _UNTRACED
+        try:
+            delivered = self._deliver(ep, targets, payload, hdrs, trace)
+        except BaseException as e:
+            tracing.finish(span, e)
+            raise
+        tracing.finish(span, delivered=delivered)
+        ep.stats["published"] += 1
+        ep.stats["delivered"] += delivered
+        recorder.count("sage_messages_published_total", (self.bus,))
+        return delivered
+
+    def _deliver(self, ep: Endpoint, targets: list[Subscription], payload: Any, hdrs: dict, trace: str | None) -> int:
         delivered = 0
+        event = Request(OP_EVENT, 0, "", (payload,), None, None, None, self.client_id, hdrs, "", trace)
         for sub in targets:
-            req = Request(
-                OP_EVENT, 0, sub.function or "", (payload,), None, None, None, self.client_id, hdrs, sub.group or ""
-            )
+            req = event._replace(function=sub.function or "", service=sub.group or "")
             tr = ep.transport(sub.node_id)
             if not sub.queue and ep.deliver_direct(sub, req):
                 delivered += 1
@@ -411,9 +405,6 @@ class FunctionClient:
             else:
                 ep.stats["dropped"] += 1
                 recorder.count("sage_frames_dropped_total", (self.bus, "subscriber_buffer"))
-        ep.stats["published"] += 1
-        ep.stats["delivered"] += delivered
-        recorder.count("sage_messages_published_total", (self.bus,))
         return delivered
 
     publish = broadcast

@@ -23,20 +23,22 @@ __all__ = ["Handling", "bound_by_parent", "current", "deadline", "enter", "leave
 
 @dataclasses.dataclass(frozen=True)
 class Handling:
-    """The request being handled: which function, and its deadline (epoch
-    seconds; None when the caller gave none, as for a send or an event)."""
+    """The request being handled: which function, its deadline (epoch
+    seconds; None when the caller gave none, as for a send or an event), and
+    the trace context it carried (passed on by its handler's calls when this
+    process records no spans of its own; see tracing.py)."""
 
     service: str
     function: str
     deadline: float | None
+    trace: str | None = None
 
 
 _current: contextvars.ContextVar[Handling | None] = contextvars.ContextVar("sage_ray_comm_handling", default=None)
 
 
-def current() -> Handling | None:
-    """The request this thread or task is handling, if any."""
-    return _current.get()
+current = _current.get  # a C call: the tracing code asks on every call
+"""current() -> the request this thread or task is handling (a Handling), if any."""
 
 
 def enter(handling: Handling) -> contextvars.Token:

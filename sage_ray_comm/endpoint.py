@@ -17,19 +17,28 @@ inbox.
 from __future__ import annotations
 
 import concurrent.futures
+import itertools
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, ClassVar
 
 from . import lifecycle, shm
 from ._ray import ensure_ray
 from ._wire import Request
-from .errors import RouterUnavailable, SageCommError, ServiceNotFound, ServiceUnavailable
+from .errors import (
+    FunctionNotFound,
+    InvalidCallArgument,
+    RouterUnavailable,
+    SageCommError,
+    ServiceNotFound,
+    ServiceUnavailable,
+)
 from .pubsub import Inbox
 from .ray_transport import JANITOR_GRACE, DirectTransport, RayTransport, ensure_janitor
 from .router import HEARTBEAT_GRACE, InstanceInfo, Subscription, bus_namespace, router_client
+from .routing import pick_instance
 from .shm_transport import ShmTransport
 from .transport import EVENT_RING_BYTES, Transport, check_shm_space, shm_warn_once
 
@@ -282,6 +291,38 @@ class Endpoint:
             )
         self._live[service] = (self._gen, live)
         return live
+
+    def route(
+        self, service: str, function: str, instance: str | None, exclude: Sequence[str], policy: str | None
+    ) -> tuple[InstanceInfo, Any]:
+        """The replica a call goes to and its function's info: ``instance``
+        (an instance id or actor name) when given, else one picked by
+        ``policy`` (default: the service's) among live replicas not in
+        ``exclude`` (all of them if none is left)."""
+        if not isinstance(service, str) or not isinstance(function, str):
+            raise InvalidCallArgument(f"service and function must be strings, got {service!r}, {function!r}")
+        cands = self.instances(service)
+        if instance is not None:
+            chosen = [c for c in cands if c.instance_id == instance or c.actor_name == instance]
+            if not chosen:
+                raise ServiceNotFound(
+                    f"service '{service}' has no live replica '{instance}'; replicas: "
+                    f"{', '.join(c.instance_id for c in cands)}"
+                )
+            inst = chosen[0]
+        else:
+            pool = [c for c in cands if c.instance_id not in exclude] or cands
+            rr = self.rr.get(service)
+            if rr is None:
+                rr = self.rr[service] = itertools.count()
+            inst = pick_instance(pool, policy or pool[0].policy, self.outstanding, self.node_id, rr)
+        finfo = inst.functions.get(function)
+        if finfo is None:
+            raise FunctionNotFound(
+                f"service '{service}' has no function '{function}'; it has: "
+                f"{', '.join(sorted(inst.functions)) or '(none)'}"
+            )
+        return inst, finfo
 
     def mark_dead(self, instance_id: str) -> None:
         """Stops routing to a replica seen dead here, until the registry drops it."""

@@ -14,6 +14,7 @@ import threading
 import uuid
 from collections.abc import Callable
 
+from . import tracing
 from ._wire import Request, event_ring_name
 from .errors import SageCommError
 from .message import envelope
@@ -41,7 +42,7 @@ class Inbox:
     def _run(self) -> None:
         while True:
             try:
-                req = take_request(self.queue)
+                req, nbytes = take_request(self.queue)
             except SageCommError as e:
                 if self.queue.closed:
                     return
@@ -55,15 +56,33 @@ class Inbox:
             if cb is None:
                 continue  # unsubscribed meanwhile
             self.stats["received"] += 1
+            span = None
+            if tracing.ENABLED and tracing.recording():
+                span = tracing.start_handling(
+                    False,
+                    req.service,
+                    req.function,
+                    req.trace,
+                    replica=req.function,  # the subscription id
+                    transport="shm",
+                    nbytes=nbytes,
+                    topic=(req.headers or {}).get("topic"),
+                )
+            error: Exception | None = None
             try:
                 args, _ = request_args(req)
                 if self.wants_message[req.function]:
                     cb(*args, message=envelope(req))
                 else:
                     cb(*args)
-            except Exception:
+            except Exception as e:
+                error = e
                 self.stats["errors"] += 1
                 log.exception("subscriber callback %r raised", cb)
+            finally:
+                if span is not None:
+                    span.detach()
+                    span.close(error)
 
     def close(self) -> None:
         self.queue.close()

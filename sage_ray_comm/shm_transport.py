@@ -161,10 +161,10 @@ def put_request_parking(
     return blob
 
 
-def take_request(q: SageQueue) -> Request | BadRequest | None:
+def take_request(q: SageQueue) -> tuple[Request | BadRequest | None, int]:
     """Waits for the next frame in a request or event ring and decodes it.
 
-    Returns the Request; or the BadRequest for a frame whose header decoded
+    Returns the frame's size (for spans) and the Request; or the BadRequest for a frame whose header decoded
     but whose body did not, or that speaks another protocol version (the
     sender can still be answered); or None for a frame that is not a request
     at all (consumed and logged: the ring keeps serving). Raises QueueClosed
@@ -172,12 +172,12 @@ def take_request(q: SageQueue) -> Request | BadRequest | None:
     """
     payload, kind = q.get_frame(None, KIND_REQ_OOB)
     try:
-        return decode_request(payload, kind)
+        return decode_request(payload, kind), len(payload)
     except BadRequest as e:
-        return e
+        return e, len(payload)
     except ValueError as e:
         log.warning("%s: dropped a frame that is not a request: %s", q.label, e)
-        return None
+        return None, len(payload)
 
 
 def request_args(req: Request) -> tuple[tuple, dict | None]:

@@ -56,9 +56,9 @@ def test_request_decoder_survives_random_frames(data, kind):
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.integers(0, 2**63), st.text(max_size=40), st.text(max_size=40), st.binary(max_size=200))
-def test_a_readable_header_with_a_bad_body_names_the_call(cid, reply_to, fn, junk):
-    req = Request(1, cid, fn, (1,), None, reply_to or None, None, None, None, "svc")
+@given(st.integers(0, 2**63), st.text(max_size=40), st.text(max_size=40), st.binary(max_size=200), st.text(max_size=80))
+def test_a_readable_header_with_a_bad_body_names_the_call(cid, reply_to, fn, junk, trace):
+    req = Request(1, cid, fn, (1,), None, reply_to or None, None, None, None, "svc", trace or None)
     parts, kind = encode_request(req, "fuzz")
     good = b"".join(bytes(memoryview(p)) for p in parts)
     assert decode_request(good, kind) == req
@@ -67,6 +67,18 @@ def test_a_readable_header_with_a_bad_body_names_the_call(cid, reply_to, fn, jun
         decode_request(good[:head_len] + junk, kind)
     except BadRequest as e:
         assert (e.cid, e.reply_to, e.function) == (cid, reply_to or None, fn)
+        assert e.header.trace == (trace or None)
+
+
+def test_trace_context_travels_in_the_header_readable_without_unpickling():
+    parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    trace = f"traceparent:{parent}\ntracestate:vendor=a=b,other=c"
+    req = Request(OP_CALL, 7, "add", (1, 2), None, "rep.1.x", None, None, None, "calc", trace)
+    data, kind = _frame_bytes(req)
+    _, body_at = decode_header(data, kind)
+    header, _ = decode_header(data[:body_at] + b"\xff" * 64, kind)  # the body ruined
+    assert header.trace == trace
+    assert decode_request(data, kind).trace == trace
 
 
 def test_header_carries_the_deadline_and_a_version_readable_without_unpickling():
@@ -76,7 +88,7 @@ def test_header_carries_the_deadline_and_a_version_readable_without_unpickling()
     header, body_at = decode_header(data, kind)
     assert header.version == PROTOCOL_VERSION and header.cid == 7 and header.function == "add"
     assert header.reply_to == "rep.1.x" and header.deadline == deadline
-    assert (header.cancel_id, header.stream_id, header.credit, header.trace) == (0, 0, 0, b"")
+    assert (header.cancel_id, header.stream_id, header.credit, header.trace) == (0, 0, 0, None)
     assert body_at % 16 == 0 and body_at < len(data)
     # The header alone decodes even when the body is garbage.
     assert decode_header(data[:body_at] + b"\xff" * 8, kind)[0] == header
