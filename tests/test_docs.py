@@ -12,6 +12,7 @@ RAY_FREE = [
     "_wire",
     "_codec",
     "context",
+    "tracing",
     "testing",
     "routing",
     "queue",

@@ -60,3 +60,11 @@ def test_ray_job_example_as_a_plain_script():
     assert "'Ray actor calls': 3 words, 2 known (Tokens)" in out
     assert "'a shared memory ring per service': 6 words, 4 known (Tokens)" in out
     assert "services: dictionary, tokenizer" in out
+
+
+@pytest.mark.slow
+def test_traced_pipeline_example():
+    """Ray's tracing startup hook sets up OpenTelemetry in every worker; one
+    request through three services is one trace."""
+    out = run_example("traced_pipeline.py")
+    assert "6 spans in 1 trace, SERVER spans in 3 processes" in out and out.rstrip().endswith("OK")
