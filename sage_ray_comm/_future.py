@@ -37,8 +37,10 @@ _DONE = (CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED)
 class CallFuture(_Future):
     """See the module docstring. Behaves as ``concurrent.futures.Future``."""
 
-    def __init__(self) -> None:  # no super().__init__(): that is what we avoid
-        self._state = PENDING
+    def __init__(self, running: bool = False) -> None:  # no super().__init__(): that is what we avoid
+        # running=True: the call is under way (its request was or is being
+        # written), so cancel() returns False instead of claiming it will not run.
+        self._state = RUNNING if running else PENDING
         self._result: object = None
         self._exception: BaseException | None = None
         self._cond: threading.Condition | None = None

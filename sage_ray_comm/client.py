@@ -249,7 +249,9 @@ class FunctionClient:
         """Like :meth:`call`, but returns a ``concurrent.futures.Future`` at once.
 
         The request is already on its way when this returns (it blocks only
-        while the replica's request queue is full: backpressure). As with
+        while the replica's request queue is full: backpressure), so the
+        future is ``running()`` and its ``cancel()`` returns False: the call
+        may still run, and ``cancel()`` never claims otherwise. As with
         :meth:`call`, an idempotent function whose replica died is retried
         on another one, within the call's timeout.
         """

@@ -42,7 +42,7 @@ class Retrying:
         """``resend(seconds_left, excluded_replicas)`` makes one more attempt
         and returns its future and the replica it went to; ``stats`` counts
         ``retries``."""
-        self.future: concurrent.futures.Future = CallFuture()
+        self.future: concurrent.futures.Future = CallFuture(running=True)
         self.resend, self.stats = resend, stats
         self.deadline = deadline
         self.excluded: list[str] = []

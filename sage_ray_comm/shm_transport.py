@@ -401,7 +401,7 @@ class ShmTransport(Transport):
     def call_async(self, inst: InstanceInfo, req: Request, timeout: float, finish: Finish) -> concurrent.futures.Future:
         ring = self._async_ring()
         cid = next(ring.cids)
-        fut: concurrent.futures.Future = CallFuture()
+        fut: concurrent.futures.Future = CallFuture(running=True)  # see call_async's cancel() note
         self._pending[cid] = (fut, inst, time.monotonic() + timeout, None, finish)
         try:
             blob = self._put(inst, req, timeout, cid, ring.name)

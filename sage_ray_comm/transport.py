@@ -120,7 +120,7 @@ def settle_from_ref(
     RayError to (the Ray transports' call_async)."""
     import ray
 
-    result: concurrent.futures.Future = CallFuture()
+    result: concurrent.futures.Future = CallFuture(running=True)  # the call is under way
 
     def done(f: concurrent.futures.Future) -> None:
         try:

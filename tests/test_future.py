@@ -117,6 +117,13 @@ def test_cancel_a_pending_future():
     assert not g.cancel()
 
 
+def test_a_running_call_cannot_be_cancelled_but_still_finishes():
+    f = CallFuture(running=True)
+    assert f.running() and not f.cancel() and not f.cancelled()
+    f.set_result(3)
+    assert f.result() == 3 and f.done() and not f.running()
+
+
 def test_asyncio_wrap_future():
     f = CallFuture()
 
