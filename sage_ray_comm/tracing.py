@@ -237,15 +237,19 @@ def finish(span: Any, error: BaseException | None = None, *, delivered: int | No
     """Ends a span: its outcome, and the error's type when it failed."""
     if span is None:
         return
+    if not span.is_recording():  # a no-op provider's span (e.g. OTEL_SDK_DISABLED): nothing to add
+        span.end()
+        return
     if delivered is not None:
         span.set_attribute("sage.delivered", delivered)
+    rpc = getattr(span, "kind", None) in (SpanKind.CLIENT, SpanKind.SERVER)
     if error is None:
-        if span.kind is SpanKind.CLIENT or span.kind is SpanKind.SERVER:
+        if rpc:
             span.set_attribute("rpc.response.status_code", OK)
     else:
         kind = type(error).__name__
         span.set_attribute("error.type", kind)
-        if span.kind is SpanKind.CLIENT or span.kind is SpanKind.SERVER:
+        if rpc:
             span.set_attribute("rpc.response.status_code", kind)
         span.set_status(Status(StatusCode.ERROR, f"{kind}: {error}"[:512]))
     span.end()

@@ -8,6 +8,7 @@ import queue
 
 import _tracing
 import pytest
+from opentelemetry import trace as otel_trace
 
 from sage_ray_comm import BaseService, FunctionClient, context, sage_service, service_function, subscribe, tracing
 from sage_ray_comm._wire import Request
@@ -279,6 +280,19 @@ def test_no_provider_means_no_span_and_no_trace_unless_one_is_passed_on():
     finally:
         context.leave(token)
     assert seen[-1].trace == "traceparent:00-" + "a" * 32 + "-" + "b" * 16 + "-01"
+
+
+def test_a_no_op_provider_leaves_calls_working():
+    """A provider whose spans do not record (OTEL_SDK_DISABLED, NoOpTracerProvider)."""
+    client, seen = _fake_client()
+    tracing.configure(otel_trace.NoOpTracerProvider())
+    try:
+        assert tracing.recording()
+        assert client.call("svc", "f") == 1 and client.call_async("svc", "f").result(timeout=5) == 1
+        client.send("svc", "f")
+        assert seen[-1].trace is None  # no valid span context: nothing to propagate
+    finally:
+        tracing.configure(None)
 
 
 def test_the_switch_turns_it_all_off(driver_spans):
