@@ -2,6 +2,7 @@
 a Ray Compiled Graph, in one run on one machine (ratios, not absolute numbers).
 
     python benchmarks/service_bench.py [--quick] [--out benchmarks/results]
+    python benchmarks/service_bench.py --cross-node [--quick]
 
 Measures, for 8 B, 1 KiB, 64 KiB and 1 MiB payloads (bytes, echoed back):
 
@@ -10,7 +11,13 @@ Measures, for 8 B, 1 KiB, 64 KiB and 1 MiB payloads (bytes, echoed back):
   (c) a Ray Compiled Graph           driver -> actor -> driver, experimental_compile
 
 plus pipelined throughput (call_async vs pipelined .remote() calls), and the
-cost of building a Message with and without validation. Prints a table,
+cost of building a Message with and without validation.
+
+``--cross-node`` instead starts a two-raylet ``ray.cluster_utils.Cluster``
+with the service and a plain Ray actor (the same ``max_concurrency``) on the
+far node, the driver on the head, and measures p50 at 8 B, 64 KiB and 1 MiB
+and pipelined throughput, in alternating rounds (ours, Ray's, ours, ...):
+each pair's ratio is one sample, and the median ratio is reported. Prints a table,
 writes JSON and a PNG plot of p50 latency against payload size.
 """
 
@@ -117,7 +124,10 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="fewer iterations (for tests)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     ap.add_argument("--no-cgraph", action="store_true", help="skip the compiled graph")
+    ap.add_argument("--cross-node", action="store_true", help="a two-raylet cluster: cross-node rows only")
     args = ap.parse_args()
+    if args.cross_node:
+        return cross_node(args)
 
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
     bus_name = f"bench-{os.getpid()}"
@@ -306,6 +316,119 @@ def main() -> int:
     client.close()
     bus.shutdown()
     ray.shutdown()
+    return 0
+
+
+@sage_service(name="far_echo", replicas=1, num_cpus=0.1, resources={"far": 0.01})
+class FarEcho(BaseService):
+    @service_function
+    def echo(self, x):
+        return x
+
+
+def cross_node(args) -> int:
+    """The ``--cross-node`` rows (see the module docstring)."""
+    from ray.cluster_utils import Cluster
+
+    from sage_ray_comm._replica import DEFAULT_MAX_CONCURRENCY
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
+    far = cluster.add_node(num_cpus=2, resources={"far": 1})
+    ray.init(address=cluster.address, log_to_driver=False, configure_logging=False)
+    cluster.wait_for_nodes()
+    bus_name = f"xbench-{os.getpid()}"
+    bus = get_communication_bus(bus_name)
+    handle = FarEcho.deploy(bus=bus_name)
+    assert handle.instances[0].node_id == far.node_id
+    client = FunctionClient(bus=bus_name)
+    # A plain Ray actor on the same node, as concurrent as the replica's actor.
+    concurrency = 4 + DEFAULT_MAX_CONCURRENCY  # deploy.py: handler threads + watch/start/stop/stats
+    ray_actor = RayEcho.options(resources={"far": 0.01}, max_concurrency=concurrency).remote()
+    ray.get(ray_actor.echo.remote(b""))
+    pairs, per_round = (8, 20) if args.quick else (30, 40)
+    results: dict = {"machine": run_info(), "pairs": pairs, "calls_per_round": per_round, "p50_us": {}}
+    for size in (8, 64 * 1024, 1 << 20):
+        payload = os.urandom(size)
+        assert client.call("far_echo", "echo", payload) == payload
+        ours, theirs, ratios = [], [], []
+        for k in range(pairs):
+            meds = {}
+            for side in ("sage", "ray") if k % 2 == 0 else ("ray", "sage"):
+                if side == "sage":
+                    lat = timed(lambda p: client.call("far_echo", "echo", p), payload, per_round, 3)
+                else:
+                    lat = timed(lambda p: ray.get(ray_actor.echo.remote(p)), payload, per_round, 3)
+                meds[side] = pct(lat, 0.5)
+            ours.append(meds["sage"])
+            theirs.append(meds["ray"])
+            ratios.append(meds["sage"] / meds["ray"])
+        results["p50_us"][str(size)] = {
+            "sage": statistics.median(ours),
+            "ray": statistics.median(theirs),
+            "ratio_median": statistics.median(ratios),
+        }
+        print(f"  cross-node {size} B measured", file=sys.stderr, flush=True)
+    assert client.stats()["shm"] == 0, "cross-node calls must not take the ring"
+
+    n_pipe = 1000 if args.quick else 4000
+    small = b"x" * 8
+
+    def sage_round() -> float:
+        t0 = time.perf_counter()
+        futs = [client.call_async("far_echo", "echo", small) for _ in range(n_pipe)]
+        for f in futs:
+            f.result(timeout=120)
+        return n_pipe / (time.perf_counter() - t0)
+
+    def ray_round() -> float:
+        t0 = time.perf_counter()
+        ray.get([ray_actor.echo.remote(small) for _ in range(n_pipe)])
+        return n_pipe / (time.perf_counter() - t0)
+
+    sage_round(), ray_round()
+    tput = []
+    for k in range(3 if args.quick else 6):
+        if k % 2 == 0:  # which goes first alternates
+            a = sage_round()
+            b = ray_round()
+        else:
+            b = ray_round()
+            a = sage_round()
+        tput.append((a, b))
+    results["pipelined_per_s"] = {
+        "sage": statistics.median(a for a, _ in tput),
+        "ray": statistics.median(b for _, b in tput),
+        "ratio_median": statistics.median(a / b for a, b in tput),
+        "n": n_pipe,
+        "ray_actor_max_concurrency": concurrency,
+    }
+    p = results["p50_us"]
+    results["targets_met"] = {
+        "cross-node p50 8 B <= 1.1x Ray": p["8"]["ratio_median"] <= 1.1,
+        "cross-node p50 1 MiB <= 1.1x Ray": p[str(1 << 20)]["ratio_median"] <= 1.1,
+        "cross-node pipelined >= 0.9x Ray": results["pipelined_per_s"]["ratio_median"] >= 0.9,
+    }
+    print("\ncross-node request-response, p50 (microseconds), medians over alternating pairs")
+    print(f"{'payload':>9} | {'sage':>9} | {'ray':>9} | {'sage/ray':>8}")
+    for size, e in p.items():
+        print(f"{_fmt_size(int(size)):>9} | {e['sage']:9.1f} | {e['ray']:9.1f} | {e['ratio_median']:7.2f}x")
+    t = results["pipelined_per_s"]
+    print(
+        f"pipelined 8 B: call_async {t['sage']:,.0f} calls/s, Ray actor (max_concurrency {concurrency}) "
+        f"{t['ray']:,.0f} calls/s ({t['ratio_median']:.2f}x)"
+    )
+    for name, ok in results["targets_met"].items():
+        print(f"  [{'ok' if ok else 'MISSED'}] {name}")
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, f"service_bench-cross-node-{time.strftime('%Y%m%d-%H%M%S')}.json")
+    with open(path, "w") as f:
+        json.dump(results, f, indent=2)
+    print(f"\nwrote {path}")
+    client.close()
+    handle.shutdown()
+    bus.shutdown()
+    ray.shutdown()
+    cluster.shutdown()
     return 0
 
 

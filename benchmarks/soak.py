@@ -1,6 +1,7 @@
 """Soak: the pipeline under random SIGKILLs of replicas and of callers.
 
     python benchmarks/soak.py --minutes 2 [--json out.json]
+    python benchmarks/soak.py --nodes 3 --minutes 2   # a three-raylet cluster on this machine
 
 Caller processes (each its own Ray driver, connected to this cluster) stream
 records through ``featurize`` (3 replicas, stateless, idempotent, restarted
@@ -21,6 +22,13 @@ restarts it, empty). In-memory state dies with its process, so "0 lost" is
 not the claim here; the claims are: every failure is a typed
 ``SageCommError``, no call outlives its timeout (no hang), and calls succeed
 again after each restart.
+
+With ``--nodes N`` (N >= 2) it runs on a ``ray.cluster_utils.Cluster`` of
+N raylets: featurize has two replicas per worker node, the aggregate and the
+callers stay on the head, so every record crosses nodes on the way in and on
+the way to the aggregate; and halfway through phase 1 the last worker node is removed
+(``cluster.remove_node``): its replicas die with it and Ray restarts them
+on the nodes left. The phase-1 claims stay the same (0 failed, 0 lost).
 
 Then the callers stop and the library's own collection gets its chance (the
 node janitor's grace and two sweeps); only then, before anyone calls
@@ -91,6 +99,24 @@ class Aggregate(BaseService):
     @service_function
     def pid(self) -> int:
         return os.getpid()
+
+
+@sage_service(
+    name="featurize",
+    replicas=2,
+    num_cpus=0.1,
+    max_restarts=-1,
+    scheduling_strategy="SPREAD",
+    resources={"soak_worker": 0.01},
+)
+class SpreadFeaturize(Featurize):
+    """featurize on a cluster: spread over the worker nodes only, so every
+    call crosses nodes twice (caller -> featurize -> aggregate on the head)."""
+
+
+@sage_service(name="aggregate", num_cpus=0.1, max_restarts=-1, resources={"soak_head": 0.01})
+class HeadAggregate(Aggregate):
+    """The stateful stage stays on the head node: removing a worker never takes it."""
 
 
 # ------------------------------------------------------------------ callers
@@ -192,14 +218,22 @@ def read_acked(folder: str) -> set:
 
 
 # ------------------------------------------------------------------ phases
-def replica_pids(client: FunctionClient) -> dict:
+def replica_pids(client: FunctionClient, not_on: str | None = None) -> dict:
+    """featurize replicas' pids by instance id (those not on node ``not_on``),
+    and the node of each pid (for the report)."""
     out = {}
     for inst in client.endpoint.refresh()["services"].get("featurize", {}).values():
+        if not_on is not None and inst.node_id == not_on:
+            continue
         try:
             out[inst.instance_id] = client.call("featurize", "pid", instance=inst.instance_id, timeout=10)
+            NODE_OF_PID[out[inst.instance_id]] = inst.node_id
         except SageCommError:
             pass
     return out
+
+
+NODE_OF_PID: dict[int, str | None] = {}
 
 
 def main() -> int:
@@ -211,6 +245,7 @@ def main() -> int:
     ap.add_argument("--kill-every", type=float, default=4.0, help="mean seconds between kills")
     ap.add_argument("--json", default=None)
     ap.add_argument("--seed", type=int, default=None)
+    ap.add_argument("--nodes", type=int, default=1, help="raylets (a local ray.cluster_utils.Cluster when > 1)")
     args = ap.parse_args()
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from _runinfo import run_info
@@ -219,14 +254,33 @@ def main() -> int:
 
     seed = args.seed if args.seed is not None else random.randrange(1 << 30)
     rng = random.Random(seed)
-    ctx = ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    address = ctx.address_info["gcs_address"]
+    cluster, workers = None, []
+    if args.nodes > 1:
+        from ray.cluster_utils import Cluster
+
+        cluster = Cluster(
+            initialize_head=True,
+            head_node_args={"num_cpus": 2, "include_dashboard": False, "resources": {"soak_head": 1}},
+        )
+        workers = [cluster.add_node(num_cpus=2, resources={"soak_worker": 1}) for _ in range(args.nodes - 1)]
+        ray.init(address=cluster.address, log_to_driver=False, configure_logging=False)
+        cluster.wait_for_nodes()
+        address = cluster.address
+    else:
+        ctx = ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        address = ctx.address_info["gcs_address"]
+    head = ray.get_runtime_context().get_node_id()
     bus_name = f"soak-{os.getpid()}"
     bus = get_communication_bus(bus_name).start()
-    Featurize.deploy(bus=bus_name)
-    Aggregate.deploy(bus=bus_name)
+    if cluster is None:
+        Featurize.deploy(bus=bus_name)
+        Aggregate.deploy(bus=bus_name)
+    else:
+        SpreadFeaturize.deploy(bus=bus_name, replicas=2 * (args.nodes - 1))
+        HeadAggregate.deploy(bus=bus_name)
     client = FunctionClient(bus=bus_name)
-    gateway = get_gateway(ray.get_runtime_context().get_node_id())
+    replica_pids(client)  # where each replica runs, for the report
+    gateway = get_gateway(head)
     collected_before = ray.get(gateway.janitor_stats.remote(), timeout=60)["collected"]
     folder = tempfile.mkdtemp(prefix="sage-soak-")
     callers = Callers(address, bus_name, folder)
@@ -236,18 +290,33 @@ def main() -> int:
     total = args.minutes * 60
     phase1_end = time.monotonic() + 0.75 * total
     replica_kills = 0
+    kills_by_node: dict = {}
+    removed: dict = {}
+    remove_at = time.monotonic() + 0.375 * total  # halfway through phase 1
     t_start = time.time()
-    # Phase 1: replicas of the stateless stage and callers, in turn.
+    # Phase 1: replicas of the stateless stage and callers, in turn (on a
+    # cluster: replicas on other nodes, and one whole worker node removed).
     turn = 0
     while time.monotonic() < phase1_end:
         time.sleep(rng.expovariate(1.0 / args.kill_every))  # the killer's own pace: nothing to wait for
         if time.monotonic() >= phase1_end:
             break
+        if workers and not removed and time.monotonic() >= remove_at:
+            node = workers[-1]
+            live = replica_pids(client)
+            lost_replicas = sum(1 for pid in live.values() if NODE_OF_PID.get(pid) == node.node_id)
+            t0 = time.monotonic()
+            cluster.remove_node(node)  # type: ignore[union-attr]
+            removed = {"node": node.node_id, "seconds": round(time.monotonic() - t0, 2), "replicas": lost_replicas}
+            continue
         if turn % 2 == 0:
-            pids = replica_pids(client)
+            pids = replica_pids(client, not_on=head if cluster is not None else None)
             if pids:
-                os.kill(rng.choice(list(pids.values())), signal.SIGKILL)
+                pid = rng.choice(list(pids.values()))
+                os.kill(pid, signal.SIGKILL)
                 replica_kills += 1
+                node = NODE_OF_PID.get(pid)
+                kills_by_node[node] = kills_by_node.get(node, 0) + 1
         else:
             callers.kill_one(rng)
         turn += 1
@@ -293,7 +362,14 @@ def main() -> int:
     # Leaks: the library's own collection first, nobody's gc by hand.
     time.sleep(JANITOR_GRACE + 2 * JANITOR_SECONDS)
     segs = shm.list_segments(bus_namespace(bus_name))
-    leaked = [s.shm_name for s in segs if s.stale]
+    stale = [s for s in segs if s.stale]
+    leaked = [s.shm_name for s in stale]
+    # Per node, by the creator's node where known (replicas; callers and the
+    # aggregate run on the head). One machine: the nodes share /dev/shm.
+    leaked_by_node: dict = {}
+    for s in stale:
+        node = NODE_OF_PID.get(s.creator_pid, "head or unknown")
+        leaked_by_node[node] = leaked_by_node.get(node, 0) + 1
     collected = ray.get(gateway.janitor_stats.remote(), timeout=60)["collected"] - collected_before
 
     events = read_events(folder)
@@ -330,6 +406,10 @@ def main() -> int:
         "segments_collected_by_library": collected,
         "segments_leaked": len(leaked),
         "leaked": leaked[:10],
+        "nodes": args.nodes,
+        "replica_kills_by_node": kills_by_node,
+        "node_removed": removed,
+        "segments_leaked_by_node": leaked_by_node,
         "seconds": round(t_end - t_start, 1),
     }
     ok = (
@@ -343,6 +423,7 @@ def main() -> int:
         and report["segments_leaked"] == 0
         and report["phase1"]["calls_ok"] > 0
         and report["phase2"]["calls_ok"] > 0
+        and (cluster is None or bool(removed))
     )
     report["ok"] = ok
     print(json.dumps(report, indent=2))
@@ -352,6 +433,8 @@ def main() -> int:
     client.close()
     bus.shutdown()
     ray.shutdown()
+    if cluster is not None:
+        cluster.shutdown()
     return 0 if ok else 1
 
 

@@ -10,7 +10,7 @@ out-of-band buffers (``KIND_REQ_OOB``, see :func:`encode_payload`)::
     offset  size  field
          0     4  magic b"SQRQ"
          4     2  protocol version (PROTOCOL_VERSION)
-         6     2  flags (FLAG_*; none defined yet)
+         6     2  flags (FLAG_OOB_BODY: the body is KIND_REQ_OOB's layout)
          8     8  correlation id (unique per reply ring)
         16     8  deadline, epoch seconds as float64 (0.0: none)
         24     8  cancellation id (0: none)          reserved for cancellation
@@ -75,6 +75,7 @@ __all__ = [
     "ERR_TIMEOUT",
     "ERR_UNAVAILABLE",
     "ERR_VALIDATION",
+    "FLAG_OOB_BODY",
     "KIND_PICKLE",
     "KIND_PICKLE_OOB",
     "KIND_RAW",
@@ -97,6 +98,7 @@ __all__ = [
     "blob_name",
     "decode_payload",
     "decode_request",
+    "direct_reply",
     "dumps",
     "encode_error",
     "encode_payload",
@@ -104,9 +106,11 @@ __all__ = [
     "error_reply",
     "event_ring_name",
     "frame_bytes",
+    "frame_kind",
     "gateway_name",
     "names_main",
     "outcome",
+    "read_direct_reply",
     "remote_error",
     "reply_ring_name",
     "reply_ring_pid",
@@ -249,6 +253,8 @@ def gateway_name(node_id: str) -> str:
 # ------------------------------------------------------------ request frames
 _REQ_HEAD = struct.Struct("<4sHHQdQQIHHHH")  # see the module docstring
 _REQ_MAGIC = b"SQRQ"
+_FLAGS = struct.Struct("<H")
+FLAG_OOB_BODY = 1  # the body has out-of-band buffers (KIND_REQ_OOB)
 _ALIGN_BODY = 16  # the body starts 16-byte aligned, so out-of-band buffers stay aligned
 _REQUEST_FIELDS = len(Request._fields)
 _make_request = Request._make
@@ -294,10 +300,14 @@ def encode_request(req: Request | tuple, label: str) -> tuple[list, int]:
     rt = (reply_to or "").encode()
     fn = (function or "").encode()[:65535]
     tr = trace.encode()[:65535] if trace else b""
-    head = _REQ_HEAD.pack(_REQ_MAGIC, PROTOCOL_VERSION, 0, cid, deadline or 0.0, 0, 0, 0, len(rt), len(fn), len(tr), 0)
+    oob = kind != KIND_PICKLE
+    flags = FLAG_OOB_BODY if oob else 0
+    head = _REQ_HEAD.pack(
+        _REQ_MAGIC, PROTOCOL_VERSION, flags, cid, deadline or 0.0, 0, 0, 0, len(rt), len(fn), len(tr), 0
+    )
     head += rt + fn + tr
     head += bytes((-len(head)) % _ALIGN_BODY)
-    return [head, *parts], (KIND_REQ if kind == KIND_PICKLE else KIND_REQ_OOB)
+    return [head, *parts], (KIND_REQ_OOB if oob else KIND_REQ)
 
 
 def _fixed_fields(payload: Any, kind: int) -> tuple[tuple, int]:
@@ -362,11 +372,35 @@ def decode_request(payload: Any, kind: int) -> Request:
         raise BadRequest(decode_header(payload, kind)[0], e) from None
 
 
-def frame_bytes(req: Request) -> tuple[bytes, int]:
-    """The whole request frame of ``req`` as one bytes, and its kind: what a
-    call over Ray carries (the same header as the ring path)."""
-    parts, kind = encode_request(req, f"a call to {req.service}.{req.function} over Ray")
-    return b"".join(parts), kind
+def frame_bytes(req: Request) -> bytes:
+    """The whole request frame of ``req`` as one bytes: what a call over Ray
+    carries (the same header as the ring path; the header's flags give its
+    kind, see :func:`frame_kind`). One argument: Ray charges per argument."""
+    parts, _kind = encode_request(req, f"a call to {req.service}.{req.function} over Ray")
+    return b"".join(parts)
+
+
+def frame_kind(frame: Any) -> int:
+    """The ring kind of a request frame that travelled without one (over Ray),
+    from its header's flags; ``KIND_REQ`` for anything too short to say."""
+    if len(frame) >= _REQ_HEAD.size and _FLAGS.unpack_from(frame, 6)[0] & FLAG_OOB_BODY:
+        return KIND_REQ_OOB
+    return KIND_REQ
+
+
+def direct_reply(rep: Reply | tuple) -> bytes | tuple:
+    """What a replica's actor returns for a call over Ray: the reply pickled
+    by us (Ray passes bytes through its cheapest path: ~40 us less per call
+    here than a tuple), or the tuple itself when it holds out-of-band buffers
+    (numpy arrays), which Ray's own pickling puts in its object store without
+    a copy."""
+    parts, kind = encode_payload(tuple(rep), "the reply of a call over Ray")
+    return parts[0] if kind == KIND_PICKLE else tuple(rep)
+
+
+def read_direct_reply(out: bytes | tuple) -> Reply:
+    """The Reply of what :func:`direct_reply` made."""
+    return Reply(*(pickle.loads(out) if isinstance(out, bytes) else out))
 
 
 def error_reply(cid: int, code: str, message: str, extra: Any = None) -> tuple:

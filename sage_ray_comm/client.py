@@ -395,9 +395,13 @@ class FunctionClient:
     def _deliver(self, ep: Endpoint, targets: list[Subscription], payload: Any, hdrs: dict, trace: str | None) -> int:
         delivered = 0
         event = Request(OP_EVENT, 0, "", (payload,), None, None, None, self.client_id, hdrs, "", trace)
+        far: dict[str, list[Subscription]] = {}  # other nodes' subscribers: one frame per node
         for sub in targets:
-            req = event._replace(function=sub.function or "", service=sub.group or "")
             tr = ep.transport(sub.node_id)
+            if sub.queue and tr is ep.ray:
+                far.setdefault(sub.node_id or "", []).append(sub)
+                continue
+            req = event._replace(function=sub.function or "", service=sub.group or "")
             if not sub.queue and ep.deliver_direct(sub, req):
                 delivered += 1
                 recorder.count("sage_messages_delivered_total", (self.bus, "ray"))
@@ -407,6 +411,10 @@ class FunctionClient:
             else:
                 ep.stats["dropped"] += 1
                 recorder.count("sage_frames_dropped_total", (self.bus, "subscriber_buffer"))
+        for subs in far.values():
+            n = ep.ray.deliver_many(subs, event)  # type: ignore[union-attr]  # far is empty without ep.ray
+            delivered += n
+            recorder.count("sage_messages_delivered_total", (self.bus, "ray"), n)
         return delivered
 
     publish = broadcast

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from . import lifecycle, shm
 from ._ray import ensure_ray
 from ._replica import DEFAULT_MAX_CONCURRENCY
-from ._wire import ERR_UNAVAILABLE, actor_name, decode_header, error_reply
+from ._wire import ERR_UNAVAILABLE, actor_name, decode_header, direct_reply, error_reply, frame_kind
 from .endpoint import Endpoint
 from .errors import InvalidServiceDefinition, NameConflict, SageCommError, ServiceUnavailable
 from .router import (
@@ -91,12 +91,15 @@ class ServiceActor:
     def stats(self) -> dict:
         return self.svc.get_stats() if self.svc is not None else {"running": False}
 
-    def handle(self, payload: bytes, kind: int) -> tuple | None:
-        """A request frame sent over Ray straight to this replica (see Runtime.handle_direct)."""
+    def handle(self, frame: bytes) -> bytes | tuple | None:
+        """A request frame sent over Ray straight to this replica (see
+        Runtime.handle_direct); the reply as ``_wire.direct_reply`` makes it."""
+        kind = frame_kind(frame)
         rt = self.rt if self.svc is not None and self.svc.is_running else None
         if rt is None:
-            return error_reply(decode_header(payload, kind)[0].cid, ERR_UNAVAILABLE, "replica is not running")
-        return rt.handle_direct(payload, kind)
+            return error_reply(decode_header(frame, kind)[0].cid, ERR_UNAVAILABLE, "replica is not running")
+        rep = rt.handle_direct(frame, kind)
+        return None if rep is None else direct_reply(rep)
 
     def pid(self) -> int:
         return os.getpid()

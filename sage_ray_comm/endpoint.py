@@ -336,12 +336,18 @@ class Endpoint:
         return self.shm if node_id == self.node_id or self.ray is None else self.ray
 
     def transport_for(self, inst: InstanceInfo) -> Transport:
-        """The transport to one replica: shared memory on this node, the
-        node's gateway across nodes, and a direct Ray call to the replica's
-        actor when either side has no ring (shared memory is short)."""
-        if self._factory is None and (not inst.request_queue or (not self.shm_ok and inst.node_id == self.node_id)):
+        """The transport to one replica: shared memory on this node; across
+        nodes, one Ray call straight to the replica's actor (or, for an
+        in-process service, which has no actor, to its node's gateway); and
+        the direct call on this node too when either side has no ring
+        (shared memory is short)."""
+        if self._factory is not None:
+            return self._factory(inst.node_id)
+        if inst.node_id == self.node_id:
+            return self.shm if inst.request_queue and self.shm_ok else self.direct
+        if inst.actor_name or not inst.request_queue:
             return self.direct
-        return self.transport(inst.node_id)
+        return self.ray or self.direct
 
     def shm_full(self, e: BaseException) -> None:
         """This process could not make a ring: go over Ray from now on."""

@@ -1,14 +1,18 @@
-"""Calls over Ray: to another node through its gateway, or straight to a
-replica's actor when shared memory is short.
+"""Calls over Ray: straight to a replica's actor, or through a node's gateway.
 
-- :class:`RayTransport` (different nodes): a Ray actor call to the gateway
-  actor of the replica's node, which makes the same shared-memory call there
-  and returns the reply. Same semantics, one more hop; Ray's object store
-  carries large payloads.
-- :class:`DirectTransport`: a Ray actor call straight to the replica's actor
-  (``ServiceActor.handle``), carrying the same request frame as the ring path.
+- :class:`DirectTransport`: one Ray actor call straight to the replica's
+  actor (``ServiceActor.handle``), carrying the same request frame as the
+  ring path and served by the same dispatch code. Every call to a deployed
+  replica on another node takes it, and so does a call on one node when
+  shared memory is short.
+- :class:`RayTransport`: a Ray actor call to the gateway actor of the
+  replica's node, which makes the shared-memory call there. Only in-process
+  services (``X().start()`` in a driver or actor) need it across nodes: they
+  have no actor of their own.
 
-Each node's gateway is also its janitor: every ``JANITOR_SECONDS`` it removes
+The gateway (one detached actor per node) is what still needs a process per
+node: the hop to in-process services, delivering events to that node's
+subscribers, and the janitor, which every ``JANITOR_SECONDS`` removes
 segments of dead processes idle for ``JANITOR_GRACE``.
 """
 
@@ -30,7 +34,9 @@ from ._wire import (
     bad_request_reply,
     decode_request,
     frame_bytes,
+    frame_kind,
     gateway_name,
+    read_direct_reply,
 )
 from .errors import CallTimeout, DeserializationError, SageCommError, ServiceUnavailable
 from .router import ROUTER_NAMESPACE, InstanceInfo, Subscription
@@ -78,6 +84,9 @@ class _GatewayActor:
         self._transports: dict[str, ShmTransport] = {}
         self._lock = threading.Lock()
         self.collected = 0
+        # What went through this gateway: calls and sends (to in-process
+        # services), event frames from other nodes, and events handed on.
+        self.counts = {"calls": 0, "sends": 0, "event_frames": 0, "events_delivered": 0}
         self._janitor = threading.Thread(target=self._sweep_forever, name="sage-janitor", daemon=True)
         self._janitor.start()
 
@@ -92,6 +101,10 @@ class _GatewayActor:
     def janitor_stats(self) -> dict:
         """Segments this node's janitor removed so far, and how often it looks."""
         return {"collected": self.collected, "interval": JANITOR_SECONDS, "grace": JANITOR_GRACE, "pid": os.getpid()}
+
+    def stats(self) -> dict:
+        """What went through this gateway (see ``counts``), and the janitor's work."""
+        return {**self.counts, **self.janitor_stats()}
 
     def _shm(self, namespace: str) -> ShmTransport:
         t = self._transports.get(namespace)
@@ -108,9 +121,10 @@ class _GatewayActor:
     # Callers on other nodes send whole request frames (see _wire): the
     # gateway reads the same versioned header a replica does, so a caller on
     # another protocol version is answered here, before anything is run.
-    def call(self, namespace: str, inst: InstanceInfo, payload: bytes, kind: int, timeout: float):
+    def call(self, namespace: str, inst: InstanceInfo, payload: bytes, timeout: float):
+        self.counts["calls"] += 1
         try:
-            req = decode_request(payload, kind)
+            req = decode_request(payload, frame_kind(payload))
         except BadRequest as e:
             return ("ok", bad_request_reply(e, inst.service, f"the gateway of node {inst.node_id}"))
         try:
@@ -118,22 +132,31 @@ class _GatewayActor:
         except SageCommError as e:
             return ("err", e)
 
-    def send(self, namespace: str, inst: InstanceInfo, payload: bytes, kind: int, timeout: float):
+    def send(self, namespace: str, inst: InstanceInfo, payload: bytes, timeout: float):
+        self.counts["sends"] += 1
         try:
-            self._shm(namespace).send(inst, decode_request(payload, kind), timeout)
+            self._shm(namespace).send(inst, decode_request(payload, frame_kind(payload)), timeout)
             return ("ok", None)
         except BadRequest as e:
             return ("err", DeserializationError(f"gateway of node {inst.node_id}: {e}"))
         except SageCommError as e:
             return ("err", e)
 
-    def deliver(self, namespace: str, sub: Subscription, payload: bytes, kind: int) -> bool:
+    def deliver(self, namespace: str, subs: list[Subscription], payload: bytes) -> int:
+        """One event frame from another node for every subscriber of it on
+        this node (one copy per node, not per subscriber): each gets it in
+        its ring, as ``function``/``service`` of its subscription. Returns
+        how many took it (a full ring drops it, as on the same node)."""
+        self.counts["event_frames"] += 1
         try:
-            req = decode_request(payload, kind)
+            event = decode_request(payload, frame_kind(payload))
         except BadRequest as e:
-            log.warning("gateway dropped an event for %s it could not decode: %s", sub.pattern, e)
-            return False
-        return self._shm(namespace).deliver(sub, req)
+            log.warning("gateway dropped an event for %d subscriber(s) it could not decode: %s", len(subs), e)
+            return 0
+        t = self._shm(namespace)
+        n = sum(t.deliver(sub, event._replace(function=sub.function or "", service=sub.group or "")) for sub in subs)
+        self.counts["events_delivered"] += n
+        return n
 
     def forget(self, namespace: str) -> bool:
         """The bus is shutting down: drop its rings (reply rings, open handles)."""
@@ -233,7 +256,7 @@ class RayTransport(Transport):
         import ray
 
         try:
-            ref = self._gw(inst).call.remote(self.namespace, inst, *frame_bytes(req), timeout)
+            ref = self._gw(inst).call.remote(self.namespace, inst, frame_bytes(req), timeout)
             # A little slack: the gateway's own timeout error should win the race.
             out = ray.get(ref, timeout=timeout + 1.0)
         except (ray.exceptions.RayError, ServiceUnavailable) as e:
@@ -241,20 +264,28 @@ class RayTransport(Transport):
         return self._unwrap(inst, req.function, out)
 
     def call_async(self, inst: InstanceInfo, req: Request, timeout: float, finish: Finish) -> concurrent.futures.Future:
-        ref = self._gw(inst).call.remote(self.namespace, inst, *frame_bytes(req), timeout)
+        ref = self._gw(inst).call.remote(self.namespace, inst, frame_bytes(req), timeout)
         return settle_from_ref(
             ref,
             finish,
             lambda out: self._unwrap(inst, req.function, out),
             lambda e: self._ray_error(inst, req.function, e),
+            timeout,
+            lambda: CallTimeout(f"call to {inst.service}.{req.function} on node {inst.node_id} got no reply in time"),
         )
 
     def send(self, inst: InstanceInfo, req: Request, timeout: float) -> None:
-        self._gw(inst).send.remote(self.namespace, inst, *frame_bytes(req), timeout)
+        self._gw(inst).send.remote(self.namespace, inst, frame_bytes(req), timeout)
 
     def deliver(self, sub: Subscription, req: Request) -> bool:
-        self._gw(sub).deliver.remote(self.namespace, sub, *frame_bytes(req))
-        return True
+        return self.deliver_many([sub], req) == 1
+
+    def deliver_many(self, subs: list[Subscription], event: Request) -> int:
+        """Sends ``event`` once to the gateway of the subscribers' node (all on
+        one node), which hands it to each. Does not wait: returns how many it
+        was sent for (at-most-once, as every event)."""
+        self._gw(subs[0]).deliver.remote(self.namespace, subs, frame_bytes(event))
+        return len(subs)
 
 
 class DirectTransport(Transport):
@@ -303,17 +334,26 @@ class DirectTransport(Transport):
         import ray
 
         try:
-            out = ray.get(self._actor(inst).handle.remote(*frame_bytes(req)), timeout=timeout + 1.0)
+            out = ray.get(self._actor(inst).handle.remote(frame_bytes(req)), timeout=timeout + 1.0)
         except ray.exceptions.RayError as e:
             raise self._error(inst, req.function, e) from None
-        return Reply(*out)
+        return read_direct_reply(out)
 
     def call_async(self, inst: InstanceInfo, req: Request, timeout: float, finish: Finish) -> concurrent.futures.Future:
-        ref = self._actor(inst).handle.remote(*frame_bytes(req))
-        return settle_from_ref(ref, finish, lambda out: Reply(*out), lambda e: self._error(inst, req.function, e))
+        ref = self._actor(inst).handle.remote(frame_bytes(req))
+        return settle_from_ref(
+            ref,
+            finish,
+            read_direct_reply,
+            lambda e: self._error(inst, req.function, e),
+            timeout,
+            lambda: CallTimeout(
+                f"call to {inst.service}.{req.function} (replica {inst.instance_id}, over Ray) got no reply in time"
+            ),
+        )
 
     def send(self, inst: InstanceInfo, req: Request, timeout: float) -> None:
-        self._actor(inst).handle.remote(*frame_bytes(req))
+        self._actor(inst).handle.remote(frame_bytes(req))
 
     def deliver(self, sub: Subscription, req: Request) -> bool:
         return False  # subscribers always have a ring; see FunctionClient.broadcast

@@ -440,6 +440,8 @@ def get_router(bus: str, create: bool = True, check_pids: bool | None = None) ->
 
     if not ray.is_initialized():
         raise RouterUnavailable(f"bus '{bus}': Ray is not initialized (call ray.init() or bus.start())")
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
     name = router_name(bus)
     try:
         return get_or_create_actor(
@@ -454,6 +456,12 @@ def get_router(bus: str, create: bool = True, check_pids: bool | None = None) ->
             # A bus outlives the process that happened to create it (like
             # Ray Serve's controller); CommunicationBus.shutdown() ends it.
             lifetime="detached",
+            # On the creator's node (the driver's, usually the head), as Ray
+            # Serve keeps its controller on the head: Ray's default could put
+            # it on any worker, and losing that node would restart it empty
+            # (callers then see ServiceNotFound until replicas re-register).
+            # Soft: if that node goes, Ray restarts it elsewhere.
+            scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True),
         )
     except ValueError as last:
         raise RouterUnavailable(f"cannot find or create the router '{name}' of bus '{bus}': {last}") from None

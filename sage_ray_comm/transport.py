@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import abc
 import concurrent.futures
+import itertools
 import logging
+import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -26,6 +29,8 @@ from .router import InstanceInfo, Subscription
 __all__ = [
     "DIRECT_PREFIX",
     "EVENT_RING_BYTES",
+    "EXPIRY",
+    "EXPIRY_SLACK",
     "REPLY_RING_BYTES",
     "REQUEST_RING_BYTES",
     "Finish",
@@ -86,15 +91,6 @@ def check_shm_space() -> bool:
     return True
 
 
-# ------------------------------------------------------------ oversize
-
-
-# ------------------------------------------------------------------ malloc
-
-
-# ------------------------------------------------------------------- rings
-
-
 # --------------------------------------------------------------- interface
 # finish(reply, error) -> value, or raises: turns a reply into the call's outcome.
 Finish = Callable[[Reply | None, BaseException | None], Any]
@@ -113,14 +109,30 @@ def settle(fut: concurrent.futures.Future, finish: Finish, rep: Reply | None, ex
 
 
 def settle_from_ref(
-    ref: Any, finish: Finish, unwrap: Callable[[Any], Reply], ray_error: Callable[[BaseException], BaseException]
+    ref: Any,
+    finish: Finish,
+    unwrap: Callable[[Any], Reply],
+    ray_error: Callable[[BaseException], BaseException],
+    timeout: float | None = None,
+    timed_out: Callable[[], BaseException] | None = None,
 ) -> concurrent.futures.Future:
     """A future completed, on Ray's callback, with ``finish`` of the reply that
     ``unwrap`` makes of the Ray object, or of the error ``ray_error`` maps a
-    RayError to (the Ray transports' call_async)."""
+    RayError to (the Ray transports' call_async). With ``timeout``, it fails
+    with ``timed_out()`` if Ray has not answered by then (plus
+    ``EXPIRY_SLACK``, so the replica's own timeout reply wins the race):
+    no thread waits per call, one sweeper thread fails the late ones."""
     import ray
 
     result: concurrent.futures.Future = CallFuture(running=True)  # the call is under way
+    once = threading.Lock()  # Ray's answer and the expiry race: the first settles
+    key = None
+
+    def complete(rep: Reply | None, exc: BaseException | None) -> None:
+        if once.acquire(blocking=False):
+            if key is not None:
+                EXPIRY.discard(key)
+            settle(result, finish, rep, exc)
 
     def done(f: concurrent.futures.Future) -> None:
         try:
@@ -129,10 +141,69 @@ def settle_from_ref(
             rep, exc = None, ray_error(e)
         except BaseException as e:
             rep, exc = None, e
-        settle(result, finish, rep, exc)
+        complete(rep, exc)
 
+    if timeout is not None and timed_out is not None:
+        key = EXPIRY.add(time.monotonic() + timeout + EXPIRY_SLACK, lambda: complete(None, timed_out()))
     ref.future().add_done_callback(done)
     return result
+
+
+# How late after its timeout a call over Ray fails on the caller's side, and
+# how often the sweeper looks: the replica answers a late call itself at its
+# deadline, and that (typed) answer should arrive first.
+EXPIRY_SLACK = 1.0
+EXPIRY_SWEEP_SECONDS = 0.05
+
+
+class Expiry:
+    """Calls ``on_expire()`` for entries still present at their deadline
+    (monotonic seconds), from one daemon thread started on first use that
+    sweeps every ``EXPIRY_SWEEP_SECONDS``. Entries are removed when their
+    call completes (:meth:`discard`), so the sweep sees only calls in flight."""
+
+    def __init__(self) -> None:
+        self._entries: dict[int, tuple[float, Callable[[], None]]] = {}
+        self._ids = itertools.count()
+        self._lock = threading.Lock()
+        self._busy = threading.Event()  # set while there are entries: the sweeper sleeps otherwise
+        self._thread: threading.Thread | None = None
+
+    def add(self, when: float, on_expire: Callable[[], None]) -> int:
+        key = next(self._ids)
+        with self._lock:
+            self._entries[key] = (when, on_expire)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._sweep, name="sage-expiry", daemon=True)
+                self._thread.start()
+            if not self._busy.is_set():
+                self._busy.set()
+        return key
+
+    def discard(self, key: int) -> None:
+        self._entries.pop(key, None)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def _sweep(self) -> None:
+        while True:
+            self._busy.wait()
+            time.sleep(EXPIRY_SWEEP_SECONDS)  # a timer tick, not a wait for another thread
+            now = time.monotonic()
+            with self._lock:
+                due = [k for k, (when, _) in list(self._entries.items()) if when <= now]
+                fire = [self._entries.pop(k)[1] for k in due if k in self._entries]
+                if not self._entries:
+                    self._busy.clear()  # add() sets it again under the same lock
+            for on_expire in fire:
+                try:
+                    on_expire()
+                except Exception:  # never lose the sweeper
+                    log.exception("expiring a call over Ray failed")
+
+
+EXPIRY = Expiry()
 
 
 class Transport(abc.ABC):

@@ -11,6 +11,7 @@ import sys
 
 import numpy as np
 import ray
+from _wait import wait_for
 from ray.cluster_utils import Cluster
 
 from sage_ray_comm import (
@@ -23,6 +24,7 @@ from sage_ray_comm import (
     shm,
 )
 from sage_ray_comm.router import bus_namespace
+from sage_ray_comm.service import subscribe
 
 
 @sage_service(name="far", num_cpus=0.1, resources={"worker_node": 0.01})
@@ -47,6 +49,29 @@ class Spread(BaseService):
     @service_function
     def where(self):
         return ray.get_runtime_context().get_node_id()
+
+
+class _Fan(BaseService):
+    def initialize(self):
+        self.got = 0
+
+    @service_function
+    def got_so_far(self) -> int:
+        return self.got
+
+
+@sage_service(name="fan1", num_cpus=0.1, resources={"worker_node": 0.01})
+class Fan1(_Fan):
+    @subscribe("fan.>")
+    def on_fan(self, payload):
+        self.got += 1
+
+
+@sage_service(name="fan2", num_cpus=0.1, resources={"worker_node": 0.01})
+class Fan2(_Fan):
+    @subscribe("fan.>")
+    def on_fan(self, payload):
+        self.got += 1
 
 
 class Near(BaseService):
@@ -126,6 +151,24 @@ def main() -> int:
             out["janitors"][node] = ray.get(gw.janitor_stats.remote(), timeout=60)["interval"]
         except ValueError:
             out["janitors"][node] = None
+    worker_gw = ray.get_actor(gateway_name(worker.node_id), namespace=GATEWAY_NAMESPACE)
+    head_gw = ray.get_actor(gateway_name(head_id), namespace=GATEWAY_NAMESPACE)
+    # One hop: every call to "far" (a deployed replica) went straight to its
+    # actor; the head's gateway served the worker's call to "near" (in-process).
+    out["worker_gateway_calls"] = ray.get(worker_gw.stats.remote(), timeout=60)["calls"]
+    out["head_gateway_calls"] = ray.get(head_gw.stats.remote(), timeout=60)["calls"]
+    # Pub/sub across nodes: one frame per node, fanned out there.
+    Fan1.deploy(bus=bus_name)
+    Fan2.deploy(bus=bus_name)
+    client.wait_for_subscribers("fan.x", 2)
+    before = ray.get(worker_gw.stats.remote(), timeout=60)
+    out["fan_published"] = [client.publish("fan.x", i) for i in range(5)]
+    out["fan_got"] = wait_for(
+        lambda: [client.call(s, "got_so_far") for s in ("fan1", "fan2")] == [5, 5] and [5, 5], 60, "fan-out"
+    )
+    after = ray.get(worker_gw.stats.remote(), timeout=60)
+    out["fan_frames"] = after["event_frames"] - before["event_frames"]
+    out["fan_delivered"] = after["events_delivered"] - before["events_delivered"]
     near.stop()
     client.close()
     bus.shutdown()

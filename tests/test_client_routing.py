@@ -111,6 +111,26 @@ def test_same_node_replicas_are_preferred():
         assert got == {"near"}
 
 
+@pytest.mark.parametrize("policy", ["round_robin", "least_outstanding"])
+def test_locality_follows_load(policy):
+    """Same-node first while the local replica's queue stays within the
+    threshold of the least loaded remote one; then calls spill over."""
+    pool = [inst("far1", node="x"), inst("near", node="local"), inst("far2", node="y")]
+    out: collections.Counter = collections.Counter()
+    picks: list[str] = []
+    rr = itertools.count()
+    for _ in range(30):  # 30 calls in flight at once from this process
+        i = pick_instance(pool, policy, out, "local", rr, random.Random(len(picks)), 4).instance_id
+        out[i] += 1
+        picks.append(i)
+    assert picks[:5] == ["near"] * 5  # within the threshold: all local
+    assert out["near"] - min(out["far1"], out["far2"]) <= 5  # never more than threshold + 1 ahead
+    assert out["far1"] > 0 and out["far2"] > 0 and out["near"] > max(out["far1"], out["far2"])
+    # As calls finish, the local replica takes them again.
+    done = {"near": 0, "far1": out["far1"], "far2": out["far2"]}
+    assert pick_instance(pool, policy, done, "local", itertools.count(), random.Random(0), 4).instance_id == "near"
+
+
 def test_remote_replicas_are_used_when_no_local_one_exists():
     pool = [inst("far1", node="x"), inst("far2", node="y")]
     rr = itertools.count()

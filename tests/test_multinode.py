@@ -14,15 +14,36 @@ import pytest
 pytestmark = [pytest.mark.multinode, pytest.mark.slow]
 
 
-def test_cross_node_and_same_node_paths():
-    app = os.path.join(os.path.dirname(__file__), "_multinode_app.py")
+def _run_app(name: str) -> dict:
+    app = os.path.join(os.path.dirname(__file__), name)
     env = dict(
         os.environ, PYTHONPATH=os.pathsep.join(filter(None, [os.path.dirname(__file__), os.environ.get("PYTHONPATH")]))
     )
     p = subprocess.run([sys.executable, app], capture_output=True, text=True, timeout=280, env=env)
     lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
     assert p.returncode == 0 and lines, f"rc={p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}"
-    r = json.loads(lines[-1][len("RESULT ") :])
+    return json.loads(lines[-1][len("RESULT ") :])
+
+
+def test_locality_follows_load_on_three_nodes():
+    """A replica and a caller on each of three raylets. Callers that make one
+    call at a time stay on their own node; a caller with 24 calls in flight
+    fills its local replica up to the threshold and spills the rest over."""
+    r = _run_app("_scaleout_app.py")
+    nodes = sorted([r["head"], *r["workers"]])
+    assert r["replica_nodes"] == nodes, "one replica per node (SPREAD)"
+    for light in r["light"]:
+        assert light["got"] == {light["node"]: 30}, light  # all local
+    heavy = r["heavy"]
+    got = heavy["got"]
+    assert heavy["node"] == r["head"] and sum(got.values()) == 24 * 8
+    local, remote = got.get(r["head"], 0), [got.get(w, 0) for w in r["workers"]]
+    assert local > max(remote), got  # locality still wins most calls
+    assert min(remote) >= 0.1 * sum(got.values()), got  # but both other nodes took real load
+
+
+def test_cross_node_and_same_node_paths():
+    r = _run_app("_multinode_app.py")
     assert r["head"] != r["worker"]
     # driver (head) -> service on the worker node: the Ray path
     assert r["far_node"] == r["worker"]
@@ -47,5 +68,10 @@ def test_cross_node_and_same_node_paths():
     assert r["spread_nodes"] == sorted([r["head"], r["worker"]])
     assert r["spread_from_head"] == [r["head"]]
     assert w["spread"] == [r["worker"]]
+    # one hop to deployed replicas; the gateway only for in-process services
+    assert r["worker_gateway_calls"] == 0 and r["head_gateway_calls"] >= 1
+    # an event for two subscribers on the worker: one frame to that node, two deliveries
+    assert r["fan_published"] == [2] * 5 and r["fan_got"] == [5, 5]
+    assert (r["fan_frames"], r["fan_delivered"]) == (5, 10)
     # a segment janitor on every node that has a replica or a caller
     assert r["janitors"] == {r["head"]: 5.0, r["worker"]: 5.0}

@@ -41,3 +41,31 @@ def test_soak(tmp_path):
     assert report["hangs"] == 0, report["slowest_call_s"]
     assert report["segments_leaked"] == 0, report["leaked"]
     assert r.returncode == 0 and report["ok"] is True, r.stdout[-3000:] + r.stderr[-3000:]
+
+
+@pytest.mark.slow
+@pytest.mark.multinode
+@pytest.mark.timeout(600)
+def test_soak_on_three_nodes(tmp_path):
+    """The short CI version of ``soak.py --nodes 3``: replicas on other nodes
+    SIGKILLed, callers SIGKILLed, and a whole worker node removed mid-run."""
+    out = tmp_path / "soak3.json"
+    r = subprocess.run(
+        [sys.executable, "benchmarks/soak.py", "--nodes", "3", "--minutes", "1.5", "--json", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=560,
+    )
+    assert out.exists(), r.stdout[-3000:] + r.stderr[-3000:]
+    report = json.loads(out.read_text())
+    p1, p2 = report["phase1"], report["phase2"]
+    assert report["node_removed"]["node"] and report["node_removed"]["replicas"] >= 1, report["node_removed"]
+    assert p1["replica_kills"] >= 3 and p1["caller_kills"] >= 3, p1
+    assert None not in report["replica_kills_by_node"], report["replica_kills_by_node"]
+    assert p1["calls_ok"] > 300 and p1["acknowledged"] > 300, p1
+    assert (p1["calls_failed"], p1["wrong_replies"], p1["lost"]) == (0, 0, 0), p1
+    assert p2["calls_failed_untyped"] == 0 and p2["wrong_replies"] == 0, p2
+    assert report["hangs"] == 0, report["slowest_call_s"]
+    assert report["segments_leaked"] == 0, report["segments_leaked_by_node"]
+    assert r.returncode == 0 and report["ok"] is True, r.stdout[-3000:] + r.stderr[-3000:]

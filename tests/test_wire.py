@@ -34,7 +34,9 @@ from sage_ray_comm._wire import (
     decode_header,
     decode_request,
     encode_request,
+    frame_kind,
     outcome,
+    read_direct_reply,
     reply_ring_name,
     reply_ring_pid,
 )
@@ -68,6 +70,16 @@ def test_a_readable_header_with_a_bad_body_names_the_call(cid, reply_to, fn, jun
     except BadRequest as e:
         assert (e.cid, e.reply_to, e.function) == (cid, reply_to or None, fn)
         assert e.header.trace == (trace or None)
+
+
+def test_a_frame_over_ray_says_its_kind_in_its_header():
+    np = pytest.importorskip("numpy")
+    plain = Request(OP_CALL, 1, "f", (1,), None, None, None, None, None, "s")
+    oob = plain._replace(args=(np.ones(4096),))
+    for req, want in ((plain, KIND_REQ), (oob, KIND_REQ_OOB)):
+        data, kind = _frame_bytes(req)
+        assert kind == want and frame_kind(data) == want
+        assert decode_request(data, frame_kind(data)).function == "f"
 
 
 def test_trace_context_travels_in_the_header_readable_without_unpickling():
@@ -143,10 +155,11 @@ def test_the_ray_path_checks_the_same_header(bus, monkeypatch):
     actor = ray.get_actor(handle.instances[0].actor_name, namespace=ROUTER_NAMESPACE)
     req = Request(OP_CALL, 0, "echo", (5,), None, None, None, None, None, "wire_echo")
     data, kind = _frame_bytes(req)
-    assert outcome(Reply(*ray.get(actor.handle.remote(data, kind), timeout=30)), "wire_echo", "echo") == 5
+    assert frame_kind(data) == kind
+    assert outcome(read_direct_reply(ray.get(actor.handle.remote(data), timeout=30)), "wire_echo", "echo") == 5
     monkeypatch.setattr(_wire, "PROTOCOL_VERSION", PROTOCOL_VERSION + 1)
     data, kind = _frame_bytes(req)
-    rep = Reply(*ray.get(actor.handle.remote(data, kind), timeout=30))
+    rep = read_direct_reply(ray.get(actor.handle.remote(data), timeout=30))
     with pytest.raises(ProtocolMismatch) as ei:
         outcome(rep, "wire_echo", "echo")
     assert (ei.value.caller_version, ei.value.replica_version) == (PROTOCOL_VERSION + 1, PROTOCOL_VERSION)
@@ -161,13 +174,13 @@ def test_a_gateway_answers_a_caller_on_another_protocol_version(bus, monkeypatch
     inst = handle.instances[0]
     gw = get_gateway(inst.node_id)
     req = Request(OP_CALL, 0, "echo", (6,), None, None, None, None, None, "wire_echo")
-    data, kind = _frame_bytes(req)
-    status, rep = ray.get(gw.call.remote(bus_namespace(bus), inst, data, kind, 10.0), timeout=30)
+    data, _ = _frame_bytes(req)
+    status, rep = ray.get(gw.call.remote(bus_namespace(bus), inst, data, 10.0), timeout=30)
     assert status == "ok" and outcome(Reply(*rep), "wire_echo", "echo") == 6
     monkeypatch.setattr(_wire, "PROTOCOL_VERSION", PROTOCOL_VERSION + 2)
-    data, kind = _frame_bytes(req)
+    data, _kind = _frame_bytes(req)
     monkeypatch.setattr(_wire, "PROTOCOL_VERSION", PROTOCOL_VERSION)
-    status, rep = ray.get(gw.call.remote(bus_namespace(bus), inst, data, kind, 10.0), timeout=30)
+    status, rep = ray.get(gw.call.remote(bus_namespace(bus), inst, data, 10.0), timeout=30)
     with pytest.raises(ProtocolMismatch) as ei:
         outcome(Reply(*rep), "wire_echo", "echo")
     assert ei.value.caller_version == PROTOCOL_VERSION + 2
@@ -178,6 +191,6 @@ def test_the_ray_path_answers_a_body_that_does_not_unpickle(bus):
     actor = ray.get_actor(handle.instances[0].actor_name, namespace=ROUTER_NAMESPACE)
     data, kind = _frame_bytes(Request(OP_CALL, 0, "echo", (5,), None, None, None, None, None, "wire_echo"))
     header_end = decode_header(data, kind)[1]
-    rep = Reply(*ray.get(actor.handle.remote(data[:header_end] + b"\x80\x05garbage", kind), timeout=30))
+    rep = read_direct_reply(ray.get(actor.handle.remote(data[:header_end] + b"\x80\x05garbage"), timeout=30))
     with pytest.raises(DeserializationError, match="echo"):
         outcome(rep, "wire_echo", "echo")
