@@ -341,6 +341,13 @@ def cross_node(args) -> int:
     handle = FarEcho.deploy(bus=bus_name)
     assert handle.instances[0].node_id == far.node_id
     client = FunctionClient(bus=bus_name)
+    # The path cross-node calls took before (two hops: the far node's gateway,
+    # then its ring), measured in the same run for the before/after.
+    from sage_ray_comm.ray_transport import RayTransport
+    from sage_ray_comm.router import bus_namespace
+
+    via_gateway = RayTransport(bus_namespace(bus_name))
+    two_hops = FunctionClient(bus=bus_name, transport=lambda node: via_gateway)
     # A plain Ray actor on the same node, as concurrent as the replica's actor.
     concurrency = 4 + DEFAULT_MAX_CONCURRENCY  # deploy.py: handler threads + watch/start/stop/stats
     ray_actor = RayEcho.options(resources={"far": 0.01}, max_concurrency=concurrency).remote()
@@ -350,22 +357,27 @@ def cross_node(args) -> int:
     for size in (8, 64 * 1024, 1 << 20):
         payload = os.urandom(size)
         assert client.call("far_echo", "echo", payload) == payload
-        ours, theirs, ratios = [], [], []
+        assert two_hops.call("far_echo", "echo", payload) == payload
+        calls = {
+            "sage": lambda p: client.call("far_echo", "echo", p),
+            "ray": lambda p: ray.get(ray_actor.echo.remote(p)),
+            "gateway": lambda p: two_hops.call("far_echo", "echo", p),
+        }
+        meds: dict = {side: [] for side in calls}
+        ratios, before = [], []
         for k in range(pairs):
-            meds = {}
-            for side in ("sage", "ray") if k % 2 == 0 else ("ray", "sage"):
-                if side == "sage":
-                    lat = timed(lambda p: client.call("far_echo", "echo", p), payload, per_round, 3)
-                else:
-                    lat = timed(lambda p: ray.get(ray_actor.echo.remote(p)), payload, per_round, 3)
-                meds[side] = pct(lat, 0.5)
-            ours.append(meds["sage"])
-            theirs.append(meds["ray"])
-            ratios.append(meds["sage"] / meds["ray"])
+            order = list(calls) if k % 2 == 0 else list(reversed(calls))
+            got = {side: pct(timed(calls[side], payload, per_round, 3), 0.5) for side in order}
+            for side, v in got.items():
+                meds[side].append(v)
+            ratios.append(got["sage"] / got["ray"])
+            before.append(got["gateway"] / got["ray"])
         results["p50_us"][str(size)] = {
-            "sage": statistics.median(ours),
-            "ray": statistics.median(theirs),
+            "sage": statistics.median(meds["sage"]),
+            "ray": statistics.median(meds["ray"]),
             "ratio_median": statistics.median(ratios),
+            "gateway_two_hops": statistics.median(meds["gateway"]),
+            "gateway_ratio_median": statistics.median(before),
         }
         print(f"  cross-node {size} B measured", file=sys.stderr, flush=True)
     assert client.stats()["shm"] == 0, "cross-node calls must not take the ring"
@@ -409,9 +421,12 @@ def cross_node(args) -> int:
         "cross-node pipelined >= 0.9x Ray": results["pipelined_per_s"]["ratio_median"] >= 0.9,
     }
     print("\ncross-node request-response, p50 (microseconds), medians over alternating pairs")
-    print(f"{'payload':>9} | {'sage':>9} | {'ray':>9} | {'sage/ray':>8}")
+    print(f"{'payload':>9} | {'sage':>9} | {'ray':>9} | {'sage/ray':>8} | {'2 hops/ray':>10}")
     for size, e in p.items():
-        print(f"{_fmt_size(int(size)):>9} | {e['sage']:9.1f} | {e['ray']:9.1f} | {e['ratio_median']:7.2f}x")
+        print(
+            f"{_fmt_size(int(size)):>9} | {e['sage']:9.1f} | {e['ray']:9.1f} | {e['ratio_median']:7.2f}x | "
+            f"{e['gateway_ratio_median']:9.2f}x"
+        )
     t = results["pipelined_per_s"]
     print(
         f"pipelined 8 B: call_async {t['sage']:,.0f} calls/s, Ray actor (max_concurrency {concurrency}) "
@@ -425,6 +440,7 @@ def cross_node(args) -> int:
         json.dump(results, f, indent=2)
     print(f"\nwrote {path}")
     client.close()
+    two_hops.close()
     handle.shutdown()
     bus.shutdown()
     ray.shutdown()

@@ -21,11 +21,13 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ACTOR_RACE_RETRIES",
+    "HEAD_NODE_RESOURCE",
     "ROUTER_CALL_SECONDS",
     "ROUTER_READ_SECONDS",
     "RouterClient",
     "ensure_ray",
     "get_or_create_actor",
+    "head_node_id",
 ]
 
 # How long a router call may take before it counts as unreachable.
@@ -43,6 +45,20 @@ def ensure_ray() -> None:
 
     if not ray.is_initialized():
         ray.init(ignore_reinit_error=True, log_to_driver=False, configure_logging=False)
+
+
+# The resource only the head node has (Ray Serve finds its head node by it).
+HEAD_NODE_RESOURCE = "node:__internal_head__"
+
+
+def head_node_id() -> str | None:
+    """The id of the cluster's head node (alive), or None if none says so."""
+    import ray
+
+    for node in ray.nodes():
+        if node.get("Alive") and HEAD_NODE_RESOURCE in node.get("Resources", {}):
+            return node["NodeID"]
+    return None
 
 
 def get_or_create_actor(

@@ -67,6 +67,7 @@ from .errors import (
 )
 
 __all__ = [
+    "DIRECT_PICKLE_MAX",
     "ERR_DESERIALIZATION",
     "ERR_FUNCTION",
     "ERR_PROTOCOL",
@@ -394,8 +395,16 @@ def direct_reply(rep: Reply | tuple) -> bytes | tuple:
     here than a tuple), or the tuple itself when it holds out-of-band buffers
     (numpy arrays), which Ray's own pickling puts in its object store without
     a copy."""
+    value = rep[2]
+    if isinstance(value, (bytes, bytearray)) and len(value) > DIRECT_PICKLE_MAX:
+        return tuple(rep)  # large: one copy by Ray into its object store, not ours and then Ray's
     parts, kind = encode_payload(tuple(rep), "the reply of a call over Ray")
     return parts[0] if kind == KIND_PICKLE else tuple(rep)
+
+
+# Replies over Ray whose value is bytes larger than this go to Ray as they
+# are: pickling them first would copy them once more.
+DIRECT_PICKLE_MAX = 64 << 10
 
 
 def read_direct_reply(out: bytes | tuple) -> Reply:

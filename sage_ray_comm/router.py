@@ -25,7 +25,7 @@ import time
 from typing import Any
 
 from . import shm
-from ._ray import RouterClient, get_or_create_actor
+from ._ray import RouterClient, get_or_create_actor, head_node_id
 from ._wire import router_name
 from .errors import InvalidBusName, InvalidSubscription, NameConflict, RouterUnavailable
 
@@ -305,6 +305,9 @@ class _RouterActor:
         self.reg = Registry(bus)
         self.started_at = self.reg.started_at
         self.host_id = shm.host_id()
+        import ray
+
+        self.node_id = ray.get_runtime_context().get_node_id()  # where it runs (get_router places it)
         self._changed: asyncio.Condition | None = None
         self._reaper: asyncio.Task | None = None
         self._watches: dict[str, asyncio.Task] = {}
@@ -365,6 +368,7 @@ class _RouterActor:
             "version": self.reg.version,
             "started_at": self.started_at,
             "check_pids": self.check_pids,
+            "node_id": self.node_id,
         }
 
     async def register(self, inst: InstanceInfo, replace: bool = False) -> int:
@@ -444,6 +448,12 @@ def get_router(bus: str, create: bool = True, check_pids: bool | None = None) ->
 
     name = router_name(bus)
     try:
+        return ray.get_actor(name, namespace=ROUTER_NAMESPACE)  # the common case: it exists
+    except ValueError as e:
+        if not create:
+            raise RouterUnavailable(f"cannot find or create the router '{name}' of bus '{bus}': {e}") from None
+    head = head_node_id()
+    try:
         return get_or_create_actor(
             _RouterActor,
             name,
@@ -456,12 +466,13 @@ def get_router(bus: str, create: bool = True, check_pids: bool | None = None) ->
             # A bus outlives the process that happened to create it (like
             # Ray Serve's controller); CommunicationBus.shutdown() ends it.
             lifetime="detached",
-            # On the creator's node (the driver's, usually the head), as Ray
-            # Serve keeps its controller on the head: Ray's default could put
-            # it on any worker, and losing that node would restart it empty
-            # (callers then see ServiceNotFound until replicas re-register).
-            # Soft: if that node goes, Ray restarts it elsewhere.
-            scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True),
+            # On the head node, as Ray Serve keeps its controller: Ray's default
+            # could put it on any worker, and losing that node would restart
+            # it empty (callers then see ServiceNotFound until replicas
+            # re-register). (The head going takes the cluster anyway.)
+            scheduling_strategy=NodeAffinitySchedulingStrategy(head, soft=False)
+            if head is not None
+            else NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True),
         )
     except ValueError as last:
         raise RouterUnavailable(f"cannot find or create the router '{name}' of bus '{bus}': {last}") from None

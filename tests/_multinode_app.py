@@ -151,6 +151,10 @@ def main() -> int:
             out["janitors"][node] = ray.get(gw.janitor_stats.remote(), timeout=60)["interval"]
         except ValueError:
             out["janitors"][node] = None
+    from sage_ray_comm.router import ROUTER_NAMESPACE, router_name
+
+    router = ray.get_actor(router_name(bus_name), namespace=ROUTER_NAMESPACE)
+    out["router_node"] = ray.get(router.ping.remote(), timeout=60)["node_id"]
     worker_gw = ray.get_actor(gateway_name(worker.node_id), namespace=GATEWAY_NAMESPACE)
     head_gw = ray.get_actor(gateway_name(head_id), namespace=GATEWAY_NAMESPACE)
     # One hop: every call to "far" (a deployed replica) went straight to its

@@ -208,6 +208,37 @@ class Steady(BaseService):
         return x
 
 
+@pytest.mark.parametrize("form", ["call", "call_async"])
+def test_a_call_over_ray_to_a_frozen_replica_fails_at_its_timeout(bus, form):
+    """SIGSTOP: the replica's actor neither answers nor dies. A call over Ray
+    (the path every cross-node call to a deployed replica takes) fails with
+    CallTimeout at its timeout plus the slack, never later, and the sweeper
+    holds nothing afterwards."""
+    from sage_ray_comm.ray_transport import DirectTransport
+    from sage_ray_comm.transport import EXPIRY, EXPIRY_SLACK
+
+    Steady.deploy(bus=bus)
+    direct = DirectTransport(bus_namespace(bus))
+    with FunctionClient(bus=bus, transport=lambda node: direct) as client:
+        assert client.call("steady", "echo", 1) == 1
+        inst = client.endpoint.instances("steady")[0]
+        pid = ray.get(ray.get_actor(inst.actor_name, namespace=ROUTER_NAMESPACE).pid.remote(), timeout=30)
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            t0 = time.monotonic()
+            with pytest.raises(CallTimeout, match=r"steady\.echo"):
+                if form == "call":
+                    client.call("steady", "echo", 2, timeout=0.5)
+                else:
+                    client.call_async("steady", "echo", 2, timeout=0.5).result(timeout=10)
+            took = time.monotonic() - t0
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert 0.5 <= took < 0.5 + EXPIRY_SLACK + 0.5, took
+        assert client.call("steady", "echo", 3) == 3  # thawed: it answers again
+    assert len(EXPIRY) == 0
+
+
 def test_router_death_does_not_break_known_calls_and_the_registry_rebuilds(bus):
     h = Steady.deploy(bus=bus)
     b = get_communication_bus(bus).start()

@@ -68,6 +68,8 @@ def test_cross_node_and_same_node_paths():
     assert r["spread_nodes"] == sorted([r["head"], r["worker"]])
     assert r["spread_from_head"] == [r["head"]]
     assert w["spread"] == [r["worker"]]
+    # the bus's router runs where the bus was made (the driver's node), not on any worker
+    assert r["router_node"] == r["head"]
     # one hop to deployed replicas; the gateway only for in-process services
     assert r["worker_gateway_calls"] == 0 and r["head_gateway_calls"] >= 1
     # an event for two subscribers on the worker: one frame to that node, two deliveries

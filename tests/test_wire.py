@@ -23,6 +23,7 @@ from sage_ray_comm import (
     service_function,
 )
 from sage_ray_comm._wire import (
+    DIRECT_PICKLE_MAX,
     ERR_PROTOCOL,
     KIND_REQ,
     KIND_REQ_OOB,
@@ -163,6 +164,16 @@ def test_the_ray_path_checks_the_same_header(bus, monkeypatch):
     with pytest.raises(ProtocolMismatch) as ei:
         outcome(rep, "wire_echo", "echo")
     assert (ei.value.caller_version, ei.value.replica_version) == (PROTOCOL_VERSION + 1, PROTOCOL_VERSION)
+
+
+def test_the_ray_path_returns_small_replies_pickled_and_large_ones_as_they_are(bus):
+    handle = WireEcho.deploy(bus=bus)
+    actor = ray.get_actor(handle.instances[0].actor_name, namespace=ROUTER_NAMESPACE)
+    for value, travels_as in ((b"small", bytes), (b"x" * (DIRECT_PICKLE_MAX + 1), tuple)):
+        data, _ = _frame_bytes(Request(OP_CALL, 0, "echo", (value,), None, None, None, None, None, "wire_echo"))
+        out = ray.get(actor.handle.remote(data), timeout=30)
+        assert isinstance(out, travels_as)
+        assert outcome(read_direct_reply(out), "wire_echo", "echo") == value
 
 
 def test_a_gateway_answers_a_caller_on_another_protocol_version(bus, monkeypatch):
