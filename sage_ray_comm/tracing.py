@@ -79,7 +79,6 @@ _OFF_VALUES = ("0", "false", "off", "no")
 
 ENABLED = otel_trace is not None and os.environ.get("SAGE_COMM_TRACING", "1").strip().lower() not in _OFF_VALUES
 _tracer: Any = None  # set once a provider is configured: a global provider can be set only once
-_own_provider: Any = None  # configure()'s, instead of the global one
 # get_tracer_provider() reads os.environ on every call while none is set
 # (0.6 us, twice the budget of a whole call's tracing); the global it returns
 # is one attribute read. When the API loads a provider named by an
@@ -117,8 +116,7 @@ def configure(tracer_provider: Any = None) -> None:
 
     >>> configure(None)
     """
-    global _tracer, _own_provider
-    _own_provider = tracer_provider
+    global _tracer
     _tracer = None if tracer_provider is None else _make_tracer(tracer_provider)
 
 
