@@ -142,18 +142,36 @@ class FunctionClient:
         return ep
 
     # -- routing
-    def _request(
+    def _attempt(
         self,
-        op: int,
         service: str,
         function: str,
         args: tuple,
         kwargs: dict,
-        deadline: float | None,
+        timeout: float | None,
+        instance: str | None,
+        exclude: Sequence[str],
         headers: dict | None,
         trace: str | None,
-    ) -> Request:
-        return Request(op, 0, function, args, kwargs or None, None, deadline, self.client_id, headers, service, trace)
+        span: Any,
+    ) -> tuple:
+        """The start of one attempt of a call, synchronous or not: the replica,
+        the timeout (cut by the parent's deadline), the transport and the
+        request, counted as in flight. Returns (endpoint, replica, function
+        info, timeout, what cut it, transport, request)."""
+        ep = self.endpoint
+        inst, finfo = ep.route(service, function, instance, exclude, self.policy)
+        t = check_timeout(pick_timeout(timeout, finfo.timeout, self.default_timeout), service, function)
+        t, cut_by = context.bound_by_parent(t, service, function)
+        transport = ep.transport_for(inst)
+        deadline = time.time() + t
+        req = Request(
+            OP_CALL, 0, function, args, kwargs or None, None, deadline, self.client_id, headers, service, trace
+        )
+        ep.count_call(inst, transport, 1)
+        if span is not None:
+            tracing.set_route(span, inst.instance_id, transport.name)
+        return ep, inst, finfo, t, cut_by, transport, req
 
     def call(
         self,
@@ -176,15 +194,9 @@ class FunctionClient:
         try:
             excluded: list[str] = []
             while True:
-                ep = self.endpoint
-                inst, finfo = ep.route(service, function, instance, excluded, self.policy)
-                t = check_timeout(pick_timeout(timeout, finfo.timeout, self.default_timeout), service, function)
-                t, cut_by = context.bound_by_parent(t, service, function)
-                transport = ep.transport_for(inst)
-                req = self._request(OP_CALL, service, function, args, kwargs, time.time() + t, headers, trace)
-                ep.count_call(inst, transport, 1)
-                if span is not None:
-                    tracing.set_route(span, inst.instance_id, transport.name)
+                ep, inst, finfo, t, cut_by, transport, req = self._attempt(
+                    service, function, args, kwargs, timeout, instance, excluded, headers, trace, span
+                )
                 t0 = time.perf_counter()
                 try:
                     rep = transport.call(inst, req, t)
@@ -288,16 +300,9 @@ class FunctionClient:
         span: Any,
     ) -> tuple:
         """One attempt: (future, replica id, idempotent, monotonic deadline)."""
-        ep = self.endpoint
-        inst, finfo = ep.route(service, function, instance, exclude, self.policy)
-        t = check_timeout(pick_timeout(timeout, finfo.timeout, self.default_timeout), service, function)
-        t, cut_by = context.bound_by_parent(t, service, function)
-        transport = ep.transport_for(inst)
-        req = self._request(OP_CALL, service, function, args, kwargs, time.time() + t, headers, trace)
-        ep.count_call(inst, transport, 1)
-        if span is not None:
-            tracing.set_route(span, inst.instance_id, transport.name)
-
+        ep, inst, finfo, t, cut_by, transport, req = self._attempt(
+            service, function, args, kwargs, timeout, instance, exclude, headers, trace, span
+        )
         finish = CallFinisher(ep, inst.instance_id, service, function, transport.name, self.bus, cut_by)
         try:
             fut = transport.call_async(inst, req, t, finish)
@@ -349,7 +354,7 @@ class FunctionClient:
         t = check_timeout(pick_timeout(timeout, finfo.timeout, self.default_timeout), service, function)
         transport = ep.transport_for(inst)
         span, trace = tracing.start_send(service, function, self.bus) if tracing.ENABLED else _UNTRACED
-        req = self._request(OP_SEND, service, function, args, kwargs, None, headers, trace)
+        req = Request(OP_SEND, 0, function, args, kwargs or None, None, None, self.client_id, headers, service, trace)
         try:
             try:
                 transport.send(inst, req, t)

@@ -16,19 +16,24 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(600)
-def test_soak(tmp_path):
+def _run_soak(tmp_path, *flags: str) -> tuple[dict, subprocess.CompletedProcess]:
+    """benchmarks/soak.py with ``flags``, as a user runs it: its JSON report and the process."""
     out = tmp_path / "soak.json"
     r = subprocess.run(
-        [sys.executable, "benchmarks/soak.py", "--minutes", "2", "--json", str(out)],
+        [sys.executable, "benchmarks/soak.py", *flags, "--json", str(out)],
         cwd=REPO,
         capture_output=True,
         text=True,
         timeout=560,
     )
     assert out.exists(), r.stdout[-3000:] + r.stderr[-3000:]
-    report = json.loads(out.read_text())
+    return json.loads(out.read_text()), r
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_soak(tmp_path):
+    report, r = _run_soak(tmp_path, "--minutes", "2")
     p1, p2 = report["phase1"], report["phase2"]
     # phase 1: replicas of the stateless stage and callers killed
     assert p1["replica_kills"] >= 5 and p1["caller_kills"] >= 5, p1
@@ -49,16 +54,7 @@ def test_soak(tmp_path):
 def test_soak_on_three_nodes(tmp_path):
     """The short CI version of ``soak.py --nodes 3``: replicas on other nodes
     SIGKILLed, callers SIGKILLed, and a whole worker node removed mid-run."""
-    out = tmp_path / "soak3.json"
-    r = subprocess.run(
-        [sys.executable, "benchmarks/soak.py", "--nodes", "3", "--minutes", "1.5", "--json", str(out)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=560,
-    )
-    assert out.exists(), r.stdout[-3000:] + r.stderr[-3000:]
-    report = json.loads(out.read_text())
+    report, r = _run_soak(tmp_path, "--nodes", "3", "--minutes", "1.5")
     p1, p2 = report["phase1"], report["phase2"]
     assert report["node_removed"]["node"] and report["node_removed"]["replicas"] >= 1, report["node_removed"]
     assert p1["replica_kills"] >= 3 and p1["caller_kills"] >= 3, p1

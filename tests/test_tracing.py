@@ -19,8 +19,8 @@ from sage_ray_comm.testing import FakeRouter, FakeTransport
 TRACEPARENT_LEN = 55  # "00-" + 32 hex + "-" + 16 hex + "-" + 2 hex
 
 
-class _Hop(BaseService):
-    """Calls the next service of ``path`` (if any) and adds one."""
+class _Traced(BaseService):
+    """The test hook: an in-memory exporter in the replica, read back by a call."""
 
     @service_function
     def install(self, how: str) -> None:
@@ -29,6 +29,10 @@ class _Hop(BaseService):
     @service_function
     def spans(self, count: int) -> list:
         return _tracing.collect(count)
+
+
+class _Hop(_Traced):
+    """Calls the next service of ``path`` (if any) and adds one."""
 
     @service_function
     def hop(self, path: list, x: int) -> int:
@@ -64,25 +68,15 @@ class HopC(_Hop):
     pass
 
 
-class _Listener(BaseService):
-    @service_function
-    def install(self, how: str) -> None:
-        _tracing.install(how)
-
-    @service_function
-    def spans(self, count: int) -> list:
-        return _tracing.collect(count)
-
-
 @sage_service(name="tr_sub1", replicas=1, num_cpus=0.1)
-class Sub1(_Listener):
+class Sub1(_Traced):
     @subscribe("tr.frames.*")
     def on_frame(self, payload) -> None:
         pass
 
 
 @sage_service(name="tr_sub2", replicas=1, num_cpus=0.1)
-class Sub2(_Listener):
+class Sub2(_Traced):
     @subscribe("tr.frames.*")
     def on_frame(self, payload) -> None:
         pass
