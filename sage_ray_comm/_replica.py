@@ -278,8 +278,9 @@ class Runtime:
                 log.debug("heartbeat of %s failed: %s", self.instance_id, e)
                 try:
                     # Ray restarts a crashed router; one ended by bus.shutdown()
-                    # must stay ended, so a heartbeat never creates one.
-                    if self._reconnect is not None:
+                    # must stay ended, so a heartbeat never creates one. After
+                    # ray.shutdown() no Ray call at all: it would start a new Ray.
+                    if self._reconnect is not None and self._alive():
                         self.router = self._reconnect()
                 except Exception:
                     pass

@@ -223,9 +223,14 @@ class Endpoint:
         """Long-polls the router for registry changes. Waits on Ray's future of
         the poll and on this endpoint's stop signal, never inside a Ray call,
         and checks every RAY_CHECK_SECONDS that Ray still runs: after
-        ``ray.shutdown()`` or ``close()`` it drops its refs and ends."""
+        ``ray.shutdown()`` or ``close()`` it drops its refs and ends.
+
+        It looks again right before each Ray call: a Ray API called after
+        ``ray.shutdown()`` starts a new Ray (Ray's auto-init) from this
+        thread, and the driver then exits with status 1."""
         failures = 0
-        while not self.closed:
+        while not self.closed and self._ray_alive():
+            fut = None
             try:
                 fut = self.router.wait_for_change(self.snapshot.get("version", -1), 5.0)
                 while not fut.done() and not self.closed:
@@ -238,14 +243,21 @@ class Endpoint:
                         break
                 if self.closed or not self._ray_alive():
                     break
-                self._install(fut.result())
+                snap = fut.result()
+                lifecycle.release(fut)
+                fut = None
+                self._install(snap)
                 failures = 0
             except Exception:
+                # The poll's Ray ref goes now, while Ray surely runs: not in the
+                # back-off below, when an explicit ray.shutdown() may be under way.
+                lifecycle.release(fut)
+                fut = None
                 if self.closed or not self._ray_alive():
                     break
                 failures += 1
                 # back off while the router restarts
-                if self._stop_wait(min(0.1 * failures, 1.0)):
+                if self._stop_wait(min(0.1 * failures, 1.0)) or not self._ray_alive():
                     break
                 if self._ray_session is None:
                     continue  # a given router: no actor to find again
@@ -254,6 +266,7 @@ class Endpoint:
                 except Exception:
                     pass
             finally:
+                lifecycle.release(fut)
                 fut = None
         if not self.closed:  # Ray went away under us: release everything of this endpoint
             self.close()

@@ -51,6 +51,7 @@ __all__ = [
     "owns_ray",
     "ray_alive",
     "register",
+    "release",
     "unregister",
 ]
 
@@ -153,6 +154,25 @@ def ray_alive() -> bool:
         return ray is not None and ray.is_initialized()
     except Exception:
         return False
+
+
+# Ray objects a background thread let go of while Ray was shutting down: kept
+# until the process ends (see release()).
+_PARKED: list = []
+
+
+def release(obj: Any) -> None:
+    """Lets go of a Ray object (an ObjectRef, or a future holding one) from a
+    background thread (which then drops its own reference).
+
+    Freeing the last reference to an ObjectRef tells Ray's core worker. If
+    that happens while ``ray.shutdown()`` runs in another thread (after the
+    core worker stopped, before Ray forgets it), Ray ends the process with
+    status 1. So once Ray is no longer initialised, the object is parked
+    here instead; at interpreter exit Ray is long gone and freeing it is safe.
+    """
+    if obj is not None and not ray_alive():
+        _PARKED.append(obj)
 
 
 def owns_ray() -> bool:

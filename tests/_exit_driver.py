@@ -89,6 +89,16 @@ elif kind == "client":
     Echo.deploy(bus=bus)
     keep.append(FunctionClient(bus=bus))
     assert keep[-1].call("echo", "echo", 2) == 2
+elif kind == "private":
+    # A client with a transport of its own keeps a registry watcher of its
+    # own; its bus then ends, so the watcher is retrying when Ray goes.
+    from sage_ray_comm.testing import FakeTransport
+
+    Echo.deploy(bus=bus)
+    fake = FakeTransport()
+    keep.append(FunctionClient(bus=bus, transport=lambda node: fake))
+    assert keep[-1].call("echo", "echo", 3) == 3 and fake.calls
+    get_communication_bus(bus).shutdown()
 else:
     raise SystemExit(f"unknown kind {kind}")
 
@@ -96,3 +106,10 @@ print(f"OK {kind}", flush=True)
 if explicit:
     ray.shutdown()
     print("ray.shutdown() returned", flush=True)
+    # The library's threads that hold Ray objects end on their own; one that
+    # touched Ray after the shutdown would start a new Ray (auto-init), and
+    # Ray would then end this process with status 1.
+    held = [t for t in threading.enumerate() if t.name.startswith(("sage-registry", "sage-hb", "sage-metrics"))]
+    for t in held:
+        t.join(timeout=10)
+    print("threads left:", sorted(t.name for t in held if t.is_alive()), flush=True)
