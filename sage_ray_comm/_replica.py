@@ -41,6 +41,7 @@ from ._wire import (
     decode_request,
     encode_error,
     error_reply,
+    frame_kind,
     request_ring_name,
 )
 from .errors import (
@@ -342,36 +343,52 @@ class Runtime:
         """Requests waiting in the ring (0 without one)."""
         return self.queue.qsize() if self.queue is not None else 0
 
-    def handle_direct(self, payload: bytes, kind: int) -> tuple | None:
-        """Serves one request frame that came as a Ray actor call (this
-        replica has no ring, or its caller has none): the same header, checks
-        and handlers as the ring path. Returns the reply (None for events and
-        sends)."""
+    def handle_direct(self, frames: list) -> list:
+        """Serves request frames that came in one Ray actor call (calls over
+        Ray to this replica; a caller with several in flight sends what it
+        queued meanwhile as one batch): the same header, checks and handlers
+        as the ring path, run in order in this thread (async handlers run
+        concurrently on the replica's loop). Returns the replies in frame
+        order (None for events and sends)."""
+        out: list = [None] * len(frames)
+        waiting: list = []  # (index, reply key, future, request) of calls still running
         try:
-            req = decode_request(payload, kind)
-        except BadRequest as e:
-            self.stats["errors"] += 1
-            return bad_request_reply(e, self.info.service, f"replica {self.instance_id}")  # a send ignores it
-        if self._stopping.is_set():
-            return error_reply(
-                req.cid, ERR_UNAVAILABLE, f"replica {self.instance_id} of '{self.info.service}' is stopping"
-            )
-        if req.op != OP_CALL:
-            self._handle(req, "ray", len(payload))
-            return None
-        key = f"{DIRECT_PREFIX}{next(self._direct_ids)}"
-        fut: concurrent.futures.Future = concurrent.futures.Future()
-        self._direct[key] = fut
-        try:
-            self._handle(req._replace(reply_to=key), "ray", len(payload))
-            left = None if req.deadline is None else max(0.0, req.deadline - time.time()) + 1.0
-            return fut.result(timeout=left)  # async handlers reply from their loop
-        except concurrent.futures.TimeoutError:
-            return error_reply(
-                req.cid, ERR_TIMEOUT, f"call to {req.service}.{req.function} got no reply before its deadline"
-            )
+            for i, payload in enumerate(frames):
+                try:
+                    req = decode_request(payload, frame_kind(payload))
+                except BadRequest as e:
+                    self.stats["errors"] += 1
+                    out[i] = bad_request_reply(e, self.info.service, f"replica {self.instance_id}")  # a send ignores it
+                    continue
+                if self._stopping.is_set():
+                    out[i] = error_reply(
+                        req.cid, ERR_UNAVAILABLE, f"replica {self.instance_id} of '{self.info.service}' is stopping"
+                    )
+                    continue
+                if req.op != OP_CALL:
+                    self._handle(req, "ray", len(payload))
+                    continue
+                key = f"{DIRECT_PREFIX}{next(self._direct_ids)}"
+                fut: concurrent.futures.Future = concurrent.futures.Future()
+                self._direct[key] = fut
+                self._handle(req._replace(reply_to=key), "ray", len(payload))
+                if fut.done():  # a sync handler replied in this thread
+                    out[i] = fut.result()
+                    del self._direct[key]
+                else:
+                    waiting.append((i, key, fut, req))
+            for i, _key, fut, req in waiting:  # async handlers reply from their loop
+                left = None if req.deadline is None else max(0.0, req.deadline - time.time()) + 1.0
+                try:
+                    out[i] = fut.result(timeout=left)
+                except concurrent.futures.TimeoutError:
+                    out[i] = error_reply(
+                        req.cid, ERR_TIMEOUT, f"call to {req.service}.{req.function} got no reply before its deadline"
+                    )
         finally:
-            self._direct.pop(key, None)
+            for _i, key, _fut, _req in waiting:
+                self._direct.pop(key, None)
+        return out
 
     def _spawn(self) -> None:
         # Caller holds self._lock, or is start().

@@ -94,12 +94,18 @@ class ServiceActor:
     def handle(self, frame: bytes) -> bytes | tuple | None:
         """A request frame sent over Ray straight to this replica (see
         Runtime.handle_direct); the reply as ``_wire.direct_reply`` makes it."""
-        kind = frame_kind(frame)
+        return self.handle_many([frame])[0]
+
+    def handle_many(self, frames: list) -> list:
+        """Request frames a caller queued while its earlier calls to this
+        replica ran, in one Ray call: their replies, in order."""
         rt = self.rt if self.svc is not None and self.svc.is_running else None
         if rt is None:
-            return error_reply(decode_header(frame, kind)[0].cid, ERR_UNAVAILABLE, "replica is not running")
-        rep = rt.handle_direct(frame, kind)
-        return None if rep is None else direct_reply(rep)
+            return [
+                error_reply(decode_header(f, frame_kind(f))[0].cid, ERR_UNAVAILABLE, "replica is not running")
+                for f in frames
+            ]
+        return [None if rep is None else direct_reply(rep) for rep in rt.handle_direct(frames)]
 
     def pid(self) -> int:
         return os.getpid()

@@ -19,6 +19,7 @@ segments of dead processes idle for ``JANITOR_GRACE``.
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import logging
 import os
 import threading
@@ -41,9 +42,11 @@ from ._wire import (
 from .errors import CallTimeout, DeserializationError, SageCommError, ServiceUnavailable
 from .router import ROUTER_NAMESPACE, InstanceInfo, Subscription
 from .shm_transport import ShmTransport
-from .transport import Finish, Transport, settle_from_ref
+from .transport import Finish, Pending, Transport, settle_from_ref
 
 __all__ = [
+    "BATCH_MAX_BYTES",
+    "BATCH_MAX_FRAMES",
     "GATEWAY_NAMESPACE",
     "JANITOR_GRACE",
     "JANITOR_SECONDS",
@@ -288,17 +291,66 @@ class RayTransport(Transport):
         return len(subs)
 
 
+# A caller coalesces the calls it makes to one replica while that replica
+# already runs as many of its calls as it has handler threads: they wait here
+# and go in one Ray call (up to this many frames and bytes) when one of the
+# running calls returns. Ray's cost is per call, so a pipeline of small calls
+# pays it once per batch; a replica that is not saturated gets each call at once.
+BATCH_MAX_FRAMES = 64
+BATCH_MAX_BYTES = 1 << 20
+
+
+class _Lane:
+    """The calls of this process to one replica over Ray: how many Ray calls
+    are out, and those queued behind them."""
+
+    __slots__ = ("in_flight", "lock", "queued", "window")
+
+    def __init__(self, window: int) -> None:
+        self.lock = threading.Lock()
+        self.in_flight = 0
+        self.window = max(1, window)
+        self.queued: list[tuple[bytes, Pending, str]] = []  # (frame, call, function)
+
+    def take_batch(self) -> list[tuple[bytes, Pending, str]]:
+        """The next batch of queued calls (the caller holds ``lock``): a fair
+        share, 1/``window`` of the queue, so the replica's handler threads
+        each get some (a batch runs in order in one thread: taking the whole
+        queue would run it on one); at most BATCH_MAX_FRAMES and
+        BATCH_MAX_BYTES, at least one call."""
+        share = min(BATCH_MAX_FRAMES, -(-len(self.queued) // self.window))
+        n, size = 0, 0
+        for frame, _, _ in self.queued:
+            if n and (n == share or size + len(frame) > BATCH_MAX_BYTES):
+                break
+            n += 1
+            size += len(frame)
+        batch = self.queued[:n]
+        del self.queued[:n]
+        return batch
+
+
 class DirectTransport(Transport):
     """A Ray actor call straight to the replica's actor, served by the same
-    dispatch code as the ring path (``ServiceActor.handle``). Used when
-    shared memory is short: a replica that could not make its request ring,
-    or a caller that could not make a reply ring."""
+    dispatch code as the ring path (``ServiceActor.handle``): every call to a
+    deployed replica on another node, and a call on this node when shared
+    memory is short.
+
+    ``call_async`` sends each call at once while the replica runs fewer of
+    this process's calls than it has handler threads (``max_concurrency``);
+    beyond that, calls queue here and go in batches (``handle_many``) as
+    running ones return, as Ray Serve's router holds requests beyond a
+    replica's ``max_ongoing_requests``. Each call keeps its own deadline,
+    reply and errors."""
 
     name = "ray"
 
     def __init__(self, namespace: str) -> None:
         self.namespace = namespace
         self._actors: dict[str, Any] = {}
+        self._lanes: dict[str, _Lane] = {}
+        # call_async calls, and the Ray calls that carried them (fewer when batched).
+        self.counts = {"calls": 0, "ray_calls": 0}
 
     def _actor(self, inst: InstanceInfo) -> Any:
         a = self._actors.get(inst.instance_id)
@@ -340,17 +392,80 @@ class DirectTransport(Transport):
         return read_direct_reply(out)
 
     def call_async(self, inst: InstanceInfo, req: Request, timeout: float, finish: Finish) -> concurrent.futures.Future:
-        ref = self._actor(inst).handle.remote(frame_bytes(req))
-        return settle_from_ref(
-            ref,
+        frame = frame_bytes(req)
+        fn = req.function
+        call = Pending(
             finish,
-            read_direct_reply,
-            lambda e: self._error(inst, req.function, e),
             timeout,
             lambda: CallTimeout(
-                f"call to {inst.service}.{req.function} (replica {inst.instance_id}, over Ray) got no reply in time"
+                f"call to {inst.service}.{fn} (replica {inst.instance_id}, over Ray) got no reply in time"
             ),
         )
+        lane = self._lanes.get(inst.instance_id)
+        if lane is None:
+            lane = self._lanes.setdefault(inst.instance_id, _Lane(inst.max_concurrency))
+        with lane.lock:
+            self.counts["calls"] += 1
+            if lane.in_flight >= lane.window:
+                lane.queued.append((frame, call, fn))
+                return call.future
+            lane.in_flight += 1
+            self.counts["ray_calls"] += 1
+        self._send(inst, lane, [(frame, call, fn)])
+        return call.future
+
+    def _send(self, inst: InstanceInfo, lane: _Lane, batch: list[tuple[bytes, Pending, str]]) -> None:
+        """One Ray call with ``batch``; its completion settles each call and
+        sends the next batch queued meanwhile."""
+        try:
+            actor = self._actor(inst)
+            if len(batch) == 1:
+                ref = actor.handle.remote(batch[0][0])
+            else:
+                ref = actor.handle_many.remote([frame for frame, _, _ in batch])
+        except Exception as e:  # the replica is gone: these calls fail, the queue moves on
+            self._settle(inst, lane, batch, None, e)
+            return
+        ref.future().add_done_callback(functools.partial(self._done, inst, lane, batch))
+
+    def _done(
+        self, inst: InstanceInfo, lane: _Lane, batch: list[tuple[bytes, Pending, str]], f: concurrent.futures.Future
+    ) -> None:
+        try:
+            out, exc = f.result(), None
+        except BaseException as e:
+            out, exc = None, e
+        self._settle(inst, lane, batch, out, exc)
+
+    def _settle(
+        self,
+        inst: InstanceInfo,
+        lane: _Lane,
+        batch: list[tuple[bytes, Pending, str]],
+        out: Any,
+        exc: BaseException | None,
+    ) -> None:
+        import ray
+
+        with lane.lock:  # keep the replica busy first: the next batch goes before these settle
+            nxt = lane.take_batch() if lane.queued else None
+            if nxt is None:
+                lane.in_flight -= 1
+            else:
+                self.counts["ray_calls"] += 1
+        if nxt is not None:
+            self._send(inst, lane, nxt)
+        replies = [out] if exc is None and len(batch) == 1 else out
+        for k, (_frame, call, fn) in enumerate(batch):
+            if exc is None:
+                try:
+                    call.complete(read_direct_reply(replies[k]), None)
+                except BaseException as e:  # a reply that does not unpickle here
+                    call.complete(None, e)
+            elif isinstance(exc, (ray.exceptions.RayError, SageCommError)):
+                call.complete(None, exc if isinstance(exc, SageCommError) else self._error(inst, fn, exc))
+            else:
+                call.complete(None, exc)
 
     def send(self, inst: InstanceInfo, req: Request, timeout: float) -> None:
         self._actor(inst).handle.remote(frame_bytes(req))

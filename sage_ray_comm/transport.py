@@ -34,6 +34,7 @@ __all__ = [
     "REPLY_RING_BYTES",
     "REQUEST_RING_BYTES",
     "Finish",
+    "Pending",
     "Transport",
     "check_shm_space",
     "settle",
@@ -108,6 +109,32 @@ def settle(fut: concurrent.futures.Future, finish: Finish, rep: Reply | None, ex
         fut.set_result(value)
 
 
+class Pending:
+    """One call over Ray waiting for its reply: its future, completed once,
+    with ``finish`` of the reply or error, by whichever comes first: the
+    reply, or the expiry sweeper at ``timeout`` (plus ``EXPIRY_SLACK``, so
+    the replica's own timeout reply wins the race), which fails it with
+    ``timed_out()``. No thread waits per call."""
+
+    __slots__ = ("_key", "_once", "finish", "future")
+
+    def __init__(
+        self, finish: Finish, timeout: float | None = None, timed_out: Callable[[], BaseException] | None = None
+    ) -> None:
+        self.future: concurrent.futures.Future = CallFuture(running=True)  # the call is under way
+        self.finish = finish
+        self._once = threading.Lock()  # the reply and the expiry race: the first settles
+        self._key = None
+        if timeout is not None and timed_out is not None:
+            self._key = EXPIRY.add(time.monotonic() + timeout + EXPIRY_SLACK, lambda: self.complete(None, timed_out()))
+
+    def complete(self, rep: Reply | None, exc: BaseException | None) -> None:
+        if self._once.acquire(blocking=False):
+            if self._key is not None:
+                EXPIRY.discard(self._key)
+            settle(self.future, self.finish, rep, exc)
+
+
 def settle_from_ref(
     ref: Any,
     finish: Finish,
@@ -118,21 +145,10 @@ def settle_from_ref(
 ) -> concurrent.futures.Future:
     """A future completed, on Ray's callback, with ``finish`` of the reply that
     ``unwrap`` makes of the Ray object, or of the error ``ray_error`` maps a
-    RayError to (the Ray transports' call_async). With ``timeout``, it fails
-    with ``timed_out()`` if Ray has not answered by then (plus
-    ``EXPIRY_SLACK``, so the replica's own timeout reply wins the race):
-    no thread waits per call, one sweeper thread fails the late ones."""
+    RayError to (a :class:`Pending` call: ``timeout`` and ``timed_out`` as there)."""
     import ray
 
-    result: concurrent.futures.Future = CallFuture(running=True)  # the call is under way
-    once = threading.Lock()  # Ray's answer and the expiry race: the first settles
-    key = None
-
-    def complete(rep: Reply | None, exc: BaseException | None) -> None:
-        if once.acquire(blocking=False):
-            if key is not None:
-                EXPIRY.discard(key)
-            settle(result, finish, rep, exc)
+    pending = Pending(finish, timeout, timed_out)
 
     def done(f: concurrent.futures.Future) -> None:
         try:
@@ -141,12 +157,10 @@ def settle_from_ref(
             rep, exc = None, ray_error(e)
         except BaseException as e:
             rep, exc = None, e
-        complete(rep, exc)
+        pending.complete(rep, exc)
 
-    if timeout is not None and timed_out is not None:
-        key = EXPIRY.add(time.monotonic() + timeout + EXPIRY_SLACK, lambda: complete(None, timed_out()))
     ref.future().add_done_callback(done)
-    return result
+    return pending.future
 
 
 # How late after its timeout a call over Ray fails on the caller's side, and
