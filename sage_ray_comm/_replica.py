@@ -344,7 +344,8 @@ class Runtime:
         return self.queue.qsize() if self.queue is not None else 0
 
     def handle_direct(self, frames: list) -> list:
-        """Serves request frames that came in one Ray actor call (calls over
+        """Serves request frames (each a frame, or ``(frame, args, kwargs)``,
+        see ``_wire.direct_args``) that came in one Ray actor call (calls over
         Ray to this replica; a caller with several in flight sends what it
         queued meanwhile as one batch): the same header, checks and handlers
         as the ring path, run in order in this thread (async handlers run
@@ -353,9 +354,11 @@ class Runtime:
         out: list = [None] * len(frames)
         waiting: list = []  # (index, reply key, future, request) of calls still running
         try:
-            for i, payload in enumerate(frames):
+            for i, item in enumerate(frames):
+                # A frame, or (frame, args, kwargs) when the args came beside it (_wire.direct_args).
+                payload, beside = (item[0], item[1:]) if type(item) is tuple else (item, None)
                 try:
-                    req = decode_request(payload, frame_kind(payload))
+                    req = decode_request(payload, frame_kind(payload), beside)
                 except BadRequest as e:
                     self.stats["errors"] += 1
                     out[i] = bad_request_reply(e, self.info.service, f"replica {self.instance_id}")  # a send ignores it

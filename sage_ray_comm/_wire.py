@@ -10,7 +10,8 @@ out-of-band buffers (``KIND_REQ_OOB``, see :func:`encode_payload`)::
     offset  size  field
          0     4  magic b"SQRQ"
          4     2  protocol version (PROTOCOL_VERSION)
-         6     2  flags (FLAG_OOB_BODY: the body is KIND_REQ_OOB's layout)
+         6     2  flags (FLAG_OOB_BODY: the body is KIND_REQ_OOB's layout;
+                  FLAG_ARGS_BESIDE: args and kwargs travel beside the frame)
          8     8  correlation id (unique per reply ring)
         16     8  deadline, epoch seconds as float64 (0.0: none)
         24     8  cancellation id (0: none)          reserved for cancellation
@@ -29,7 +30,9 @@ path reads no string out of the header.
 The header is readable without unpickling anything, so a replica can answer
 a request whose arguments fail to unpickle (or that speaks another protocol
 version, or whose deadline passed) with a typed error instead of leaving the
-caller to time out. The same bytes travel on the Ray path.
+caller to time out. The same bytes travel on the Ray path; there, a call
+whose arguments hold a large buffer sends them beside the frame, as Ray
+arguments of their own (see :func:`direct_args`).
 
 >>> req = Request(OP_CALL, 7, "add", (1, 2), None, "rep.1.x", None, None, None, "calc")
 >>> parts, kind = encode_request(req, "example")
@@ -67,7 +70,7 @@ from .errors import (
 )
 
 __all__ = [
-    "DIRECT_PICKLE_MAX",
+    "BESIDE_MIN_BYTES",
     "ERR_DESERIALIZATION",
     "ERR_FUNCTION",
     "ERR_PROTOCOL",
@@ -76,6 +79,7 @@ __all__ = [
     "ERR_TIMEOUT",
     "ERR_UNAVAILABLE",
     "ERR_VALIDATION",
+    "FLAG_ARGS_BESIDE",
     "FLAG_OOB_BODY",
     "KIND_PICKLE",
     "KIND_PICKLE_OOB",
@@ -99,6 +103,7 @@ __all__ = [
     "blob_name",
     "decode_payload",
     "decode_request",
+    "direct_args",
     "direct_reply",
     "dumps",
     "encode_error",
@@ -256,6 +261,11 @@ _REQ_HEAD = struct.Struct("<4sHHQdQQIHHHH")  # see the module docstring
 _REQ_MAGIC = b"SQRQ"
 _FLAGS = struct.Struct("<H")
 FLAG_OOB_BODY = 1  # the body has out-of-band buffers (KIND_REQ_OOB)
+FLAG_ARGS_BESIDE = 2  # args and kwargs came beside the frame, as Ray arguments (see direct_args)
+# An argument this large (bytes, or anything with ``nbytes``: arrays, memoryviews)
+# sends a call's arguments over Ray beside the frame, and a reply of bytes this
+# large goes to Ray as it is: Ray then serializes them once, not our pickle.
+BESIDE_MIN_BYTES = 64 << 10
 _ALIGN_BODY = 16  # the body starts 16-byte aligned, so out-of-band buffers stay aligned
 _REQUEST_FIELDS = len(Request._fields)
 _make_request = Request._make
@@ -291,9 +301,10 @@ def request_tuple(req: Request, cid: int, reply_to: str | None, args: Any = None
     )
 
 
-def encode_request(req: Request | tuple, label: str) -> tuple[list, int]:
+def encode_request(req: Request | tuple, label: str, beside: bool = False) -> tuple[list, int]:
     """The parts (buffers to write back to back) and ring kind of a request
-    frame; ``req`` is a Request or its :func:`request_tuple`."""
+    frame; ``req`` is a Request or its :func:`request_tuple`. ``beside``:
+    its args travel beside the frame (FLAG_ARGS_BESIDE)."""
     if type(req) is not tuple:
         req = tuple(req)  # the body is a plain tuple: it pickles 4x faster than the NamedTuple
     parts, kind = encode_payload(req, label)
@@ -302,7 +313,7 @@ def encode_request(req: Request | tuple, label: str) -> tuple[list, int]:
     fn = (function or "").encode()[:65535]
     tr = trace.encode()[:65535] if trace else b""
     oob = kind != KIND_PICKLE
-    flags = FLAG_OOB_BODY if oob else 0
+    flags = (FLAG_OOB_BODY if oob else 0) | (FLAG_ARGS_BESIDE if beside else 0)
     head = _REQ_HEAD.pack(
         _REQ_MAGIC, PROTOCOL_VERSION, flags, cid, deadline or 0.0, 0, 0, 0, len(rt), len(fn), len(tr), 0
     )
@@ -341,9 +352,10 @@ def decode_header(payload: Any, kind: int) -> tuple[RequestHeader, int]:
     return header, end + (-end) % _ALIGN_BODY
 
 
-def decode_request(payload: Any, kind: int) -> Request:
+def decode_request(payload: Any, kind: int, beside: tuple | None = None) -> Request:
     """The request of a frame. Raises BadRequest (header known: the replica
-    can answer) or ValueError (not a request).
+    can answer) or ValueError (not a request). ``beside``: the (args,
+    kwargs) that came beside the frame (see :func:`direct_args`).
 
     The common case reads only the fixed fields: building the whole
     :class:`RequestHeader` costs as much as unpickling a small body, so that
@@ -368,6 +380,11 @@ def decode_request(payload: Any, kind: int) -> Request:
         frame = pickle.loads(body) if kind == KIND_REQ else decode_oob(body)
         if not isinstance(frame, tuple) or len(frame) != _REQUEST_FIELDS:
             raise ValueError(f"a request must be a {_REQUEST_FIELDS}-tuple, got {type(frame).__name__}")
+        if (fields[2] & FLAG_ARGS_BESIDE) != (0 if beside is None else FLAG_ARGS_BESIDE):
+            raise ValueError("the frame's flags and the arguments sent beside it disagree")
+        if beside is not None:
+            args, kwargs = beside
+            frame = (*frame[:3], args, kwargs, *frame[5:])
         return _make_request(frame)
     except Exception as e:  # unpickling runs user code: anything can come out
         raise BadRequest(decode_header(payload, kind)[0], e) from None
@@ -379,6 +396,32 @@ def frame_bytes(req: Request) -> bytes:
     kind, see :func:`frame_kind`). One argument: Ray charges per argument."""
     parts, _kind = encode_request(req, f"a call to {req.service}.{req.function} over Ray")
     return b"".join(parts)
+
+
+def _buffer_bytes(x: Any) -> int:
+    """The size of ``x`` if it is a buffer of at least BESIDE_MIN_BYTES, else 0."""
+    n = len(x) if isinstance(x, (bytes, bytearray)) else getattr(x, "nbytes", None)
+    return n if isinstance(n, int) and n >= BESIDE_MIN_BYTES else 0
+
+
+def direct_args(req: Request) -> tuple[tuple, int]:
+    """The Ray arguments of a call straight to a replica's actor, and about
+    how many bytes they carry: the frame (:func:`frame_bytes`); or, when an
+    argument or keyword value is a buffer of ``BESIDE_MIN_BYTES`` or more,
+    the frame without its args (FLAG_ARGS_BESIDE), the args and the kwargs,
+    which Ray serializes once itself (arrays without a copy) instead of
+    copying our pickle of them."""
+    args, kwargs = req.args, req.kwargs
+    big = sum(map(_buffer_bytes, args)) if isinstance(args, tuple) else 0
+    if kwargs:
+        big += sum(map(_buffer_bytes, kwargs.values()))
+    if not big:
+        frame = frame_bytes(req)
+        return (frame,), len(frame)
+    label = f"a call to {req.service}.{req.function} over Ray"
+    parts, _kind = encode_request(request_tuple(req, req.cid, req.reply_to, (), None), label, beside=True)
+    frame = b"".join(parts)
+    return (frame, args, kwargs), len(frame) + big
 
 
 def frame_kind(frame: Any) -> int:
@@ -396,15 +439,10 @@ def direct_reply(rep: Reply | tuple) -> bytes | tuple:
     (numpy arrays), which Ray's own pickling puts in its object store without
     a copy."""
     value = rep[2]
-    if isinstance(value, (bytes, bytearray)) and len(value) > DIRECT_PICKLE_MAX:
+    if isinstance(value, (bytes, bytearray)) and len(value) >= BESIDE_MIN_BYTES:
         return tuple(rep)  # large: one copy by Ray into its object store, not ours and then Ray's
     parts, kind = encode_payload(tuple(rep), "the reply of a call over Ray")
     return parts[0] if kind == KIND_PICKLE else tuple(rep)
-
-
-# Replies over Ray whose value is bytes larger than this go to Ray as they
-# are: pickling them first would copy them once more.
-DIRECT_PICKLE_MAX = 64 << 10
 
 
 def read_direct_reply(out: bytes | tuple) -> Reply:

@@ -91,19 +91,22 @@ class ServiceActor:
     def stats(self) -> dict:
         return self.svc.get_stats() if self.svc is not None else {"running": False}
 
-    def handle(self, frame: bytes) -> bytes | tuple | None:
-        """A request frame sent over Ray straight to this replica (see
-        Runtime.handle_direct); the reply as ``_wire.direct_reply`` makes it."""
-        return self.handle_many([frame])[0]
+    def handle(self, frame: bytes, *beside: Any) -> bytes | tuple | None:
+        """A request frame sent over Ray straight to this replica, with its
+        args and kwargs beside it when they hold large buffers (see
+        ``_wire.direct_args`` and Runtime.handle_direct); the reply as
+        ``_wire.direct_reply`` makes it."""
+        return self.handle_many([(frame, *beside) if beside else frame])[0]
 
     def handle_many(self, frames: list) -> list:
-        """Request frames a caller queued while its earlier calls to this
-        replica ran, in one Ray call: their replies, in order."""
+        """Requests a caller queued while its earlier calls to this replica
+        ran, in one Ray call: their replies, in order."""
         rt = self.rt if self.svc is not None and self.svc.is_running else None
         if rt is None:
+            heads = [f[0] if type(f) is tuple else f for f in frames]
             return [
                 error_reply(decode_header(f, frame_kind(f))[0].cid, ERR_UNAVAILABLE, "replica is not running")
-                for f in frames
+                for f in heads
             ]
         return [None if rep is None else direct_reply(rep) for rep in rt.handle_direct(frames)]
 

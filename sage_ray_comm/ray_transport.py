@@ -34,12 +34,13 @@ from ._wire import (
     Request,
     bad_request_reply,
     decode_request,
+    direct_args,
     frame_bytes,
     frame_kind,
     gateway_name,
     read_direct_reply,
 )
-from .errors import CallTimeout, DeserializationError, SageCommError, ServiceUnavailable
+from .errors import CallTimeout, DeserializationError, SageCommError, SerializationError, ServiceUnavailable
 from .router import ROUTER_NAMESPACE, InstanceInfo, Subscription
 from .shm_transport import ShmTransport
 from .transport import Finish, Pending, Transport, settle_from_ref
@@ -300,6 +301,11 @@ BATCH_MAX_FRAMES = 64
 BATCH_MAX_BYTES = 1 << 20
 
 
+# A call waiting in a lane: its Ray arguments (_wire.direct_args), their size,
+# its pending outcome, and its function's name (for errors).
+_Queued = tuple[tuple, int, Pending, str]
+
+
 class _Lane:
     """The calls of this process to one replica over Ray: how many Ray calls
     are out, and those queued behind them."""
@@ -310,9 +316,9 @@ class _Lane:
         self.lock = threading.Lock()
         self.in_flight = 0
         self.window = max(1, window)
-        self.queued: list[tuple[bytes, Pending, str]] = []  # (frame, call, function)
+        self.queued: list[_Queued] = []
 
-    def take_batch(self) -> list[tuple[bytes, Pending, str]]:
+    def take_batch(self) -> list[_Queued]:
         """The next batch of queued calls (the caller holds ``lock``): a fair
         share, 1/``window`` of the queue, so the replica's handler threads
         each get some (a batch runs in order in one thread: taking the whole
@@ -320,11 +326,11 @@ class _Lane:
         BATCH_MAX_BYTES, at least one call."""
         share = min(BATCH_MAX_FRAMES, -(-len(self.queued) // self.window))
         n, size = 0, 0
-        for frame, _, _ in self.queued:
-            if n and (n == share or size + len(frame) > BATCH_MAX_BYTES):
+        for _args, nbytes, _call, _fn in self.queued:
+            if n and (n == share or size + nbytes > BATCH_MAX_BYTES):
                 break
             n += 1
-            size += len(frame)
+            size += nbytes
         batch = self.queued[:n]
         del self.queued[:n]
         return batch
@@ -386,13 +392,14 @@ class DirectTransport(Transport):
         import ray
 
         try:
-            out = ray.get(self._actor(inst).handle.remote(frame_bytes(req)), timeout=timeout + 1.0)
+            args, _ = direct_args(req)
+            out = ray.get(self._actor(inst).handle.remote(*args), timeout=timeout + 1.0)
         except ray.exceptions.RayError as e:
             raise self._error(inst, req.function, e) from None
         return read_direct_reply(out)
 
     def call_async(self, inst: InstanceInfo, req: Request, timeout: float, finish: Finish) -> concurrent.futures.Future:
-        frame = frame_bytes(req)
+        args, nbytes = direct_args(req)
         fn = req.function
         call = Pending(
             finish,
@@ -407,30 +414,32 @@ class DirectTransport(Transport):
         with lane.lock:
             self.counts["calls"] += 1
             if lane.in_flight >= lane.window:
-                lane.queued.append((frame, call, fn))
+                lane.queued.append((args, nbytes, call, fn))
                 return call.future
             lane.in_flight += 1
             self.counts["ray_calls"] += 1
-        self._send(inst, lane, [(frame, call, fn)])
+        self._send(inst, lane, [(args, nbytes, call, fn)])
         return call.future
 
-    def _send(self, inst: InstanceInfo, lane: _Lane, batch: list[tuple[bytes, Pending, str]]) -> None:
+    def _send(self, inst: InstanceInfo, lane: _Lane, batch: list[_Queued]) -> None:
         """One Ray call with ``batch``; its completion settles each call and
         sends the next batch queued meanwhile."""
         try:
             actor = self._actor(inst)
             if len(batch) == 1:
-                ref = actor.handle.remote(batch[0][0])
+                ref = actor.handle.remote(*batch[0][0])
             else:
-                ref = actor.handle_many.remote([frame for frame, _, _ in batch])
-        except Exception as e:  # the replica is gone: these calls fail, the queue moves on
+                ref = actor.handle_many.remote([a[0] if len(a) == 1 else a for a, _, _, _ in batch])
+        except SageCommError as e:  # the replica is gone: these calls fail, the queue moves on
             self._settle(inst, lane, batch, None, e)
+            return
+        except Exception as e:  # Ray could not serialize an argument sent beside the frame
+            err = SerializationError(f"cannot send the arguments of {inst.service}.{batch[0][3]} over Ray: {e}")
+            self._settle(inst, lane, batch, None, err)
             return
         ref.future().add_done_callback(functools.partial(self._done, inst, lane, batch))
 
-    def _done(
-        self, inst: InstanceInfo, lane: _Lane, batch: list[tuple[bytes, Pending, str]], f: concurrent.futures.Future
-    ) -> None:
+    def _done(self, inst: InstanceInfo, lane: _Lane, batch: list[_Queued], f: concurrent.futures.Future) -> None:
         try:
             out, exc = f.result(), None
         except BaseException as e:
@@ -441,7 +450,7 @@ class DirectTransport(Transport):
         self,
         inst: InstanceInfo,
         lane: _Lane,
-        batch: list[tuple[bytes, Pending, str]],
+        batch: list[_Queued],
         out: Any,
         exc: BaseException | None,
     ) -> None:
@@ -456,7 +465,7 @@ class DirectTransport(Transport):
         if nxt is not None:
             self._send(inst, lane, nxt)
         replies = [out] if exc is None and len(batch) == 1 else out
-        for k, (_frame, call, fn) in enumerate(batch):
+        for k, (_args, _nbytes, call, fn) in enumerate(batch):
             if exc is None:
                 try:
                     call.complete(read_direct_reply(replies[k]), None)
@@ -468,7 +477,7 @@ class DirectTransport(Transport):
                 call.complete(None, exc)
 
     def send(self, inst: InstanceInfo, req: Request, timeout: float) -> None:
-        self._actor(inst).handle.remote(frame_bytes(req))
+        self._actor(inst).handle.remote(*direct_args(req)[0])
 
     def deliver(self, sub: Subscription, req: Request) -> bool:
         return False  # subscribers always have a ring; see FunctionClient.broadcast

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 import pytest
 import ray
 from hypothesis import given, settings
@@ -23,7 +24,7 @@ from sage_ray_comm import (
     service_function,
 )
 from sage_ray_comm._wire import (
-    DIRECT_PICKLE_MAX,
+    BESIDE_MIN_BYTES,
     ERR_PROTOCOL,
     KIND_REQ,
     KIND_REQ_OOB,
@@ -34,7 +35,9 @@ from sage_ray_comm._wire import (
     Request,
     decode_header,
     decode_request,
+    direct_args,
     encode_request,
+    frame_bytes,
     frame_kind,
     outcome,
     read_direct_reply,
@@ -166,10 +169,45 @@ def test_the_ray_path_checks_the_same_header(bus, monkeypatch):
     assert (ei.value.caller_version, ei.value.replica_version) == (PROTOCOL_VERSION + 1, PROTOCOL_VERSION)
 
 
+def test_large_buffers_travel_beside_the_frame_and_come_back_in_place():
+    small = Request(OP_CALL, 3, "f", (b"x" * 100,), {"k": 1}, None, None, None, None, "svc")
+    (frame,), n = direct_args(small)
+    assert n == len(frame) and decode_request(frame, frame_kind(frame)).args == (b"x" * 100,)
+    big = b"y" * BESIDE_MIN_BYTES
+    for args, kwargs in (((big, 1), None), ((1,), {"data": big}), ((np.zeros(BESIDE_MIN_BYTES, np.uint8),), None)):
+        req = small._replace(args=args, kwargs=kwargs)
+        (frame, a, k), n = direct_args(req)
+        assert len(frame) < 1024, "a large argument is not pickled into the frame"
+        assert a is args and k is kwargs and n >= BESIDE_MIN_BYTES
+        got = decode_request(frame, frame_kind(frame), (a, k))
+        assert got.args is args and got.kwargs is kwargs and got.cid == 3 and got.function == "f"
+        # The flag and what came beside must agree: a typed, answerable error otherwise.
+        with pytest.raises(BadRequest, match="disagree"):
+            decode_request(frame, frame_kind(frame))
+    with pytest.raises(BadRequest, match="disagree"):
+        decode_request(frame_bytes(small), KIND_REQ, ((1,), None))
+
+
+def test_the_ray_path_takes_arguments_sent_beside_the_frame(bus):
+    from sage_ray_comm.ray_transport import DirectTransport
+    from sage_ray_comm.router import bus_namespace
+
+    WireEcho.deploy(bus=bus)
+    direct = DirectTransport(bus_namespace(bus))
+    with FunctionClient(bus=bus, transport=lambda node: direct) as client:
+        data = bytes(range(256)) * 4096  # 1 MiB
+        assert client.call("wire_echo", "echo", data) == data
+        arr = np.arange(1 << 18, dtype=np.float32)
+        back = client.call("wire_echo", "echo", x=arr)
+        assert np.array_equal(back, arr)
+        futs = [client.call_async("wire_echo", "echo", data[: BESIDE_MIN_BYTES + i]) for i in range(40)]
+        assert [len(f.result(timeout=60)) for f in futs] == [BESIDE_MIN_BYTES + i for i in range(40)]
+
+
 def test_the_ray_path_returns_small_replies_pickled_and_large_ones_as_they_are(bus):
     handle = WireEcho.deploy(bus=bus)
     actor = ray.get_actor(handle.instances[0].actor_name, namespace=ROUTER_NAMESPACE)
-    for value, travels_as in ((b"small", bytes), (b"x" * (DIRECT_PICKLE_MAX + 1), tuple)):
+    for value, travels_as in ((b"small", bytes), (b"x" * (BESIDE_MIN_BYTES), tuple)):
         data, _ = _frame_bytes(Request(OP_CALL, 0, "echo", (value,), None, None, None, None, None, "wire_echo"))
         out = ray.get(actor.handle.remote(data), timeout=30)
         assert isinstance(out, travels_as)
