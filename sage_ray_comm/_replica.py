@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import pydantic
 
 from . import context, lifecycle, shm, tracing
+from ._future import CallFuture
 from ._ray import ROUTER_CALL_SECONDS, ROUTER_READ_SECONDS, RouterClient, ensure_ray
 from ._wire import (
     ERR_FUNCTION,
@@ -344,24 +345,21 @@ class Runtime:
         return self.queue.qsize() if self.queue is not None else 0
 
     def handle_direct(self, frames: list) -> list:
-        """Serves request frames (each a frame, or ``(frame, args, kwargs)``,
-        see ``_wire.direct_args``) that came in one Ray actor call (calls over
-        Ray to this replica; a caller with several in flight sends what it
-        queued meanwhile as one batch): the same header, checks and handlers
-        as the ring path, run in order in this thread (async handlers run
-        concurrently on the replica's loop). Returns the replies in frame
-        order (None for events and sends)."""
+        """Serves requests that came in one Ray actor call (a caller with
+        calls queued sends them as one batch), each a frame or ``(frame,
+        args, kwargs)`` (``_wire.direct_args``): the same checks and handlers
+        as the ring path, in order in this thread (async handlers run
+        concurrently on the loop). Returns the replies (None for sends)."""
         out: list = [None] * len(frames)
         waiting: list = []  # (index, reply key, future, request) of calls still running
         try:
             for i, item in enumerate(frames):
-                # A frame, or (frame, args, kwargs) when the args came beside it (_wire.direct_args).
                 payload, beside = (item[0], item[1:]) if type(item) is tuple else (item, None)
                 try:
                     req = decode_request(payload, frame_kind(payload), beside)
                 except BadRequest as e:
                     self.stats["errors"] += 1
-                    out[i] = bad_request_reply(e, self.info.service, f"replica {self.instance_id}")  # a send ignores it
+                    out[i] = bad_request_reply(e, self.info.service, f"replica {self.instance_id}")
                     continue
                 if self._stopping.is_set():
                     out[i] = error_reply(
@@ -372,7 +370,7 @@ class Runtime:
                     self._handle(req, "ray", len(payload))
                     continue
                 key = f"{DIRECT_PREFIX}{next(self._direct_ids)}"
-                fut: concurrent.futures.Future = concurrent.futures.Future()
+                fut: concurrent.futures.Future = CallFuture()  # no Condition unless an async handler makes us wait
                 self._direct[key] = fut
                 self._handle(req._replace(reply_to=key), "ray", len(payload))
                 if fut.done():  # a sync handler replied in this thread
