@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import functools
-import itertools
 import logging
 import os
 import threading
@@ -57,7 +56,7 @@ from .message import envelope
 from .metrics import recorder
 from .queue import SageQueue
 from .ray_transport import ensure_janitor
-from .replies import ReplyWriter
+from .replies import ReplyWriter, Sink, future_sink
 from .router import (
     HEARTBEAT_INTERVAL,
     InstanceInfo,
@@ -69,7 +68,7 @@ from .router import (
 )
 from .routing import DEFAULT_POLICY
 from .shm_transport import SegmentBlob, take_request, tune_malloc
-from .transport import DIRECT_PREFIX, REQUEST_RING_BYTES, REQUEST_SPIN_US, shm_warn_once
+from .transport import REQUEST_RING_BYTES, REQUEST_SPIN_US, shm_warn_once
 
 if TYPE_CHECKING:
     from .service import BaseService
@@ -144,11 +143,10 @@ class Runtime:
         self._alive = alive
         self.queue = queue
         # Direct calls (over Ray, to this replica's actor) wait here for their reply.
-        self._direct: dict[str, concurrent.futures.Future] = {}
-        self._direct_ids = itertools.count(1)
+        self._direct: set[concurrent.futures.Future] = set()  # calls over Ray waiting for an async handler
         self._frames_dropped_seen = 0
         self.stats = {"calls": 0, "errors": 0, "expired": 0, "replies_dropped": 0, "events": 0, "sends": 0}
-        self.reply = ReplyWriter(self.namespace, self.stats, self._direct)
+        self.reply = ReplyWriter(self.namespace, self.stats)
         self.in_flight = 0
         self._lock = threading.Lock()
         self._leader = threading.Lock()
@@ -328,7 +326,7 @@ class Runtime:
             self.reply.close()
             if self.queue is not None:
                 self.queue.destroy()
-            for fut in list(self._direct.values()):
+            for fut in list(self._direct):
                 if not fut.done():
                     fut.set_exception(
                         ServiceUnavailable(f"replica {self.instance_id} of '{self.info.service}' stopped")
@@ -347,11 +345,11 @@ class Runtime:
     def handle_direct(self, frames: list) -> list:
         """Serves requests that came in one Ray actor call (a caller with
         calls queued sends them as one batch), each a frame or ``(frame,
-        args, kwargs)`` (``_wire.direct_args``): the same checks and handlers
+        args, kwargs)`` (``_wire.direct_payload``): the same checks and handlers
         as the ring path, in order in this thread (async handlers run
         concurrently on the loop). Returns the replies (None for sends)."""
         out: list = [None] * len(frames)
-        waiting: list = []  # (index, reply key, future, request) of calls still running
+        waiting: list = []  # (index, future, request) of calls an async handler still runs
         try:
             for i, item in enumerate(frames):
                 payload, beside = (item[0], item[1:]) if type(item) is tuple else (item, None)
@@ -369,16 +367,14 @@ class Runtime:
                 if req.op != OP_CALL:
                     self._handle(req, "ray", len(payload))
                     continue
-                key = f"{DIRECT_PREFIX}{next(self._direct_ids)}"
                 fut: concurrent.futures.Future = CallFuture()  # no Condition unless an async handler makes us wait
-                self._direct[key] = fut
-                self._handle(req._replace(reply_to=key), "ray", len(payload))
+                self._handle(req, "ray", len(payload), future_sink(fut))
                 if fut.done():  # a sync handler replied in this thread
                     out[i] = fut.result()
-                    del self._direct[key]
-                else:
-                    waiting.append((i, key, fut, req))
-            for i, _key, fut, req in waiting:  # async handlers reply from their loop
+                else:  # stop() fails it if the replica stops first
+                    self._direct.add(fut)
+                    waiting.append((i, fut, req))
+            for i, fut, req in waiting:  # async handlers reply from their loop
                 left = None if req.deadline is None else max(0.0, req.deadline - time.time()) + 1.0
                 try:
                     out[i] = fut.result(timeout=left)
@@ -387,8 +383,8 @@ class Runtime:
                         req.cid, ERR_TIMEOUT, f"call to {req.service}.{req.function} got no reply before its deadline"
                     )
         finally:
-            for _i, key, _fut, _req in waiting:
-                self._direct.pop(key, None)
+            for _i, fut, _req in waiting:
+                self._direct.discard(fut)
         return out
 
     def _spawn(self) -> None:
@@ -439,10 +435,11 @@ class Runtime:
         req = Request(OP_CALL, e.cid, e.function, (), None, e.reply_to, None, None, None, self.info.service)
         self.reply.put(req, tuple(bad_request_reply(e, self.info.service, f"replica {self.instance_id}")))
 
-    def _handle(self, req: Request, transport: str, nbytes: int) -> None:
+    def _handle(self, req: Request, transport: str, nbytes: int, sink: Sink | None = None) -> None:
         """Runs one request's handler and replies (a call), in this thread
-        (sync handlers) or on the replica's loop (async ones). ``transport``
-        and ``nbytes`` (the frame's size) are for its span."""
+        (sync handlers) or on the replica's loop (async ones): into the
+        caller's ring, or to ``sink`` (a call over Ray). ``transport`` and
+        ``nbytes`` (the frame's size) are for its span."""
         op = req.op
         if req.deadline is not None and time.time() > req.deadline:
             self.stats["expired"] += 1
@@ -452,6 +449,7 @@ class Runtime:
                     ERR_TIMEOUT,
                     f"deadline of the call to {req.service}.{req.function} passed "
                     "before a replica could start it; not run",
+                    sink=sink,
                 )
             return
         h = self.functions.get(req.function)
@@ -462,6 +460,7 @@ class Runtime:
                     req,
                     ERR_FUNCTION,
                     f"service '{req.service}' has no function '{req.function}'; it has: {', '.join(known) or '(none)'}",
+                    sink=sink,
                 )
             self.stats["errors"] += 1
             return
@@ -484,14 +483,14 @@ class Runtime:
             result = h.validated(*args, **(kwargs or {}))
             if h.is_async:
                 fut = asyncio.run_coroutine_threadsafe(result, self._async_loop())
-                fut.add_done_callback(functools.partial(self._async_done, req, span))
+                fut.add_done_callback(functools.partial(self._async_done, req, span, sink))
                 return
         except pydantic.ValidationError as e:
             self.in_flight -= 1
             msg, errs = validation_message(req.service, h.name, e, h.params)
             self.stats["errors"] += 1
             if op == OP_CALL:
-                self.reply.error(req, ERR_VALIDATION, msg, errs)
+                self.reply.error(req, ERR_VALIDATION, msg, errs, sink)
             else:
                 log.warning("%s", msg)
             if span is not None:
@@ -499,7 +498,7 @@ class Runtime:
             return
         except Exception as e:
             self.in_flight -= 1
-            self._failed(req, e, span)
+            self._failed(req, e, span, sink)
             return
         finally:
             context.leave(token)
@@ -507,7 +506,7 @@ class Runtime:
                 span.detach()  # leaves this thread's context; the span ends with the handler
         self.in_flight -= 1
         if op == OP_CALL:
-            self.reply.result(req, result)
+            self.reply.result(req, result, sink)
         if span is not None:
             span.close()
 
@@ -526,24 +525,24 @@ class Runtime:
             group=req.service if event else None,
         )
 
-    def _async_done(self, req: Request, span: Any, fut: Any) -> None:
+    def _async_done(self, req: Request, span: Any, sink: Sink | None, fut: Any) -> None:
         self.in_flight -= 1
         try:
             result = fut.result()
         except BaseException as e:
-            self._failed(req, e, span)
+            self._failed(req, e, span, sink)
             return
         if req.op == OP_CALL:
-            self.reply.result(req, result)
+            self.reply.result(req, result, sink)
         if span is not None:
             span.close()
 
-    def _failed(self, req: Request, e: BaseException, span: Any = None) -> None:
+    def _failed(self, req: Request, e: BaseException, span: Any = None, sink: Sink | None = None) -> None:
         if span is not None:
             span.close(e)
         self.stats["errors"] += 1
         if req.op == OP_CALL:
-            self.reply.put(req, (req.cid, ST_ERROR, encode_error(ERR_REMOTE, e)))
+            self.reply.put(req, (req.cid, ST_ERROR, encode_error(ERR_REMOTE, e)), sink=sink)
         else:
             log.warning("%s.%s raised (no caller waits): %r", req.service, req.function, e)
 

@@ -91,12 +91,12 @@ class ServiceActor:
     def stats(self) -> dict:
         return self.svc.get_stats() if self.svc is not None else {"running": False}
 
-    def handle(self, frame: bytes, *beside: Any) -> bytes | tuple | None:
-        """A request frame sent over Ray straight to this replica, with its
-        args and kwargs beside it when they hold large buffers (see
-        ``_wire.direct_args`` and Runtime.handle_direct); the reply as
+    def handle(self, payload: bytes | tuple) -> bytes | tuple | None:
+        """A request sent over Ray straight to this replica: a frame, or
+        ``(frame, args, kwargs)`` when its args hold large buffers (see
+        ``_wire.direct_payload`` and Runtime.handle_direct); the reply as
         ``_wire.direct_reply`` makes it."""
-        return self.handle_many([(frame, *beside) if beside else frame])[0]
+        return self.handle_many([payload])[0]
 
     def handle_many(self, frames: list) -> list:
         """Requests a caller queued while its earlier calls to this replica

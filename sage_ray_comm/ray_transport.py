@@ -34,7 +34,7 @@ from ._wire import (
     Request,
     bad_request_reply,
     decode_request,
-    direct_args,
+    direct_payload,
     frame_bytes,
     frame_kind,
     gateway_name,
@@ -301,9 +301,9 @@ BATCH_MAX_FRAMES = 64
 BATCH_MAX_BYTES = 1 << 20
 
 
-# A call waiting in a lane: its Ray arguments (_wire.direct_args), their size,
+# A call waiting in a lane: its Ray argument (_wire.direct_payload), its size,
 # its pending outcome, and its function's name (for errors).
-_Queued = tuple[tuple, int, Pending, str]
+_Queued = tuple[bytes | tuple, int, Pending, str]
 
 
 class _Lane:
@@ -326,7 +326,7 @@ class _Lane:
         BATCH_MAX_BYTES, at least one call."""
         share = min(BATCH_MAX_FRAMES, -(-len(self.queued) // self.window))
         n, size = 0, 0
-        for _args, nbytes, _call, _fn in self.queued:
+        for _payload, nbytes, _call, _fn in self.queued:
             if n and (n == share or size + nbytes > BATCH_MAX_BYTES):
                 break
             n += 1
@@ -392,14 +392,13 @@ class DirectTransport(Transport):
         import ray
 
         try:
-            args, _ = direct_args(req)
-            out = ray.get(self._actor(inst).handle.remote(*args), timeout=timeout + 1.0)
+            out = ray.get(self._actor(inst).handle.remote(direct_payload(req)[0]), timeout=timeout + 1.0)
         except ray.exceptions.RayError as e:
             raise self._error(inst, req.function, e) from None
         return read_direct_reply(out)
 
     def call_async(self, inst: InstanceInfo, req: Request, timeout: float, finish: Finish) -> concurrent.futures.Future:
-        args, nbytes = direct_args(req)
+        payload, nbytes = direct_payload(req)
         fn = req.function
         call = Pending(
             finish,
@@ -414,11 +413,11 @@ class DirectTransport(Transport):
         with lane.lock:
             self.counts["calls"] += 1
             if lane.in_flight >= lane.window:
-                lane.queued.append((args, nbytes, call, fn))
+                lane.queued.append((payload, nbytes, call, fn))
                 return call.future
             lane.in_flight += 1
             self.counts["ray_calls"] += 1
-        self._send(inst, lane, [(args, nbytes, call, fn)])
+        self._send(inst, lane, [(payload, nbytes, call, fn)])
         return call.future
 
     def _send(self, inst: InstanceInfo, lane: _Lane, batch: list[_Queued]) -> None:
@@ -427,9 +426,9 @@ class DirectTransport(Transport):
         try:
             actor = self._actor(inst)
             if len(batch) == 1:
-                ref = actor.handle.remote(*batch[0][0])
+                ref = actor.handle.remote(batch[0][0])
             else:
-                ref = actor.handle_many.remote([a[0] if len(a) == 1 else a for a, _, _, _ in batch])
+                ref = actor.handle_many.remote([payload for payload, _, _, _ in batch])
         except SageCommError as e:  # the replica is gone: these calls fail, the queue moves on
             self._settle(inst, lane, batch, None, e)
             return
@@ -465,7 +464,7 @@ class DirectTransport(Transport):
         if nxt is not None:
             self._send(inst, lane, nxt)
         replies = [out] if exc is None and len(batch) == 1 else out
-        for k, (_args, _nbytes, call, fn) in enumerate(batch):
+        for k, (_payload, _nbytes, call, fn) in enumerate(batch):
             if exc is None:
                 try:
                     call.complete(read_direct_reply(replies[k]), None)
@@ -477,7 +476,7 @@ class DirectTransport(Transport):
                 call.complete(None, exc)
 
     def send(self, inst: InstanceInfo, req: Request, timeout: float) -> None:
-        self._actor(inst).handle.remote(*direct_args(req)[0])
+        self._actor(inst).handle.remote(direct_payload(req)[0])
 
     def deliver(self, sub: Subscription, req: Request) -> bool:
         return False  # subscribers always have a ring; see FunctionClient.broadcast

@@ -3,8 +3,8 @@
 A caller that died is noticed before its reply is written (its pid is in its
 reply ring's name): the reply is dropped and counted, and the dead caller's
 ring removed. A result too large for a ring travels in a segment, swept once
-read or once its reader died. A call that came over Ray waits on a future
-instead (reply_to ``@direct:<n>``).
+read or once its reader died. A call that came over Ray is answered through
+the ``sink`` its handler was given instead (``Runtime.handle_direct``).
 """
 
 from __future__ import annotations
@@ -12,15 +12,30 @@ from __future__ import annotations
 import concurrent.futures
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 from . import shm
 from ._wire import ERR_SERIALIZATION, ST_OK, ST_OK_BLOB, Request, error_reply, reply_ring_pid
 from .errors import MessageTooLarge, QueueClosed, QueueFull, QueueNotFound, SerializationError
 from .shm_transport import RingPool, SegmentBlob
-from .transport import DIRECT_PREFIX
 
-__all__ = ["REPLY_PUT_TIMEOUT", "ReplyWriter"]
+__all__ = ["REPLY_PUT_TIMEOUT", "ReplyWriter", "Sink", "future_sink"]
+
+# Where the reply of a call that came over Ray goes (see Runtime.handle_direct).
+Sink = Callable[[tuple], object]
+
+
+def future_sink(fut: concurrent.futures.Future) -> Sink:
+    """The sink of a call over Ray waiting on ``fut``: the reply completes it,
+    unless the replica's stop failed it first."""
+
+    def sink(rep: tuple) -> None:
+        if not fut.done():
+            fut.set_result(rep)
+
+    return sink
+
 
 # A reply ring that stays full this long means the caller stopped reading.
 REPLY_PUT_TIMEOUT = 2.0
@@ -28,13 +43,12 @@ REPLY_PUT_TIMEOUT = 2.0
 
 class ReplyWriter:
     """Writes one replica's replies. ``stats`` is the replica's counters
-    (``errors``, ``replies_dropped``); ``direct`` holds the futures of calls
-    that came over Ray."""
+    (``errors``, ``replies_dropped``). Each method takes a ``sink``: where
+    the reply of a call that came over Ray goes instead of a ring."""
 
-    def __init__(self, namespace: str, stats: dict, direct: dict[str, concurrent.futures.Future]) -> None:
+    def __init__(self, namespace: str, stats: dict) -> None:
         self.namespace = namespace
         self.stats = stats
-        self._direct = direct
         self.replies = RingPool(namespace)
         self._callers: dict[str, tuple] = {}  # reply ring -> (checked at, caller alive)
         # Oversize replies not yet known to be read: (blob, reply ring), swept by the heartbeat.
@@ -55,10 +69,13 @@ class ReplyWriter:
             keep.append((blob, reply_to))
         self.blobs = keep
 
-    def error(self, req: Request, code: str, message: str, extra: Any = None) -> None:
-        self.put(req, error_reply(req.cid, code, message, extra))
+    def error(self, req: Request, code: str, message: str, extra: Any = None, sink: Sink | None = None) -> None:
+        self.put(req, error_reply(req.cid, code, message, extra), sink=sink)
 
-    def result(self, req: Request, result: Any) -> None:
+    def result(self, req: Request, result: Any, sink: Sink | None = None) -> None:
+        if sink is not None:  # over Ray: Ray carries any size, and pickles it
+            sink((req.cid, ST_OK, result))
+            return
         try:
             self.put(req, (req.cid, ST_OK, result), raise_too_large=True)
         except MessageTooLarge:
@@ -84,15 +101,11 @@ class ReplyWriter:
         self._callers[reply_to] = (now, alive)
         return alive
 
-    def put(self, req: Request, rep: tuple, raise_too_large: bool = False) -> None:
-        if req.reply_to is None:
+    def put(self, req: Request, rep: tuple, raise_too_large: bool = False, sink: Sink | None = None) -> None:
+        if sink is not None:
+            sink(rep)
             return
-        if (
-            req.reply_to[0] == DIRECT_PREFIX[0]
-        ):  # "@direct:<n>": a direct call waits in handle_direct (Ray carries any size)
-            fut = self._direct.get(req.reply_to)
-            if fut is not None and not fut.done():
-                fut.set_result(rep)
+        if req.reply_to is None:
             return
         if not self.caller_alive(req.reply_to):
             # The caller died mid-call: drop the reply, count it, and remove its

@@ -27,7 +27,6 @@ from ._wire import (
 from .router import InstanceInfo, Subscription
 
 __all__ = [
-    "DIRECT_PREFIX",
     "EVENT_RING_BYTES",
     "EXPIRY",
     "EXPIRY_SLACK",
@@ -52,8 +51,6 @@ REPLY_SPIN_US = 100.0
 REQUEST_SPIN_US = 50.0
 REPLY_RING_BYTES = 8 << 20
 EVENT_RING_BYTES = 4 << 20
-# reply_to of a request that came as a Ray actor call (no reply ring involved).
-DIRECT_PREFIX = "@direct:"
 # Below this much free /dev/shm a process warns once at start: a caller needs
 # a reply ring per calling thread, a replica its request ring (8 MiB each).
 SHM_COMFORT_BYTES = 64 << 20

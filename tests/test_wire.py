@@ -35,7 +35,7 @@ from sage_ray_comm._wire import (
     Request,
     decode_header,
     decode_request,
-    direct_args,
+    direct_payload,
     encode_request,
     frame_bytes,
     frame_kind,
@@ -171,12 +171,12 @@ def test_the_ray_path_checks_the_same_header(bus, monkeypatch):
 
 def test_large_buffers_travel_beside_the_frame_and_come_back_in_place():
     small = Request(OP_CALL, 3, "f", (b"x" * 100,), {"k": 1}, None, None, None, None, "svc")
-    (frame,), n = direct_args(small)
+    frame, n = direct_payload(small)
     assert n == len(frame) and decode_request(frame, frame_kind(frame)).args == (b"x" * 100,)
     big = b"y" * BESIDE_MIN_BYTES
     for args, kwargs in (((big, 1), None), ((1,), {"data": big}), ((np.zeros(BESIDE_MIN_BYTES, np.uint8),), None)):
         req = small._replace(args=args, kwargs=kwargs)
-        (frame, a, k), n = direct_args(req)
+        (frame, a, k), n = direct_payload(req)
         assert len(frame) < 1024, "a large argument is not pickled into the frame"
         assert a is args and k is kwargs and n >= BESIDE_MIN_BYTES
         got = decode_request(frame, frame_kind(frame), (a, k))
