@@ -78,9 +78,6 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_CONCURRENCY = 16  # handler threads per replica
 
 
-# A reply that cannot be put in this long (the caller stopped reading) is dropped and counted.
-
-
 def open_request_ring(svc: BaseService, namespace: str, queue_bytes: int, serves_over_ray: bool) -> SageQueue | None:
     """The replica's request ring; None when /dev/shm has no room for it and
     the replica can serve over Ray instead (a deployed one can)."""
@@ -343,11 +340,11 @@ class Runtime:
         return self.queue.qsize() if self.queue is not None else 0
 
     def handle_direct(self, frames: list) -> list:
-        """Serves requests that came in one Ray actor call (a caller with
-        calls queued sends them as one batch), each a frame or ``(frame,
-        args, kwargs)`` (``_wire.direct_payload``): the same checks and handlers
-        as the ring path, in order in this thread (async handlers run
-        concurrently on the loop). Returns the replies (None for sends)."""
+        """Serves the requests of one Ray actor call (a caller's queued calls
+        come as a batch), each a frame or ``(frame, args, kwargs)``
+        (``_wire.direct_payload``): the ring path's checks and handlers, in
+        order in this thread (async ones concurrently on the loop). Returns
+        the replies (None for sends)."""
         out: list = [None] * len(frames)
         waiting: list = []  # (index, future, request) of calls an async handler still runs
         try:
@@ -360,20 +357,22 @@ class Runtime:
                     out[i] = bad_request_reply(e, self.info.service, f"replica {self.instance_id}")
                     continue
                 if self._stopping.is_set():
-                    out[i] = error_reply(
-                        req.cid, ERR_UNAVAILABLE, f"replica {self.instance_id} of '{self.info.service}' is stopping"
-                    )
+                    msg = f"replica {self.instance_id} of '{self.info.service}' is stopping"
+                    out[i] = error_reply(req.cid, ERR_UNAVAILABLE, msg)
                     continue
                 if req.op != OP_CALL:
                     self._handle(req, "ray", len(payload))
                     continue
-                fut: concurrent.futures.Future = CallFuture()  # no Condition unless an async handler makes us wait
+                h = self.functions.get(req.function)
+                if h is None or not h.is_async:  # replies in this thread, before _handle returns
+                    box: list = []
+                    self._handle(req, "ray", len(payload), box.append)
+                    out[i] = box[0] if box else error_reply(req.cid, ERR_REMOTE, f"{req.function} gave no reply")
+                    continue
+                fut: concurrent.futures.Future = CallFuture()
+                self._direct.add(fut)  # stop() fails it if the replica stops first
                 self._handle(req, "ray", len(payload), future_sink(fut))
-                if fut.done():  # a sync handler replied in this thread
-                    out[i] = fut.result()
-                else:  # stop() fails it if the replica stops first
-                    self._direct.add(fut)
-                    waiting.append((i, fut, req))
+                waiting.append((i, fut, req))
             for i, fut, req in waiting:  # async handlers reply from their loop
                 left = None if req.deadline is None else max(0.0, req.deadline - time.time()) + 1.0
                 try:
