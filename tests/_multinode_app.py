@@ -127,6 +127,10 @@ def main() -> int:
 
     out["far_async"] = client.call_async("far", "echo", "async").result(timeout=60)
     out["far_acall"] = asyncio.run(client.acall("far", "echo", "acall"))
+    # Pipelined across nodes: beyond the replica's handler threads, calls go in batches.
+    futs = [client.call_async("far", "echo", i) for i in range(600)]
+    out["pipelined_ok"] = [f.result(timeout=120) for f in futs] == list(range(600))
+    out["pipelined_counts"] = dict(client.endpoint.direct.counts)
     big = np.arange(3 << 20, dtype=np.float64)  # 24 MiB: Ray's object store carries it
     out["big_ok"] = bool(np.array_equal(client.call("far", "echo", big), big))
     try:

@@ -52,6 +52,9 @@ def test_cross_node_and_same_node_paths():
     assert r["near_node"] == r["head"]
     assert (r["after_near"]["ray"], r["after_near"]["shm"]) == (1, 1)
     assert (r["far_async"], r["far_acall"]) == ("async", "acall")
+    assert r["pipelined_ok"]
+    counts = r["pipelined_counts"]  # the two async calls above, and the 600
+    assert counts["calls"] == 602 and counts["ray_calls"] < counts["calls"], counts
     # same semantics across nodes: big payloads, typed errors
     assert r["big_ok"] is True
     assert r["remote_error"] == "RemoteError:builtins.ZeroDivisionError"
