@@ -42,7 +42,6 @@ from ._wire import (
     encode_error,
     error_reply,
     frame_kind,
-    request_ring_name,
 )
 from .errors import (
     QueueClosed,
@@ -54,6 +53,7 @@ from .errors import (
 from .handlers import Handler, collect_handlers, validation_message
 from .message import envelope
 from .metrics import recorder
+from .names import request_ring_name
 from .queue import SageQueue
 from .ray_transport import ensure_janitor
 from .replies import ReplyWriter, Sink, future_sink

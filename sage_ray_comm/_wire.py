@@ -1,6 +1,7 @@
 """What travels between processes, in one place: codes, named tuples, the
-versioned request header, the pickle codec, error encoding, and the names of
-rings and actors. Change "how a request looks" here and nowhere else.
+versioned request header, the pickle codec, error encoding, and stream
+batches (the names of rings and actors are in ``names.py``). Change "how a
+request looks" here and nowhere else.
 
 A request frame (ring kinds ``KIND_REQ`` and ``KIND_REQ_OOB``) is a fixed
 binary header, three variable-length strings, padding to 16 bytes, then the
@@ -98,9 +99,7 @@ __all__ = [
     "Reply",
     "Request",
     "RequestHeader",
-    "actor_name",
     "bad_request_reply",
-    "blob_name",
     "decode_payload",
     "decode_request",
     "direct_payload",
@@ -110,19 +109,13 @@ __all__ = [
     "encode_payload",
     "encode_request",
     "error_reply",
-    "event_ring_name",
     "frame_bytes",
     "frame_kind",
-    "gateway_name",
     "names_main",
     "outcome",
     "read_direct_reply",
     "remote_error",
-    "reply_ring_name",
-    "reply_ring_pid",
-    "request_ring_name",
     "request_tuple",
-    "router_name",
     "unpickle_error",
 ]
 
@@ -206,54 +199,6 @@ class RequestHeader(NamedTuple):
     reply_to: str | None
     function: str
     trace: str | None
-
-
-# -------------------------------------------------------------------- names
-# Ring names are per bus (the bus is the segment namespace); actor names live
-# in the router's Ray namespace.
-def request_ring_name(service: str, instance_id: str) -> str:
-    """The request ring of one replica."""
-    return f"req.{service}.{instance_id}"
-
-
-def reply_ring_name(pid: int, token: str) -> str:
-    """A caller's reply ring: the owner's pid is part of the name, so a
-    replica can tell a dead caller's ring without opening it."""
-    return f"rep.{pid}.{token}"
-
-
-def reply_ring_pid(name: str) -> int | None:
-    """The pid in a :func:`reply_ring_name` (None for other names)."""
-    try:
-        kind, pid, _ = name.split(".", 2)
-        return int(pid) if kind == "rep" else None
-    except ValueError:
-        return None
-
-
-def event_ring_name(pid: int, token: str) -> str:
-    """A process's ring for events to its ``subscribe`` callbacks."""
-    return f"evt.{pid}.{token}"
-
-
-def blob_name(pid: int, token: str) -> str:
-    """A one-off segment holding a payload too large for a ring."""
-    return f"blob.{pid}.{token}"
-
-
-def router_name(bus: str) -> str:
-    """The Ray actor name of a bus's router (in the router's Ray namespace)."""
-    return f"sage:{bus}:router"
-
-
-def actor_name(bus: str, service: str, index: int) -> str:
-    """The Ray actor name of replica ``index`` (1-based, as the dashboard shows it)."""
-    return f"sage:{bus}:{service}#{index}"
-
-
-def gateway_name(node_id: str) -> str:
-    """The Ray actor name of a node's gateway."""
-    return f"sage:gateway:{node_id}"
 
 
 # ------------------------------------------------------------ request frames

@@ -18,9 +18,10 @@ from typing import TYPE_CHECKING, Any
 from . import lifecycle, shm
 from ._ray import ensure_ray
 from ._replica import DEFAULT_MAX_CONCURRENCY
-from ._wire import ERR_UNAVAILABLE, actor_name, decode_header, direct_reply, error_reply, frame_kind
+from ._wire import ERR_UNAVAILABLE, decode_header, direct_reply, error_reply, frame_kind
 from .endpoint import Endpoint
 from .errors import InvalidServiceDefinition, NameConflict, SageCommError, ServiceUnavailable
+from .names import actor_name
 from .router import (
     ROUTER_NAMESPACE,
     InstanceInfo,

@@ -27,6 +27,8 @@
      │    │                              policy or replica count
      │    ├── ProtocolMismatch           caller and replica run library versions whose wire protocols
      │    │                              differ; names both versions
+     │    ├── StreamClosed               the stream was closed, reaped, or its replica restarted
+     │    ├── StreamConsumed             another handle is consuming that stream (one consumer at a time)
      │    └── RemoteError                the handler raised; carries the remote type, message and traceback.
      │                                   Where the original type unpickles, the raised error is also an
      │                                   instance of it: ``except ValueError`` still works.
@@ -79,6 +81,8 @@ __all__ = [
     "ServiceUnavailable",
     "SharedMemoryError",
     "SharedMemoryFull",
+    "StreamClosed",
+    "StreamConsumed",
     "ValidationError",
     "WrongNode",
 ]
@@ -202,6 +206,16 @@ class ProtocolMismatch(ServiceError):
 
     def __reduce__(self) -> tuple:
         return (type(self), (str(self), self.caller_version, self.replica_version))
+
+
+class StreamClosed(ServiceError):
+    """The replica no longer has this stream: it was closed, reaped after
+    its consumer died or went idle, or the replica restarted."""
+
+
+class StreamConsumed(ServiceError):
+    """Another handle is already consuming this stream. A stream has one
+    consumer at a time: the first handle that reads from it."""
 
 
 class RemoteError(ServiceError):

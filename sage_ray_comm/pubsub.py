@@ -15,9 +15,10 @@ import uuid
 from collections.abc import Callable
 
 from . import tracing
-from ._wire import Request, event_ring_name
+from ._wire import Request
 from .errors import SageCommError
 from .message import envelope
+from .names import event_ring_name
 from .queue import SageQueue
 from .shm_transport import request_args, take_request
 from .transport import EVENT_RING_BYTES

@@ -37,10 +37,10 @@ from ._wire import (
     direct_payload,
     frame_bytes,
     frame_kind,
-    gateway_name,
     read_direct_reply,
 )
 from .errors import CallTimeout, DeserializationError, SageCommError, SerializationError, ServiceUnavailable
+from .names import gateway_name
 from .router import ROUTER_NAMESPACE, InstanceInfo, Subscription
 from .shm_transport import ShmTransport
 from .transport import Finish, Pending, Transport, settle_from_ref

@@ -16,8 +16,9 @@ from collections.abc import Callable
 from typing import Any
 
 from . import shm
-from ._wire import ERR_SERIALIZATION, ST_OK, ST_OK_BLOB, Request, error_reply, reply_ring_pid
+from ._wire import ERR_SERIALIZATION, ST_OK, ST_OK_BLOB, Request, error_reply
 from .errors import MessageTooLarge, QueueClosed, QueueFull, QueueNotFound, SerializationError
+from .names import reply_ring_pid
 from .shm_transport import RingPool, SegmentBlob
 
 __all__ = ["REPLY_PUT_TIMEOUT", "ReplyWriter", "Sink", "future_sink"]

@@ -26,8 +26,8 @@ from typing import Any
 
 from . import shm
 from ._ray import RouterClient, get_or_create_actor, head_node_id
-from ._wire import router_name
 from .errors import InvalidBusName, InvalidSubscription, NameConflict, RouterUnavailable
+from .names import router_name
 
 __all__ = [
     "ROUTER_NAMESPACE",

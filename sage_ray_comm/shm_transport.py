@@ -33,11 +33,9 @@ from ._wire import (
     BadRequest,
     Reply,
     Request,
-    blob_name,
     decode_request,
     encode_payload,
     encode_request,
-    reply_ring_name,
     request_tuple,
 )
 from .errors import (
@@ -50,6 +48,7 @@ from .errors import (
     SerializationError,
     ServiceUnavailable,
 )
+from .names import blob_name, reply_ring_name
 from .queue import SageQueue
 from .router import InstanceInfo, Subscription
 from .transport import REPLY_RING_BYTES, REPLY_SPIN_US, Finish, Transport, settle

@@ -145,7 +145,7 @@ def main() -> int:
     out["worker_caller"] = ray.get(caller_on_worker.remote(bus_name), timeout=120)
     out["event"] = got.get(timeout=60)
     # Each node got its janitor from the library (looked up, never created here).
-    from sage_ray_comm._wire import gateway_name
+    from sage_ray_comm.names import gateway_name
     from sage_ray_comm.ray_transport import GATEWAY_NAMESPACE
 
     out["janitors"] = {}

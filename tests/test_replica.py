@@ -23,8 +23,8 @@ from sage_ray_comm._wire import (
     ST_OK,
     ErrorInfo,
     Request,
-    reply_ring_name,
 )
+from sage_ray_comm.names import reply_ring_name
 from sage_ray_comm.queue import SageQueue
 from sage_ray_comm.router import bus_namespace
 from sage_ray_comm.shm_transport import put_request

@@ -41,9 +41,8 @@ from sage_ray_comm._wire import (
     frame_kind,
     outcome,
     read_direct_reply,
-    reply_ring_name,
-    reply_ring_pid,
 )
+from sage_ray_comm.names import reply_ring_name, reply_ring_pid
 from sage_ray_comm.router import ROUTER_NAMESPACE
 
 

@@ -1,0 +1,66 @@
+"""The names of rings, segments and actors: who owns a ring, which bus
+and replica an actor serves, as ``ray list actors`` and ``sage-comm gc``
+see them. Ring names are per bus (the bus is the segment namespace); actor
+names live in the router's Ray namespace.
+
+>>> reply_ring_pid(reply_ring_name(4242, "abc"))
+4242
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "actor_name",
+    "blob_name",
+    "event_ring_name",
+    "gateway_name",
+    "reply_ring_name",
+    "reply_ring_pid",
+    "request_ring_name",
+    "router_name",
+]
+
+
+def request_ring_name(service: str, instance_id: str) -> str:
+    """The request ring of one replica."""
+    return f"req.{service}.{instance_id}"
+
+
+def reply_ring_name(pid: int, token: str) -> str:
+    """A caller's reply ring: the owner's pid is part of the name, so a
+    replica can tell a dead caller's ring without opening it."""
+    return f"rep.{pid}.{token}"
+
+
+def reply_ring_pid(name: str) -> int | None:
+    """The pid in a :func:`reply_ring_name` (None for other names)."""
+    try:
+        kind, pid, _ = name.split(".", 2)
+        return int(pid) if kind == "rep" else None
+    except ValueError:
+        return None
+
+
+def event_ring_name(pid: int, token: str) -> str:
+    """A process's ring for events to its ``subscribe`` callbacks."""
+    return f"evt.{pid}.{token}"
+
+
+def blob_name(pid: int, token: str) -> str:
+    """A one-off segment holding a payload too large for a ring."""
+    return f"blob.{pid}.{token}"
+
+
+def router_name(bus: str) -> str:
+    """The Ray actor name of a bus's router (in the router's Ray namespace)."""
+    return f"sage:{bus}:router"
+
+
+def actor_name(bus: str, service: str, index: int) -> str:
+    """The Ray actor name of replica ``index`` (1-based, as the dashboard shows it)."""
+    return f"sage:{bus}:{service}#{index}"
+
+
+def gateway_name(node_id: str) -> str:
+    """The Ray actor name of a node's gateway."""
+    return f"sage:gateway:{node_id}"
