@@ -47,13 +47,12 @@ from .errors import (
     QueueClosed,
     SageCommError,
     ServiceUnavailable,
-    SharedMemoryFull,
     ValidationError,
 )
 from .handlers import Handler, collect_handlers, validation_message
 from .message import envelope
 from .metrics import recorder
-from .names import request_ring_name
+from .producers import Producers
 from .queue import SageQueue
 from .ray_transport import ensure_janitor
 from .replies import ReplyWriter, Sink, future_sink
@@ -67,8 +66,8 @@ from .router import (
     validate_pattern,
 )
 from .routing import DEFAULT_POLICY
-from .shm_transport import SegmentBlob, take_request, tune_malloc
-from .transport import REQUEST_RING_BYTES, REQUEST_SPIN_US, shm_warn_once
+from .shm_transport import SegmentBlob, open_request_ring, take_request, tune_malloc
+from .transport import REQUEST_RING_BYTES
 
 if TYPE_CHECKING:
     from .service import BaseService
@@ -76,28 +75,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_CONCURRENCY = 16  # handler threads per replica
-
-
-def open_request_ring(svc: BaseService, namespace: str, queue_bytes: int, serves_over_ray: bool) -> SageQueue | None:
-    """The replica's request ring; None when /dev/shm has no room for it and
-    the replica can serve over Ray instead (a deployed one can)."""
-    try:
-        return SageQueue(
-            request_ring_name(svc.service_name, svc.service_id),
-            queue_bytes,
-            auto_cleanup=True,
-            namespace=namespace,
-            spin_us=REQUEST_SPIN_US,
-        )
-    except SharedMemoryFull as e:
-        if not serves_over_ray:  # an in-process service has no other way in
-            raise SharedMemoryFull(
-                f"service '{svc.service_name}' cannot serve from this process: {e}. Deploy it as Ray "
-                "actors (Cls.deploy()), which serve over Ray when shared memory is short, or give "
-                "/dev/shm more room (docker run --shm-size=1g)"
-            ) from None
-        shm_warn_once(f"service '{svc.service_name}' replica {svc.service_id}: {e}; it serves over Ray")
-        return None
 
 
 class Runtime:
@@ -135,6 +112,10 @@ class Runtime:
         self.instance_id = svc.service_id
         self.max_concurrency = max(1, int(max_concurrency))
         self.functions, self.events = collect_handlers(svc)
+        self.producers = Producers(svc.service_name, self.instance_id, shm.host_id())
+        if any(h.stream for h in self.functions.values()):  # the functions its consumers fetch with
+            for name, fn in self.producers.handlers().items():
+                self.functions[name] = Handler(svc.service_name, name, fn, None)
         self.router = router
         self._reconnect = reconnect
         self._alive = alive
@@ -142,6 +123,7 @@ class Runtime:
         # Direct calls (over Ray, to this replica's actor) wait here for their reply.
         self._direct: set[concurrent.futures.Future] = set()  # calls over Ray waiting for an async handler
         self._frames_dropped_seen = 0
+        self._items_seen = 0  # stream items counted so far
         self.stats = {"calls": 0, "errors": 0, "expired": 0, "replies_dropped": 0, "events": 0, "sends": 0}
         self.reply = ReplyWriter(self.namespace, self.stats)
         self.in_flight = 0
@@ -192,7 +174,7 @@ class Runtime:
         tune_malloc()
         namespace = bus_namespace(bus)
         shm.gc(namespace)  # rings left by replicas and callers that were killed
-        queue = open_request_ring(svc, namespace, queue_bytes, serves_over_ray=bool(actor_name))
+        queue = open_request_ring(svc.service_name, svc.service_id, namespace, queue_bytes, bool(actor_name))
         node_id = ray.get_runtime_context().get_node_id()
         ensure_janitor(node_id)  # every node with a replica has its segment janitor
         return cls(
@@ -258,7 +240,13 @@ class Runtime:
                 return
             try:
                 self.reply.sweep_blobs()
-                load = {"in_flight": self.in_flight, "queued": self.queued(), **self.stats}
+                self.producers.reap(self._loop)
+                load = {
+                    "in_flight": self.in_flight,
+                    "queued": self.queued(),
+                    "streams": len(self.producers),
+                    **self.stats,
+                }
                 self._record_gauges()
                 known = self.router.heartbeat(self.instance_id, load)
                 if not known and not self._stopping.is_set():
@@ -286,6 +274,9 @@ class Runtime:
         """Replica gauges for the dashboard, every heartbeat (off the call path)."""
         tags = (self.bus, self.info.service, (self.info.actor_name or self.instance_id).split(":")[-1])
         recorder.gauge("sage_replica_in_flight", tags, self.in_flight)
+        recorder.gauge("sage_streams_active", tags, len(self.producers))
+        recorder.count("sage_stream_items_total", tags, self.producers.items - self._items_seen)
+        self._items_seen = self.producers.items
         if self.queue is None:
             return
         st = self.queue.stats()
@@ -311,6 +302,7 @@ class Runtime:
         for t in list(self._threads):
             if t is not threading.current_thread():
                 t.join(timeout=10)
+        self.producers.close_all(self._loop)  # each generator's finally runs
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self._loop.stop)
             if self._loop_thread is not None:
@@ -480,6 +472,8 @@ class Runtime:
         token = context.enter(context.Handling(req.service, req.function, req.deadline, req.trace))
         try:
             result = h.validated(*args, **(kwargs or {}))
+            if h.stream:  # a generator: kept as a stream, nothing of it runs yet
+                result = self.producers.open(result, h.stream == "async")
             if h.is_async:
                 fut = asyncio.run_coroutine_threadsafe(result, self._async_loop())
                 fut.add_done_callback(functools.partial(self._async_done, req, span, sink))

@@ -72,6 +72,11 @@ from .errors import (
 
 __all__ = [
     "BESIDE_MIN_BYTES",
+    "END_CLOSED",
+    "END_CONSUMED",
+    "END_DONE",
+    "END_ERROR",
+    "END_MORE",
     "ERR_DESERIALIZATION",
     "ERR_FUNCTION",
     "ERR_PROTOCOL",
@@ -91,6 +96,10 @@ __all__ = [
     "OP_EVENT",
     "OP_SEND",
     "PROTOCOL_VERSION",
+    "STREAM_ACLOSE",
+    "STREAM_ANEXT",
+    "STREAM_CLOSE",
+    "STREAM_NEXT",
     "ST_ERROR",
     "ST_OK",
     "ST_OK_BLOB",
@@ -99,6 +108,8 @@ __all__ = [
     "Reply",
     "Request",
     "RequestHeader",
+    "StreamBatch",
+    "StreamOpened",
     "bad_request_reply",
     "decode_payload",
     "decode_request",
@@ -199,6 +210,37 @@ class RequestHeader(NamedTuple):
     reply_to: str | None
     function: str
     trace: str | None
+
+
+# ------------------------------------------------------------------ streams
+# A generator function's call opens a stream: the replica answers with a
+# StreamOpened, runs nothing yet, and serves fetches of it through these
+# reserved functions (the a- forms run on its event loop, for async generators).
+STREAM_NEXT = "@stream.next"
+STREAM_ANEXT = "@stream.anext"
+STREAM_CLOSE = "@stream.close"
+STREAM_ACLOSE = "@stream.aclose"
+END_MORE = 0  # more may come
+END_DONE = 1  # the generator returned
+END_ERROR = 2  # it raised: ``error`` is the ErrorInfo
+END_CLOSED = 3  # the replica has no such stream (closed, reaped, restarted)
+END_CONSUMED = 4  # another consumer holds it
+
+
+class StreamOpened(NamedTuple):
+    """The reply to a generator function's call: where its stream lives."""
+
+    stream_id: str
+    instance_id: str
+    is_async: bool
+
+
+class StreamBatch(NamedTuple):
+    """The reply to a fetch: the items made, and whether (and how) the stream ended."""
+
+    items: list
+    end: int  # END_*
+    error: Any = None  # the ErrorInfo tuple (END_ERROR) or a message (END_CLOSED, END_CONSUMED)
 
 
 # ------------------------------------------------------------ request frames

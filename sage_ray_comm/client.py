@@ -42,7 +42,6 @@ from .errors import (
     InvalidCallArgument,
     InvalidSubscription,
     SageCommError,
-    ServiceNotFound,
     ServiceUnavailable,
     SharedMemoryFull,
 )
@@ -55,7 +54,8 @@ from .router import (
     validate_topic,
 )
 from .routing import POLICIES, publish_targets
-from .views import function_index, function_signatures, service_list
+from .streams import OPENING, StreamCalls, set_client_factory
+from .views import RegistryViews
 
 __all__ = ["DEFAULT_TIMEOUT", "FunctionClient"]
 
@@ -66,7 +66,7 @@ _MISSING = object()
 _UNTRACED = (None, None)  # no span, no trace context: SAGE_COMM_TRACING=0
 
 
-class FunctionClient:
+class FunctionClient(StreamCalls, RegistryViews):
     """Calls functions of services on a bus.
 
     Args:
@@ -161,6 +161,9 @@ class FunctionClient:
         info, timeout, what cut it, transport, request)."""
         ep = self.endpoint
         inst, finfo = ep.route(service, function, instance, exclude, self.policy)
+        if finfo.stream != OPENING.get():
+            what = "is a generator function: read it with stream()" if finfo.stream else "is not a generator function"
+            raise InvalidCallArgument(f"{service}.{function} {what}")
         t = check_timeout(pick_timeout(timeout, finfo.timeout, self.default_timeout), service, function)
         t, cut_by = context.bound_by_parent(t, service, function)
         transport = ep.transport_for(inst)
@@ -483,43 +486,6 @@ class FunctionClient:
             ep.refresh()
             time.sleep(0.02)  # polling the router's version; a change usually lands within one poll
 
-    # -- registry views
-    def list_services(self) -> list[dict[str, Any]]:
-        """The services on the bus, as the original API listed them: one dict
-        per service, ``{"service_id", "service_name", "functions", "metadata"}``.
-
-        ``service_id`` is the id of its first replica; ``metadata`` has every
-        replica's id, node and pid, and the class.
-
-        >>> client.list_services()                       # doctest: +SKIP
-        [{'service_id': 'calc#1-1a2b3c', 'service_name': 'calc', 'functions': ['add'], 'metadata': {...}}]
-        """
-        return service_list(self.endpoint.refresh(), self.bus)
-
-    def list_functions(self) -> dict[str, list[str]]:
-        """``{function_name: [service_id, ...]}``: which replicas expose each
-        function (the original API's shape)."""
-        return function_index(self.endpoint.refresh())
-
-    def service_names(self) -> list[str]:
-        """Names of the services registered on the bus, sorted."""
-        return sorted(self.endpoint.refresh()["services"])
-
-    def function_signatures(self, service: str | None = None) -> dict[str, Any]:
-        """``{service: {function: signature}}`` (or just one service's dict)."""
-        out = function_signatures(self.endpoint.refresh())
-        if service is None:
-            return out
-        if service not in out:
-            raise ServiceNotFound(
-                f"no service '{service}' on bus '{self.bus}'; known services: {', '.join(sorted(out)) or '(none)'}"
-            )
-        return out[service]
-
-    def refresh(self) -> None:
-        """Re-reads the registry from the router now."""
-        self.endpoint.refresh()
-
     def stats(self) -> dict:
         """Calls made from this process on this bus, by transport (``shm`` / ``ray``) and replica."""
         s = dict(self.endpoint.stats)
@@ -557,3 +523,6 @@ class FunctionClient:
 
 
 # ------------------------------------------------- SAGE's service-call surface
+
+
+set_client_factory(lambda bus: FunctionClient(bus=bus))  # for stream handles unpickled in another process

@@ -29,7 +29,18 @@ log = logging.getLogger(__name__)
 class Handler:
     """One callable function of a running service, ready to invoke."""
 
-    __slots__ = ("fn", "info", "is_async", "name", "params", "service", "takes_payload", "validated", "wants_message")
+    __slots__ = (
+        "fn",
+        "info",
+        "is_async",
+        "name",
+        "params",
+        "service",
+        "stream",
+        "takes_payload",
+        "validated",
+        "wants_message",
+    )
 
     def __init__(self, service: str, name: str, bound: Callable, meta: ServiceFunction | None) -> None:
         self.service = service
@@ -47,6 +58,10 @@ class Handler:
             p.name for p in sig.parameters.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
         ]
         self.is_async = inspect.iscoroutinefunction(bound)
+        # A generator function is a stream: calling it opens one (producers.py).
+        self.stream = (
+            "async" if inspect.isasyncgenfunction(bound) else "sync" if inspect.isgeneratorfunction(bound) else ""
+        )
         self.wants_message = "message" in sig.parameters
         # The original API's `call_function(..., payload=data)`: when the handler
         # has no parameter of that name, `payload` is its one argument.
@@ -72,7 +87,8 @@ class Handler:
             name=name,
             timeout=meta.timeout if meta else None,
             idempotent=meta.idempotent if meta else False,
-            is_async=self.is_async,
+            is_async=self.is_async or self.stream == "async",
+            stream=bool(self.stream),
             signature=f"{name}{sig}",
             pattern=meta.pattern if meta else "request_response",
         )

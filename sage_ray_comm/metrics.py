@@ -18,6 +18,8 @@ dashboard's Metrics page and Prometheus read.
 | ``sage_frames_dropped_total`` | counter | bus, where (``subscriber_buffer``, ``ring``) |
 | ``sage_replica_in_flight`` | gauge | bus, service, replica |
 | ``sage_ring_fill_ratio`` | gauge | bus, service, replica |
+| ``sage_streams_active`` | gauge | bus, service, replica |
+| ``sage_stream_items_total`` | counter | bus, service, replica |
 
 ``SAGE_COMM_METRICS=0`` turns recording off. ``sage-comm metrics`` prints
 the current values from the node's export endpoint.
@@ -79,6 +81,8 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "sage_frames_dropped_total": ("counter", "Frames or events dropped", ("bus", "where")),
     "sage_replica_in_flight": ("gauge", "Requests running in a replica", ("bus", "service", "replica")),
     "sage_ring_fill_ratio": ("gauge", "Fill level of a replica's request ring (0..1)", ("bus", "service", "replica")),
+    "sage_streams_active": ("gauge", "Streams open in a replica", ("bus", "service", "replica")),
+    "sage_stream_items_total": ("counter", "Stream items a replica sent", ("bus", "service", "replica")),
 }
 
 _enabled = os.environ.get("SAGE_COMM_METRICS", "1") != "0"

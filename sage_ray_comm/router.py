@@ -114,6 +114,7 @@ class FunctionInfo:
     is_async: bool = False
     signature: str = ""
     pattern: str = "request_response"
+    stream: bool = False  # a generator function: read it with client.stream()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -47,17 +47,19 @@ from .errors import (
     QueueNotFound,
     SerializationError,
     ServiceUnavailable,
+    SharedMemoryFull,
 )
-from .names import blob_name, reply_ring_name
+from .names import blob_name, reply_ring_name, request_ring_name
 from .queue import SageQueue
 from .router import InstanceInfo, Subscription
-from .transport import REPLY_RING_BYTES, REPLY_SPIN_US, Finish, Transport, settle
+from .transport import REPLY_RING_BYTES, REPLY_SPIN_US, REQUEST_SPIN_US, Finish, Transport, settle, shm_warn_once
 
 __all__ = [
     "RingPool",
     "SegmentBlob",
     "ShmTransport",
     "instance_alive",
+    "open_request_ring",
     "put_request",
     "request_args",
     "take_request",
@@ -518,3 +520,27 @@ LIVENESS_SLICE = 0.25
 def instance_alive(inst: InstanceInfo) -> bool:
     """Whether the replica's process still runs (same host only)."""
     return shm.process_alive(inst.pid, inst.pid_start)
+
+
+def open_request_ring(
+    service: str, instance_id: str, namespace: str, queue_bytes: int, serves_over_ray: bool
+) -> SageQueue | None:
+    """A replica's request ring; None when /dev/shm has no room for it and
+    the replica can serve over Ray instead (a deployed one can)."""
+    try:
+        return SageQueue(
+            request_ring_name(service, instance_id),
+            queue_bytes,
+            auto_cleanup=True,
+            namespace=namespace,
+            spin_us=REQUEST_SPIN_US,
+        )
+    except SharedMemoryFull as e:
+        if not serves_over_ray:  # an in-process service has no other way in
+            raise SharedMemoryFull(
+                f"service '{service}' cannot serve from this process: {e}. Deploy it as Ray "
+                "actors (Cls.deploy()), which serve over Ray when shared memory is short, or give "
+                "/dev/shm more room (docker run --shm-size=1g)"
+            ) from None
+        shm_warn_once(f"service '{service}' replica {instance_id}: {e}; it serves over Ray")
+        return None

@@ -9,9 +9,10 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from .errors import ServiceNotFound
 from .router import HEARTBEAT_GRACE
 
-__all__ = ["function_index", "function_signatures", "replica_rows", "service_list"]
+__all__ = ["RegistryViews", "function_index", "function_signatures", "replica_rows", "service_list"]
 
 
 def replica_rows(snap: dict, now: float | None = None) -> list[dict]:
@@ -88,3 +89,47 @@ def function_signatures(snap: dict) -> dict[str, dict[str, str]]:
         name: {f.name: f.signature for inst in list(insts.values())[:1] for f in inst.functions.values()}
         for name, insts in snap["services"].items()
     }
+
+
+class RegistryViews:
+    """The registry views of a :class:`~sage_ray_comm.FunctionClient` (it
+    inherits them): each re-reads the registry through ``self.endpoint``."""
+
+    bus: str
+    endpoint: Any
+
+    def list_services(self) -> list[dict[str, Any]]:
+        """The services on the bus, as the original API listed them: one dict
+        per service, ``{"service_id", "service_name", "functions", "metadata"}``.
+
+        ``service_id`` is the id of its first replica; ``metadata`` has every
+        replica's id, node and pid, and the class.
+
+        >>> client.list_services()                       # doctest: +SKIP
+        [{'service_id': 'calc#1-1a2b3c', 'service_name': 'calc', 'functions': ['add'], 'metadata': {...}}]
+        """
+        return service_list(self.endpoint.refresh(), self.bus)
+
+    def list_functions(self) -> dict[str, list[str]]:
+        """``{function_name: [service_id, ...]}``: which replicas expose each
+        function (the original API's shape)."""
+        return function_index(self.endpoint.refresh())
+
+    def service_names(self) -> list[str]:
+        """Names of the services registered on the bus, sorted."""
+        return sorted(self.endpoint.refresh()["services"])
+
+    def function_signatures(self, service: str | None = None) -> dict[str, Any]:
+        """``{service: {function: signature}}`` (or just one service's dict)."""
+        out = function_signatures(self.endpoint.refresh())
+        if service is None:
+            return out
+        if service not in out:
+            raise ServiceNotFound(
+                f"no service '{service}' on bus '{self.bus}'; known services: {', '.join(sorted(out)) or '(none)'}"
+            )
+        return out[service]
+
+    def refresh(self) -> None:
+        """Re-reads the registry from the router now."""
+        self.endpoint.refresh()

@@ -1,0 +1,219 @@
+"""A replica's open streams: the generators its streaming functions made,
+fetched by their consumer in batches.
+
+A call to a generator function (sync or ``async def`` with ``yield``) runs
+nothing: it makes the generator, keeps it here under a fresh stream id and
+answers with a ``StreamOpened``. Its consumer then fetches items (the
+reserved functions ``_wire.STREAM_NEXT`` / ``STREAM_ANEXT``): each fetch runs
+the generator for at most the items asked for (the consumer's free credit),
+so the producer is never more than one window ahead of the consumer, and
+returns early once items have waited ``LINGER_SECONDS``, so a slow producer's
+items are not held back for a full batch. A fetch is an ordinary call, so a
+stream works on both paths (shared memory on one node, Ray across nodes).
+
+The first handle that fetches owns the stream (one consumer at a time; a
+handle passed to another process gives that process the stream if it reads
+first). A stream is closed (``GeneratorExit`` reaches the generator's
+``finally``) when its consumer closes it, when its consumer's process dies
+on this host, when nobody fetched it for ``IDLE_SECONDS``, and when the
+replica stops.
+
+>>> from sage_ray_comm.producers import Producers
+>>> p = Producers("svc", "svc-1", "host")
+>>> opened = p.open((i * i for i in range(3)), False)
+>>> p.next(opened.stream_id, 10, "me").items
+[0, 1, 4]
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+import uuid
+from typing import Any
+
+from . import shm
+from ._wire import (
+    END_CLOSED,
+    END_CONSUMED,
+    END_DONE,
+    END_ERROR,
+    END_MORE,
+    ERR_REMOTE,
+    STREAM_ACLOSE,
+    STREAM_ANEXT,
+    STREAM_CLOSE,
+    STREAM_NEXT,
+    StreamBatch,
+    StreamOpened,
+    encode_error,
+)
+
+__all__ = ["IDLE_SECONDS", "LINGER_SECONDS", "MAX_FETCH", "Producers", "consumer_token"]
+
+# A fetch returns once its first items have waited this long, full or not.
+LINGER_SECONDS = 0.002
+# A stream nobody fetched for this long is closed (its consumer is gone).
+IDLE_SECONDS = 300.0
+# The most items one fetch may ask for.
+MAX_FETCH = 4096
+
+
+def consumer_token(host_id: str, pid: int) -> str:
+    """Names one consuming handle: its host and process (so the replica can
+    tell a dead consumer on its own host) and a random part."""
+    return f"{host_id}:{pid}:{uuid.uuid4().hex[:8]}"
+
+
+class _Open:
+    __slots__ = ("consumer", "gen", "is_async", "last", "lock", "produced")
+
+    def __init__(self, gen: Any, is_async: bool) -> None:
+        self.gen = gen
+        self.is_async = is_async
+        self.consumer: str | None = None  # the token of the handle that fetched first
+        self.lock = threading.Lock()  # one fetch at a time
+        self.last = time.monotonic()
+        self.produced = 0
+
+
+class Producers:
+    """The open streams of one replica (``service``/``instance_id`` on ``host_id``)."""
+
+    def __init__(self, service: str, instance_id: str, host_id: str) -> None:
+        self.service = service
+        self.instance_id = instance_id
+        self.host_id = host_id
+        self._open: dict[str, _Open] = {}
+        self.items = 0  # items sent, over all streams
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+    def handlers(self) -> dict[str, Any]:
+        """The reserved functions consumers call, by name."""
+        return {STREAM_NEXT: self.next, STREAM_ANEXT: self.anext, STREAM_CLOSE: self.close, STREAM_ACLOSE: self.aclose}
+
+    def open(self, gen: Any, is_async: bool) -> StreamOpened:
+        sid = uuid.uuid4().hex
+        self._open[sid] = _Open(gen, is_async)
+        return StreamOpened(sid, self.instance_id, is_async)
+
+    def _claim(self, sid: str, consumer: str) -> _Open | StreamBatch:
+        s = self._open.get(sid)
+        if s is None:
+            return StreamBatch(
+                [], END_CLOSED, f"service '{self.service}' replica {self.instance_id} has no stream {sid}"
+            )
+        if s.consumer is None:
+            s.consumer = consumer
+        elif s.consumer != consumer:
+            return StreamBatch([], END_CONSUMED, f"stream {sid} of '{self.service}' is consumed by another handle")
+        s.last = time.monotonic()
+        return s
+
+    def _end(self, sid: str, items: list, e: BaseException | None) -> StreamBatch:
+        self._open.pop(sid, None)
+        self.items += len(items)
+        if e is None:
+            return StreamBatch(items, END_DONE)
+        return StreamBatch(items, END_ERROR, encode_error(ERR_REMOTE, e))
+
+    def next(self, sid: str, n: int, consumer: str) -> StreamBatch:
+        """Up to ``n`` items of a sync generator (see the module docstring)."""
+        s = self._claim(sid, consumer)
+        if isinstance(s, StreamBatch):
+            return s
+        items: list = []
+        n = max(1, min(int(n), MAX_FETCH))
+        with s.lock:
+            first = 0.0
+            try:
+                while len(items) < n:
+                    items.append(next(s.gen))
+                    if len(items) == 1:
+                        first = time.monotonic()
+                    elif time.monotonic() - first > LINGER_SECONDS:
+                        break
+            except StopIteration:
+                return self._end(sid, items, None)
+            except Exception as e:
+                return self._end(sid, items, e)
+            s.produced += len(items)
+            s.last = time.monotonic()
+        self.items += len(items)
+        return StreamBatch(items, END_MORE)
+
+    async def anext(self, sid: str, n: int, consumer: str) -> StreamBatch:
+        """:meth:`next` for an async generator (runs on the replica's loop)."""
+        s = self._claim(sid, consumer)
+        if isinstance(s, StreamBatch):
+            return s
+        items: list = []
+        n = max(1, min(int(n), MAX_FETCH))
+        first = 0.0
+        try:
+            while len(items) < n:
+                items.append(await s.gen.__anext__())
+                if len(items) == 1:
+                    first = time.monotonic()
+                elif time.monotonic() - first > LINGER_SECONDS:
+                    break
+        except StopAsyncIteration:
+            return self._end(sid, items, None)
+        except Exception as e:
+            return self._end(sid, items, e)
+        s.produced += len(items)
+        s.last = time.monotonic()
+        self.items += len(items)
+        return StreamBatch(items, END_MORE)
+
+    def close(self, sid: str, consumer: str | None = None) -> bool:
+        """Closes a sync generator (its ``finally`` runs now); False if unknown."""
+        s = self._open.get(sid)
+        if s is None or (consumer is not None and s.consumer not in (None, consumer)):
+            return False
+        del self._open[sid]
+        with s.lock:  # after a fetch in progress
+            s.gen.close()
+        return True
+
+    async def aclose(self, sid: str, consumer: str | None = None) -> bool:
+        """Closes an async generator (on the replica's loop)."""
+        s = self._open.get(sid)
+        if s is None or (consumer is not None and s.consumer not in (None, consumer)):
+            return False
+        del self._open[sid]
+        await s.gen.aclose()
+        return True
+
+    def reap(self, loop: asyncio.AbstractEventLoop | None) -> int:
+        """Closes streams whose consumer died on this host or that nobody
+        fetched for IDLE_SECONDS (the heartbeat calls this); how many."""
+        now = time.monotonic()
+        gone = []
+        for sid, s in list(self._open.items()):
+            owner = (s.consumer or "").split(":")
+            dead = len(owner) == 3 and owner[0] == self.host_id and not shm.process_alive(int(owner[1]), 0)
+            if dead or now - s.last > IDLE_SECONDS:
+                gone.append((sid, s))
+        for sid, s in gone:
+            self.close_one(sid, s, loop)
+        return len(gone)
+
+    def close_all(self, loop: asyncio.AbstractEventLoop | None) -> None:
+        """Closes every stream (the replica stops)."""
+        for sid, s in list(self._open.items()):
+            self.close_one(sid, s, loop)
+
+    def close_one(self, sid: str, s: _Open, loop: asyncio.AbstractEventLoop | None) -> None:
+        self._open.pop(sid, None)
+        try:
+            if not s.is_async:
+                with s.lock:
+                    s.gen.close()
+            elif loop is not None and loop.is_running():
+                asyncio.run_coroutine_threadsafe(s.gen.aclose(), loop).result(timeout=5)
+        except Exception:  # a generator whose cleanup raises: it is closed all the same
+            pass
