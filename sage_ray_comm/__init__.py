@@ -18,7 +18,7 @@ from .client import FunctionClient
 from .errors import *  # noqa: F403  (the whole hierarchy is public)
 from .message import CommunicationPattern, Message, MessageType
 from .queue import DEFAULT_MAXSIZE, SageQueue, SageQueueRef, destroy_queue
-from .sage_api import ServiceCallMixin, call_service, call_service_async
+from .sage_api import ServiceCallMixin, call_service, call_service_async, stream_service
 from .service import BaseService, ServiceFunction, ServiceHandle, sage_service, service_function, subscribe
 
 __version__ = _metadata.version("sage_ray_comm")  # one source: pyproject.toml (CMake gives it to _core too)
@@ -44,6 +44,7 @@ __all__ = [
     "ServiceCallMixin",
     "call_service",
     "call_service_async",
+    "stream_service",
     "CommunicationBus",
     "DeliveryReceipt",
     "ServiceManager",

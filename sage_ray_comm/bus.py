@@ -148,6 +148,8 @@ class CommunicationBus:
         - ``POINT_TO_POINT``: delivers it to the replica named by the header
           ``instance`` (any replica if absent); no reply.
         - ``PUBLISH_SUBSCRIBE``: publishes ``payload`` on ``topic`` (or ``receiver``).
+        - ``STREAM``: calls the generator function ``receiver.function(payload)``
+          and returns its :class:`~sage_ray_comm.streams.Stream`.
 
         The last three return a :class:`DeliveryReceipt`. The timeout is what is
         left of the message's ``ttl``/``deadline``. A payload of ``None`` calls
@@ -185,6 +187,8 @@ class CommunicationBus:
             )
         if pat is CommunicationPattern.REQUEST_RESPONSE:
             return c.call(msg.receiver, msg.function, *args, timeout=timeout, headers=headers)
+        if pat is CommunicationPattern.STREAM:
+            return c.stream(msg.receiver, msg.function, *args, timeout=timeout, headers=headers)
         instance = msg.headers.get("instance") if pat is CommunicationPattern.POINT_TO_POINT else None
         iid = c.send(msg.receiver, msg.function, *args, instance=instance, timeout=timeout, headers=headers)
         return DeliveryReceipt(message_id=msg.id, pattern=pat, delivered=1, instances=[iid])

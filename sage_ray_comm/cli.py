@@ -118,9 +118,10 @@ def status_rows(snap: dict, now: float | None = None) -> list:
             "pid": r["pid"],
             "alive": "yes" if r["alive"] else "no",
             "in-flight": r["in_flight"],
+            "streams": r["streams"],
             "calls": r["handled"],
             "errors": r["errors"],
-            "functions": ", ".join(r["functions"]),
+            "functions": ", ".join(f for f in r["functions"] if not f.startswith("@")),
         }
         for r in replica_rows(snap, now)
     ]

@@ -53,6 +53,7 @@ class CommunicationPattern(str, enum.Enum):
     POINT_TO_POINT = "point_to_point"
     PUBLISH_SUBSCRIBE = "publish_subscribe"
     LOAD_BALANCED = "load_balanced"
+    STREAM = "stream"  # request-stream: a generator function's items (bus.route_message returns a Stream)
 
 
 # Message ids: a per-process prefix plus a counter is unique and ~20x cheaper

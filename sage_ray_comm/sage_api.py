@@ -1,5 +1,7 @@
 """SAGE's service-call surface: ``self.call_service["name"].method(...)``,
-``call_service(...)`` and their async twins, on top of :class:`FunctionClient`.
+``call_service(...)``, their async twins and their streaming forms
+(``self.stream_service["name"].method(...)``, ``stream_service(...)``, for
+generator functions), on top of :class:`FunctionClient`.
 
 >>> from sage_ray_comm import call_service
 >>> call_service("calculator", 21, method="calculate")   # doctest: +SKIP
@@ -17,14 +19,19 @@ from typing import Any
 from .client import FunctionClient
 from .errors import InvalidCallArgument
 
-__all__ = ["ServiceCallMixin", "call_service", "call_service_async"]
+__all__ = ["ServiceCallMixin", "call_service", "call_service_async", "stream_service"]
+
+
+def _caller(client: FunctionClient, mode: str) -> Callable[..., Any]:
+    """The client method of a table's mode: a call, an async call, or a stream."""
+    return {"call": client.call, "async": client.call_async, "stream": client.stream}[mode]
 
 
 class _MethodProxy:
-    __slots__ = ("_async", "_client", "_service", "_timeout")
+    __slots__ = ("_client", "_mode", "_service", "_timeout")
 
-    def __init__(self, client: FunctionClient, service: str, is_async: bool, timeout: float | None) -> None:
-        self._client, self._service, self._async, self._timeout = client, service, is_async, timeout
+    def __init__(self, client: FunctionClient, service: str, mode: str, timeout: float | None) -> None:
+        self._client, self._service, self._mode, self._timeout = client, service, mode, timeout
 
     def __call__(self, *args: Any, method: str = "process", timeout: float | None = None, **kwargs: Any) -> Any:
         """``call_service["cache"](key, method="get")``: SAGE's call with the method named."""
@@ -33,12 +40,10 @@ class _MethodProxy:
     def __getattr__(self, method: str) -> Callable[..., Any]:
         if method.startswith("__"):
             raise AttributeError(method)
-        c, svc, is_async, t = self._client, self._service, self._async, self._timeout
+        fn, svc, t = _caller(self._client, self._mode), self._service, self._timeout
 
         def invoke(*args: Any, timeout: float | None = t, **kwargs: Any) -> Any:
-            if is_async:
-                return c.call_async(svc, method, *args, timeout=timeout, **kwargs)
-            return c.call(svc, method, *args, timeout=timeout, **kwargs)
+            return fn(svc, method, *args, timeout=timeout, **kwargs)
 
         invoke.__name__ = method
         return invoke
@@ -47,20 +52,20 @@ class _MethodProxy:
 class _ServiceTable:
     """``table["cache"]`` -> an object whose methods call the ``cache`` service."""
 
-    __slots__ = ("_async", "_client", "_timeout")
+    __slots__ = ("_client", "_mode", "_timeout")
 
-    def __init__(self, client: FunctionClient, is_async: bool, timeout: float | None = None) -> None:
-        self._client, self._async, self._timeout = client, is_async, timeout
+    def __init__(self, client: FunctionClient, mode: str, timeout: float | None = None) -> None:
+        self._client, self._mode, self._timeout = client, mode, timeout
 
     def __getitem__(self, service: str) -> _MethodProxy:
         if not isinstance(service, str):
             raise InvalidCallArgument(f"service names are strings, got {service!r}")
-        return _MethodProxy(self._client, service, self._async, self._timeout)
+        return _MethodProxy(self._client, service, self._mode, self._timeout)
 
     def __call__(
         self, service: str, *args: Any, method: str = "process", timeout: float | None = None, **kwargs: Any
     ) -> Any:
-        fn = self._client.call_async if self._async else self._client.call
+        fn = _caller(self._client, self._mode)
         return fn(service, method, *args, timeout=timeout if timeout is not None else self._timeout, **kwargs)
 
 
@@ -89,11 +94,16 @@ class ServiceCallMixin:
 
     @property
     def call_service(self) -> _ServiceTable:
-        return _ServiceTable(self._sage_client(), False)
+        return _ServiceTable(self._sage_client(), "call")
 
     @property
     def call_service_async(self) -> _ServiceTable:
-        return _ServiceTable(self._sage_client(), True)
+        return _ServiceTable(self._sage_client(), "async")
+
+    @property
+    def stream_service(self) -> _ServiceTable:
+        """``self.stream_service["llm"].tokens(prompt)``: the Stream of a generator function."""
+        return _ServiceTable(self._sage_client(), "stream")
 
 
 _default_clients: dict[str, FunctionClient] = {}
@@ -129,3 +139,17 @@ def call_service_async(
 ) -> concurrent.futures.Future:
     """As :func:`call_service`, returning a ``concurrent.futures.Future``."""
     return _client_for(bus).call_async(service, method, *args, timeout=timeout, **kwargs)
+
+
+def stream_service(
+    service: str,
+    *args: Any,
+    method: str = "process",
+    timeout: float | None = None,
+    bus: str | None = None,
+    **kwargs: Any,
+) -> Any:
+    """As :func:`call_service`, for a generator function: its
+    :class:`~sage_ray_comm.streams.Stream` (``window=``, ``idle_timeout=``
+    as :meth:`FunctionClient.stream`)."""
+    return _client_for(bus).stream(service, method, *args, timeout=timeout, **kwargs)

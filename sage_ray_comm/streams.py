@@ -289,6 +289,7 @@ class StreamCalls:
         window: int = DEFAULT_WINDOW,
         idle_timeout: float | None = None,
         instance: str | None = None,
+        headers: dict | None = None,
         **kwargs: Any,
     ) -> Stream:
         """Calls a generator function and returns its :class:`~sage_ray_comm.streams.Stream`:
@@ -302,7 +303,7 @@ class StreamCalls:
         """
         token = OPENING.set(True)
         try:
-            opened = self.call(service, function, *args, timeout=timeout, instance=instance, **kwargs)
+            opened = self.call(service, function, *args, timeout=timeout, instance=instance, headers=headers, **kwargs)
         finally:
             OPENING.reset(token)
         return Stream(self, service, function, opened, window, _idle(idle_timeout, timeout))
@@ -316,12 +317,15 @@ class StreamCalls:
         window: int = DEFAULT_WINDOW,
         idle_timeout: float | None = None,
         instance: str | None = None,
+        headers: dict | None = None,
         **kwargs: Any,
     ) -> AsyncStream:
         """The ``async for`` twin of :meth:`stream`: ``async with await client.astream(...) as s``."""
         token = OPENING.set(True)
         try:
-            fut = self.call_async(service, function, *args, timeout=timeout, instance=instance, **kwargs)
+            fut = self.call_async(
+                service, function, *args, timeout=timeout, instance=instance, headers=headers, **kwargs
+            )
         finally:
             OPENING.reset(token)
         return AsyncStream(

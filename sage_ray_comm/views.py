@@ -38,6 +38,7 @@ def replica_rows(snap: dict, now: float | None = None) -> list[dict]:
                     "last_seen_s": None if seen is None else round(now - seen, 3),
                     "in_flight": load.get("in_flight", 0),
                     "queued": load.get("queued", 0),
+                    "streams": load.get("streams", 0),
                     "calls": load.get("calls", 0),
                     "handled": load.get("calls", 0) + load.get("sends", 0) + load.get("events", 0),
                     "errors": load.get("errors", 0),

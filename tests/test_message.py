@@ -58,10 +58,11 @@ def test_several_arguments_make_a_tuple_payload():
     assert m.payload == (1, 2)
 
 
-def test_patterns_cover_the_four():
+def test_patterns_cover_the_four_and_streams():
     assert {p.value for p in CommunicationPattern} == {
         "request_response",
         "point_to_point",
         "publish_subscribe",
         "load_balanced",
+        "stream",
     }

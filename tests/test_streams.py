@@ -19,13 +19,18 @@ from _wait import wait_for
 from sage_ray_comm import (
     BaseService,
     CallTimeout,
+    CommunicationPattern,
     FunctionClient,
     InvalidCallArgument,
+    Message,
     RemoteError,
+    ServiceCallMixin,
     ServiceUnavailable,
     StreamConsumed,
+    get_communication_bus,
     sage_service,
     service_function,
+    stream_service,
 )
 from sage_ray_comm.producers import IDLE_SECONDS
 from sage_ray_comm.ray_transport import DirectTransport
@@ -247,3 +252,30 @@ def test_a_consumer_killed_mid_stream_has_its_stream_closed(bus):
         if p.poll() is None:
             p.kill()
             p.wait()
+
+
+def test_the_sage_surface_and_route_message_stream_too(bus):
+    Gen.deploy(bus=bus)
+
+    class Operator(ServiceCallMixin):
+        sage_bus = bus
+
+    assert list(Operator().stream_service["gen"].count(5)) == [0, 1, 2, 3, 4]
+    assert list(stream_service("gen", 3, method="count", bus=bus, window=2)) == [0, 1, 2]
+    msg = Message(receiver="gen", function="count", payload=4)
+    with get_communication_bus(bus).route_message(msg, CommunicationPattern.STREAM) as s:
+        assert list(s) == [0, 1, 2, 3]
+
+
+def test_status_shows_the_open_streams_of_each_replica(bus):
+    from sage_ray_comm.cli import status_rows
+
+    Gen.deploy(bus=bus)
+    b = get_communication_bus(bus)
+    with FunctionClient(bus=bus) as client:
+        with client.stream("gen", "count", 100, window=2) as s:
+            next(s)
+            wait_for(lambda: [r["streams"] for r in b.services()] == [1], 10, "a heartbeat reporting the stream")
+            (row,) = status_rows(client.endpoint.refresh())
+            assert row["streams"] == 1 and "@" not in row["functions"]
+        wait_for(lambda: [r["streams"] for r in b.services()] == [0], 10, "a heartbeat after the close")
