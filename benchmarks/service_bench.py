@@ -13,6 +13,12 @@ Measures, for 8 B, 1 KiB, 64 KiB and 1 MiB payloads (bytes, echoed back):
 plus pipelined throughput (call_async vs pipelined .remote() calls), and the
 cost of building a Message with and without validation.
 
+``--streams`` measures streaming calls against a Ray actor's streaming
+generator (``num_returns="streaming"``) making the same 8-byte items, in the
+same run: items per second, per-item overhead with producer and consumer
+pinned to different cores and to the same core (``os.sched_setaffinity``),
+time to first item, and items per second by ``window``.
+
 ``--cross-node`` instead starts a two-raylet ``ray.cluster_utils.Cluster``
 with the service and a plain Ray actor (the same ``max_concurrency``) on the
 far node, the driver on the head, and measures p50 at 8 B, 64 KiB and 1 MiB
@@ -125,9 +131,12 @@ def main() -> int:
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     ap.add_argument("--no-cgraph", action="store_true", help="skip the compiled graph")
     ap.add_argument("--cross-node", action="store_true", help="a two-raylet cluster: cross-node rows only")
+    ap.add_argument("--streams", action="store_true", help="streaming rows only (against Ray's streaming generators)")
     args = ap.parse_args()
     if args.cross_node:
         return cross_node(args)
+    if args.streams:
+        return streams(args)
 
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
     bus_name = f"bench-{os.getpid()}"
@@ -482,6 +491,155 @@ def _plot(results: dict, path: str):
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     return path
+
+
+@sage_service(name="gen", replicas=1, num_cpus=0.1)
+class Gen(BaseService):
+    @service_function
+    def items(self, n: int):
+        item = b"x" * 8
+        for _ in range(n):
+            yield item
+
+    @service_function
+    def pid(self) -> int:
+        return os.getpid()
+
+
+@ray.remote(num_cpus=0.1)
+class RayGen:
+    def items(self, n: int):
+        item = b"x" * 8
+        for _ in range(n):
+            yield item
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+def streams(args) -> int:
+    """The ``--streams`` rows (see the module docstring)."""
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    bus_name = f"sbench-{os.getpid()}"
+    bus = get_communication_bus(bus_name)
+    Gen.deploy(bus=bus_name)
+    client = FunctionClient(bus=bus_name)
+    rgen = RayGen.remote()
+    n_sage, n_ray = (100_000, 2_000) if args.quick else (1_000_000, 20_000)
+    rounds = 3 if args.quick else 5
+
+    def sage_rate(n: int, window: int = 256) -> float:
+        t0 = time.perf_counter()
+        got = sum(1 for _ in client.stream("gen", "items", n, window=window))
+        assert got == n
+        return n / (time.perf_counter() - t0)
+
+    def ray_rate(n: int) -> float:
+        t0 = time.perf_counter()
+        got = sum(1 for ref in rgen.items.options(num_returns="streaming").remote(n) if ray.get(ref))
+        assert got == n
+        return n / (time.perf_counter() - t0)
+
+    def local_rate(n: int) -> float:  # the generator alone, in this process: the floor
+        item = b"x" * 8
+
+        def gen():
+            for _ in range(n):
+                yield item
+
+        t0 = time.perf_counter()
+        sum(1 for _ in gen())
+        return n / (time.perf_counter() - t0)
+
+    sage_rate(10_000), ray_rate(500)
+    pairs = []
+    for k in range(rounds):  # alternating, which goes first alternates too
+        a, b = (
+            (sage_rate(n_sage), ray_rate(n_ray))
+            if k % 2 == 0
+            else tuple(reversed((ray_rate(n_ray), sage_rate(n_sage))))
+        )
+        pairs.append((a, b))
+    results: dict = {"machine": run_info()}
+    results["items_per_s"] = {
+        "sage": statistics.median(a for a, _ in pairs),
+        "ray_streaming_generator": statistics.median(b for _, b in pairs),
+        "ratio_median": statistics.median(a / b for a, b in pairs),
+        "items": {"sage": n_sage, "ray": n_ray},
+    }
+    results["by_window"] = {
+        w: statistics.median(sage_rate(n_sage // 2, w) for _ in range(3)) for w in (16, 64, 256, 1024)
+    }
+
+    # Per-item overhead: time per item through the stream minus the generator's own.
+    replica_pid = client.call("gen", "pid")
+    me = os.getpid()
+    saved_me, saved_replica = os.sched_getaffinity(me), os.sched_getaffinity(replica_pid)
+    local_us = 1e6 / statistics.median(local_rate(n_sage) for _ in range(3))
+    pinned = {}
+    try:
+        for label, cores in (("different_cores", (0, 1)), ("same_core", (0, 0))):
+            os.sched_setaffinity(me, {cores[0]})
+            for tid in os.listdir(f"/proc/{replica_pid}/task"):  # every thread of the replica
+                os.sched_setaffinity(int(tid), {cores[1]})
+            per_item = statistics.median(1e6 / sage_rate(n_sage) for _ in range(rounds))
+            pinned[label] = {"per_item_us": per_item, "overhead_us": per_item - local_us}
+    finally:
+        os.sched_setaffinity(me, saved_me)
+        for tid in os.listdir(f"/proc/{replica_pid}/task"):
+            os.sched_setaffinity(int(tid), saved_replica)
+    results["per_item"] = {"generator_alone_us": local_us, **pinned}
+
+    def sage_first() -> float:
+        t0 = time.perf_counter()
+        with client.stream("gen", "items", 10) as s:
+            next(s)
+            return (time.perf_counter() - t0) * 1e6
+
+    def ray_first() -> float:
+        t0 = time.perf_counter()
+        gen = rgen.items.options(num_returns="streaming").remote(10)
+        ray.get(next(gen))
+        us = (time.perf_counter() - t0) * 1e6
+        for ref in gen:
+            ray.get(ref)
+        return us
+
+    for _ in range(20):
+        sage_first(), ray_first()
+    firsts = [(sage_first(), ray_first()) for _ in range(100 if args.quick else 400)]
+    results["time_to_first_item_us"] = {
+        "sage_p50": statistics.median(a for a, _ in firsts),
+        "ray_p50": statistics.median(b for _, b in firsts),
+    }
+    ips, pi, tf = results["items_per_s"], results["per_item"], results["time_to_first_item_us"]
+    results["targets_met"] = {
+        "stream items/s >= 50x Ray's streaming generator": ips["ratio_median"] >= 50,
+        "per-item overhead < 5 us, pinned to different cores": pi["different_cores"]["overhead_us"] < 5,
+    }
+    print("\nstreams of 8-byte items, medians over alternating rounds")
+    print(
+        f"items/s: sage {ips['sage']:,.0f}, Ray streaming generator {ips['ray_streaming_generator']:,.0f} "
+        f"({ips['ratio_median']:.0f}x)"
+    )
+    print("items/s by window: " + ", ".join(f"{w}: {v:,.0f}" for w, v in results["by_window"].items()))
+    print(
+        f"per item: {pi['different_cores']['per_item_us']:.3f} us on different cores "
+        f"(overhead {pi['different_cores']['overhead_us']:.3f} us), {pi['same_core']['per_item_us']:.3f} us on one "
+        f"core (overhead {pi['same_core']['overhead_us']:.3f} us); the generator alone {pi['generator_alone_us']:.3f} us"
+    )
+    print(f"time to first item p50: sage {tf['sage_p50']:.0f} us, Ray {tf['ray_p50']:.0f} us")
+    for name, ok in results["targets_met"].items():
+        print(f"  [{'ok' if ok else 'MISSED'}] {name}")
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, f"service_bench-streams-{time.strftime('%Y%m%d-%H%M%S')}.json")
+    with open(path, "w") as f:
+        json.dump(results, f, indent=2)
+    print(f"\nwrote {path}")
+    client.close()
+    bus.shutdown()
+    ray.shutdown()
+    return 0
 
 
 if __name__ == "__main__":

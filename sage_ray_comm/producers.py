@@ -7,8 +7,8 @@ answers with a ``StreamOpened``. Its consumer then fetches items (the
 reserved functions ``_wire.STREAM_NEXT`` / ``STREAM_ANEXT``): each fetch runs
 the generator for at most the items asked for (the consumer's free credit),
 so the producer is never more than one window ahead of the consumer, and
-returns early once items have waited ``LINGER_SECONDS``, so a slow producer's
-items are not held back for a full batch. A fetch is an ordinary call, so a
+returns early once items have waited ``LINGER_SECONDS`` (a slow producer's
+items are not held back for a full batch) or hold ``FETCH_MAX_BYTES``. A fetch is an ordinary call, so a
 stream works on both paths (shared memory on one node, Ray across nodes).
 
 The first handle that fetches owns the stream (one consumer at a time; a
@@ -50,14 +50,24 @@ from ._wire import (
     encode_error,
 )
 
-__all__ = ["IDLE_SECONDS", "LINGER_SECONDS", "MAX_FETCH", "Producers", "consumer_token"]
+__all__ = ["FETCH_MAX_BYTES", "IDLE_SECONDS", "LINGER_SECONDS", "MAX_FETCH", "Producers", "consumer_token"]
 
 # A fetch returns once its first items have waited this long, full or not.
 LINGER_SECONDS = 0.002
 # A stream nobody fetched for this long is closed (its consumer is gone).
 IDLE_SECONDS = 300.0
-# The most items one fetch may ask for.
+# The most items one fetch may ask for, and the bytes of items (``bytes``, or
+# anything with ``nbytes``) after which it returns: a window of large items
+# comes in several replies, not one the size of the whole window.
 MAX_FETCH = 4096
+FETCH_MAX_BYTES = 4 << 20
+
+
+def _nbytes(item: Any) -> int:
+    if isinstance(item, (bytes, bytearray)):
+        return len(item)
+    n = getattr(item, "nbytes", 0)
+    return n if isinstance(n, int) else 0
 
 
 def consumer_token(host_id: str, pid: int) -> str:
@@ -128,13 +138,15 @@ class Producers:
         items: list = []
         n = max(1, min(int(n), MAX_FETCH))
         with s.lock:
-            first = 0.0
+            first, size = 0.0, 0
             try:
                 while len(items) < n:
-                    items.append(next(s.gen))
+                    item = next(s.gen)
+                    items.append(item)
+                    size += _nbytes(item)
                     if len(items) == 1:
                         first = time.monotonic()
-                    elif time.monotonic() - first > LINGER_SECONDS:
+                    elif size >= FETCH_MAX_BYTES or time.monotonic() - first > LINGER_SECONDS:
                         break
             except StopIteration:
                 return self._end(sid, items, None)
@@ -152,13 +164,15 @@ class Producers:
             return s
         items: list = []
         n = max(1, min(int(n), MAX_FETCH))
-        first = 0.0
+        first, size = 0.0, 0
         try:
             while len(items) < n:
-                items.append(await s.gen.__anext__())
+                item = await s.gen.__anext__()
+                items.append(item)
+                size += _nbytes(item)
                 if len(items) == 1:
                     first = time.monotonic()
-                elif time.monotonic() - first > LINGER_SECONDS:
+                elif size >= FETCH_MAX_BYTES or time.monotonic() - first > LINGER_SECONDS:
                     break
         except StopAsyncIteration:
             return self._end(sid, items, None)

@@ -75,6 +75,12 @@ class Gen(BaseService):
         yield "late"
 
     @service_function
+    def big(self, n: int, size: int):
+        for i in range(n):
+            self.produced += 1
+            yield bytes([i % 256]) * size
+
+    @service_function
     def state(self) -> dict:
         return {"produced": self.produced, "finally_ran": self.finally_ran}
 
@@ -136,6 +142,20 @@ def test_the_producer_never_runs_more_than_a_window_ahead(bus):
             if consumed % 20 == 0:
                 ahead = client.call("gen", "state")["produced"] - consumed
                 assert 0 <= ahead <= window, (consumed, ahead)
+
+
+def test_large_items_come_a_few_megabytes_per_fetch(bus):
+    from sage_ray_comm.producers import FETCH_MAX_BYTES
+
+    Gen.deploy(bus=bus)
+    size = 1 << 20
+    with FunctionClient(bus=bus) as client, client.stream("gen", "big", 40, size, window=64) as s:
+        first = next(s)
+        assert first == bytes([0]) * size
+        # One fetch stops at FETCH_MAX_BYTES, not at the 64-item window.
+        assert client.call("gen", "state")["produced"] <= FETCH_MAX_BYTES // size + 1
+        rest = list(s)
+    assert [x[0] for x in rest] == list(range(1, 40)) and all(len(x) == size for x in rest)
 
 
 def test_the_end_of_a_stream_is_explicit(bus):
