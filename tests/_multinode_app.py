@@ -41,6 +41,10 @@ class Far(BaseService):
     def div(self, a, b):
         return a / b
 
+    @service_function
+    def count(self, n: int):
+        yield from range(n)
+
 
 @sage_service(name="spread", replicas=2, num_cpus=0.1, scheduling_strategy="SPREAD")
 class Spread(BaseService):
@@ -127,6 +131,10 @@ def main() -> int:
 
     out["far_async"] = client.call_async("far", "echo", "async").result(timeout=60)
     out["far_acall"] = asyncio.run(client.acall("far", "echo", "acall"))
+    # A stream across nodes: its fetches go over Ray, straight to the replica.
+    before = client.stats()["ray"]
+    out["stream_ok"] = list(client.stream("far", "count", 5000, window=64)) == list(range(5000))
+    out["stream_ray_calls"] = client.stats()["ray"] - before
     # Pipelined across nodes: beyond the replica's handler threads, calls go in batches.
     futs = [client.call_async("far", "echo", i) for i in range(600)]
     out["pipelined_ok"] = [f.result(timeout=120) for f in futs] == list(range(600))

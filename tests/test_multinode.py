@@ -52,6 +52,7 @@ def test_cross_node_and_same_node_paths():
     assert r["near_node"] == r["head"]
     assert (r["after_near"]["ray"], r["after_near"]["shm"]) == (1, 1)
     assert (r["far_async"], r["far_acall"]) == ("async", "acall")
+    assert r["stream_ok"] and r["stream_ray_calls"] >= 5000 // 64  # the opening call and the fetches
     assert r["pipelined_ok"]
     counts = r["pipelined_counts"]  # the two async calls above, and the 600
     assert counts["calls"] == 602 and counts["ray_calls"] < counts["calls"], counts
