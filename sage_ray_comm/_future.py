@@ -113,6 +113,15 @@ class CallFuture(_Future):
         self._invoke_callbacks()  # type: ignore[attr-defined]  # the stock Future's, untyped
         return True
 
+    def set_running_or_notify_cancel(self) -> bool:
+        """As the stock Future's: False if it was cancelled (it must not run),
+        else it is running now. The common case takes no Condition."""
+        with _LOCK:
+            if self._state == PENDING:
+                self._state = RUNNING
+                return True
+        return super().set_running_or_notify_cancel()  # cancelled: notifies wait()ers as the stock one does
+
     def add_done_callback(self, fn) -> None:
         with _LOCK:
             if self._state not in _DONE:

@@ -263,10 +263,13 @@ class FunctionClient(StreamCalls, RegistryViews):
     ) -> concurrent.futures.Future:
         """Like :meth:`call`, but returns a ``concurrent.futures.Future`` at once.
 
-        The request is already on its way when this returns (it blocks only
+        The request is usually on its way when this returns (it blocks only
         while the replica's request queue is full: backpressure), so the
         future is ``running()`` and its ``cancel()`` returns False: the call
-        may still run, and ``cancel()`` never claims otherwise. As with
+        may still run, and ``cancel()`` never claims otherwise. Over Ray, a
+        call that waits in this process because the replica already runs as
+        many of its calls as it has threads is not sent yet: ``cancel()``
+        returns True, and it never runs. As with
         :meth:`call`, an idempotent function whose replica died is retried
         on another one, within the call's timeout.
         """

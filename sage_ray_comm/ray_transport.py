@@ -318,22 +318,29 @@ class _Lane:
         self.window = max(1, window)
         self.queued: list[_Queued] = []
 
-    def take_batch(self) -> list[_Queued]:
+    def take_batch(self) -> tuple[list[_Queued], list[_Queued]]:
         """The next batch of queued calls (the caller holds ``lock``): a fair
         share, 1/``window`` of the queue, so the replica's handler threads
         each get some (a batch runs in order in one thread: taking the whole
         queue would run it on one); at most BATCH_MAX_FRAMES and
-        BATCH_MAX_BYTES, at least one call."""
+        BATCH_MAX_BYTES. Also returns the calls passed over because their
+        future was cancelled while queued. The batch is empty only when the
+        queue ran out."""
         share = min(BATCH_MAX_FRAMES, -(-len(self.queued) // self.window))
-        n, size = 0, 0
-        for _payload, nbytes, _call, _fn in self.queued:
-            if n and (n == share or size + nbytes > BATCH_MAX_BYTES):
+        batch: list[_Queued] = []
+        cancelled: list[_Queued] = []
+        size, k = 0, 0
+        for entry in self.queued:
+            if batch and (len(batch) == share or size + entry[1] > BATCH_MAX_BYTES):
                 break
-            n += 1
-            size += nbytes
-        batch = self.queued[:n]
-        del self.queued[:n]
-        return batch
+            k += 1
+            if entry[2].future.set_running_or_notify_cancel():  # from here on, cancel() says False
+                batch.append(entry)
+                size += entry[1]
+            else:
+                cancelled.append(entry)  # cancel() said True: it is never sent
+        del self.queued[:k]
+        return batch, cancelled
 
 
 class DirectTransport(Transport):
@@ -406,6 +413,7 @@ class DirectTransport(Transport):
             lambda: CallTimeout(
                 f"call to {inst.service}.{fn} (replica {inst.instance_id}, over Ray) got no reply in time"
             ),
+            running=False,  # while it waits in the lane, cancel() can still keep it from being sent
         )
         lane = self._lanes.get(inst.instance_id)
         if lane is None:
@@ -417,6 +425,7 @@ class DirectTransport(Transport):
                 return call.future
             lane.in_flight += 1
             self.counts["ray_calls"] += 1
+            call.future.set_running_or_notify_cancel()  # sent at once: nobody could cancel it yet
         self._send(inst, lane, [(payload, nbytes, call, fn)])
         return call.future
 
@@ -456,13 +465,20 @@ class DirectTransport(Transport):
         import ray
 
         with lane.lock:  # keep the replica busy first: the next batch goes before these settle
-            nxt = lane.take_batch() if lane.queued else None
-            if nxt is None:
+            nxt, cancelled = lane.take_batch() if lane.queued else ([], [])
+            if not nxt:
                 lane.in_flight -= 1
             else:
                 self.counts["ray_calls"] += 1
-        if nxt is not None:
+        if nxt:
             self._send(inst, lane, nxt)
+        for (
+            _payload,
+            _nbytes,
+            call,
+            _fn,
+        ) in cancelled:  # their accounting (in flight, metrics); the future stays cancelled
+            call.complete(None, concurrent.futures.CancelledError())
         replies = [out] if exc is None and len(batch) == 1 else out
         for k, (_payload, _nbytes, call, fn) in enumerate(batch):
             if exc is None:

@@ -116,9 +116,14 @@ class Pending:
     __slots__ = ("_key", "_once", "finish", "future")
 
     def __init__(
-        self, finish: Finish, timeout: float | None = None, timed_out: Callable[[], BaseException] | None = None
+        self,
+        finish: Finish,
+        timeout: float | None = None,
+        timed_out: Callable[[], BaseException] | None = None,
+        running: bool = True,
     ) -> None:
-        self.future: concurrent.futures.Future = CallFuture(running=True)  # the call is under way
+        # running=False: not sent yet, so cancel() may still stop it (see DirectTransport)
+        self.future: concurrent.futures.Future = CallFuture(running=running)
         self.finish = finish
         self._once = threading.Lock()  # the reply and the expiry race: the first settles
         self._key = None

@@ -64,6 +64,9 @@ class Busy(BaseService):
 
 @sage_service(name="single", max_concurrency=1, num_cpus=0.1)
 class Single(BaseService):
+    def initialize(self):
+        self.ran = 0
+
     @service_function
     def slow(self, seconds: float) -> float:
         time.sleep(seconds)  # the work the queued calls wait behind
@@ -71,7 +74,12 @@ class Single(BaseService):
 
     @service_function
     def echo(self, x):
+        self.ran += 1
         return x
+
+    @service_function
+    def runs(self) -> int:
+        return self.ran
 
 
 def _direct_client(bus: str) -> tuple[FunctionClient, DirectTransport]:
@@ -142,3 +150,37 @@ def test_a_replica_killed_with_calls_queued_fails_each_of_them(bus):
             with pytest.raises(ServiceUnavailable, match="single"):
                 f.result(timeout=30)
         assert time.monotonic() - t0 < 30
+
+
+def test_calls_still_queued_in_the_caller_can_be_cancelled_and_never_run(bus):
+    """A one-thread replica runs one call of this process at a time: the
+    rest wait in the caller, where cancel() can still stop them for sure."""
+    import asyncio
+    import concurrent.futures
+
+    Single.deploy(bus=bus)
+    client, direct = _direct_client(bus)
+    with client:
+        running = client.call_async("single", "slow", 1.0)
+        queued = [client.call_async("single", "echo", i) for i in range(200)]
+        assert not running.cancel()  # sent: it may run, so no
+        said = [f.cancel() for f in queued[:150]]
+        assert all(said) and all(f.cancelled() for f in queued[:150])
+        done, _ = concurrent.futures.wait(queued[:150], timeout=5)
+        assert len(done) == 150
+        assert [f.result(timeout=30) for f in queued[150:]] == list(range(150, 200))
+        assert running.result(timeout=30) == 1.0
+        assert client.call("single", "runs") == 50  # none of the 150 ran
+        assert direct.counts["calls"] == 201
+
+        async def cancel_a_queued_acall() -> None:
+            slow = asyncio.ensure_future(client.acall("single", "slow", 0.5))
+            task = asyncio.ensure_future(client.acall("single", "echo", "never"))
+            await asyncio.sleep(0)  # one loop turn: both calls are made; the second waits in the caller
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            await slow
+
+        asyncio.run(cancel_a_queued_acall())
+        assert client.call("single", "runs") == 50
