@@ -47,6 +47,7 @@ __all__ = [
     "Closers",
     "close_all",
     "closers",
+    "exiting",
     "note_bus",
     "owns_ray",
     "ray_alive",
@@ -108,6 +109,7 @@ _install_lock = threading.Lock()
 # Buses used while this process owned Ray: they end when that Ray ends.
 _owned_buses: set[str] = set()
 _installed = False
+_exiting = False
 
 
 def _install() -> None:
@@ -210,7 +212,15 @@ def _collect_bus_segments(buses: list[str]) -> None:
         shm.gc(ns, keep_legacy=False)
 
 
+def exiting() -> bool:
+    """Whether the interpreter is exiting (this module's exit hook has run):
+    a finaliser must then not start anything that needs Ray."""
+    return _exiting
+
+
 def _at_exit() -> None:
+    global _exiting
+    _exiting = True
     # Connected to a cluster now (not ours): its buses go on after us.
     still_shared = ray_alive() and not owns_ray()
     close_all()

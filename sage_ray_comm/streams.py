@@ -36,7 +36,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from . import shm
+from . import lifecycle, shm
 from ._wire import (
     END_CLOSED,
     END_CONSUMED,
@@ -164,8 +164,10 @@ class _Handle:
         return (self.stream_id, self._token)
 
     def _close_nowait(self) -> None:
-        """Tells the replica to close the stream, without waiting (a send)."""
-        if self._client is None:
+        """Tells the replica to close the stream, without waiting (a send).
+        Not after ``ray.shutdown()`` or at exit: a Ray call then would start a
+        new Ray (the replica reaps the stream instead)."""
+        if self._client is None or lifecycle.exiting() or not lifecycle.ray_alive():
             return
         try:
             fn = STREAM_ACLOSE if self.is_async else STREAM_CLOSE

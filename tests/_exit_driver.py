@@ -39,6 +39,10 @@ class Echo(BaseService):
         return x
 
     @service_function
+    def count(self, n: int):
+        yield from range(n)
+
+    @service_function
     def slow(self, seconds: float):
         time.sleep(seconds)  # a call still running when the driver ends
         return seconds
@@ -89,6 +93,11 @@ elif kind == "client":
     Echo.deploy(bus=bus)
     keep.append(FunctionClient(bus=bus))
     assert keep[-1].call("echo", "echo", 2) == 2
+elif kind == "stream":
+    # A stream left open: its handle is dropped only when the interpreter ends.
+    Echo.deploy(bus=bus)
+    keep.append(FunctionClient(bus=bus).stream("echo", "count", 1_000_000))
+    assert next(keep[-1]) == 0
 elif kind == "private":
     # A client with a transport of its own keeps a registry watcher of its
     # own; its bus then ends, so the watcher is retrying when Ray goes.
@@ -113,3 +122,9 @@ if explicit:
     for t in held:
         t.join(timeout=10)
     print("threads left:", sorted(t.name for t in held if t.is_alive()), flush=True)
+    # Dropping what it kept must not touch Ray again (that would start a new one).
+    import gc
+
+    keep.clear()
+    gc.collect()
+    print("ray after dropping them:", ray.is_initialized(), flush=True)

@@ -24,7 +24,7 @@ from sage_ray_comm.router import bus_namespace
 pytestmark = pytest.mark.slow
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-KINDS = ["adapter", "bridge", "subscription", "inproc", "deployed", "pending", "client"]
+KINDS = ["adapter", "bridge", "subscription", "inproc", "deployed", "pending", "client", "stream"]
 
 
 def run_driver(tmp_path, kind: str, *extra: str) -> tuple:
@@ -60,12 +60,13 @@ def test_driver_ending_with_object_open_exits_zero(tmp_path, kind, run):
     assert_clean(*run_driver(tmp_path, kind), kind)
 
 
-@pytest.mark.parametrize("kind", ["adapter", "bridge", "inproc", "pending", "client", "private"])
+@pytest.mark.parametrize("kind", ["adapter", "bridge", "inproc", "pending", "client", "private", "stream"])
 @pytest.mark.timeout(240)
 def test_explicit_ray_shutdown_before_exit(tmp_path, kind):
     rc, out, err, bus = run_driver(tmp_path, kind, "--explicit-shutdown")
     assert "ray.shutdown() returned" in out, out
     assert "threads left: []" in out, out
+    assert "ray after dropping them: False" in out, out
     assert_clean(rc, out, err, bus, kind)
 
 
