@@ -76,6 +76,30 @@ def consumer_token(host_id: str, pid: int) -> str:
     return f"{host_id}:{pid}:{uuid.uuid4().hex[:8]}"
 
 
+class _Batch:
+    """The items of one fetch, and whether it is full: ``n`` items, or
+    FETCH_MAX_BYTES of them, or LINGER_SECONDS since the first."""
+
+    __slots__ = ("first", "items", "n", "size")
+
+    def __init__(self, n: int) -> None:
+        self.items: list = []
+        self.n = max(1, min(int(n), MAX_FETCH))
+        self.first = 0.0
+        self.size = 0
+
+    def add(self, item: Any) -> bool:
+        """Adds an item; True once the batch is full."""
+        self.items.append(item)
+        self.size += _nbytes(item)
+        if len(self.items) == 1:
+            self.first = time.monotonic()
+            return self.n == 1 or self.size >= FETCH_MAX_BYTES
+        return (
+            len(self.items) >= self.n or self.size >= FETCH_MAX_BYTES or time.monotonic() - self.first > LINGER_SECONDS
+        )
+
+
 class _Open:
     __slots__ = ("consumer", "gen", "is_async", "last", "lock", "produced")
 
@@ -130,58 +154,42 @@ class Producers:
             return StreamBatch(items, END_DONE)
         return StreamBatch(items, END_ERROR, encode_error(ERR_REMOTE, e))
 
+    def _more(self, s: _Open, items: list) -> StreamBatch:
+        s.produced += len(items)
+        s.last = time.monotonic()
+        self.items += len(items)
+        return StreamBatch(items, END_MORE)
+
     def next(self, sid: str, n: int, consumer: str) -> StreamBatch:
         """Up to ``n`` items of a sync generator (see the module docstring)."""
         s = self._claim(sid, consumer)
         if isinstance(s, StreamBatch):
             return s
-        items: list = []
-        n = max(1, min(int(n), MAX_FETCH))
+        batch = _Batch(n)
         with s.lock:
-            first, size = 0.0, 0
             try:
-                while len(items) < n:
-                    item = next(s.gen)
-                    items.append(item)
-                    size += _nbytes(item)
-                    if len(items) == 1:
-                        first = time.monotonic()
-                    elif size >= FETCH_MAX_BYTES or time.monotonic() - first > LINGER_SECONDS:
-                        break
+                while not batch.add(next(s.gen)):
+                    pass
             except StopIteration:
-                return self._end(sid, items, None)
+                return self._end(sid, batch.items, None)
             except Exception as e:
-                return self._end(sid, items, e)
-            s.produced += len(items)
-            s.last = time.monotonic()
-        self.items += len(items)
-        return StreamBatch(items, END_MORE)
+                return self._end(sid, batch.items, e)
+            return self._more(s, batch.items)
 
     async def anext(self, sid: str, n: int, consumer: str) -> StreamBatch:
         """:meth:`next` for an async generator (runs on the replica's loop)."""
         s = self._claim(sid, consumer)
         if isinstance(s, StreamBatch):
             return s
-        items: list = []
-        n = max(1, min(int(n), MAX_FETCH))
-        first, size = 0.0, 0
+        batch = _Batch(n)
         try:
-            while len(items) < n:
-                item = await s.gen.__anext__()
-                items.append(item)
-                size += _nbytes(item)
-                if len(items) == 1:
-                    first = time.monotonic()
-                elif size >= FETCH_MAX_BYTES or time.monotonic() - first > LINGER_SECONDS:
-                    break
+            while not batch.add(await s.gen.__anext__()):
+                pass
         except StopAsyncIteration:
-            return self._end(sid, items, None)
+            return self._end(sid, batch.items, None)
         except Exception as e:
-            return self._end(sid, items, e)
-        s.produced += len(items)
-        s.last = time.monotonic()
-        self.items += len(items)
-        return StreamBatch(items, END_MORE)
+            return self._end(sid, batch.items, e)
+        return self._more(s, batch.items)
 
     def close(self, sid: str, consumer: str | None = None) -> bool:
         """Closes a sync generator (its ``finally`` runs now); False if unknown."""

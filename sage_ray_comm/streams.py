@@ -31,9 +31,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import contextvars
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from . import lifecycle, shm
@@ -272,6 +273,16 @@ class AsyncStream(_Handle):
         await self.aclose()
 
 
+@contextlib.contextmanager
+def _opening() -> Iterator[None]:
+    """The client's calls in this block may call generator functions (see OPENING)."""
+    token = OPENING.set(True)
+    try:
+        yield
+    finally:
+        OPENING.reset(token)
+
+
 def _idle(idle_timeout: float | None, timeout: float | None) -> float:
     return float(idle_timeout if idle_timeout is not None else timeout if timeout is not None else DEFAULT_IDLE_TIMEOUT)
 
@@ -303,11 +314,8 @@ class StreamCalls:
         >>> with client.stream("scan", "rows", "table") as rows:    # doctest: +SKIP
         ...     total = sum(r["n"] for r in rows)
         """
-        token = OPENING.set(True)
-        try:
+        with _opening():
             opened = self.call(service, function, *args, timeout=timeout, instance=instance, headers=headers, **kwargs)
-        finally:
-            OPENING.reset(token)
         return Stream(self, service, function, opened, window, _idle(idle_timeout, timeout))
 
     async def astream(
@@ -323,13 +331,10 @@ class StreamCalls:
         **kwargs: Any,
     ) -> AsyncStream:
         """The ``async for`` twin of :meth:`stream`: ``async with await client.astream(...) as s``."""
-        token = OPENING.set(True)
-        try:
+        with _opening():
             fut = self.call_async(
                 service, function, *args, timeout=timeout, instance=instance, headers=headers, **kwargs
             )
-        finally:
-            OPENING.reset(token)
         return AsyncStream(
             self, service, function, await asyncio.wrap_future(fut), window, _idle(idle_timeout, timeout)
         )
