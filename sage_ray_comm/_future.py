@@ -17,6 +17,7 @@ would show them.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future as _Future
 from concurrent.futures import InvalidStateError
 from concurrent.futures._base import (  # the states, as the stock Future spells them
@@ -37,10 +38,13 @@ _DONE = (CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED)
 class CallFuture(_Future):
     """See the module docstring. Behaves as ``concurrent.futures.Future``."""
 
-    def __init__(self, running: bool = False) -> None:  # no super().__init__(): that is what we avoid
+    def __init__(self, running: bool = False, canceller: Callable[[], bool] | None = None) -> None:
         # running=True: the call is under way (its request was or is being
-        # written), so cancel() returns False instead of claiming it will not run.
+        # written), so cancel() returns False instead of claiming it will not
+        # run, unless ``canceller()`` (which asks the replica) says it won't.
+        # No super().__init__(): that is what we avoid.
         self._state = RUNNING if running else PENDING
+        self._canceller = canceller
         self._result: object = None
         self._exception: BaseException | None = None
         self._cond: threading.Condition | None = None
@@ -101,6 +105,8 @@ class CallFuture(_Future):
         self._complete(FINISHED, None, exception)
 
     def cancel(self) -> bool:
+        if self._state == RUNNING:
+            return self._canceller is not None and self._canceller() and self._cancelled_running()
         cond = self._condition
         with cond:
             with _LOCK:
@@ -109,6 +115,21 @@ class CallFuture(_Future):
                 if self._state in (CANCELLED, CANCELLED_AND_NOTIFIED):
                     return True
                 self._state = CANCELLED
+            cond.notify_all()
+        self._invoke_callbacks()  # type: ignore[attr-defined]  # the stock Future's, untyped
+        return True
+
+    def _cancelled_running(self) -> bool:
+        """The replica said this running call will never run: cancelled, as
+        an executor's cancelled work item (waiters told, callbacks run)."""
+        cond = self._condition
+        with cond:
+            with _LOCK:
+                if self._state in _DONE:
+                    return False  # it ended first (its timeout): cancel() is too late
+                self._state = CANCELLED_AND_NOTIFIED
+            for waiter in self._wl or ():
+                waiter.add_cancelled(self)
             cond.notify_all()
         self._invoke_callbacks()  # type: ignore[attr-defined]  # the stock Future's, untyped
         return True

@@ -25,6 +25,7 @@ __all__ = [
     "ROUTER_CALL_SECONDS",
     "ROUTER_READ_SECONDS",
     "RouterClient",
+    "cancel_on_replica",
     "ensure_ray",
     "get_or_create_actor",
     "head_node_id",
@@ -49,6 +50,23 @@ def ensure_ray() -> None:
 
 # The resource only the head node has (Ray Serve finds its head node by it).
 HEAD_NODE_RESOURCE = "node:__internal_head__"
+
+
+# How long a caller's cancel() waits for the replica to say whether it won.
+CANCEL_SECONDS = 5.0
+
+
+def cancel_on_replica(actor_name: str, namespace: str, keys: list, ttl: float) -> list[bool]:
+    """Asks a deployed replica (by its actor) to cancel calls it has not
+    started: for each key, True when it will never run. False for all when
+    the replica cannot be asked (it died: the calls fail on their own)."""
+    import ray
+
+    try:
+        actor = ray.get_actor(actor_name, namespace=namespace)
+        return list(ray.get(actor.cancel.remote(keys, ttl), timeout=CANCEL_SECONDS))
+    except Exception:  # gone, or not answering in time: say no, which is never a lie
+        return [False] * len(keys)
 
 
 def head_node_id() -> str | None:

@@ -3,9 +3,8 @@
 :class:`Runtime` owns the replica's request ring and its dispatcher threads
 (one waits on the ring at a time; more start while all are busy, up to the
 service's ``max_concurrency``), an asyncio loop for ``async def`` handlers,
-the reply path (with the oversize fallback to a segment), registration with
-the router and heartbeats. :class:`Handler` is one exposed function, with its
-pydantic validator built once.
+the reply path, registration with the router and heartbeats; its open
+streams (producers.py) and the calls it may cancel (cancels.py).
 """
 
 from __future__ import annotations
@@ -43,6 +42,7 @@ from ._wire import (
     error_reply,
     frame_kind,
 )
+from .cancels import CallRegistry, Running
 from .errors import (
     QueueClosed,
     SageCommError,
@@ -50,8 +50,10 @@ from .errors import (
     ValidationError,
 )
 from .handlers import Handler, collect_handlers, validation_message
+from .malloc import tune_malloc
 from .message import envelope
 from .metrics import recorder
+from .names import cancellable
 from .producers import Producers
 from .queue import SageQueue
 from .ray_transport import ensure_janitor
@@ -66,7 +68,7 @@ from .router import (
     validate_pattern,
 )
 from .routing import DEFAULT_POLICY
-from .shm_transport import SegmentBlob, open_request_ring, take_request, tune_malloc
+from .shm_transport import SegmentBlob, open_request_ring, take_request
 from .transport import REQUEST_RING_BYTES
 
 if TYPE_CHECKING:
@@ -113,6 +115,7 @@ class Runtime:
         self.max_concurrency = max(1, int(max_concurrency))
         self.functions, self.events = collect_handlers(svc)
         self.producers = Producers(svc.service_name, self.instance_id, shm.host_id())
+        self.calls = CallRegistry()  # started, finished and cancelled calls (cancels.py)
         if any(h.stream for h in self.functions.values()):  # the functions its consumers fetch with
             for name, fn in self.producers.handlers().items():
                 self.functions[name] = Handler(svc.service_name, name, fn, None)
@@ -120,12 +123,11 @@ class Runtime:
         self._reconnect = reconnect
         self._alive = alive
         self.queue = queue
-        # Direct calls (over Ray, to this replica's actor) wait here for their reply.
         self._direct: set[concurrent.futures.Future] = set()  # calls over Ray waiting for an async handler
         self._frames_dropped_seen = 0
-        self._items_seen = 0  # stream items counted so far
+        self._items_seen = self._skipped_seen = 0  # stream items and cancelled calls counted so far
         self.stats = {"calls": 0, "errors": 0, "expired": 0, "replies_dropped": 0, "events": 0, "sends": 0}
-        self.reply = ReplyWriter(self.namespace, self.stats)
+        self.reply = ReplyWriter(self.namespace, self.stats, svc.service_name)
         self.in_flight = 0
         self._lock = threading.Lock()
         self._leader = threading.Lock()
@@ -241,12 +243,9 @@ class Runtime:
             try:
                 self.reply.sweep_blobs()
                 self.producers.reap(self._loop)
-                load = {
-                    "in_flight": self.in_flight,
-                    "queued": self.queued(),
-                    "streams": len(self.producers),
-                    **self.stats,
-                }
+                self.calls.prune()
+                load = {"in_flight": self.in_flight, "queued": self.queued(), "streams": len(self.producers)}
+                load.update(self.stats, cancelled=self.calls.skipped)
                 self._record_gauges()
                 known = self.router.heartbeat(self.instance_id, load)
                 if not known and not self._stopping.is_set():
@@ -276,7 +275,8 @@ class Runtime:
         recorder.gauge("sage_replica_in_flight", tags, self.in_flight)
         recorder.gauge("sage_streams_active", tags, len(self.producers))
         recorder.count("sage_stream_items_total", tags, self.producers.items - self._items_seen)
-        self._items_seen = self.producers.items
+        recorder.count("sage_calls_cancelled_total", tags, self.calls.skipped - self._skipped_seen)
+        self._items_seen, self._skipped_seen = self.producers.items, self.calls.skipped
         if self.queue is None:
             return
         st = self.queue.stats()
@@ -406,31 +406,30 @@ class Runtime:
                 if not isinstance(req, Request):  # not a request, or one that cannot be run
                     self.stats["errors"] += 1
                     if req is not None:
-                        self._bad_request(req)
+                        self.reply.bad_request(req, f"replica {self.instance_id}")
                     continue
                 with self._lock:
                     self._idle -= 1
                     if self._idle == 0 and len(self._threads) < self.max_concurrency:
                         self._spawn()  # every thread is busy: one more waits on the ring
+            # A call_async call is tracked in self.calls: cancel() may ask for it. None: cancelled first, skipped.
+            key = (req.reply_to, req.cid) if cancellable(req.reply_to) else None
+            call = self.calls.start(key) if key is not None else None
             try:
-                self._handle(req, "shm", nbytes)
+                if (key is None or call is not None) and not self._handle(req, "shm", nbytes, call=call) and key:
+                    self.calls.finish(key)  # over (an async handler finishes its own call)
             except Exception:  # never lose the dispatcher thread
                 log.exception("service %s failed handling a request", self.info.service)
             with self._lock:
                 self._idle += 1
 
-    def _bad_request(self, e: BadRequest) -> None:
-        if e.reply_to is None:
-            log.warning("service %s dropped an event or send it could not decode: %s", self.info.service, e)
-            return
-        req = Request(OP_CALL, e.cid, e.function, (), None, e.reply_to, None, None, None, self.info.service)
-        self.reply.put(req, tuple(bad_request_reply(e, self.info.service, f"replica {self.instance_id}")))
-
-    def _handle(self, req: Request, transport: str, nbytes: int, sink: Sink | None = None) -> None:
-        """Runs one request's handler and replies (a call), in this thread
-        (sync handlers) or on the replica's loop (async ones): into the
-        caller's ring, or to ``sink`` (a call over Ray). ``transport`` and
-        ``nbytes`` (the frame's size) are for its span."""
+    def _handle(
+        self, req: Request, transport: str, nbytes: int, sink: Sink | None = None, call: Running | None = None
+    ) -> bool:
+        """Runs a request's handler, in this thread (sync) or on the loop
+        (async), and replies: to the caller's ring, or to ``sink`` (over Ray).
+        ``transport``, ``nbytes``: for its span; ``call``: its ``self.calls``
+        entry. True when an async handler took it over (and finishes it)."""
         op = req.op
         if req.deadline is not None and time.time() > req.deadline:
             self.stats["expired"] += 1
@@ -442,7 +441,7 @@ class Runtime:
                     "before a replica could start it; not run",
                     sink=sink,
                 )
-            return
+            return False
         h = self.functions.get(req.function)
         if h is None:
             if op == OP_CALL:
@@ -454,7 +453,7 @@ class Runtime:
                     sink=sink,
                 )
             self.stats["errors"] += 1
-            return
+            return False
         args, kwargs = req.args, req.kwargs
         if isinstance(args, SegmentBlob):
             args, kwargs = args.get()
@@ -469,15 +468,19 @@ class Runtime:
         span = self._span(req, transport, nbytes) if tracing.ENABLED and tracing.recording() else None
         # The handler's own calls inherit its deadline and trace (context.py);
         # an async handler's task copies the context when it is scheduled below.
-        token = context.enter(context.Handling(req.service, req.function, req.deadline, req.trace))
+        token = context.enter(context.Handling(req.service, req.function, req.deadline, req.trace, call))
         try:
             result = h.validated(*args, **(kwargs or {}))
             if h.stream:  # a generator: kept as a stream, nothing of it runs yet
                 result = self.producers.open(result, h.stream == "async")
             if h.is_async:
                 fut = asyncio.run_coroutine_threadsafe(result, self._async_loop())
-                fut.add_done_callback(functools.partial(self._async_done, req, span, sink))
-                return
+                if call is not None:
+                    call.future = fut  # cancelling the call cancels its task
+                    if call.cancelled:
+                        fut.cancel()
+                fut.add_done_callback(functools.partial(self._async_done, req, span, sink, call))
+                return True
         except pydantic.ValidationError as e:
             self.in_flight -= 1
             msg, errs = validation_message(req.service, h.name, e, h.params)
@@ -488,11 +491,11 @@ class Runtime:
                 log.warning("%s", msg)
             if span is not None:
                 span.close(ValidationError(msg))
-            return
+            return False
         except Exception as e:
             self.in_flight -= 1
             self._failed(req, e, span, sink)
-            return
+            return False
         finally:
             context.leave(token)
             if span is not None:
@@ -502,6 +505,7 @@ class Runtime:
             self.reply.result(req, result, sink)
         if span is not None:
             span.close()
+        return False
 
     def _span(self, req: Request, transport: str, nbytes: int) -> Any:
         """The SERVER or CONSUMER span of a request about to be handled (tracing.py)."""
@@ -518,8 +522,10 @@ class Runtime:
             group=req.service if event else None,
         )
 
-    def _async_done(self, req: Request, span: Any, sink: Sink | None, fut: Any) -> None:
+    def _async_done(self, req: Request, span: Any, sink: Sink | None, call: Running | None, fut: Any) -> None:
         self.in_flight -= 1
+        if call is not None:
+            self.calls.finish((req.reply_to, req.cid))
         try:
             result = fut.result()
         except BaseException as e:

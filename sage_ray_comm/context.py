@@ -15,10 +15,11 @@ from __future__ import annotations
 import contextvars
 import dataclasses
 import time
+from typing import Any
 
 from .errors import CallTimeout
 
-__all__ = ["Handling", "bound_by_parent", "current", "deadline", "enter", "leave", "remaining"]
+__all__ = ["Handling", "bound_by_parent", "cancelled", "current", "deadline", "enter", "leave", "remaining"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,12 +27,14 @@ class Handling:
     """The request being handled: which function, its deadline (epoch
     seconds; None when the caller gave none, as for a send or an event), and
     the trace context it carried (passed on by its handler's calls when this
-    process records no spans of its own; see tracing.py)."""
+    process records no spans of its own; see tracing.py), and its entry in
+    the replica's call registry (``cancels.Running``: whether it was cancelled)."""
 
     service: str
     function: str
     deadline: float | None
     trace: str | None = None
+    call: Any = None
 
 
 _current: contextvars.ContextVar[Handling | None] = contextvars.ContextVar("sage_ray_comm_handling", default=None)
@@ -54,6 +57,14 @@ def deadline() -> float | None:
     """The deadline of the request being handled, in epoch seconds (None: none, or not in a handler)."""
     h = _current.get()
     return None if h is None else h.deadline
+
+
+def cancelled() -> bool:
+    """Whether the caller cancelled the request being handled (False outside
+    a handler). A sync handler that runs long polls it and stops early; an
+    ``async def`` one gets ``asyncio.CancelledError`` instead."""
+    h = _current.get()
+    return h is not None and h.call is not None and h.call.cancelled
 
 
 def remaining() -> float | None:

@@ -111,6 +111,12 @@ class ServiceActor:
             ]
         return [None if rep is None else direct_reply(rep) for rep in rt.handle_direct(frames)]
 
+    def cancel(self, keys: list, ttl: float) -> list[bool]:
+        """Cancels calls of this replica's callers (``(reply ring, cid)``):
+        True for each that will never run (see cancels.py)."""
+        rt = self.rt
+        return [False] * len(keys) if rt is None else [rt.calls.cancel(tuple(k), ttl) for k in keys]
+
     def pid(self) -> int:
         return os.getpid()
 

@@ -20,6 +20,7 @@ dashboard's Metrics page and Prometheus read.
 | ``sage_ring_fill_ratio`` | gauge | bus, service, replica |
 | ``sage_streams_active`` | gauge | bus, service, replica |
 | ``sage_stream_items_total`` | counter | bus, service, replica |
+| ``sage_calls_cancelled_total`` | counter | bus, service, replica |
 
 ``SAGE_COMM_METRICS=0`` turns recording off. ``sage-comm metrics`` prints
 the current values from the node's export endpoint.
@@ -83,6 +84,11 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "sage_ring_fill_ratio": ("gauge", "Fill level of a replica's request ring (0..1)", ("bus", "service", "replica")),
     "sage_streams_active": ("gauge", "Streams open in a replica", ("bus", "service", "replica")),
     "sage_stream_items_total": ("counter", "Stream items a replica sent", ("bus", "service", "replica")),
+    "sage_calls_cancelled_total": (
+        "counter",
+        "Calls a replica never ran: cancelled before they started",
+        ("bus", "service", "replica"),
+    ),
 }
 
 _enabled = os.environ.get("SAGE_COMM_METRICS", "1") != "0"

@@ -5,13 +5,17 @@ names live in the router's Ray namespace.
 
 >>> reply_ring_pid(reply_ring_name(4242, "abc"))
 4242
+>>> cancellable(reply_ring_name(4242, "abc", cancellable=True)), cancellable(reply_ring_name(4242, "abc"))
+(True, False)
 """
 
 from __future__ import annotations
 
 __all__ = [
+    "CANCELLABLE_MARK",
     "actor_name",
     "blob_name",
+    "cancellable",
     "event_ring_name",
     "gateway_name",
     "reply_ring_name",
@@ -26,10 +30,22 @@ def request_ring_name(service: str, instance_id: str) -> str:
     return f"req.{service}.{instance_id}"
 
 
-def reply_ring_name(pid: int, token: str) -> str:
+def reply_ring_name(pid: int, token: str, cancellable: bool = False) -> str:
     """A caller's reply ring: the owner's pid is part of the name, so a
-    replica can tell a dead caller's ring without opening it."""
-    return f"rep.{pid}.{token}"
+    replica can tell a dead caller's ring without opening it. The ring of a
+    caller's ``call_async`` calls, which ``cancel()`` may claim back, is
+    marked ``cancellable`` (see :func:`cancellable`): only those calls does
+    a replica keep track of."""
+    return f"rep.{pid}.{CANCELLABLE_MARK if cancellable else ''}{token}"
+
+
+# What marks the reply ring of cancellable calls (after the pid).
+CANCELLABLE_MARK = "c-"
+
+
+def cancellable(reply_to: str | None) -> bool:
+    """Whether calls answered on this reply ring can be cancelled."""
+    return reply_to is not None and reply_to.startswith(CANCELLABLE_MARK, reply_to.find(".", 4) + 1)
 
 
 def reply_ring_pid(name: str) -> int | None:

@@ -10,18 +10,21 @@ the ``sink`` its handler was given instead (``Runtime.handle_direct``).
 from __future__ import annotations
 
 import concurrent.futures
+import logging
 import os
 import time
 from collections.abc import Callable
 from typing import Any
 
 from . import shm
-from ._wire import ERR_SERIALIZATION, ST_OK, ST_OK_BLOB, Request, error_reply
+from ._wire import ERR_SERIALIZATION, OP_CALL, ST_OK, ST_OK_BLOB, BadRequest, Request, bad_request_reply, error_reply
 from .errors import MessageTooLarge, QueueClosed, QueueFull, QueueNotFound, SerializationError
 from .names import reply_ring_pid
 from .shm_transport import RingPool, SegmentBlob
 
 __all__ = ["REPLY_PUT_TIMEOUT", "ReplyWriter", "Sink", "future_sink"]
+
+log = logging.getLogger(__name__)
 
 # Where the reply of a call that came over Ray goes (see Runtime.handle_direct).
 Sink = Callable[[tuple], object]
@@ -47,9 +50,10 @@ class ReplyWriter:
     (``errors``, ``replies_dropped``). Each method takes a ``sink``: where
     the reply of a call that came over Ray goes instead of a ring."""
 
-    def __init__(self, namespace: str, stats: dict) -> None:
+    def __init__(self, namespace: str, stats: dict, service: str = "") -> None:
         self.namespace = namespace
         self.stats = stats
+        self.service = service
         self.replies = RingPool(namespace)
         self._callers: dict[str, tuple] = {}  # reply ring -> (checked at, caller alive)
         # Oversize replies not yet known to be read: (blob, reply ring), swept by the heartbeat.
@@ -86,6 +90,14 @@ class ReplyWriter:
         except SerializationError as e:
             self.stats["errors"] += 1
             self.error(req, ERR_SERIALIZATION, f"the result of {req.service}.{req.function} cannot be sent back: {e}")
+
+    def bad_request(self, e: BadRequest, by: str) -> None:
+        """Answers a request that cannot be run (see _wire.BadRequest), read by ``by``."""
+        if e.reply_to is None:
+            log.warning("service %s dropped an event or send it could not decode: %s", self.service, e)
+            return
+        req = Request(OP_CALL, e.cid, e.function, (), None, e.reply_to, None, None, None, self.service)
+        self.put(req, tuple(bad_request_reply(e, self.service, by)))
 
     def caller_alive(self, reply_to: str) -> bool:
         """Whether the process that owns a reply ring lives (checked at most every 100 ms per ring)."""

@@ -375,6 +375,21 @@ class BaseService(ServiceCallMixin):
         """Inside a handler: seconds left before its request's deadline (None: no deadline)."""
         return context.remaining()
 
+    @staticmethod
+    def cancelled() -> bool:
+        """Inside a sync handler: whether its caller cancelled the call while
+        it ran (``future.cancel()``). Poll it in long work and stop early.
+
+        >>> class Batch(BaseService):
+        ...     @service_function
+        ...     def crunch(self, n: int) -> int:
+        ...         done = 0
+        ...         while done < n and not self.cancelled():
+        ...             done += 1
+        ...         return done
+        """
+        return context.cancelled()
+
     def call_function(
         self, target_service: str, function: str, *args: Any, timeout: float | None = None, **kwargs: Any
     ) -> Any:

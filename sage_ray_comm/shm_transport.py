@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import functools
 import itertools
 import logging
 import os
@@ -26,6 +27,7 @@ from typing import Any
 
 from . import shm
 from ._future import CallFuture
+from ._ray import cancel_on_replica
 from ._wire import (
     KIND_REQ_OOB,
     ST_OK,
@@ -49,9 +51,10 @@ from .errors import (
     ServiceUnavailable,
     SharedMemoryFull,
 )
+from .malloc import tune_malloc
 from .names import blob_name, reply_ring_name, request_ring_name
 from .queue import SageQueue
-from .router import InstanceInfo, Subscription
+from .router import ROUTER_NAMESPACE, InstanceInfo, Subscription
 from .transport import REPLY_RING_BYTES, REPLY_SPIN_US, REQUEST_SPIN_US, Finish, Transport, settle, shm_warn_once
 
 __all__ = [
@@ -63,7 +66,6 @@ __all__ = [
     "put_request",
     "request_args",
     "take_request",
-    "tune_malloc",
 ]
 
 log = logging.getLogger(__name__)
@@ -190,49 +192,6 @@ def request_args(req: Request) -> tuple[tuple, dict | None]:
     return req.args, req.kwargs
 
 
-_TUNED = False
-
-
-# glibc's mallopt parameters (malloc.h) and the values set.
-M_TRIM_THRESHOLD = -1
-
-
-M_MMAP_THRESHOLD = -3
-
-
-MMAP_THRESHOLD_BYTES = 32 << 20
-
-
-TRIM_THRESHOLD_BYTES = 128 << 20
-
-
-def tune_malloc() -> bool:
-    """Keeps glibc from returning freed memory to the OS after every large message.
-
-    By default glibc serves allocations over 128 KiB with fresh mmaps and trims
-    the heap when its top is free, so each 1 MiB message pays for 256 page
-    faults (measured: 1.1 ms against 0.09 ms for a 1 MiB ring round trip).
-    Raising both thresholds keeps up to 128 MiB of freed memory for reuse.
-    Applied once per process that makes or serves calls; set
-    ``SAGE_COMM_TUNE_MALLOC=0`` to leave malloc alone.
-    """
-    global _TUNED
-    if _TUNED or os.environ.get("SAGE_COMM_TUNE_MALLOC", "1") == "0":
-        return _TUNED
-    try:
-        import ctypes
-        import ctypes.util
-
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        ok = bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)) and bool(
-            libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES)
-        )
-    except (OSError, AttributeError):  # not glibc: nothing to tune
-        ok = False
-    _TUNED = ok  # a failed mallopt is tried again next time, never reported as done
-    return ok
-
-
 class RingPool:
     """Open handles to other processes' rings in one bus namespace, by name."""
 
@@ -272,8 +231,8 @@ class RingPool:
 class _ReplyRing:
     __slots__ = ("cids", "name", "queue")
 
-    def __init__(self, namespace: str) -> None:
-        self.name = reply_ring_name(os.getpid(), uuid.uuid4().hex[:12])
+    def __init__(self, namespace: str, cancellable: bool = False) -> None:
+        self.name = reply_ring_name(os.getpid(), uuid.uuid4().hex[:12], cancellable)
         self.queue = SageQueue(
             self.name, REPLY_RING_BYTES, auto_cleanup=True, namespace=namespace, spin_us=REPLY_SPIN_US
         )
@@ -392,7 +351,7 @@ class ShmTransport(Transport):
                 if self._async is None:
                     if self._closed:
                         raise ServiceUnavailable("the client is closed")
-                    r = _ReplyRing(self.namespace)
+                    r = _ReplyRing(self.namespace, cancellable=True)  # call_async's: cancel() may claim calls back
                     self._rings.append(r)
                     self._reader = threading.Thread(target=self._read_loop, args=(r,), name="sage-replies", daemon=True)
                     self._async = r
@@ -402,7 +361,9 @@ class ShmTransport(Transport):
     def call_async(self, inst: InstanceInfo, req: Request, timeout: float, finish: Finish) -> concurrent.futures.Future:
         ring = self._async_ring()
         cid = next(ring.cids)
-        fut: concurrent.futures.Future = CallFuture(running=True)  # see call_async's cancel() note
+        # A deployed replica can be asked to cancel it (see _cancel); an in-process one cannot.
+        canceller = functools.partial(self._cancel, inst, ring.name, cid, timeout) if inst.actor_name else None
+        fut: concurrent.futures.Future = CallFuture(running=True, canceller=canceller)
         self._pending[cid] = (fut, inst, time.monotonic() + timeout, None, finish)
         try:
             blob = self._put(inst, req, timeout, cid, ring.name)
@@ -417,6 +378,22 @@ class ShmTransport(Transport):
             else:
                 blob.discard()
         return fut
+
+    def _cancel(self, inst: InstanceInfo, reply_to: str, cid: int, ttl: float) -> bool:
+        """Asks the replica (through its actor) to cancel call ``cid``: True when
+        it won the race, and the call will never run; then no reply comes."""
+        if not cancel_on_replica(inst.actor_name or "", ROUTER_NAMESPACE, [(reply_to, cid)], ttl)[0]:
+            return False
+        entry = self._pending.pop(cid, None)
+        if entry is not None:
+            _fut, _inst, _end, blob, finish = entry
+            if blob is not None:
+                blob.discard()  # its arguments' segment: never read now
+            try:
+                finish(None, concurrent.futures.CancelledError())  # its accounting: in flight, metrics
+            except BaseException:
+                pass
+        return True
 
     def _finish(self, cid: int, rep: Reply | None = None, exc: BaseException | None = None) -> None:
         entry = self._pending.pop(cid, None)

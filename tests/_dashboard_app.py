@@ -37,6 +37,18 @@ class Formatter(BaseService):
     def fmt(self, x) -> str:
         return f"<{x}>"
 
+    @service_function
+    def chars(self, s: str):
+        yield from s
+
+
+@sage_service(name="one_thread", max_concurrency=1, num_cpus=0.1)
+class OneThread(BaseService):
+    @service_function
+    def nap(self, seconds: float) -> float:
+        time.sleep(seconds)  # holds the one thread while calls queue behind it
+        return seconds
+
 
 def chromium(*args: str, timeout: float = 90) -> subprocess.CompletedProcess:
     exe = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
@@ -73,8 +85,15 @@ def main() -> int:
     for i in range(300):
         assert client.call("calculator", "add", i, 1) == i + 1
         client.call("formatter", "fmt", i)
+    # A stream left open, and calls cancelled before they started, for their metrics.
+    stream = client.stream("formatter", "chars", "abcdef", window=2)
+    assert next(stream) == "a"
+    OneThread.deploy(bus=bus.name)
+    held = client.call_async("one_thread", "nap", 1.0)
+    found_cancelled = sum(client.call_async("one_thread", "nap", 0.0).cancel() for _ in range(20))
+    held.result(timeout=60)
     url = f"http://127.0.0.1:{dash}/#/actors"
-    found: dict = {"dashboard": url}
+    found: dict = {"dashboard": url, "cancelled": found_cancelled}
     names = [
         "sage:dashboard_bus:calculator#1",
         "sage:dashboard_bus:calculator#2",
@@ -102,6 +121,9 @@ def main() -> int:
             any(line.startswith("ray_sage_calls_total") and 'service="calculator"' in line for line in lines)
             and any(line.startswith("ray_sage_call_latency_seconds_bucket") for line in lines)
             and any(line.startswith("ray_sage_replica_in_flight") for line in lines)
+            and any(line.startswith("ray_sage_streams_active") and line.endswith(" 1.0") for line in lines)
+            and any(line.startswith("ray_sage_stream_items_total") for line in lines)
+            and any(line.startswith("ray_sage_calls_cancelled_total") for line in lines)
         ):
             break
         time.sleep(2)
@@ -114,6 +136,7 @@ def main() -> int:
         timeout=120,
     )
     found["cli_metrics"] = cli.stdout
+    stream.close()
     client.close()
     bus.shutdown()
     ray.shutdown()

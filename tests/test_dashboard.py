@@ -59,5 +59,12 @@ def test_actors_page_and_prometheus_metrics(tmp_path):
     assert any(ln.startswith("ray_sage_call_latency_seconds_bucket") and 'service="formatter"' in ln for ln in m)
     assert any(ln.startswith("ray_sage_replica_in_flight") and 'replica="calculator#1"' in ln for ln in m)
     assert any(ln.startswith("ray_sage_ring_fill_ratio") for ln in m)
+    # Streams and cancellation: an open stream, its items, and 20 calls cancelled before they ran.
+    assert any(
+        ln.startswith("ray_sage_streams_active") and 'service="formatter"' in ln and ln.endswith(" 1.0") for ln in m
+    )
+    assert any(ln.startswith("ray_sage_stream_items_total") and 'service="formatter"' in ln for ln in m)
+    assert r["cancelled"] == 20
+    assert any(ln.startswith("ray_sage_calls_cancelled_total") and ln.endswith(" 20.0") for ln in m)
     # and `sage-comm metrics` prints them, from another process
     assert "ray_sage_calls_total" in r["cli_metrics"] and 'bus="dashboard_bus"' in r["cli_metrics"]

@@ -176,7 +176,7 @@ def test_node_janitor_collects_a_killed_process_ring_unasked(ray_session):
 
 _MALLOC_PROBE = """
 import ctypes, json, os, sys
-from sage_ray_comm.shm_transport import tune_malloc
+from sage_ray_comm.malloc import tune_malloc
 
 class Info(ctypes.Structure):  # glibc's struct mallinfo2
     _fields_ = [(n, ctypes.c_size_t) for n in

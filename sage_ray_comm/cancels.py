@@ -1,0 +1,103 @@
+"""Which calls a replica has started, finished, or was told to cancel, so
+that cancelling a call is decided in one place: the replica.
+
+A call that came through a ring is known by its caller's reply ring and its
+correlation id. A canceller (the caller's ``future.cancel()``, through the
+replica's actor) and the dispatcher that takes the request race under one
+lock, and exactly one wins:
+
+- the request was not taken yet: it is marked, ``cancel`` returns True, and
+  the dispatcher skips it when it comes (no reply: the caller's future is
+  already cancelled);
+- it is running: ``cancel`` returns False, and the cancellation is delivered
+  (a running ``async def`` handler gets ``asyncio.CancelledError``; a sync one
+  sees ``self.cancelled()`` turn True);
+- it finished: ``cancel`` returns False.
+
+>>> calls = CallRegistry()
+>>> calls.cancel(("rep.1.x", 7), ttl=10.0)
+True
+>>> calls.start(("rep.1.x", 7)) is None      # skipped when it arrives
+True
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from typing import Any
+
+__all__ = ["DONE_KEPT", "CallRegistry", "Running"]
+
+# How many finished calls are remembered: a cancel that arrives after the call
+# finished (its reply on the way) must hear False, not be taken for one that
+# has not arrived yet.
+DONE_KEPT = 1 << 16
+
+
+class Running:
+    """A call being handled: whether it was cancelled, and the future of its
+    ``async def`` handler (cancelled with it)."""
+
+    __slots__ = ("cancelled", "future")
+
+    def __init__(self) -> None:
+        self.cancelled = False
+        self.future: Any = None
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        if self.future is not None:
+            self.future.cancel()
+
+
+class CallRegistry:
+    """The calls of one replica (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._running: dict[Any, Running] = {}
+        self._cancelled: dict[Any, float] = {}  # key -> until when to remember it (monotonic)
+        self._done: set = set()
+        self._done_order: collections.deque = collections.deque()
+        self.skipped = 0  # requests not run because they were cancelled first
+
+    def start(self, key: Any) -> Running | None:
+        """A dispatcher is about to run ``key``: its Running, or None when it
+        was cancelled first (then it must not run)."""
+        with self._lock:
+            if self._cancelled and self._cancelled.pop(key, None) is not None:
+                self.skipped += 1
+                return None
+            r = self._running[key] = Running()
+            return r
+
+    def finish(self, key: Any) -> None:
+        with self._lock:
+            self._running.pop(key, None)
+            self._done.add(key)
+            self._done_order.append(key)
+            if len(self._done_order) > DONE_KEPT:
+                self._done.discard(self._done_order.popleft())
+
+    def cancel(self, key: Any, ttl: float) -> bool:
+        """True when ``key`` will never run; False when it runs or ran (a
+        running one is told). ``ttl``: how long to wait for a request that
+        has not arrived (its deadline)."""
+        with self._lock:
+            r = self._running.get(key)
+            if r is None:
+                if key in self._done:
+                    return False
+                self._cancelled[key] = time.monotonic() + max(0.0, ttl) + 1.0
+                return True
+        r.cancel()
+        return False
+
+    def prune(self) -> None:
+        """Forgets cancellations of requests that never came (the heartbeat calls it)."""
+        now = time.monotonic()
+        with self._lock:
+            for key in [k for k, until in self._cancelled.items() if until < now]:
+                del self._cancelled[key]
