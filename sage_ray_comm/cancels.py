@@ -28,7 +28,7 @@ import threading
 import time
 from typing import Any
 
-__all__ = ["DONE_KEPT", "CallRegistry", "Running"]
+__all__ = ["DONE_KEPT", "MAX_CHILDREN", "CallRegistry", "Running"]
 
 # How many finished calls are remembered: a cancel that arrives after the call
 # finished (its reply on the way) must hear False, not be taken for one that
@@ -37,19 +37,49 @@ DONE_KEPT = 1 << 16
 
 
 class Running:
-    """A call being handled: whether it was cancelled, and the future of its
-    ``async def`` handler (cancelled with it)."""
+    """A call being handled: whether it was cancelled, the future of its
+    ``async def`` handler, and the calls and streams its handler started
+    (context.adopt); all of them are cancelled with it."""
 
-    __slots__ = ("cancelled", "future")
+    __slots__ = ("cancelled", "children", "future")
 
     def __init__(self) -> None:
         self.cancelled = False
         self.future: Any = None
+        self.children: list = []
+
+    def adopt(self, child: Any) -> None:
+        if len(self.children) > MAX_CHILDREN:  # a long handler's finished calls are let go
+            self.children = [c for c in self.children if not _over(c)]
+        self.children.append(child)
+        if self.cancelled:  # made after the cancellation arrived
+            _cancel_child(child)
 
     def cancel(self) -> None:
         self.cancelled = True
         if self.future is not None:
             self.future.cancel()
+        for child in list(self.children):
+            _cancel_child(child)
+
+
+# A handler keeps at most about this many of its own calls to cancel with it.
+MAX_CHILDREN = 1024
+
+
+def _over(child: Any) -> bool:
+    done = getattr(child, "done", None)
+    return bool(done()) if callable(done) else bool(getattr(child, "_finished", False))
+
+
+def _cancel_child(child: Any) -> None:
+    try:
+        if hasattr(child, "cancel"):
+            child.cancel()  # a call's future: asks its replica, as the caller's cancel() does
+        else:
+            child.close()  # a stream: its generator's finally runs
+    except Exception:  # a child whose replica is gone: nothing left to stop
+        pass
 
 
 class CallRegistry:

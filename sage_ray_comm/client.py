@@ -281,8 +281,8 @@ class FunctionClient(StreamCalls, RegistryViews):
         except BaseException as e:
             tracing.finish(span, e)
             raise
-        if instance is not None or not idempotent:
-            return fut if span is None else tracing.finish_with(span, fut)  # the common case: the attempt is the call
+        if instance is not None or not idempotent:  # the common case: the attempt is the call
+            return context.adopt(fut if span is None else tracing.finish_with(span, fut))
 
         def resend(left: float, excluded: list[str]) -> tuple[concurrent.futures.Future, str]:
             nxt, nid, _, _ = self._call_async_once(
@@ -290,7 +290,9 @@ class FunctionClient(StreamCalls, RegistryViews):
             )
             return nxt, nid
 
-        return tracing.finish_with(span, Retrying(fut, iid, deadline, resend, self.endpoint.stats).future)
+        return context.adopt(
+            tracing.finish_with(span, Retrying(fut, iid, deadline, resend, self.endpoint.stats).future)
+        )
 
     def _call_async_once(
         self,

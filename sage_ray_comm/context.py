@@ -19,7 +19,7 @@ from typing import Any
 
 from .errors import CallTimeout
 
-__all__ = ["Handling", "bound_by_parent", "cancelled", "current", "deadline", "enter", "leave", "remaining"]
+__all__ = ["Handling", "adopt", "bound_by_parent", "cancelled", "current", "deadline", "enter", "leave", "remaining"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +65,17 @@ def cancelled() -> bool:
     ``async def`` one gets ``asyncio.CancelledError`` instead."""
     h = _current.get()
     return h is not None and h.call is not None and h.call.cancelled
+
+
+def adopt(child: Any) -> Any:
+    """Ties ``child`` (a call's future, or a stream) to the request being
+    handled, if it can be cancelled: cancelling that request cancels the
+    child (a stream is closed), as gRPC cancels the calls a cancelled call
+    made. Returns ``child``."""
+    h = _current.get()
+    if h is not None and h.call is not None:
+        h.call.adopt(child)
+    return child
 
 
 def remaining() -> float | None:

@@ -37,7 +37,7 @@ import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from . import lifecycle, shm
+from . import context, lifecycle, shm
 from ._wire import (
     END_CLOSED,
     END_CONSUMED,
@@ -316,7 +316,7 @@ class StreamCalls:
         """
         with _opening():
             opened = self.call(service, function, *args, timeout=timeout, instance=instance, headers=headers, **kwargs)
-        return Stream(self, service, function, opened, window, _idle(idle_timeout, timeout))
+        return context.adopt(Stream(self, service, function, opened, window, _idle(idle_timeout, timeout)))
 
     async def astream(
         self,

@@ -104,3 +104,32 @@ def test_a_running_call_is_told_it_was_cancelled(bus, fn):
                 fut.result(timeout=10)
             assert c.call("one_at_a_time", "ran_so_far") == [-1]
     gate.destroy()
+
+
+@sage_service(name="outer", replicas=1, num_cpus=0.1)
+class Outer(BaseService):
+    @service_function
+    def run(self, gate: str, ns: str) -> str:
+        return self.client.call_async("middle", "run", gate, ns, timeout=60).result(timeout=60)
+
+
+@sage_service(name="middle", replicas=1, num_cpus=0.1)
+class Middle(BaseService):
+    @service_function
+    def run(self, gate: str, ns: str) -> str:
+        return self.client.call_async("one_at_a_time", "until_cancelled", gate, ns, timeout=60).result(timeout=60)
+
+
+def test_cancelling_a_call_cancels_the_calls_it_made(bus):
+    """driver -> outer -> middle -> until_cancelled: cancelling the driver's
+    call reaches the innermost handler through two levels of nested calls."""
+    for svc in (OneAtATime, Middle, Outer):
+        svc.deploy(bus=bus)
+    ns = bus_namespace(bus)
+    gate = SageQueue("gate-nested", 4096, namespace=ns)
+    with FunctionClient(bus=bus) as c:
+        fut = c.call_async("outer", "run", gate.name, ns, timeout=60)
+        assert gate.get(timeout=30) == "started"  # the innermost handler runs
+        assert not fut.cancel()
+        assert fut.result(timeout=10) == "stopped early"  # it was told, and its answer came back up
+    gate.destroy()
