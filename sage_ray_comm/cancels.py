@@ -77,7 +77,7 @@ def _cancel_child(child: Any) -> None:
         if hasattr(child, "cancel"):
             child.cancel()  # a call's future: asks its replica, as the caller's cancel() does
         else:
-            child.close()  # a stream: its generator's finally runs
+            child.abort()  # a stream (sync or async): its generator's finally runs soon after
     except Exception:  # a child whose replica is gone: nothing left to stop
         pass
 

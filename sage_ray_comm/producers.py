@@ -191,22 +191,28 @@ class Producers:
             return self._end(sid, batch.items, e)
         return self._more(s, batch.items)
 
-    def close(self, sid: str, consumer: str | None = None) -> bool:
-        """Closes a sync generator (its ``finally`` runs now); False if unknown."""
+    def _detach(self, sid: str, consumer: str | None) -> _Open | None:
+        """Takes stream ``sid`` out to close it, unless unknown or another consumer's."""
         s = self._open.get(sid)
         if s is None or (consumer is not None and s.consumer not in (None, consumer)):
-            return False
+            return None
         del self._open[sid]
+        return s
+
+    def close(self, sid: str, consumer: str | None = None) -> bool:
+        """Closes a sync generator (its ``finally`` runs now); False if unknown."""
+        s = self._detach(sid, consumer)
+        if s is None:
+            return False
         with s.lock:  # after a fetch in progress
             s.gen.close()
         return True
 
     async def aclose(self, sid: str, consumer: str | None = None) -> bool:
         """Closes an async generator (on the replica's loop)."""
-        s = self._open.get(sid)
-        if s is None or (consumer is not None and s.consumer not in (None, consumer)):
+        s = self._detach(sid, consumer)
+        if s is None:
             return False
-        del self._open[sid]
         await s.gen.aclose()
         return True
 

@@ -340,6 +340,7 @@ class BaseService(ServiceCallMixin):
             "in_flight": rt.in_flight,
             "queued": rt.queued(),
             "threads": rt.thread_count,
+            "streams": len(rt.producers),
             **rt.stats,
         }
 

@@ -95,13 +95,11 @@ class _Handle:
     ) -> None:
         if not isinstance(opened, StreamOpened):
             raise InvalidCallArgument(f"{service}.{function} is not a generator function; use call() for it")
-        if int(window) < 1:
-            raise InvalidCallArgument(f"window must be at least 1, got {window}")
         self._client = client
         self.bus = client.bus
         self.service, self.function = service, function
         self.stream_id, self.instance, self.is_async = opened
-        self.window = int(window)
+        self.window = window
         self.idle_timeout = float(idle_timeout)
         self._buf: collections.deque = collections.deque()
         self._end: BaseException | None = None  # raised once the buffer is drained
@@ -164,15 +162,36 @@ class _Handle:
     def _close_args(self) -> tuple:
         return (self.stream_id, self._token)
 
-    def _close_nowait(self) -> None:
-        """Tells the replica to close the stream, without waiting (a send).
+    def _fns(self) -> tuple[str, str]:
+        """The replica's fetch and close functions for this stream's generator kind."""
+        return (STREAM_ANEXT, STREAM_ACLOSE) if self.is_async else (STREAM_NEXT, STREAM_CLOSE)
+
+    def _pop(self, stop: type[BaseException]) -> Any:
+        """The next buffered item; else how the stream ended (raised once), else ``stop``."""
+        if self._buf:
+            return self._buf.popleft()
+        if self._end is not None:
+            end, self._end = self._end, None
+            raise end
+        raise stop
+
+    def _closing(self) -> bool:
+        """Marks the stream over; True when the replica still has to be told."""
+        self._buf.clear()
+        if self._finished and self._end is None:
+            return False
+        self._finished = True
+        return True
+
+    def abort(self) -> None:
+        """Tells the replica to close the stream, without waiting (a send): how
+        a dropped handle, a failed fetch and a cancelled parent call end it.
         Not after ``ray.shutdown()`` or at exit: a Ray call then would start a
         new Ray (the replica reaps the stream instead)."""
         if self._client is None or lifecycle.exiting() or not lifecycle.ray_alive():
             return
         try:
-            fn = STREAM_ACLOSE if self.is_async else STREAM_CLOSE
-            self._client.send(self.service, fn, *self._close_args(), instance=self.instance, timeout=1.0)
+            self._client.send(self.service, self._fns()[1], *self._close_args(), instance=self.instance, timeout=1.0)
         except Exception:  # the replica, Ray or the interpreter is going: the replica reaps it
             pass
 
@@ -181,7 +200,7 @@ class _Handle:
         # pickled: the copy owns the stream.
         if getattr(self, "_owner", False) and not self._finished:
             self._finished = True
-            self._close_nowait()
+            self.abort()
 
 
 class Stream(_Handle):
@@ -192,33 +211,26 @@ class Stream(_Handle):
 
     def __next__(self) -> Any:
         if not self._buf and not self._finished:
-            fn = STREAM_ANEXT if self.is_async else STREAM_NEXT
             try:
                 batch = self._get_client().call(
-                    self.service, fn, *self._fetch_args(), timeout=self.idle_timeout, instance=self.instance
+                    self.service, self._fns()[0], *self._fetch_args(), timeout=self.idle_timeout, instance=self.instance
                 )
             except Exception as e:
                 self._failed(e)
-                self._close_nowait()  # the producer stops; a fetch it is still in is not waited for
+                self.abort()  # the producer stops; a fetch it is still in is not waited for
                 raise
             self._take(batch)
-        if self._buf:
-            return self._buf.popleft()
-        if self._end is not None:
-            end, self._end = self._end, None
-            raise end
-        raise StopIteration
+        return self._pop(StopIteration)
 
     def close(self) -> None:
         """Closes the stream in the replica (its generator's ``finally`` runs
         before this returns). Safe to call twice."""
-        self._buf.clear()
-        if self._finished and self._end is None:
+        if not self._closing():
             return
-        self._finished = True
         try:
-            fn = STREAM_ACLOSE if self.is_async else STREAM_CLOSE
-            self._get_client().call(self.service, fn, *self._close_args(), timeout=10, instance=self.instance)
+            self._get_client().call(
+                self.service, self._fns()[1], *self._close_args(), timeout=10, instance=self.instance
+            )
         except Exception:  # the replica is gone: so is the stream
             pass
 
@@ -237,33 +249,26 @@ class AsyncStream(_Handle):
 
     async def __anext__(self) -> Any:
         if not self._buf and not self._finished:
-            fn = STREAM_ANEXT if self.is_async else STREAM_NEXT
             try:
                 batch = await self._get_client().acall(
-                    self.service, fn, *self._fetch_args(), timeout=self.idle_timeout, instance=self.instance
+                    self.service, self._fns()[0], *self._fetch_args(), timeout=self.idle_timeout, instance=self.instance
                 )
             except Exception as e:
                 self._failed(e)
-                self._close_nowait()
+                self.abort()
                 raise
             self._take(batch)
-        if self._buf:
-            return self._buf.popleft()
-        if self._end is not None:
-            end, self._end = self._end, None
-            raise end
-        raise StopAsyncIteration
+        return self._pop(StopAsyncIteration)
 
     async def aclose(self) -> None:
         """Closes the stream in the replica. Safe to call twice."""
-        self._buf.clear()
-        if self._finished and self._end is None:
+        if not self._closing():
             return
-        self._finished = True
         try:
-            fn = STREAM_ACLOSE if self.is_async else STREAM_CLOSE
-            await self._get_client().acall(self.service, fn, *self._close_args(), timeout=10, instance=self.instance)
-        except Exception:
+            await self._get_client().acall(
+                self.service, self._fns()[1], *self._close_args(), timeout=10, instance=self.instance
+            )
+        except Exception:  # the replica is gone: so is the stream
             pass
 
     async def __aenter__(self) -> AsyncStream:
@@ -281,6 +286,12 @@ def _opening() -> Iterator[None]:
         yield
     finally:
         OPENING.reset(token)
+
+
+def _window(window: Any) -> int:
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise InvalidCallArgument(f"window must be an integer of at least 1, got {window!r}")
+    return window
 
 
 def _idle(idle_timeout: float | None, timeout: float | None) -> float:
@@ -314,6 +325,7 @@ class StreamCalls:
         >>> with client.stream("scan", "rows", "table") as rows:    # doctest: +SKIP
         ...     total = sum(r["n"] for r in rows)
         """
+        window = _window(window)  # before the stream is opened: a refused one would be left open
         with _opening():
             opened = self.call(service, function, *args, timeout=timeout, instance=instance, headers=headers, **kwargs)
         return context.adopt(Stream(self, service, function, opened, window, _idle(idle_timeout, timeout)))
@@ -331,10 +343,10 @@ class StreamCalls:
         **kwargs: Any,
     ) -> AsyncStream:
         """The ``async for`` twin of :meth:`stream`: ``async with await client.astream(...) as s``."""
+        window = _window(window)
         with _opening():
             fut = self.call_async(
                 service, function, *args, timeout=timeout, instance=instance, headers=headers, **kwargs
             )
-        return AsyncStream(
-            self, service, function, await asyncio.wrap_future(fut), window, _idle(idle_timeout, timeout)
-        )
+        opened = await asyncio.wrap_future(fut)
+        return context.adopt(AsyncStream(self, service, function, opened, window, _idle(idle_timeout, timeout)))

@@ -192,14 +192,16 @@ def test_closing_a_stream_runs_the_generators_finally(bus):
 
 
 def test_calls_and_streams_do_not_mix_up(bus):
-    Gen.deploy(bus=bus)
+    handle = Gen.deploy(bus=bus)
     with FunctionClient(bus=bus) as client:
         with pytest.raises(InvalidCallArgument, match="generator function"):
             client.call("gen", "count", 3)
         with pytest.raises(InvalidCallArgument, match="not a generator function"):
             client.stream("gen", "plain", 3)
-        with pytest.raises(InvalidCallArgument, match="window"):
-            client.stream("gen", "count", 3, window=0)
+        for bad in (0, 2.5, "8"):
+            with pytest.raises(InvalidCallArgument, match="window"):
+                client.stream("gen", "count", 3, window=bad)
+        assert handle.stats()[0]["streams"] == 0  # a refused stream was never opened
         assert client.call("gen", "plain", 3) == 3
 
 
