@@ -310,6 +310,32 @@ class PyRing {
     return py::memoryview::from_memory(r.base(), Py_ssize_t(r.map_size()), false);
   }
 
+  // A claim table's words (see Ring::word_cas): the binding only converts
+  // the status. word_cas returns what the word held (won: == expected).
+  uint64_t word_cas(uint64_t index, uint64_t expected, uint64_t desired) {
+    uint64_t seen = 0;
+    Status st = ring()->word_cas(index, expected, desired, &seen);
+    if (st != Status::kOk) raise_word(st, index);
+    return seen;
+  }
+  uint64_t word_load(uint64_t index) {
+    uint64_t v = 0;
+    Status st = ring()->word_load(index, &v);
+    if (st != Status::kOk) raise_word(st, index);
+    return v;
+  }
+  void word_store(uint64_t index, uint64_t value) {
+    Status st = ring()->word_store(index, value);
+    if (st != Status::kOk) raise_word(st, index);
+  }
+
+  [[noreturn]] void raise_word(Status st, uint64_t index) {
+    if (st == Status::kInvalidArg)
+      raise("InvalidQueueArgument", label_ + ": word " + std::to_string(index) + " is past the table's " +
+                                        std::to_string(ring()->word_count()) + " words");
+    raise_status(st, label_, "", 0, "word");
+  }
+
   void release() { ring_.reset(); }
   bool released() const { return !ring_; }
   bool created() const { return created_; }
@@ -535,6 +561,10 @@ PYBIND11_MODULE(_core, m) {
       .def(
           "_set_test_hook", [](PyRing& self, int hook, int fd) { self.ring()->set_test_hook(hook, fd); },
           py::arg("hook"), py::arg("fd"))
+      .def("word_count", [](PyRing& self) { return self.ring()->word_count(); })
+      .def("word_cas", &PyRing::word_cas, py::arg("index"), py::arg("expected"), py::arg("desired"))
+      .def("word_load", &PyRing::word_load, py::arg("index"))
+      .def("word_store", &PyRing::word_store, py::arg("index"), py::arg("value"))
       .def("release", &PyRing::release)
       .def("raw_view", &PyRing::raw_view)
       .def_property_readonly("released", &PyRing::released)

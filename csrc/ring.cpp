@@ -869,6 +869,35 @@ Status Ring::unblock(bool* skipped) {
   return st;
 }
 
+std::atomic<uint64_t>* Ring::word_at(uint64_t index) const {
+  if (index >= word_count()) return nullptr;
+  return reinterpret_cast<std::atomic<uint64_t>*>(data_ + index * sizeof(uint64_t));
+}
+
+Status Ring::word_cas(uint64_t index, uint64_t expected, uint64_t desired, uint64_t* seen) {
+  std::atomic<uint64_t>* w = word_at(index);
+  if (w == nullptr) return Status::kInvalidArg;
+  // acq_rel: the winner sees everything the other side wrote before its
+  // store (the caller's request, the replica's decision).
+  w->compare_exchange_strong(expected, desired, std::memory_order_acq_rel, std::memory_order_acquire);
+  *seen = expected;  // on success still the old value, which equals `expected`
+  return Status::kOk;
+}
+
+Status Ring::word_load(uint64_t index, uint64_t* value) {
+  std::atomic<uint64_t>* w = word_at(index);
+  if (w == nullptr) return Status::kInvalidArg;
+  *value = w->load(std::memory_order_acquire);
+  return Status::kOk;
+}
+
+Status Ring::word_store(uint64_t index, uint64_t value) {
+  std::atomic<uint64_t>* w = word_at(index);
+  if (w == nullptr) return Status::kInvalidArg;
+  w->store(value, std::memory_order_release);
+  return Status::kOk;
+}
+
 Status Ring::stats(Stats* o) const {
   o->capacity = capacity_;
   o->max_payload = max_payload_;

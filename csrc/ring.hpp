@@ -218,6 +218,17 @@ class Ring {
   Status stats(Stats* out) const;
   void reset_stats();
 
+  // The data region read as an array of 64-bit atomic words, for a segment
+  // used as a claim table (sage_ray_comm/claims.py), never as a ring: such a
+  // segment shares the ring's naming, magic, owner and gc. An index past
+  // word_count() gives kInvalidArg. word_cas stores `desired` only if the
+  // word equals `expected`; *seen gets what the word held before (so the
+  // caller won exactly when *seen == expected).
+  uint64_t word_count() const { return capacity_ / sizeof(uint64_t); }
+  Status word_cas(uint64_t index, uint64_t expected, uint64_t desired, uint64_t* seen);
+  Status word_load(uint64_t index, uint64_t* value);
+  Status word_store(uint64_t index, uint64_t value);
+
   uint64_t capacity() const { return capacity_; }
   uint64_t max_payload() const { return max_payload_; }
   const std::string& name() const { return name_; }
@@ -251,6 +262,7 @@ class Ring {
   // look of a get skips it: a fresh claim is almost always a live copy.
   Status advance_to_ready(FrameHeader** frame, uint64_t* pos, bool* blocked_by_claim, bool check_liveness);
   FrameHeader* frame_at(uint64_t pos) const;
+  std::atomic<uint64_t>* word_at(uint64_t index) const;  // nullptr when out of range
   uint32_t tag_for(uint64_t pos) const;
   bool frame_ready_hint();
   template <typename Ready>

@@ -29,6 +29,7 @@ __all__ = [
     "ensure_ray",
     "get_or_create_actor",
     "head_node_id",
+    "tell_replica",
 ]
 
 # How long a router call may take before it counts as unreachable.
@@ -67,6 +68,28 @@ def cancel_on_replica(actor_name: str, namespace: str, keys: list, ttl: float) -
         return list(ray.get(actor.cancel.remote(keys, ttl), timeout=CANCEL_SECONDS))
     except Exception:  # gone, or not answering in time: say no, which is never a lie
         return [False] * len(keys)
+
+
+# Replica actors told of cancellations, by name (a lookup costs a GCS round trip).
+_TOLD: dict[tuple[str, str], Any] = {}
+
+
+def tell_replica(actor_name: str, namespace: str, keys: list, ttl: float) -> None:
+    """Tells a deployed replica (by its actor) that calls it already took were
+    cancelled, without waiting: a running handler sees ``cancelled()`` turn
+    True (``async def`` ones get ``CancelledError``). A replica that is gone
+    needs no telling."""
+    import ray
+
+    try:
+        actor = _TOLD.get((actor_name, namespace))
+        if actor is None:
+            actor = _TOLD[(actor_name, namespace)] = ray.get_actor(actor_name, namespace=namespace)
+            if len(_TOLD) > 1024:
+                _TOLD.pop(next(iter(_TOLD)))
+        actor.tell.remote(keys, ttl)
+    except Exception:  # gone, or Ray is down: the call ends on its own
+        _TOLD.pop((actor_name, namespace), None)
 
 
 def head_node_id() -> str | None:

@@ -24,25 +24,28 @@ import pydantic
 
 from . import context, lifecycle, shm, tracing
 from ._future import CallFuture
-from ._ray import ROUTER_CALL_SECONDS, ROUTER_READ_SECONDS, RouterClient, ensure_ray
+from ._ray import ROUTER_CALL_SECONDS, ROUTER_READ_SECONDS, RouterClient
 from ._wire import (
     ERR_FUNCTION,
     ERR_REMOTE,
     ERR_TIMEOUT,
     ERR_UNAVAILABLE,
     ERR_VALIDATION,
+    KIND_REQ,
     OP_CALL,
     OP_EVENT,
     ST_ERROR,
     BadRequest,
     Request,
     bad_request_reply,
+    cancel_ticket,
     decode_request,
     encode_error,
     error_reply,
     frame_kind,
 )
 from .cancels import CallRegistry, Running
+from .claims import ClaimReader
 from .errors import (
     QueueClosed,
     SageCommError,
@@ -50,13 +53,11 @@ from .errors import (
     ValidationError,
 )
 from .handlers import Handler, collect_handlers, validation_message
-from .malloc import tune_malloc
+from .intake import CANCELLED_FIRST, EXPIRED_FIRST, take_request
 from .message import envelope
 from .metrics import recorder
-from .names import cancellable
 from .producers import Producers
 from .queue import SageQueue
-from .ray_transport import ensure_janitor
 from .replies import ReplyWriter, Sink, future_sink
 from .router import (
     HEARTBEAT_INTERVAL,
@@ -64,12 +65,10 @@ from .router import (
     Subscription,
     bus_namespace,
     class_id_of,
-    router_client,
     validate_pattern,
 )
 from .routing import DEFAULT_POLICY
-from .shm_transport import SegmentBlob, open_request_ring, take_request
-from .transport import REQUEST_RING_BYTES
+from .shm_transport import SegmentBlob
 
 if TYPE_CHECKING:
     from .service import BaseService
@@ -116,6 +115,7 @@ class Runtime:
         self.functions, self.events = collect_handlers(svc)
         self.producers = Producers(svc.service_name, self.instance_id, shm.host_id())
         self.calls = CallRegistry()  # started, finished and cancelled calls (cancels.py)
+        self.claims = ClaimReader(self.namespace)  # callers' claim tables: who runs a queued call
         if any(h.stream for h in self.functions.values()):  # the functions its consumers fetch with
             for name, fn in self.producers.handlers().items():
                 self.functions[name] = Handler(svc.service_name, name, fn, None)
@@ -156,39 +156,6 @@ class Runtime:
             code_id=code_id,
         )
         self._replace = replace
-
-    @classmethod
-    def create(
-        cls,
-        svc: BaseService,
-        bus: str,
-        *,
-        actor_name: str | None = None,
-        queue_bytes: int = REQUEST_RING_BYTES,
-        **options: Any,
-    ) -> Runtime:
-        """The runtime of ``svc`` on ``bus`` in this process, with the real
-        router, a request ring in shared memory and the node's janitor.
-        ``options`` are :class:`Runtime`'s keyword arguments."""
-        import ray
-
-        ensure_ray()
-        tune_malloc()
-        namespace = bus_namespace(bus)
-        shm.gc(namespace)  # rings left by replicas and callers that were killed
-        queue = open_request_ring(svc.service_name, svc.service_id, namespace, queue_bytes, bool(actor_name))
-        node_id = ray.get_runtime_context().get_node_id()
-        ensure_janitor(node_id)  # every node with a replica has its segment janitor
-        return cls(
-            svc,
-            bus,
-            router_client(bus),
-            queue,
-            node_id=node_id,
-            reconnect=lambda: router_client(bus, create=False),
-            actor_name=actor_name,
-            **options,
-        )
 
     # -- lifecycle
     def start(self) -> None:
@@ -244,6 +211,8 @@ class Runtime:
                 self.reply.sweep_blobs()
                 self.producers.reap(self._loop)
                 self.calls.prune()
+                self.calls.orphans(self.reply.caller_lives)  # calls of callers that died: cancelled
+                self.claims.prune(shm.process_alive)
                 load = {"in_flight": self.in_flight, "queued": self.queued(), "streams": len(self.producers)}
                 load.update(self.stats, cancelled=self.calls.skipped)
                 self._record_gauges()
@@ -313,6 +282,7 @@ class Runtime:
             self.svc.cleanup()
         finally:
             self.reply.close()
+            self.claims.close()
             if self.queue is not None:
                 self.queue.destroy()
             for fut in list(self._direct):
@@ -355,15 +325,25 @@ class Runtime:
                 if req.op != OP_CALL:
                     self._handle(req, "ray", len(payload))
                     continue
+                # A call_async call carries a key its caller can cancel it by (cancels.py).
+                ticket, caller = cancel_ticket(payload, KIND_REQ)
+                key = (caller, ticket) if ticket and caller else None
+                call = self.calls.admit(key, not self.reply.known_dead(caller or "")) if key is not None else None
+                if key is not None and call is None:  # cancelled first, or its caller (on this host) died
+                    out[i] = error_reply(req.cid, ERR_UNAVAILABLE, f"{req.function}: cancelled before it started")
+                    continue
                 h = self.functions.get(req.function)
                 if h is None or not h.is_async:  # replies in this thread, before _handle returns
                     box: list = []
-                    self._handle(req, "ray", len(payload), box.append)
+                    self._handle(req, "ray", len(payload), box.append, call)
+                    if key is not None:
+                        self.calls.finish(key)
                     out[i] = box[0] if box else error_reply(req.cid, ERR_REMOTE, f"{req.function} gave no reply")
                     continue
                 fut: concurrent.futures.Future = CallFuture()
                 self._direct.add(fut)  # stop() fails it if the replica stops first
-                self._handle(req, "ray", len(payload), future_sink(fut))
+                if not self._handle(req, "ray", len(payload), future_sink(fut), call) and key is not None:
+                    self.calls.finish(key)
                 waiting.append((i, fut, req))
             for i, fut, req in waiting:  # async handlers reply from their loop
                 left = None if req.deadline is None else max(0.0, req.deadline - time.time()) + 1.0
@@ -396,27 +376,35 @@ class Runtime:
                 if self._stopping.is_set():
                     return
                 try:
-                    req, nbytes = take_request(queue)
+                    req, nbytes = take_request(queue, self.claims)
                 except QueueClosed:
                     return
                 except SageCommError as e:  # a corrupted frame: consumed, keep serving
                     log.warning("service %s dropped a frame: %s", self.info.service, e)
                     self.stats["errors"] += 1
                     continue
+                if req is CANCELLED_FIRST:  # its caller's cancel() won the claim: not even unpickled
+                    self.calls.count_skipped()
+                    continue
+                if req is EXPIRED_FIRST:  # its caller timed out first: as a request past its deadline
+                    self.stats["expired"] += 1
+                    continue
                 if not isinstance(req, Request):  # not a request, or one that cannot be run
                     self.stats["errors"] += 1
-                    if req is not None:
+                    if isinstance(req, BadRequest):
                         self.reply.bad_request(req, f"replica {self.instance_id}")
                     continue
                 with self._lock:
                     self._idle -= 1
                     if self._idle == 0 and len(self._threads) < self.max_concurrency:
                         self._spawn()  # every thread is busy: one more waits on the ring
-            # A call_async call is tracked in self.calls: cancel() may ask for it. None: cancelled first, skipped.
-            key = (req.reply_to, req.cid) if cancellable(req.reply_to) else None
-            call = self.calls.start(key) if key is not None else None
+            # Every call is tracked in self.calls: its caller may cancel it, or die.
+            key = (req.reply_to, req.cid) if req.reply_to else None
+            call = self.calls.admit(key, not self.reply.known_dead(key[0])) if key is not None else None
             try:
-                if (key is None or call is not None) and not self._handle(req, "shm", nbytes, call=call) and key:
+                if key is not None and call is None:
+                    pass  # cancelled first (asked through the actor), or its caller died while it waited
+                elif not self._handle(req, "shm", nbytes, call=call) and key:
                     self.calls.finish(key)  # over (an async handler finishes its own call)
             except Exception:  # never lose the dispatcher thread
                 log.exception("service %s failed handling a request", self.info.service)
@@ -525,7 +513,7 @@ class Runtime:
     def _async_done(self, req: Request, span: Any, sink: Sink | None, call: Running | None, fut: Any) -> None:
         self.in_flight -= 1
         if call is not None:
-            self.calls.finish((req.reply_to, req.cid))
+            self.calls.finish(call.key)
         try:
             result = fut.result()
         except BaseException as e:

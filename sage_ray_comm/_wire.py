@@ -15,7 +15,9 @@ out-of-band buffers (``KIND_REQ_OOB``, see :func:`encode_payload`)::
                   FLAG_ARGS_BESIDE: args and kwargs travel beside the frame)
          8     8  correlation id (unique per reply ring)
         16     8  deadline, epoch seconds as float64 (0.0: none)
-        24     8  cancellation id (0: none)          reserved for cancellation
+        24     8  cancellation id (0: none): the call's ticket in its
+                  caller's claim table (claims.py) on the ring path, a
+                  key the caller can cancel by on the Ray path
         32     8  stream id (0: not a stream)        reserved for streaming
         40     4  stream credit                      reserved for streaming
         44     2  length of reply_to (utf-8)
@@ -60,14 +62,7 @@ from ._codec import (
     unpickle_error,
 )
 from .errors import (
-    CallTimeout,
-    DeserializationError,
-    FunctionNotFound,
     ProtocolMismatch,
-    RemoteError,
-    SerializationError,
-    ServiceUnavailable,
-    ValidationError,
 )
 
 __all__ = [
@@ -111,6 +106,7 @@ __all__ = [
     "StreamBatch",
     "StreamOpened",
     "bad_request_reply",
+    "cancel_ticket",
     "decode_payload",
     "decode_request",
     "direct_payload",
@@ -123,9 +119,7 @@ __all__ = [
     "frame_bytes",
     "frame_kind",
     "names_main",
-    "outcome",
     "read_direct_reply",
-    "remote_error",
     "request_tuple",
     "unpickle_error",
 ]
@@ -290,10 +284,11 @@ def request_tuple(req: Request, cid: int, reply_to: str | None, args: Any = None
     )
 
 
-def encode_request(req: Request | tuple, label: str, beside: bool = False) -> tuple[list, int]:
+def encode_request(req: Request | tuple, label: str, beside: bool = False, cancel_id: int = 0) -> tuple[list, int]:
     """The parts (buffers to write back to back) and ring kind of a request
     frame; ``req`` is a Request or its :func:`request_tuple`. ``beside``:
-    its args travel beside the frame (FLAG_ARGS_BESIDE)."""
+    its args travel beside the frame (FLAG_ARGS_BESIDE); ``cancel_id``: the
+    header's cancellation id."""
     if type(req) is not tuple:
         req = tuple(req)  # the body is a plain tuple: it pickles 4x faster than the NamedTuple
     parts, kind = encode_payload(req, label)
@@ -304,7 +299,7 @@ def encode_request(req: Request | tuple, label: str, beside: bool = False) -> tu
     oob = kind != KIND_PICKLE
     flags = (FLAG_OOB_BODY if oob else 0) | (FLAG_ARGS_BESIDE if beside else 0)
     head = _REQ_HEAD.pack(
-        _REQ_MAGIC, PROTOCOL_VERSION, flags, cid, deadline or 0.0, 0, 0, 0, len(rt), len(fn), len(tr), 0
+        _REQ_MAGIC, PROTOCOL_VERSION, flags, cid, deadline or 0.0, cancel_id, 0, 0, len(rt), len(fn), len(tr), 0
     )
     head += rt + fn + tr
     head += bytes((-len(head)) % _ALIGN_BODY)
@@ -323,6 +318,27 @@ def _fixed_fields(payload: Any, kind: int) -> tuple[tuple, int]:
     if end > len(payload):
         raise ValueError(f"request header overruns the {len(payload)}-byte frame")
     return fields, end
+
+
+_CANCEL_ID = struct.Struct("<Q")
+_CANCEL_AT = 24  # the cancellation id's offset in the header
+
+
+def cancel_ticket(payload: Any, kind: int) -> tuple[int, str | None]:
+    """A request frame's cancellation id and reply ring, read before anything
+    is unpickled (so a cancelled request costs no unpickling); ``(0, None)``
+    without one, or for a frame too short to be a request."""
+    if len(payload) < _REQ_HEAD.size or (kind != KIND_REQ and kind != KIND_REQ_OOB):
+        return 0, None
+    ticket = _CANCEL_ID.unpack_from(payload, _CANCEL_AT)[0]
+    if not ticket:
+        return 0, None
+    try:
+        fields, _end = _fixed_fields(payload, kind)
+    except ValueError:  # not a request: decode_request says so
+        return 0, None
+    pos = _REQ_HEAD.size
+    return ticket, bytes(memoryview(payload)[pos : pos + fields[8]]).decode(errors="replace") or None
 
 
 def decode_header(payload: Any, kind: int) -> tuple[RequestHeader, int]:
@@ -379,11 +395,11 @@ def decode_request(payload: Any, kind: int, beside: tuple | None = None) -> Requ
         raise BadRequest(decode_header(payload, kind)[0], e) from None
 
 
-def frame_bytes(req: Request) -> bytes:
+def frame_bytes(req: Request, cancel_id: int = 0) -> bytes:
     """The whole request frame of ``req`` as one bytes: what a call over Ray
     carries (the same header as the ring path; the header's flags give its
     kind, see :func:`frame_kind`). One argument: Ray charges per argument."""
-    parts, _kind = encode_request(req, f"a call to {req.service}.{req.function} over Ray")
+    parts, _kind = encode_request(req, f"a call to {req.service}.{req.function} over Ray", cancel_id=cancel_id)
     return b"".join(parts)
 
 
@@ -393,7 +409,7 @@ def _buffer_bytes(x: Any) -> int:
     return n if isinstance(n, int) and n >= BESIDE_MIN_BYTES else 0
 
 
-def direct_payload(req: Request) -> tuple[bytes | tuple, int]:
+def direct_payload(req: Request, cancel_id: int = 0) -> tuple[bytes | tuple, int]:
     """The one Ray argument of a call straight to a replica's actor (Ray
     charges per argument), and about how many bytes it carries: the frame
     (:func:`frame_bytes`); or, when an argument or keyword value is a buffer
@@ -405,10 +421,12 @@ def direct_payload(req: Request) -> tuple[bytes | tuple, int]:
     if kwargs:
         big += sum(map(_buffer_bytes, kwargs.values()))
     if not big:
-        frame = frame_bytes(req)
+        frame = frame_bytes(req, cancel_id)
         return frame, len(frame)
     label = f"a call to {req.service}.{req.function} over Ray"
-    parts, _kind = encode_request(request_tuple(req, req.cid, req.reply_to, (), None), label, beside=True)
+    parts, _kind = encode_request(
+        request_tuple(req, req.cid, req.reply_to, (), None), label, beside=True, cancel_id=cancel_id
+    )
     frame = b"".join(parts)
     return (frame, args, kwargs), len(frame) + big
 
@@ -472,75 +490,3 @@ def encode_error(code: str, e: BaseException, message: str | None = None, extra:
             extra=extra,
         )
     )
-
-
-def remote_error(info: ErrorInfo, service: str, function: str) -> BaseException:
-    """The exception a caller sees for a handler that raised."""
-    original = None
-    if info.exc_pickle is not None:
-        try:
-            original = pickle.loads(info.exc_pickle)
-        except Exception:
-            original = None
-    cls: type[RemoteError] = RemoteError
-    if isinstance(original, RemoteError):
-        cls = type(original)  # a handler's own call failed: keep what it was (``except ValueError`` still works)
-    elif isinstance(original, Exception):
-        cls = _dual_class(type(original))
-    try:
-        err = cls.__new__(cls)
-        Exception.__init__(err, *(original.args if original is not None else (info.message,)))
-        if original is not None:
-            err.__dict__.update(getattr(original, "__dict__", {}))
-    except Exception:
-        err = RemoteError(info.message)
-    err.remote_type = info.type_name
-    err.remote_message = info.message
-    err.remote_traceback = info.traceback
-    err.service = service
-    err.function = function
-    return err
-
-
-_DUALS: dict[type, type[RemoteError]] = {}
-
-
-def _dual_class(t: type) -> type[RemoteError]:
-    """A subclass of both RemoteError and ``t``, so ``except t`` still catches it."""
-    d = _DUALS.get(t)
-    if d is None:
-        try:
-            d = type(f"RemoteError[{t.__name__}]", (RemoteError, t), {"__str__": RemoteError.__str__})
-        except TypeError:  # layout conflict (a C type with its own fields): plain RemoteError
-            d = RemoteError
-        _DUALS[t] = d
-    return d
-
-
-def outcome(rep: Reply, service: str, function: str) -> Any:
-    """The value of a reply, or its typed exception raised."""
-    _cid, status, value = rep
-    if status == ST_OK:
-        return value
-    info = ErrorInfo(*value)
-    code = info.code
-    if code == ERR_REMOTE:
-        raise remote_error(info, service, function)
-    if code == ERR_FUNCTION:
-        raise FunctionNotFound(info.message)
-    if code == ERR_VALIDATION:
-        raise ValidationError(info.message, info.extra)
-    if code == ERR_TIMEOUT:
-        raise CallTimeout(info.message)
-    if code == ERR_SERIALIZATION:
-        raise SerializationError(info.message)
-    if code == ERR_DESERIALIZATION:
-        raise DeserializationError(info.message)
-    if code == ERR_UNAVAILABLE:
-        raise ServiceUnavailable(info.message)
-    if code == ERR_PROTOCOL:
-        theirs, ours = info.extra if isinstance(info.extra, tuple) else (None, None)
-        raise ProtocolMismatch(
-            f"call to {service}.{function}: {info.message}", caller_version=theirs, replica_version=ours
-        )
-    raise RemoteError(f"{service}.{function} failed: {info.message}")

@@ -1,10 +1,16 @@
-"""Which calls a replica has started, finished, or was told to cancel, so
-that cancelling a call is decided in one place: the replica.
+"""Which calls a replica has started, finished, or was told to cancel.
 
-A call that came through a ring is known by its caller's reply ring and its
-correlation id. A canceller (the caller's ``future.cancel()``, through the
-replica's actor) and the dispatcher that takes the request race under one
-lock, and exactly one wins:
+Whether a queued call still runs is decided by a claim in shared memory
+(claims.py) when the call carries a ticket; this registry then only tells
+running calls that they were cancelled (:meth:`CallRegistry.tell`), and
+cancels the running calls of callers that died (:meth:`CallRegistry.orphans`).
+
+A call without a ticket (every claim slot of its caller was in use, or it
+came over Ray) is decided here instead. A call that came through a ring is
+known by its caller's reply ring and its correlation id; one over Ray by
+its caller's name and cancellation id. A canceller (the caller's
+``future.cancel()``, through the replica's actor) and the dispatcher that
+takes the request race under one lock, and exactly one wins:
 
 - the request was not taken yet: it is marked, ``cancel`` returns True, and
   the dispatcher skips it when it comes (no reply: the caller's future is
@@ -41,9 +47,10 @@ class Running:
     ``async def`` handler, and the calls and streams its handler started
     (context.adopt); all of them are cancelled with it."""
 
-    __slots__ = ("cancelled", "children", "future")
+    __slots__ = ("cancelled", "children", "future", "key")
 
-    def __init__(self) -> None:
+    def __init__(self, key: Any = None) -> None:
+        self.key = key  # its CallRegistry key
         self.cancelled = False
         self.future: Any = None
         self.children: list = []
@@ -89,6 +96,8 @@ class CallRegistry:
         self._lock = threading.Lock()
         self._running: dict[Any, Running] = {}
         self._cancelled: dict[Any, float] = {}  # key -> until when to remember it (monotonic)
+        self._told: dict[Any, float] = {}  # not started yet, to start cancelled (tell()); same
+
         self._done: set = set()
         self._done_order: collections.deque = collections.deque()
         self.skipped = 0  # requests not run because they were cancelled first
@@ -100,8 +109,26 @@ class CallRegistry:
             if self._cancelled and self._cancelled.pop(key, None) is not None:
                 self.skipped += 1
                 return None
-            r = self._running[key] = Running()
+            r = self._running[key] = Running(key)
+            if self._told and self._told.pop(key, None) is not None:
+                r.cancelled = True  # told while its claim was won and before it started
             return r
+
+    def admit(self, key: Any, caller_alive: bool) -> Running | None:
+        """:meth:`start`, but None (counted as skipped) also when the call's
+        caller died while it waited: nobody wants it any more."""
+        r = self.start(key)
+        if r is not None and not caller_alive:
+            self.finish(key)
+            self.count_skipped()
+            return None
+        return r
+
+    def count_skipped(self, n: int = 1) -> None:
+        """Counts requests not run because their claim was lost (claims.py)
+        or their caller died before they started."""
+        with self._lock:
+            self.skipped += n
 
     def finish(self, key: Any) -> None:
         with self._lock:
@@ -125,9 +152,39 @@ class CallRegistry:
         r.cancel()
         return False
 
+    def tell(self, key: Any, ttl: float) -> None:
+        """Tells a call whose claim the replica won that it was cancelled: a
+        running one at once, one about to start when it starts (it then
+        starts with its flag set). A finished one is left alone."""
+        with self._lock:
+            r = self._running.get(key)
+            if r is None:
+                if key not in self._done:
+                    self._told[key] = time.monotonic() + max(0.0, ttl) + 1.0
+                return
+        r.cancel()
+
+    def orphans(self, alive: Any) -> int:
+        """Cancels the running calls of callers that died: ``alive(name)``
+        says whether the caller named by a key's first part lives. Returns
+        how many were cancelled (the heartbeat calls it)."""
+        with self._lock:
+            running = [(k, r) for k, r in self._running.items() if not r.cancelled]
+        verdict: dict = {}
+        n = 0
+        for key, r in running:
+            name = key[0]
+            if name not in verdict:
+                verdict[name] = alive(name)
+            if not verdict[name]:
+                r.cancel()
+                n += 1
+        return n
+
     def prune(self) -> None:
         """Forgets cancellations of requests that never came (the heartbeat calls it)."""
         now = time.monotonic()
         with self._lock:
-            for key in [k for k, until in self._cancelled.items() if until < now]:
-                del self._cancelled[key]
+            for marks in (self._cancelled, self._told):
+                for key in [k for k, until in marks.items() if until < now]:
+                    del marks[key]

@@ -33,9 +33,8 @@ from ._wire import (
     OP_EVENT,
     OP_SEND,
     Request,
-    outcome,
 )
-from .completion import CallFinisher, Retrying, check_timeout, pick_timeout
+from .completion import CallFinisher, Retrying, check_timeout, outcome, pick_timeout
 from .endpoint import Endpoint, TransportFactory
 from .errors import (
     CallTimeout,

@@ -1,4 +1,5 @@
-"""What happens when a call ends: the caller's accounting and metrics
+"""What happens when a call ends: its reply read as a value or a typed
+exception (:func:`outcome`), the caller's accounting and metrics
 (:class:`CallFinisher`), and the retry of idempotent asynchronous calls on
 another replica (:class:`Retrying`).
 """
@@ -7,17 +8,41 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
+import pickle
 import time
 from collections.abc import Callable
 from typing import Any
 
 from ._future import CallFuture
-from ._wire import Reply, outcome
+from ._wire import (
+    ERR_DESERIALIZATION,
+    ERR_FUNCTION,
+    ERR_PROTOCOL,
+    ERR_REMOTE,
+    ERR_SERIALIZATION,
+    ERR_TIMEOUT,
+    ERR_UNAVAILABLE,
+    ERR_VALIDATION,
+    ST_OK,
+    ErrorInfo,
+    Reply,
+)
 from .endpoint import Endpoint
-from .errors import CallTimeout, InvalidCallArgument, SageCommError, ServiceUnavailable
+from .errors import (
+    CallTimeout,
+    DeserializationError,
+    FunctionNotFound,
+    InvalidCallArgument,
+    ProtocolMismatch,
+    RemoteError,
+    SageCommError,
+    SerializationError,
+    ServiceUnavailable,
+    ValidationError,
+)
 from .metrics import recorder
 
-__all__ = ["CallFinisher", "Retrying", "check_timeout", "pick_timeout"]
+__all__ = ["CallFinisher", "Retrying", "check_timeout", "outcome", "pick_timeout", "remote_error"]
 
 log = logging.getLogger(__name__)
 
@@ -121,3 +146,75 @@ def check_timeout(t: Any, service: str, function: str) -> float:
             f"timeout of the call to {service}.{function} must be a positive number of seconds, got {t!r}"
         )
     return float(t)
+
+
+def remote_error(info: ErrorInfo, service: str, function: str) -> BaseException:
+    """The exception a caller sees for a handler that raised."""
+    original = None
+    if info.exc_pickle is not None:
+        try:
+            original = pickle.loads(info.exc_pickle)
+        except Exception:
+            original = None
+    cls: type[RemoteError] = RemoteError
+    if isinstance(original, RemoteError):
+        cls = type(original)  # a handler's own call failed: keep what it was (``except ValueError`` still works)
+    elif isinstance(original, Exception):
+        cls = _dual_class(type(original))
+    try:
+        err = cls.__new__(cls)
+        Exception.__init__(err, *(original.args if original is not None else (info.message,)))
+        if original is not None:
+            err.__dict__.update(getattr(original, "__dict__", {}))
+    except Exception:
+        err = RemoteError(info.message)
+    err.remote_type = info.type_name
+    err.remote_message = info.message
+    err.remote_traceback = info.traceback
+    err.service = service
+    err.function = function
+    return err
+
+
+_DUALS: dict[type, type[RemoteError]] = {}
+
+
+def _dual_class(t: type) -> type[RemoteError]:
+    """A subclass of both RemoteError and ``t``, so ``except t`` still catches it."""
+    d = _DUALS.get(t)
+    if d is None:
+        try:
+            d = type(f"RemoteError[{t.__name__}]", (RemoteError, t), {"__str__": RemoteError.__str__})
+        except TypeError:  # layout conflict (a C type with its own fields): plain RemoteError
+            d = RemoteError
+        _DUALS[t] = d
+    return d
+
+
+def outcome(rep: Reply, service: str, function: str) -> Any:
+    """The value of a reply, or its typed exception raised."""
+    _cid, status, value = rep
+    if status == ST_OK:
+        return value
+    info = ErrorInfo(*value)
+    code = info.code
+    if code == ERR_REMOTE:
+        raise remote_error(info, service, function)
+    if code == ERR_FUNCTION:
+        raise FunctionNotFound(info.message)
+    if code == ERR_VALIDATION:
+        raise ValidationError(info.message, info.extra)
+    if code == ERR_TIMEOUT:
+        raise CallTimeout(info.message)
+    if code == ERR_SERIALIZATION:
+        raise SerializationError(info.message)
+    if code == ERR_DESERIALIZATION:
+        raise DeserializationError(info.message)
+    if code == ERR_UNAVAILABLE:
+        raise ServiceUnavailable(info.message)
+    if code == ERR_PROTOCOL:
+        theirs, ours = info.extra if isinstance(info.extra, tuple) else (None, None)
+        raise ProtocolMismatch(
+            f"call to {service}.{function}: {info.message}", caller_version=theirs, replica_version=ours
+        )
+    raise RemoteError(f"{service}.{function} failed: {info.message}")

@@ -117,6 +117,14 @@ class ServiceActor:
         rt = self.rt
         return [False] * len(keys) if rt is None else [rt.calls.cancel(tuple(k), ttl) for k in keys]
 
+    def tell(self, keys: list, ttl: float) -> None:
+        """Tells calls this replica already took (won their claim) that their
+        callers cancelled them (cancels.CallRegistry.tell)."""
+        rt = self.rt
+        if rt is not None:
+            for k in keys:
+                rt.calls.tell(tuple(k), ttl)
+
     def pid(self) -> int:
         return os.getpid()
 

@@ -15,7 +15,10 @@ __all__ = [
     "CANCELLABLE_MARK",
     "actor_name",
     "blob_name",
+    "caller_pid",
     "cancellable",
+    "claim_table_name",
+    "direct_caller_name",
     "event_ring_name",
     "gateway_name",
     "reply_ring_name",
@@ -55,6 +58,40 @@ def reply_ring_pid(name: str) -> int | None:
         return int(pid) if kind == "rep" else None
     except ValueError:
         return None
+
+
+def claim_table_name(reply_to: str) -> str:
+    """The claim table (claims.py) beside a caller's ``call_async`` reply ring:
+    same owner pid, same token.
+
+    >>> claim_table_name(reply_ring_name(4242, "abc", cancellable=True))
+    'clm.4242.abc'
+    """
+    _kind, pid, token = reply_to.split(".", 2)
+    return f"clm.{pid}.{token.removeprefix(CANCELLABLE_MARK)}"
+
+
+def direct_caller_name(pid: int, host: str, token: str) -> str:
+    """Who made a call that travels over Ray (``reply_to`` of its frame: its
+    reply goes back through Ray, so this names the caller, not a ring). The
+    host (``shm.host_id()``) lets a replica on the same host tell a dead caller."""
+    return f"dir.{pid}.{host}.{token}"
+
+
+def caller_pid(name: str, host: str | None = None) -> int | None:
+    """The pid of the process behind a reply ring, claim table or
+    :func:`direct_caller_name`; None for other names, and for a direct
+    caller on another host than ``host`` (its pid means nothing here).
+
+    >>> caller_pid("clm.4242.abc"), caller_pid("dir.7.h1.x", "h1"), caller_pid("dir.7.h1.x", "h2")
+    (4242, 7, None)
+    """
+    parts = name.split(".", 3)
+    if len(parts) < 3 or not parts[1].isdigit():
+        return None
+    if parts[0] == "dir":
+        return int(parts[1]) if len(parts) == 4 and parts[2] == host else None
+    return int(parts[1]) if parts[0] in ("rep", "clm") else None
 
 
 def event_ring_name(pid: int, token: str) -> str:

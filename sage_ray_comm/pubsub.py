@@ -17,10 +17,10 @@ from collections.abc import Callable
 from . import tracing
 from ._wire import Request
 from .errors import SageCommError
+from .intake import request_args, take_request
 from .message import envelope
 from .names import event_ring_name
 from .queue import SageQueue
-from .shm_transport import request_args, take_request
 from .transport import EVENT_RING_BYTES
 
 __all__ = ["Inbox"]

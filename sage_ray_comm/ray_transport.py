@@ -20,14 +20,16 @@ from __future__ import annotations
 
 import concurrent.futures
 import functools
+import itertools
 import logging
 import os
 import threading
 import time
+import uuid
 from typing import Any
 
 from . import shm
-from ._ray import get_or_create_actor
+from ._ray import cancel_on_replica, get_or_create_actor
 from ._wire import (
     BadRequest,
     Reply,
@@ -40,7 +42,7 @@ from ._wire import (
     read_direct_reply,
 )
 from .errors import CallTimeout, DeserializationError, SageCommError, SerializationError, ServiceUnavailable
-from .names import gateway_name
+from .names import direct_caller_name, gateway_name
 from .router import ROUTER_NAMESPACE, InstanceInfo, Subscription
 from .shm_transport import ShmTransport
 from .transport import Finish, Pending, Transport, settle_from_ref
@@ -364,6 +366,9 @@ class DirectTransport(Transport):
         self._lanes: dict[str, _Lane] = {}
         # call_async calls, and the Ray calls that carried them (fewer when batched).
         self.counts = {"calls": 0, "ray_calls": 0}
+        # Who this caller is to the replicas it calls (a dead one on their host is noticed).
+        self.caller = direct_caller_name(os.getpid(), shm.host_id(), uuid.uuid4().hex[:12])
+        self._cancel_ids = itertools.count(1)
 
     def _actor(self, inst: InstanceInfo) -> Any:
         a = self._actors.get(inst.instance_id)
@@ -405,7 +410,10 @@ class DirectTransport(Transport):
         return read_direct_reply(out)
 
     def call_async(self, inst: InstanceInfo, req: Request, timeout: float, finish: Finish) -> concurrent.futures.Future:
-        payload, nbytes = direct_payload(req)
+        # The frame names this caller and carries an id to cancel the call by
+        # once it is sent: the replica skips it if it has not started (cancels.py).
+        cancel_id = next(self._cancel_ids)
+        payload, nbytes = direct_payload(req._replace(reply_to=self.caller), cancel_id)
         fn = req.function
         call = Pending(
             finish,
@@ -414,6 +422,7 @@ class DirectTransport(Transport):
                 f"call to {inst.service}.{fn} (replica {inst.instance_id}, over Ray) got no reply in time"
             ),
             running=False,  # while it waits in the lane, cancel() can still keep it from being sent
+            canceller=functools.partial(self._cancel_sent, inst, cancel_id, timeout),
         )
         lane = self._lanes.get(inst.instance_id)
         if lane is None:
@@ -428,6 +437,14 @@ class DirectTransport(Transport):
             call.future.set_running_or_notify_cancel()  # sent at once: nobody could cancel it yet
         self._send(inst, lane, [(payload, nbytes, call, fn)])
         return call.future
+
+    def _cancel_sent(self, inst: InstanceInfo, cancel_id: int, ttl: float) -> bool:
+        """cancel() of a call already sent: a round trip to its replica, True
+        only when the replica confirms it will never start it."""
+        return (
+            bool(inst.actor_name)
+            and cancel_on_replica(inst.actor_name or "", ROUTER_NAMESPACE, [(self.caller, cancel_id)], ttl)[0]
+        )
 
     def _send(self, inst: InstanceInfo, lane: _Lane, batch: list[_Queued]) -> None:
         """One Ray call with ``batch``; its completion settles each call and

@@ -34,7 +34,8 @@ import uuid
 from collections.abc import Callable
 from typing import Any, ClassVar
 
-from . import context, lifecycle
+from . import context, lifecycle, shm
+from ._ray import ensure_ray
 from ._replica import DEFAULT_MAX_CONCURRENCY, Runtime
 from .client import FunctionClient
 from .deploy import ServiceHandle, deploy_service
@@ -44,9 +45,14 @@ from .errors import (
     InvalidSubscription,
     ServiceUnavailable,
 )
+from .intake import open_request_ring
+from .malloc import tune_malloc
 from .message import CommunicationPattern
+from .ray_transport import ensure_janitor
 from .router import (
+    bus_namespace,
     code_id_of,
+    router_client,
     validate_bus_name,
     validate_pattern,
 )
@@ -285,7 +291,7 @@ class BaseService(ServiceCallMixin):
             return self
         opts = type(self).__sage_options__
         bus = validate_bus_name(bus or opts.get("bus") or "default")
-        rt = Runtime.create(
+        rt = _runtime(
             self,
             bus,
             replica_index=_replica_index,
@@ -494,3 +500,30 @@ def sage_service(
         return cls
 
     return wrap
+
+
+def _runtime(
+    svc: BaseService, bus: str, *, actor_name: str | None = None, queue_bytes: int = REQUEST_RING_BYTES, **options: Any
+) -> Runtime:
+    """The runtime of ``svc`` on ``bus`` in this process, with the real
+    router, a request ring in shared memory and the node's janitor.
+    ``options`` are :class:`Runtime`'s keyword arguments."""
+    import ray
+
+    ensure_ray()
+    tune_malloc()
+    namespace = bus_namespace(bus)
+    shm.gc(namespace)  # rings left by replicas and callers that were killed
+    queue = open_request_ring(svc.service_name, svc.service_id, namespace, queue_bytes, bool(actor_name))
+    node_id = ray.get_runtime_context().get_node_id()
+    ensure_janitor(node_id)  # every node with a replica has its segment janitor
+    return Runtime(
+        svc,
+        bus,
+        router_client(bus),
+        queue,
+        node_id=node_id,
+        reconnect=lambda: router_client(bus, create=False),
+        actor_name=actor_name,
+        **options,
+    )

@@ -27,19 +27,17 @@ from typing import Any
 
 from . import shm
 from ._future import CallFuture
-from ._ray import cancel_on_replica
+from ._ray import cancel_on_replica, tell_replica
 from ._wire import (
-    KIND_REQ_OOB,
     ST_OK,
     ST_OK_BLOB,
-    BadRequest,
     Reply,
     Request,
-    decode_request,
     encode_payload,
     encode_request,
     request_tuple,
 )
+from .claims import EXPIRED, ClaimTable
 from .errors import (
     CallTimeout,
     MessageTooLarge,
@@ -52,20 +50,17 @@ from .errors import (
     SharedMemoryFull,
 )
 from .malloc import tune_malloc
-from .names import blob_name, reply_ring_name, request_ring_name
+from .names import blob_name, claim_table_name, reply_ring_name
 from .queue import SageQueue
 from .router import ROUTER_NAMESPACE, InstanceInfo, Subscription
-from .transport import REPLY_RING_BYTES, REPLY_SPIN_US, REQUEST_SPIN_US, Finish, Transport, settle, shm_warn_once
+from .transport import REPLY_RING_BYTES, REPLY_SPIN_US, Finish, Transport, settle, shm_warn_once
 
 __all__ = [
     "RingPool",
     "SegmentBlob",
     "ShmTransport",
     "instance_alive",
-    "open_request_ring",
     "put_request",
-    "request_args",
-    "take_request",
 ]
 
 log = logging.getLogger(__name__)
@@ -138,58 +133,37 @@ class SegmentBlob:
         return (SegmentBlob, (self.name, self.namespace, self.nbytes))
 
 
-def put_request(q: SageQueue, req: Request | tuple, timeout: float | None) -> None:
-    """Writes one request frame (see _wire) into a replica's or subscriber's ring."""
-    parts, kind = encode_request(req, q.label)
+def put_request(q: SageQueue, req: Request | tuple, timeout: float | None, ticket: int = 0) -> None:
+    """Writes one request frame (see _wire) into a replica's or subscriber's
+    ring; ``ticket``: its claim ticket (claims.py), the header's cancellation id."""
+    parts, kind = encode_request(req, q.label, cancel_id=ticket)
     q.put_frame(parts, kind, 0.0 if timeout == 0 else timeout)
 
 
 def put_request_parking(
-    q: SageQueue, req: Request, timeout: float | None, namespace: str, cid: int, reply_to: str | None
+    q: SageQueue,
+    req: Request,
+    timeout: float | None,
+    namespace: str,
+    cid: int,
+    reply_to: str | None,
+    ticket: int = 0,
 ) -> SegmentBlob | None:
-    """Writes ``req`` (with this attempt's ``cid`` and ``reply_to``) into a
-    ring; arguments too large for it go into a segment the frame then carries.
-    Returns that segment (None if not needed); if the frame still cannot be
-    written, the segment is removed and the error raised."""
+    """Writes ``req`` (with this attempt's ``cid``, ``reply_to`` and claim
+    ``ticket``) into a ring; arguments too large for it go into a segment the
+    frame then carries. Returns that segment (None if not needed); if the
+    frame still cannot be written, the segment is removed and the error raised."""
     try:
-        put_request(q, request_tuple(req, cid, reply_to), timeout)
+        put_request(q, request_tuple(req, cid, reply_to), timeout, ticket)
         return None
     except MessageTooLarge:
         blob = SegmentBlob.put((req.args, req.kwargs), namespace)
     try:
-        put_request(q, request_tuple(req, cid, reply_to, blob, None), timeout)
+        put_request(q, request_tuple(req, cid, reply_to, blob, None), timeout, ticket)
     except BaseException:
         blob.discard()
         raise
     return blob
-
-
-def take_request(q: SageQueue) -> tuple[Request | BadRequest | None, int]:
-    """Waits for the next frame in a request or event ring and decodes it.
-
-    Returns the frame's size (for spans) and the Request; or the BadRequest for a frame whose header decoded
-    but whose body did not, or that speaks another protocol version (the
-    sender can still be answered); or None for a frame that is not a request
-    at all (consumed and logged: the ring keeps serving). Raises QueueClosed
-    once the ring is closed and drained.
-    """
-    payload, kind = q.get_frame(None, KIND_REQ_OOB)
-    try:
-        return decode_request(payload, kind), len(payload)
-    except BadRequest as e:
-        return e, len(payload)
-    except ValueError as e:
-        log.warning("%s: dropped a frame that is not a request: %s", q.label, e)
-        return None, len(payload)
-
-
-def request_args(req: Request) -> tuple[tuple, dict | None]:
-    """A request's positional and keyword arguments, read out of their
-    segment when they were too large for the ring."""
-    if isinstance(req.args, SegmentBlob):
-        args, kwargs = req.args.get()
-        return args, kwargs
-    return req.args, req.kwargs
 
 
 class RingPool:
@@ -229,7 +203,7 @@ class RingPool:
 
 
 class _ReplyRing:
-    __slots__ = ("cids", "name", "queue")
+    __slots__ = ("cids", "claims", "name", "queue")
 
     def __init__(self, namespace: str, cancellable: bool = False) -> None:
         self.name = reply_ring_name(os.getpid(), uuid.uuid4().hex[:12], cancellable)
@@ -237,6 +211,14 @@ class _ReplyRing:
             self.name, REPLY_RING_BYTES, auto_cleanup=True, namespace=namespace, spin_us=REPLY_SPIN_US
         )
         self.cids = itertools.count(1)
+        # The claims of its calls (claims.py): cancel() wins or loses a call in
+        # shared memory. None without room for it: cancel() asks the replica.
+        self.claims: ClaimTable | None = None
+        if cancellable:
+            try:
+                self.claims = ClaimTable(claim_table_name(self.name), namespace)
+            except SharedMemoryFull as e:
+                shm_warn_once(f"no claim table for this process's call_async calls ({e}); cancel() asks replicas")
 
 
 class ShmTransport(Transport):
@@ -254,16 +236,23 @@ class ShmTransport(Transport):
         self._async: _ReplyRing | None = None
         # correlation id -> (future, instance, monotonic end, oversize-args blob, finish)
         self._pending: dict[int, tuple] = {}
+        self._tickets: dict[int, int] = {}  # correlation id -> its claim ticket (claims.py)
         self._reader: threading.Thread | None = None
         self._closed = False
         self.stale_replies = 0
 
     # -- request side
     def _put(
-        self, inst: InstanceInfo, req: Request, timeout: float | None, cid: int = 0, reply_to: str | None = None
+        self,
+        inst: InstanceInfo,
+        req: Request,
+        timeout: float | None,
+        cid: int = 0,
+        reply_to: str | None = None,
+        ticket: int = 0,
     ) -> SegmentBlob | None:
-        """Puts the request frame (with ``cid`` and ``reply_to`` filled in);
-        returns the blob it had to park, if any."""
+        """Puts the request frame (with ``cid``, ``reply_to`` and claim
+        ``ticket`` filled in); returns the blob it had to park, if any."""
         try:
             q = self.pool.get(inst.request_queue)
         except QueueNotFound:
@@ -272,7 +261,7 @@ class ShmTransport(Transport):
                 f"no longer exists) while calling '{req.function}'"
             ) from None
         try:
-            return put_request_parking(q, req, timeout, self.namespace, cid, reply_to)
+            return put_request_parking(q, req, timeout, self.namespace, cid, reply_to, ticket)
         except SerializationError as e:
             cause = e.__cause__ or e
             raise SerializationError(
@@ -361,14 +350,20 @@ class ShmTransport(Transport):
     def call_async(self, inst: InstanceInfo, req: Request, timeout: float, finish: Finish) -> concurrent.futures.Future:
         ring = self._async_ring()
         cid = next(ring.cids)
-        # A deployed replica can be asked to cancel it (see _cancel); an in-process one cannot.
-        canceller = functools.partial(self._cancel, inst, ring.name, cid, timeout) if inst.actor_name else None
+        ticket = ring.claims.arm() if ring.claims is not None else 0
+        # With a ticket, cancel() races the replica for it in shared memory;
+        # without one, a deployed replica is asked (see _cancel).
+        can = ticket or inst.actor_name
+        canceller = functools.partial(self._cancel, inst, ring, cid, ticket, timeout) if can else None
         fut: concurrent.futures.Future = CallFuture(running=True, canceller=canceller)
         self._pending[cid] = (fut, inst, time.monotonic() + timeout, None, finish)
+        if ticket:
+            self._tickets[cid] = ticket
         try:
-            blob = self._put(inst, req, timeout, cid, ring.name)
+            blob = self._put(inst, req, timeout, cid, ring.name, ticket)
         except BaseException:
             self._pending.pop(cid, None)
+            self._release(cid)
             raise
         if blob is not None:
             entry = self._pending.get(cid)
@@ -379,11 +374,20 @@ class ShmTransport(Transport):
                 blob.discard()
         return fut
 
-    def _cancel(self, inst: InstanceInfo, reply_to: str, cid: int, ttl: float) -> bool:
-        """Asks the replica (through its actor) to cancel call ``cid``: True when
-        it won the race, and the call will never run; then no reply comes."""
-        if not cancel_on_replica(inst.actor_name or "", ROUTER_NAMESPACE, [(reply_to, cid)], ttl)[0]:
+    def _cancel(self, inst: InstanceInfo, ring: _ReplyRing, cid: int, ticket: int, ttl: float) -> bool:
+        """Cancels call ``cid``: True when it will never run (then no reply
+        comes). With a ticket, one compare-and-swap in shared memory against
+        the replica that takes it (claims.py); a call it lost is running, and
+        its replica is told without waiting (a running handler sees it).
+        Without one, the replica is asked through its actor."""
+        if ticket and ring.claims is not None:
+            if not ring.claims.cancel(ticket):
+                if inst.actor_name and cid in self._pending:
+                    tell_replica(inst.actor_name, ROUTER_NAMESPACE, [(ring.name, cid)], ttl)
+                return False
+        elif not cancel_on_replica(inst.actor_name or "", ROUTER_NAMESPACE, [(ring.name, cid)], ttl)[0]:
             return False
+        self._release(cid)
         entry = self._pending.pop(cid, None)
         if entry is not None:
             _fut, _inst, _end, blob, finish = entry
@@ -395,7 +399,19 @@ class ShmTransport(Transport):
                 pass
         return True
 
+    def _release(self, cid: int, cancel: bool = False) -> None:
+        """Frees call ``cid``'s claim slot; ``cancel``: first make sure a
+        replica never starts it (it timed out, its replica died, or the
+        client closed: nobody waits for it)."""
+        ticket = self._tickets.pop(cid, 0)
+        claims = self._async.claims if self._async is not None else None
+        if ticket and claims is not None:
+            if cancel:
+                claims.cancel(ticket, EXPIRED)
+            claims.release(ticket)
+
     def _finish(self, cid: int, rep: Reply | None = None, exc: BaseException | None = None) -> None:
+        self._release(cid, cancel=exc is not None)
         entry = self._pending.pop(cid, None)
         if entry is None:
             return
@@ -411,7 +427,7 @@ class ShmTransport(Transport):
 
     def _read_loop(self, ring: _ReplyRing) -> None:
         last_sweep = time.monotonic()
-        get, pending = ring.queue.get, self._pending
+        get, pending, tickets = ring.queue.get, self._pending, self._tickets
         while True:
             try:
                 rep = get(timeout=LIVENESS_SLICE)
@@ -422,6 +438,8 @@ class ShmTransport(Transport):
                 else:
                     fut, _inst, _end, blob, finish = entry
                     if blob is None and status == ST_OK:
+                        if tickets:
+                            self._release(cid)
                         settle(fut, finish, rep, None)  # the common case, inline
                     else:
                         pending[cid] = entry
@@ -486,6 +504,8 @@ class ShmTransport(Transport):
             self._reader.join(timeout=2)
         for r in rings:
             r.queue.release()
+            if r.claims is not None:
+                r.claims.close()
         self.pool.close()
 
 
@@ -497,27 +517,3 @@ LIVENESS_SLICE = 0.25
 def instance_alive(inst: InstanceInfo) -> bool:
     """Whether the replica's process still runs (same host only)."""
     return shm.process_alive(inst.pid, inst.pid_start)
-
-
-def open_request_ring(
-    service: str, instance_id: str, namespace: str, queue_bytes: int, serves_over_ray: bool
-) -> SageQueue | None:
-    """A replica's request ring; None when /dev/shm has no room for it and
-    the replica can serve over Ray instead (a deployed one can)."""
-    try:
-        return SageQueue(
-            request_ring_name(service, instance_id),
-            queue_bytes,
-            auto_cleanup=True,
-            namespace=namespace,
-            spin_us=REQUEST_SPIN_US,
-        )
-    except SharedMemoryFull as e:
-        if not serves_over_ray:  # an in-process service has no other way in
-            raise SharedMemoryFull(
-                f"service '{service}' cannot serve from this process: {e}. Deploy it as Ray "
-                "actors (Cls.deploy()), which serve over Ray when shared memory is short, or give "
-                "/dev/shm more room (docker run --shm-size=1g)"
-            ) from None
-        shm_warn_once(f"service '{service}' replica {instance_id}: {e}; it serves over Ray")
-        return None

@@ -51,8 +51,8 @@ from ._wire import (
     ErrorInfo,
     StreamBatch,
     StreamOpened,
-    remote_error,
 )
+from .completion import remote_error
 from .errors import InvalidCallArgument, ServiceNotFound, ServiceUnavailable, StreamClosed, StreamConsumed
 from .producers import consumer_token
 

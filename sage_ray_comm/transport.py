@@ -121,9 +121,11 @@ class Pending:
         timeout: float | None = None,
         timed_out: Callable[[], BaseException] | None = None,
         running: bool = True,
+        canceller: Callable[[], bool] | None = None,
     ) -> None:
-        # running=False: not sent yet, so cancel() may still stop it (see DirectTransport)
-        self.future: concurrent.futures.Future = CallFuture(running=running)
+        # running=False: not sent yet, so cancel() may still stop it (see DirectTransport);
+        # once running, cancel() is True only if ``canceller()`` (which asks the replica) says so.
+        self.future: concurrent.futures.Future = CallFuture(running=running, canceller=canceller)
         self.finish = finish
         self._once = threading.Lock()  # the reply and the expiry race: the first settles
         self._key = None

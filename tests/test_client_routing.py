@@ -29,8 +29,8 @@ from sage_ray_comm._wire import (
     ST_ERROR,
     ErrorInfo,
     Reply,
-    outcome,
 )
+from sage_ray_comm.completion import outcome
 from sage_ray_comm.router import FunctionInfo, InstanceInfo, Subscription
 from sage_ray_comm.routing import pick_instance
 from sage_ray_comm.testing import FakeRouter, FakeTransport

@@ -39,9 +39,9 @@ from sage_ray_comm._wire import (
     encode_request,
     frame_bytes,
     frame_kind,
-    outcome,
     read_direct_reply,
 )
+from sage_ray_comm.completion import outcome
 from sage_ray_comm.names import reply_ring_name, reply_ring_pid
 from sage_ray_comm.router import ROUTER_NAMESPACE
 
