@@ -21,6 +21,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ACTOR_RACE_RETRIES",
+    "CONTROL_GROUP",
+    "CONTROL_THREADS",
     "HEAD_NODE_RESOURCE",
     "ROUTER_CALL_SECONDS",
     "ROUTER_READ_SECONDS",
@@ -53,6 +55,11 @@ def ensure_ray() -> None:
 HEAD_NODE_RESOURCE = "node:__internal_head__"
 
 
+# The replica actor's concurrency group for cancel() and tell(): they must
+# not wait behind the calls they cancel, which may hold every other thread.
+CONTROL_GROUP = "control"
+CONTROL_THREADS = 2
+
 # How long a caller's cancel() waits for the replica to say whether it won.
 CANCEL_SECONDS = 5.0
 
@@ -65,7 +72,8 @@ def cancel_on_replica(actor_name: str, namespace: str, keys: list, ttl: float) -
 
     try:
         actor = ray.get_actor(actor_name, namespace=namespace)
-        return list(ray.get(actor.cancel.remote(keys, ttl), timeout=CANCEL_SECONDS))
+        ref = actor.cancel.options(concurrency_group=CONTROL_GROUP).remote(keys, ttl)
+        return list(ray.get(ref, timeout=CANCEL_SECONDS))
     except Exception:  # gone, or not answering in time: say no, which is never a lie
         return [False] * len(keys)
 
@@ -87,7 +95,7 @@ def tell_replica(actor_name: str, namespace: str, keys: list, ttl: float) -> Non
             actor = _TOLD[(actor_name, namespace)] = ray.get_actor(actor_name, namespace=namespace)
             if len(_TOLD) > 1024:
                 _TOLD.pop(next(iter(_TOLD)))
-        actor.tell.remote(keys, ttl)
+        actor.tell.options(concurrency_group=CONTROL_GROUP).remote(keys, ttl)
     except Exception:  # gone, or Ray is down: the call ends on its own
         _TOLD.pop((actor_name, namespace), None)
 

@@ -56,6 +56,7 @@ from .handlers import Handler, collect_handlers, validation_message
 from .intake import CANCELLED_FIRST, EXPIRED_FIRST, take_request
 from .message import envelope
 from .metrics import recorder
+from .names import cancellable, claims_reply_ring
 from .producers import Producers
 from .queue import SageQueue
 from .replies import ReplyWriter, Sink, future_sink
@@ -212,7 +213,8 @@ class Runtime:
                 self.producers.reap(self._loop)
                 self.calls.prune()
                 self.calls.orphans(self.reply.caller_lives)  # calls of callers that died: cancelled
-                self.claims.prune(shm.process_alive)
+                for table in self.claims.prune(shm.process_alive):  # its queued calls are skipped
+                    self.reply.caller_lives(claims_reply_ring(table))
                 load = {"in_flight": self.in_flight, "queued": self.queued(), "streams": len(self.producers)}
                 load.update(self.stats, cancelled=self.calls.skipped)
                 self._record_gauges()
@@ -400,7 +402,9 @@ class Runtime:
                         self._spawn()  # every thread is busy: one more waits on the ring
             # Every call is tracked in self.calls: its caller may cancel it, or die.
             key = (req.reply_to, req.cid) if req.reply_to else None
-            call = self.calls.admit(key, not self.reply.known_dead(key[0])) if key is not None else None
+            call = None
+            if key is not None:
+                call = self.calls.admit(key, not self.reply.known_dead(key[0]), cancellable(key[0]))
             try:
                 if key is not None and call is None:
                     pass  # cancelled first (asked through the actor), or its caller died while it waited

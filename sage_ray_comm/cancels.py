@@ -47,10 +47,11 @@ class Running:
     ``async def`` handler, and the calls and streams its handler started
     (context.adopt); all of them are cancelled with it."""
 
-    __slots__ = ("cancelled", "children", "future", "key")
+    __slots__ = ("cancelled", "children", "future", "kept", "key")
 
-    def __init__(self, key: Any = None) -> None:
+    def __init__(self, key: Any = None, kept: bool = True) -> None:
         self.key = key  # its CallRegistry key
+        self.kept = kept  # remembered once done (a canceller may ask by key)
         self.cancelled = False
         self.future: Any = None
         self.children: list = []
@@ -114,9 +115,19 @@ class CallRegistry:
                 r.cancelled = True  # told while its claim was won and before it started
             return r
 
-    def admit(self, key: Any, caller_alive: bool) -> Running | None:
+    def admit(self, key: Any, caller_alive: bool, by_key: bool = True) -> Running | None:
         """:meth:`start`, but None (counted as skipped) also when the call's
-        caller died while it waited: nobody wants it any more."""
+        caller died while it waited: nobody wants it any more. ``by_key``
+        False: a call nobody can cancel by its key (a plain ``call()``, whose
+        caller blocks on it), tracked only so its caller's death reaches it:
+        no lock, nothing remembered once done (0.5 us a call here instead of
+        0.9 us)."""
+        if not by_key:
+            if not caller_alive:
+                self.count_skipped()
+                return None
+            light = self._running[key] = Running(key, kept=False)  # one dict store: atomic under the GIL
+            return light
         r = self.start(key)
         if r is not None and not caller_alive:
             self.finish(key)
@@ -131,6 +142,10 @@ class CallRegistry:
             self.skipped += n
 
     def finish(self, key: Any) -> None:
+        r = self._running.get(key)
+        if r is not None and not r.kept:
+            del self._running[key]
+            return
         with self._lock:
             self._running.pop(key, None)
             self._done.add(key)
@@ -168,8 +183,7 @@ class CallRegistry:
         """Cancels the running calls of callers that died: ``alive(name)``
         says whether the caller named by a key's first part lives. Returns
         how many were cancelled (the heartbeat calls it)."""
-        with self._lock:
-            running = [(k, r) for k, r in self._running.items() if not r.cancelled]
+        running = [(k, r) for k, r in list(self._running.items()) if not r.cancelled]  # list(): atomic
         verdict: dict = {}
         n = 0
         for key, r in running:

@@ -179,14 +179,18 @@ class ClaimReader:
                 self._tables.popitem(last=False)[1].release()
             return ring
 
-    def prune(self, alive: Any) -> None:
+    def prune(self, alive: Any) -> list[str]:
         """Lets go of the tables of callers ``alive(pid)`` says are dead, so
-        ``shm.gc()`` can remove them (the heartbeat calls it)."""
+        ``shm.gc()`` can remove them (the heartbeat calls it); returns their
+        names."""
+        dead = []
         with self._lock:
             for name in list(self._tables):
                 pid = caller_pid(name)
                 if pid is not None and not alive(pid):
                     self._tables.pop(name).release()
+                    dead.append(name)
+        return dead
 
     def close(self) -> None:
         with self._lock:

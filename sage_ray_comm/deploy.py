@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from . import lifecycle, shm
-from ._ray import ensure_ray
+from ._ray import CONTROL_GROUP, CONTROL_THREADS, ensure_ray
 from ._replica import DEFAULT_MAX_CONCURRENCY
 from ._wire import ERR_UNAVAILABLE, decode_header, direct_reply, error_reply, frame_kind
 from .endpoint import Endpoint
@@ -257,7 +257,8 @@ def deploy_service(
     def make(i: int) -> Any:
         an = actor_name(bus, name, i)
         return (
-            ray.remote(ServiceActor)
+            # cancel() and tell() have threads of their own: they never queue behind the calls they cancel.
+            ray.remote(concurrency_groups={CONTROL_GROUP: CONTROL_THREADS})(ServiceActor)  # type: ignore[call-overload]
             .options(name=an, namespace=ROUTER_NAMESPACE, get_if_exists=True, **actor_opts)
             .remote(cls, args, kwargs, bus, i, an, replace, code)
         )

@@ -18,6 +18,7 @@ __all__ = [
     "caller_pid",
     "cancellable",
     "claim_table_name",
+    "claims_reply_ring",
     "direct_caller_name",
     "event_ring_name",
     "gateway_name",
@@ -69,6 +70,12 @@ def claim_table_name(reply_to: str) -> str:
     """
     _kind, pid, token = reply_to.split(".", 2)
     return f"clm.{pid}.{token.removeprefix(CANCELLABLE_MARK)}"
+
+
+def claims_reply_ring(claims: str) -> str:
+    """The reply ring beside a :func:`claim_table_name` (its inverse)."""
+    _kind, pid, token = claims.split(".", 2)
+    return reply_ring_name(int(pid), token, cancellable=True)
 
 
 def direct_caller_name(pid: int, host: str, token: str) -> str:

@@ -335,7 +335,8 @@ class BaseService(ServiceCallMixin):
         return self._runtime.bus if self._runtime else type(self).__sage_options__.get("bus")
 
     def get_stats(self) -> dict:
-        """Calls, errors, expired and dropped replies, in-flight and queued requests."""
+        """Calls, errors, expired and dropped replies, in-flight and queued
+        requests, open streams, and calls cancelled before they started."""
         rt = self._runtime
         if rt is None:
             return {"running": False, "service": self.service_name}
@@ -347,6 +348,7 @@ class BaseService(ServiceCallMixin):
             "queued": rt.queued(),
             "threads": rt.thread_count,
             "streams": len(rt.producers),
+            "cancelled": rt.calls.skipped,
             **rt.stats,
         }
 

@@ -104,6 +104,7 @@ def test_queue_tests_pass_under_asan_and_ubsan(tmp_path):
             "tests/test_queue.py",
             "tests/test_framing.py",
             "tests/test_shm.py",
+            "tests/test_claims.py",
         ],
         cwd=REPO,
         env=env,
@@ -117,3 +118,4 @@ def test_queue_tests_pass_under_asan_and_ubsan(tmp_path):
     assert " passed" in r.stdout
     assert "test_non_contiguous_array_still_round_trips PASSED" in r.stdout
     assert "1 deselected" in r.stdout
+    assert "test_the_caller_and_a_replica_in_another_process_never_both_win PASSED" in r.stdout
