@@ -31,6 +31,7 @@ __all__ = [
     "ensure_ray",
     "get_or_create_actor",
     "head_node_id",
+    "hello_replica",
     "tell_replica",
 ]
 
@@ -98,6 +99,14 @@ def tell_replica(actor_name: str, namespace: str, keys: list, ttl: float) -> Non
         actor.tell.options(concurrency_group=CONTROL_GROUP).remote(keys, ttl)
     except Exception:  # gone, or Ray is down: the call ends on its own
         _TOLD.pop((actor_name, namespace), None)
+
+
+def hello_replica(actor: Any, caller: str, life: Any) -> None:
+    """Hands a replica's actor this caller's life (callers.py), without waiting."""
+    try:
+        actor.hello.options(concurrency_group=CONTROL_GROUP).remote(caller, [life])
+    except Exception:  # a replica that is gone needs no hello
+        pass
 
 
 def head_node_id() -> str | None:

@@ -44,6 +44,7 @@ from ._wire import (
     error_reply,
     frame_kind,
 )
+from .callers import RemoteCallers
 from .cancels import CallRegistry, Running
 from .claims import ClaimReader
 from .errors import (
@@ -117,6 +118,7 @@ class Runtime:
         self.producers = Producers(svc.service_name, self.instance_id, shm.host_id())
         self.calls = CallRegistry()  # started, finished and cancelled calls (cancels.py)
         self.claims = ClaimReader(self.namespace)  # callers' claim tables: who runs a queued call
+        self.remote_callers = RemoteCallers()  # whether callers on other hosts live (callers.py)
         if any(h.stream for h in self.functions.values()):  # the functions its consumers fetch with
             for name, fn in self.producers.handlers().items():
                 self.functions[name] = Handler(svc.service_name, name, fn, None)
@@ -210,9 +212,9 @@ class Runtime:
                 return
             try:
                 self.reply.sweep_blobs()
-                self.producers.reap(self._loop)
+                self.producers.reap(self._loop, self.remote_callers.alive_at)
                 self.calls.prune()
-                self.calls.orphans(self.reply.caller_lives)  # calls of callers that died: cancelled
+                self.calls.orphans(self._caller_lives)  # calls of callers that died: cancelled
                 for table in self.claims.prune(shm.process_alive):  # its queued calls are skipped
                     self.reply.caller_lives(claims_reply_ring(table))
                 load = {"in_flight": self.in_flight, "queued": self.queued(), "streams": len(self.producers)}
@@ -239,6 +241,9 @@ class Runtime:
                         self.router = self._reconnect()
                 except Exception:
                     pass
+
+    def _caller_lives(self, name: str) -> bool:
+        return self.remote_callers.alive(name) and self.reply.caller_lives(name)
 
     def _record_gauges(self) -> None:
         """Replica gauges for the dashboard, every heartbeat (off the call path)."""
@@ -285,6 +290,7 @@ class Runtime:
         finally:
             self.reply.close()
             self.claims.close()
+            self.remote_callers.close()
             if self.queue is not None:
                 self.queue.destroy()
             for fut in list(self._direct):
@@ -330,7 +336,8 @@ class Runtime:
                 # A call_async call carries a key its caller can cancel it by (cancels.py).
                 ticket, caller = cancel_ticket(payload, KIND_REQ)
                 key = (caller, ticket) if ticket and caller else None
-                call = self.calls.admit(key, not self.reply.known_dead(caller or "")) if key is not None else None
+                dead = self.reply.known_dead(caller or "") or self.remote_callers.known_dead(caller or "")
+                call = self.calls.admit(key, not dead) if key is not None else None
                 if key is not None and call is None:  # cancelled first, or its caller (on this host) died
                     out[i] = error_reply(req.cid, ERR_UNAVAILABLE, f"{req.function}: cancelled before it started")
                     continue

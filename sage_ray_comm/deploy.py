@@ -117,6 +117,14 @@ class ServiceActor:
         rt = self.rt
         return [False] * len(keys) if rt is None else [rt.calls.cancel(tuple(k), ttl) for k in keys]
 
+    def hello(self, caller: str, lives: list) -> None:
+        """A caller over Ray hands over its life (callers.py): an object it
+        owns, which Ray fails when the caller dies. In a list, so Ray passes
+        the reference, not the value."""
+        rt = self.rt
+        if rt is not None:
+            rt.remote_callers.remember(caller, lives[0])
+
     def tell(self, keys: list, ttl: float) -> None:
         """Tells calls this replica already took (won their claim) that their
         callers cancelled them (cancels.CallRegistry.tell)."""

@@ -433,6 +433,8 @@ class Endpoint:
             self._inbox.close()
         if self._factory is None:  # a factory's transports are its owner's to close
             self.shm.close()
+            if self.direct is not self.shm:
+                self.direct.close()
         with Endpoint._lock:
             if Endpoint._by_bus.get(self.bus) is self:
                 del Endpoint._by_bus[self.bus]

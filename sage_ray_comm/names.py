@@ -19,6 +19,7 @@ __all__ = [
     "cancellable",
     "claim_table_name",
     "claims_reply_ring",
+    "direct_caller_host_pid",
     "direct_caller_name",
     "event_ring_name",
     "gateway_name",
@@ -83,6 +84,18 @@ def direct_caller_name(pid: int, host: str, token: str) -> str:
     reply goes back through Ray, so this names the caller, not a ring). The
     host (``shm.host_id()``) lets a replica on the same host tell a dead caller."""
     return f"dir.{pid}.{host}.{token}"
+
+
+def direct_caller_host_pid(name: str) -> tuple[str, int] | None:
+    """The host and pid of a :func:`direct_caller_name` (None for other names).
+
+    >>> direct_caller_host_pid("dir.7.h1.x"), direct_caller_host_pid("rep.7.x")
+    (('h1', 7), None)
+    """
+    parts = name.split(".", 3)
+    if len(parts) != 4 or parts[0] != "dir" or not parts[1].isdigit():
+        return None
+    return parts[2], int(parts[1])
 
 
 def caller_pid(name: str, host: str | None = None) -> int | None:

@@ -216,14 +216,22 @@ class Producers:
         await s.gen.aclose()
         return True
 
-    def reap(self, loop: asyncio.AbstractEventLoop | None) -> int:
-        """Closes streams whose consumer died on this host or that nobody
-        fetched for IDLE_SECONDS (the heartbeat calls this); how many."""
+    def reap(self, loop: asyncio.AbstractEventLoop | None, remote_alive: Any = None) -> int:
+        """Closes streams whose consumer died, or that nobody fetched for
+        IDLE_SECONDS (the heartbeat calls this); how many. A consumer on this
+        host is checked by its pid; one on another host by
+        ``remote_alive(host, pid)`` (callers.py), when given."""
         now = time.monotonic()
         gone = []
         for sid, s in list(self._open.items()):
             owner = (s.consumer or "").split(":")
-            dead = len(owner) == 3 and owner[0] == self.host_id and not shm.process_alive(int(owner[1]), 0)
+            dead = False
+            if len(owner) == 3 and owner[1].isdigit():
+                host, pid = owner[0], int(owner[1])
+                if host == self.host_id:
+                    dead = not shm.process_alive(pid, 0)
+                elif remote_alive is not None:
+                    dead = not remote_alive(host, pid)
             if dead or now - s.last > IDLE_SECONDS:
                 gone.append((sid, s))
         for sid, s in gone:

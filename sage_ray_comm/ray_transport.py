@@ -28,8 +28,8 @@ import time
 import uuid
 from typing import Any
 
-from . import shm
-from ._ray import cancel_on_replica, get_or_create_actor
+from . import lifecycle, shm
+from ._ray import cancel_on_replica, get_or_create_actor, hello_replica
 from ._wire import (
     BadRequest,
     Reply,
@@ -369,6 +369,7 @@ class DirectTransport(Transport):
         # Who this caller is to the replicas it calls (a dead one on their host is noticed).
         self.caller = direct_caller_name(os.getpid(), shm.host_id(), uuid.uuid4().hex[:12])
         self._cancel_ids = itertools.count(1)
+        self._life: Any = None  # see _hello
 
     def _actor(self, inst: InstanceInfo) -> Any:
         a = self._actors.get(inst.instance_id)
@@ -385,6 +386,7 @@ class DirectTransport(Transport):
             except ValueError:
                 raise ServiceUnavailable(f"replica {inst.instance_id} of service '{inst.service}' is gone") from None
             self._actors[inst.instance_id] = a
+            self._hello(a)
         return a
 
     def _error(self, inst: InstanceInfo, fn: str, e: BaseException) -> SageCommError:
@@ -437,6 +439,16 @@ class DirectTransport(Transport):
             call.future.set_running_or_notify_cancel()  # sent at once: nobody could cancel it yet
         self._send(inst, lane, [(payload, nbytes, call, fn)])
         return call.future
+
+    def _hello(self, actor: Any) -> None:
+        """The first call to a replica hands it this caller's life
+        (callers.py): if this process dies, the replica cancels its calls
+        and closes its streams, even from another host."""
+        import ray
+
+        if self._life is None:
+            self._life = ray.put(b"")  # owned by this process: Ray fails it when the process dies
+        hello_replica(actor, self.caller, self._life)
 
     def _cancel_sent(self, inst: InstanceInfo, cancel_id: int, ttl: float) -> bool:
         """cancel() of a call already sent: a round trip to its replica, True
@@ -510,6 +522,11 @@ class DirectTransport(Transport):
 
     def send(self, inst: InstanceInfo, req: Request, timeout: float) -> None:
         self._actor(inst).handle.remote(direct_payload(req)[0])
+
+    def close(self) -> None:
+        life, self._life = self._life, None
+        if life is not None:
+            lifecycle.release(life)  # never freed by hand while Ray shuts down (lifecycle.py)
 
     def deliver(self, sub: Subscription, req: Request) -> bool:
         return False  # subscribers always have a ring; see FunctionClient.broadcast
