@@ -108,7 +108,7 @@ class Endpoint:
         if transport is None:
             self.shm = ShmTransport(self.namespace)
             self.ray = RayTransport(self.namespace)
-            self.direct: Transport = DirectTransport(self.namespace)
+            self.direct: Transport = DirectTransport(self.namespace, lifecycle.release)
             check_shm_space()  # a small /dev/shm (a container's 64 MiB) is said once, at start
         else:
             self.shm = self.direct = transport(self.node_id)

@@ -26,9 +26,10 @@ import os
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
-from . import lifecycle, shm
+from . import shm
 from ._ray import cancel_on_replica, get_or_create_actor, hello_replica
 from ._wire import (
     BadRequest,
@@ -360,8 +361,11 @@ class DirectTransport(Transport):
 
     name = "ray"
 
-    def __init__(self, namespace: str) -> None:
+    def __init__(self, namespace: str, release: Callable[[Any], None] | None = None) -> None:
+        """``release``: how close() lets go of this caller's life (a Ray
+        object; see _hello); None: it is dropped."""
         self.namespace = namespace
+        self._release = release
         self._actors: dict[str, Any] = {}
         self._lanes: dict[str, _Lane] = {}
         # call_async calls, and the Ray calls that carried them (fewer when batched).
@@ -525,8 +529,8 @@ class DirectTransport(Transport):
 
     def close(self) -> None:
         life, self._life = self._life, None
-        if life is not None:
-            lifecycle.release(life)  # never freed by hand while Ray shuts down (lifecycle.py)
+        if life is not None and self._release is not None:
+            self._release(life)  # the endpoint's lifecycle.release: never freed while Ray shuts down
 
     def deliver(self, sub: Subscription, req: Request) -> bool:
         return False  # subscribers always have a ring; see FunctionClient.broadcast
