@@ -19,6 +19,13 @@ same run: items per second, per-item overhead with producer and consumer
 pinned to different cores and to the same core (``os.sched_setaffinity``),
 time to first item, and items per second by ``window``.
 
+``--large`` measures large payloads (the arena, issue 13): 64 KiB, 1 MiB,
+16 MiB and 64 MiB, each as ``bytes`` and as a numpy array, echoed back,
+against a plain Ray actor call and a Ray Compiled Graph in alternating
+rounds of the same run, with one ``memcpy`` of the same size (numpy's
+``copyto``) as the floor; plus numpy arrays made in shared memory
+(``client.buffer``), which travel with no copy at all.
+
 ``--cross-node`` instead starts a two-raylet ``ray.cluster_utils.Cluster``
 with the service and a plain Ray actor (the same ``max_concurrency``) on the
 far node, the driver on the head, and measures p50 at 8 B, 64 KiB and 1 MiB
@@ -132,7 +139,12 @@ def main() -> int:
     ap.add_argument("--no-cgraph", action="store_true", help="skip the compiled graph")
     ap.add_argument("--cross-node", action="store_true", help="a two-raylet cluster: cross-node rows only")
     ap.add_argument("--streams", action="store_true", help="streaming rows only (against Ray's streaming generators)")
+    ap.add_argument(
+        "--large", action="store_true", help="large payloads only (64 KiB..64 MiB, bytes and numpy; the arena)"
+    )
     args = ap.parse_args()
+    if args.large:
+        return large(args)
     if args.cross_node:
         return cross_node(args)
     if args.streams:
@@ -636,6 +648,112 @@ def streams(args) -> int:
     with open(path, "w") as f:
         json.dump(results, f, indent=2)
     print(f"\nwrote {path}")
+    client.close()
+    bus.shutdown()
+    ray.shutdown()
+    return 0
+
+
+LARGE_SIZES = [64 << 10, 1 << 20, 16 << 20, 64 << 20]
+
+
+def large(args) -> int:
+    """The ``--large`` rows (see the module docstring)."""
+    import numpy as np
+
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    bus_name = f"lbench-{os.getpid()}"
+    bus = get_communication_bus(bus_name)
+    Echo.deploy(bus=bus_name)
+    client = FunctionClient(bus=bus_name)
+    ray_actor = RayEcho.remote()
+    ray.get(ray_actor.echo.remote(b""))
+    ray.get(get_gateway(ray.get_runtime_context().get_node_id()).janitor_stats.remote(), timeout=120)
+    cgraph = None
+    if not args.no_cgraph:
+        from ray.dag import InputNode
+
+        cg_actor = RayEcho.remote()
+        with InputNode() as inp:
+            dag = cg_actor.echo.bind(inp)
+        cgraph = dag.experimental_compile(_buffer_size_bytes=max(LARGE_SIZES) + (1 << 20))
+    rounds = 3
+    results: dict = {"latency_us": {}, "machine": run_info()}
+    rng = np.random.default_rng(0)
+    for size in LARGE_SIZES:
+        n = {64 << 10: 200, 1 << 20: 200, 16 << 20: 30, 64 << 20: 15}[size] // (4 if args.quick else 1)
+        arr = rng.random(size // 8)
+        payloads = {"bytes": arr.tobytes(), "numpy": arr}
+        for kind, payload in payloads.items():
+            same = (lambda a, b: a == b) if kind == "bytes" else np.array_equal
+            assert same(client.call("echo", "echo", payload, timeout=60), payload)
+            samples: dict = {"sage_call": [], "ray_actor": [], "ray_cgraph": []}
+            for _ in range(rounds):  # alternating rounds: the machine's drift hits every side alike
+                samples["sage_call"] += timed(lambda p: client.call("echo", "echo", p, timeout=60), payload, n, 3)
+                samples["ray_actor"] += timed(lambda p: ray.get(ray_actor.echo.remote(p)), payload, n, 3)
+                if cgraph is not None:
+                    samples["ray_cgraph"] += timed(lambda p: ray.get(cgraph.execute(p)), payload, n, 3)
+            src, dst = np.frombuffer(arr, np.uint8), np.empty(size, np.uint8)
+            copies = timed(lambda pair: np.copyto(*pair), (dst, src), max(n, 20), 3)
+            entry = {k: {"p50": pct(v, 0.5), "p99": pct(v, 0.99), "n": len(v)} for k, v in samples.items() if v}
+            entry["memcpy"] = {"p50": pct(copies, 0.5), "n": len(copies)}
+            results["latency_us"].setdefault(kind, {})[str(size)] = entry
+            print(f"  measured {kind} {size} B", file=sys.stderr, flush=True)
+        made = client.buffer((size // 8,), "float64")
+        made[:] = arr
+        ts = timed(lambda p: client.call("echo", "echo", p, timeout=60), made, n * rounds, 3)
+        results["latency_us"].setdefault("numpy_made_in_shm", {})[str(size)] = {
+            "sage_call": {"p50": pct(ts, 0.5), "p99": pct(ts, 0.99), "n": len(ts)}
+        }
+        del made
+    lat = results["latency_us"]
+    mib, big = str(1 << 20), str(64 << 20)
+    cg = cgraph is not None
+    results["targets_met"] = {
+        "1 MiB numpy p50 <= 100 us": lat["numpy"][mib]["sage_call"]["p50"] <= 100,
+        "1 MiB numpy <= 0.5x the compiled graph": cg
+        and lat["numpy"][mib]["sage_call"]["p50"] <= 0.5 * lat["numpy"][mib]["ray_cgraph"]["p50"],
+        "1 MiB bytes <= 0.7x the compiled graph": cg
+        and lat["bytes"][mib]["sage_call"]["p50"] <= 0.7 * lat["bytes"][mib]["ray_cgraph"]["p50"],
+        "64 MiB numpy <= 0.6x the compiled graph": cg
+        and lat["numpy"][big]["sage_call"]["p50"] <= 0.6 * lat["numpy"][big]["ray_cgraph"]["p50"],
+        "64 MiB numpy <= 1.5x one memcpy": lat["numpy"][big]["sage_call"]["p50"]
+        <= 1.5 * lat["numpy"][big]["memcpy"]["p50"],
+        "64 MiB made in shared memory p50 <= 200 us": lat["numpy_made_in_shm"][big]["sage_call"]["p50"] <= 200,
+    }
+    print("\nlarge payloads, echoed back: p50 round trip (us), alternating rounds of one run")
+    hdr = f"{'payload':>16} | {'sage':>9} | {'ray':>9} | {'cgraph':>9} | {'memcpy':>8} | {'vs ray':>7} {'vs cg':>6} {'vs cpy':>7}"
+    print(hdr)
+    print("-" * len(hdr))
+    for kind in ("bytes", "numpy", "numpy_made_in_shm"):
+        for size in LARGE_SIZES:
+            e = lat[kind][str(size)]
+            a = e["sage_call"]["p50"]
+            r = e.get("ray_actor", {}).get("p50")
+            c = e.get("ray_cgraph", {}).get("p50")
+            m = lat["numpy"][str(size)]["memcpy"]["p50"]
+            print(
+                f"{kind[:9] + ' ' + _fmt_size(size):>16} | {a:9.1f} | "
+                + (f"{r:9.1f} | " if r else f"{'-':>9} | ")
+                + (f"{c:9.1f} | " if c else f"{'-':>9} | ")
+                + f"{m:8.1f} | "
+                + (f"{a / r:6.2f}x " if r else f"{'':>7} ")
+                + (f"{a / c:5.2f}x " if c else f"{'':>6} ")
+                + f"{a / m:6.2f}x"
+            )
+    for name, ok in results["targets_met"].items():
+        print(f"  [{'ok' if ok else 'MISSED'}] {name}")
+    os.makedirs(args.out, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path = os.path.join(args.out, f"service_bench-large-{stamp}.json")
+    with open(path, "w") as f:
+        json.dump(results, f, indent=2)
+    print(f"\nwrote {path}")
+    png = _plot({"latency_us": lat["numpy"]}, os.path.join(args.out, f"service_bench-large-{stamp}.png"))
+    if png:
+        print(f"wrote {png}")
+    if cgraph is not None:
+        cgraph.teardown()
     client.close()
     bus.shutdown()
     ray.shutdown()

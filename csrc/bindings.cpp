@@ -410,6 +410,89 @@ class PyRing {
   int last_kind_ = -1;
 };
 
+// Releases of an arena slot that found it already free, or reused by another
+// message (a slot freed twice, or a stale view): counted, never applied.
+std::atomic<uint64_t> g_stale_releases{0};
+
+// An arena slot's word (arena.py): the slot's generation in the high 32 bits,
+// how many holders it has in the low 32. Only a release that still sees its
+// own generation with holders left takes one away.
+constexpr uint64_t kSlotRefsMask = 0xFFFFFFFFULL;
+constexpr int kSlotGenShift = 32;
+
+void release_slot(Ring& r, uint64_t index, uint64_t gen) {
+  uint64_t w = 0;
+  if (r.word_load(index, &w) != Status::kOk) {
+    g_stale_releases.fetch_add(1);
+    return;
+  }
+  for (;;) {
+    if ((w >> kSlotGenShift) != gen || (w & kSlotRefsMask) == 0) {
+      g_stale_releases.fetch_add(1);
+      return;
+    }
+    uint64_t seen = 0;
+    r.word_cas(index, w, w - 1, &seen);
+    if (seen == w) return;
+    w = seen;  // another holder moved it meanwhile: look again
+  }
+}
+
+// A buffer over part of a segment's data region: an arena slot. Python
+// buffers (numpy arrays, memoryviews, bytes) are made over it without a copy;
+// it keeps the mapping alive, and when the last of them is released (by
+// reference counting, never waiting for the garbage collector) it lets go of
+// the slot: `word` >= 0 names the slot's word, released at generation `gen`.
+class SlotView {
+ public:
+  SlotView(PyRing& ring, uint64_t offset, uint64_t length, bool readonly, int64_t word, uint64_t gen)
+      : ring_(ring.ring()), offset_(offset), length_(length), readonly_(readonly), word_(word), gen_(gen) {
+    uint64_t cap = ring_->capacity();
+    if (offset > cap || length > cap - offset)
+      raise("InvalidQueueArgument", ring.label() + ": a view of " + std::to_string(length) + " bytes at offset " +
+                                        std::to_string(offset) + " is past the segment's " + std::to_string(cap) +
+                                        " bytes");
+  }
+  ~SlotView() {
+    if (word_ >= 0) release_slot(*ring_, uint64_t(word_), gen_);
+  }
+  SlotView(const SlotView&) = delete;
+  SlotView& operator=(const SlotView&) = delete;
+
+  py::buffer_info info() {
+    return py::buffer_info(ring_->data() + offset_, 1, py::format_descriptor<uint8_t>::format(), 1,
+                           {py::ssize_t(length_)}, {py::ssize_t(1)}, readonly_);
+  }
+  // Copies `src` (any C-contiguous buffer) into this view at `at`, without the GIL.
+  void write(const py::buffer& src, uint64_t at) {
+    Views v;
+    v.add(src.ptr());
+    const Py_buffer& b = v.bufs[0];
+    if (at > length_ || uint64_t(b.len) > length_ - at)
+      throw py::value_error("a write of " + std::to_string(b.len) + " bytes at " + std::to_string(at) + " overruns a " +
+                            std::to_string(length_) + "-byte slot");
+    py::gil_scoped_release nogil;
+    std::memcpy(ring_->data() + offset_ + at, b.buf, size_t(b.len));
+  }
+  // Touches every page (zeroes them), so later writes pay no page faults.
+  void prefault() {
+    py::gil_scoped_release nogil;
+    std::memset(ring_->data() + offset_, 0, length_);
+  }
+  const std::string& shm_name() const { return ring_->name(); }
+  uint64_t offset() const { return offset_; }
+  uint64_t length() const { return length_; }
+  int64_t word() const { return word_; }
+  uint64_t gen() const { return gen_; }
+
+ private:
+  std::shared_ptr<Ring> ring_;
+  uint64_t offset_, length_;
+  bool readonly_;
+  int64_t word_;
+  uint64_t gen_;
+};
+
 // put_object and get_object again, as plain METH_FASTCALL functions bound to
 // one ring: SageQueue calls them once per message, and pybind11's dispatch
 // (argument conversion, overload resolution) costs as much as the ring itself.
@@ -565,6 +648,15 @@ PYBIND11_MODULE(_core, m) {
       .def("word_cas", &PyRing::word_cas, py::arg("index"), py::arg("expected"), py::arg("desired"))
       .def("word_load", &PyRing::word_load, py::arg("index"))
       .def("word_store", &PyRing::word_store, py::arg("index"), py::arg("value"))
+      .def(
+          "word_add",
+          [](PyRing& self, uint64_t index, int64_t delta) {
+            uint64_t after = 0;
+            Status st = self.ring()->word_add(index, delta, &after);
+            if (st != Status::kOk) self.raise_word(st, index);
+            return after;
+          },
+          py::arg("index"), py::arg("delta"))
       .def("release", &PyRing::release)
       .def("raw_view", &PyRing::raw_view)
       .def_property_readonly("released", &PyRing::released)
@@ -603,6 +695,18 @@ PYBIND11_MODULE(_core, m) {
         return d;
       },
       py::arg("name"));
+  py::class_<SlotView>(m, "SlotView", py::buffer_protocol())
+      .def(py::init<PyRing&, uint64_t, uint64_t, bool, int64_t, uint64_t>(), py::arg("ring"), py::arg("offset"),
+           py::arg("length"), py::arg("readonly") = true, py::arg("word") = -1, py::arg("gen") = 0)
+      .def_buffer(&SlotView::info)
+      .def("write", &SlotView::write, py::arg("src"), py::arg("at") = 0)
+      .def("prefault", &SlotView::prefault)
+      .def_property_readonly("shm_name", &SlotView::shm_name)
+      .def_property_readonly("offset", &SlotView::offset)
+      .def_property_readonly("length", &SlotView::length)
+      .def_property_readonly("word", &SlotView::word)
+      .def_property_readonly("gen", &SlotView::gen);
+  m.def("stale_releases", []() { return g_stale_releases.load(); });
   m.def("process_alive", &sage::process_alive, py::arg("pid"), py::arg("start_time") = 0);
   m.def("process_start_time", &sage::process_start_time, py::arg("pid"));
 }

@@ -898,6 +898,13 @@ Status Ring::word_store(uint64_t index, uint64_t value) {
   return Status::kOk;
 }
 
+Status Ring::word_add(uint64_t index, int64_t delta, uint64_t* after) {
+  std::atomic<uint64_t>* w = word_at(index);
+  if (w == nullptr) return Status::kInvalidArg;
+  *after = w->fetch_add(uint64_t(delta), std::memory_order_acq_rel) + uint64_t(delta);
+  return Status::kOk;
+}
+
 Status Ring::stats(Stats* o) const {
   o->capacity = capacity_;
   o->max_payload = max_payload_;

@@ -228,6 +228,10 @@ class Ring {
   Status word_cas(uint64_t index, uint64_t expected, uint64_t desired, uint64_t* seen);
   Status word_load(uint64_t index, uint64_t* value);
   Status word_store(uint64_t index, uint64_t value);
+  // Adds `delta` to a word; *after gets the new value.
+  Status word_add(uint64_t index, int64_t delta, uint64_t* after);
+  // The data region (an arena slab's slots live here, see arena.py).
+  uint8_t* data() const { return data_; }
 
   uint64_t capacity() const { return capacity_; }
   uint64_t max_payload() const { return max_payload_; }

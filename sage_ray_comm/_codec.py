@@ -18,18 +18,24 @@ import pickle
 import struct
 from typing import Any
 
+from . import arena, shm
+from .arena import ARENA_MIN_BYTES
 from .errors import DeserializationError, SerializationError
 
 __all__ = [
+    "ARENA_MIN_BYTES",
     "KIND_PICKLE",
     "KIND_PICKLE_OOB",
     "KIND_RAW",
+    "BigBytes",
+    "abandon",
     "decode_oob",
     "decode_payload",
     "dumps",
     "encode_payload",
     "names_main",
     "unpickle_error",
+    "wrap_big_bytes",
 ]
 
 # Ring frame kinds of SageQueue payloads (the binding encodes 1 and 2 itself:
@@ -131,10 +137,67 @@ def _dumps_by_value(obj: Any, bufs: list | None) -> bytes:
     return cloudpickle.dumps(obj, protocol=5, buffer_callback=None if bufs is None else bufs.append)
 
 
-def encode_payload(obj: Any, label: str) -> tuple[list, int]:
+class BigBytes:
+    """A ``bytes`` argument or result of ARENA_MIN_BYTES or more, wrapped so
+    that it pickles out-of-band (into the arena) and unpickles as ``bytes``
+    again: a ``bytes`` owns its memory, so the receiver copies it out once."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def __reduce__(self) -> tuple:
+        return bytes, (pickle.PickleBuffer(self.data),)
+
+
+def wrap_big_bytes(values: Any) -> Any:
+    """``values`` (a tuple or list of arguments, a dict of keyword arguments,
+    or one value) with each ``bytes`` of ARENA_MIN_BYTES or more wrapped in
+    :class:`BigBytes`; the same object when there is none."""
+    if type(values) is bytes:
+        return BigBytes(values) if len(values) >= ARENA_MIN_BYTES else values
+    if type(values) in (tuple, list):
+        if not any(type(v) is bytes and len(v) >= ARENA_MIN_BYTES for v in values):
+            return values
+        return type(values)(wrap_big_bytes(v) if type(v) is bytes else v for v in values)
+    if type(values) is dict:
+        if not any(type(v) is bytes and len(v) >= ARENA_MIN_BYTES for v in values.values()):
+            return values
+        return {k: wrap_big_bytes(v) if type(v) is bytes else v for k, v in values.items()}
+    return values
+
+
+def _whole_slot(raw: memoryview) -> Any:
+    """The SlotView ``raw`` covers exactly (an array received from, or made
+    in, an arena), or None."""
+    x: Any = raw.obj
+    for _ in range(8):  # an array's base chain: array -> memoryview -> SlotView
+        if isinstance(x, shm.SlotView):
+            return x if x.length == raw.nbytes else None
+        x = getattr(x, "base", None) if not isinstance(x, memoryview) else x.obj
+        if x is None:
+            return None
+    return None
+
+
+def encode_payload(
+    obj: Any,
+    label: str,
+    arena: Any = None,
+    reader_pid: int = 0,
+    timeout: float | None = None,
+    placed: list | None = None,
+) -> tuple[list, int]:
     """Pickles ``obj`` (protocol 5, see :func:`dumps`). Contiguous buffers (numpy arrays,
     bytearrays, PickleBuffers) stay out-of-band, so they are copied once,
-    straight into the ring."""
+    straight into the ring; or, with an ``arena`` (arena.py), those of
+    ARENA_MIN_BYTES or more go into a slot of it, and the payload carries
+    their location: once into the arena, and read in place by the receiver
+    (``reader_pid``: who lets go of them; ``timeout``: how long to wait for a
+    slot). A buffer that already lives in a slot is not copied at all.
+    ``placed`` collects the locations, for the caller to abandon if the
+    payload is never sent (:func:`abandon`)."""
     bufs: list = []
     try:
         # dumps() inlined: this runs twice per call (request and reply).
@@ -158,8 +221,10 @@ def encode_payload(obj: Any, label: str) -> tuple[list, int]:
         return [dumps(obj)], KIND_PICKLE
     if sum(r.nbytes for r in raws) < _OOB_MIN:
         return [dumps(obj)], KIND_PICKLE  # tiny: the frame header costs more
+    if arena is not None and any(r.nbytes >= ARENA_MIN_BYTES for r in raws):
+        raws = _locate(raws, arena, reader_pid, timeout, placed)
     head = _OOB_HEAD.pack(_OOB_MAGIC, len(raws), len(data))
-    lens = struct.pack(f"<{len(raws)}Q", *(r.nbytes for r in raws))
+    lens = struct.pack(f"<{len(raws)}Q", *(len(r) | _LOCATED if type(r) is bytes else r.nbytes for r in raws))
     parts: list = [head, lens, data]
     offset = len(head) + len(lens) + len(data)
     for r in raws:
@@ -168,8 +233,54 @@ def encode_payload(obj: Any, label: str) -> tuple[list, int]:
             parts.append(_ZEROS[:p])
             offset += p
         parts.append(r)
-        offset += r.nbytes
+        offset += len(r) if type(r) is bytes else r.nbytes
     return parts, KIND_PICKLE_OOB
+
+
+# A buffer-length entry with this bit set is a location record (an arena
+# slot), not the buffer's bytes: _LOC's fields, then the slab's name.
+_LOCATED = 1 << 63
+_LOC = struct.Struct("<QQQQH")  # slot, generation, offset, length, length of the slab's name
+
+
+def _locate(raws: list, arena: Any, reader_pid: int, timeout: float | None, placed: list | None) -> list:
+    """``raws`` with each large buffer replaced by its location record (bytes)."""
+    out = []
+    done: list = []
+    try:
+        for r in raws:
+            if r.nbytes < ARENA_MIN_BYTES or not arena.fits(r.nbytes):
+                if r.nbytes >= ARENA_MIN_BYTES:
+                    arena.too_big(r.nbytes)
+                out.append(r)
+                continue
+            view = _whole_slot(r)
+            loc = arena.hold(view) if view is not None else None
+            if loc is not None:
+                # Sent without a copy: the sender's array must not change what the receiver sees.
+                flags = getattr(r.obj, "flags", None)
+                if flags is not None and getattr(flags, "writeable", False):
+                    flags.writeable = False
+            else:
+                loc = arena.place(r, reader_pid, timeout)
+            done.append(loc)
+            name = loc.slab.encode()
+            out.append(_LOC.pack(loc.slot, loc.gen, loc.offset, loc.length, len(name)) + name)
+    except BaseException:
+        abandon(done)
+        raise
+    if placed is not None:
+        placed.extend(done)
+    return out
+
+
+def abandon(locations: list) -> None:
+    """Lets go of the holders taken for a payload that was never sent."""
+    for loc in locations:
+        try:
+            arena.READERS.view(loc)  # a view holds the holder; dropping it at once lets go of it
+        except Exception:  # already gone: nothing held
+            pass
 
 
 def unpickle_error(e: BaseException, payload: Any, label: str) -> DeserializationError:
@@ -209,8 +320,21 @@ def decode_oob(view: memoryview) -> Any:
     buffers = []
     for ln in lens:
         pos += _pad(pos)
+        located = ln & _LOCATED
+        ln &= ~_LOCATED
         if pos + ln > n:
             raise ValueError(f"buffer of {ln} bytes overruns the {n}-byte message")
-        buffers.append(view[pos : pos + ln])
+        buffers.append(_located(view[pos : pos + ln]) if located else view[pos : pos + ln])
         pos += ln
     return pickle.loads(data, buffers=buffers)
+
+
+def _located(record: memoryview) -> Any:
+    """The view of an arena slot a location record names (arena.READERS)."""
+    if len(record) < _LOC.size:
+        raise ValueError(f"a buffer location of {len(record)} bytes is truncated")
+    slot, gen, offset, length, nlen = _LOC.unpack_from(record, 0)
+    if _LOC.size + nlen != len(record):
+        raise ValueError("a buffer location's slab name does not match its length")
+    name = bytes(record[_LOC.size :]).decode(errors="replace")
+    return arena.READERS.view(arena.Location(name, slot, gen, offset, length))

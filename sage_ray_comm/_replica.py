@@ -44,6 +44,7 @@ from ._wire import (
     error_reply,
     frame_kind,
 )
+from .arena import READERS
 from .callers import RemoteCallers
 from .cancels import CallRegistry, Running
 from .claims import ClaimReader
@@ -85,9 +86,7 @@ class Runtime:
     dispatcher threads, async loop, registration and heartbeats.
 
     It is given its router, its request ring and how to tell that Ray is up,
-    so its dispatch and reply paths run in a unit test without Ray;
-    :meth:`create` wires the real ones.
-    """
+    so its dispatch and reply paths run in a unit test without Ray."""
 
     def __init__(
         self,
@@ -217,6 +216,7 @@ class Runtime:
                 self.calls.orphans(self._caller_lives)  # calls of callers that died: cancelled
                 for table in self.claims.prune(shm.process_alive):  # its queued calls are skipped
                     self.reply.caller_lives(claims_reply_ring(table))
+                READERS.prune()  # slabs of senders that died: let go of, for gc
                 load = {"in_flight": self.in_flight, "queued": self.queued(), "streams": len(self.producers)}
                 load.update(self.stats, cancelled=self.calls.skipped)
                 self._record_gauges()
@@ -253,6 +253,8 @@ class Runtime:
         recorder.count("sage_stream_items_total", tags, self.producers.items - self._items_seen)
         recorder.count("sage_calls_cancelled_total", tags, self.calls.skipped - self._skipped_seen)
         self._items_seen, self._skipped_seen = self.producers.items, self.calls.skipped
+        if self.reply.arena is not None:
+            recorder.gauge("sage_arena_fill_ratio", tags, self.reply.arena.fill())
         if self.queue is None:
             return
         st = self.queue.stats()
@@ -419,6 +421,7 @@ class Runtime:
                     self.calls.finish(key)  # over (an async handler finishes its own call)
             except Exception:  # never lose the dispatcher thread
                 log.exception("service %s failed handling a request", self.info.service)
+            req = call = None  # its arguments' arena slots go now, not when the next request comes
             with self._lock:
                 self._idle += 1
 

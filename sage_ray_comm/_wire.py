@@ -127,7 +127,9 @@ __all__ = [
 # The protocol this build speaks. Bump it whenever the header or the body
 # tuples change shape; a caller and a replica that differ get ProtocolMismatch.
 # 2: Request gained ``trace``, and the header's trace field is filled.
-PROTOCOL_VERSION = 2
+# 3: the cancellation id is filled (claims.py), and an out-of-band body may
+#    carry arena locations instead of buffers (_codec._LOCATED).
+PROTOCOL_VERSION = 3
 
 # ---------------------------------------------------------------- frame kinds
 # Stored in each ring frame's header. 1-3 are SageQueue's, defined with the
@@ -284,14 +286,24 @@ def request_tuple(req: Request, cid: int, reply_to: str | None, args: Any = None
     )
 
 
-def encode_request(req: Request | tuple, label: str, beside: bool = False, cancel_id: int = 0) -> tuple[list, int]:
+def encode_request(
+    req: Request | tuple,
+    label: str,
+    beside: bool = False,
+    cancel_id: int = 0,
+    arena: Any = None,
+    reader_pid: int = 0,
+    timeout: float | None = None,
+    placed: list | None = None,
+) -> tuple[list, int]:
     """The parts (buffers to write back to back) and ring kind of a request
     frame; ``req`` is a Request or its :func:`request_tuple`. ``beside``:
     its args travel beside the frame (FLAG_ARGS_BESIDE); ``cancel_id``: the
-    header's cancellation id."""
+    header's cancellation id; ``arena`` and the rest: large buffers go into
+    the arena (see _codec.encode_payload)."""
     if type(req) is not tuple:
         req = tuple(req)  # the body is a plain tuple: it pickles 4x faster than the NamedTuple
-    parts, kind = encode_payload(req, label)
+    parts, kind = encode_payload(req, label, arena, reader_pid, timeout, placed)
     _op, cid, function, _args, _kwargs, reply_to, deadline, _sender, _headers, _service, trace = req
     rt = (reply_to or "").encode()
     fn = (function or "").encode()[:65535]

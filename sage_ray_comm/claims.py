@@ -43,7 +43,7 @@ import threading
 import weakref
 from typing import Any
 
-from . import _core, shm
+from . import shm
 from .errors import QueueNotFound, SageCommError
 from .names import caller_pid
 
@@ -71,7 +71,7 @@ class ClaimTable:
         self.name = name
         self.slots = slots
         shm_name = shm.segment_name(namespace, name)
-        self._ring = _core.Ring(shm_name, slots * 8, _core.CREATE_ONLY, f"claim table '{name}'")
+        self._ring = shm.WordSegment(shm_name, slots * 8, shm.CREATE_ONLY, f"claim table '{name}'")
         self._finalizer = weakref.finalize(self, _remove, self._ring, shm_name)
         self._lock = threading.Lock()
         self._free = collections.deque(range(slots))
@@ -90,7 +90,10 @@ class ClaimTable:
             self._gen[slot] += 1
             ticket = self._gen[slot] * self.slots + slot
             self._armed[slot] = ticket
-        self._ring.word_store(slot, ticket << _STATE_BITS | PENDING)
+        try:
+            self._ring.word_store(slot, ticket << _STATE_BITS | PENDING)
+        except SageCommError:  # the table was closed (the process is exiting): no ticket
+            return 0
         return ticket
 
     def cancel(self, ticket: int, why: int = CANCELLED) -> bool:
@@ -99,12 +102,18 @@ class ClaimTable:
         or EXPIRED for a call its caller stopped waiting for."""
         slot = ticket & (self.slots - 1)
         pending = ticket << _STATE_BITS | PENDING
-        seen = self._ring.word_cas(slot, pending, ticket << _STATE_BITS | why)
+        try:
+            seen = self._ring.word_cas(slot, pending, ticket << _STATE_BITS | why)
+        except SageCommError:  # the table was closed (the process is exiting): nothing is certain
+            return False
         return seen == pending
 
     def state(self, ticket: int) -> int:
         """PENDING, TAKEN, CANCELLED or EXPIRED; 0 when the slot moved on to another call."""
-        word = self._ring.word_load(ticket & (self.slots - 1))
+        try:
+            word = self._ring.word_load(ticket & (self.slots - 1))
+        except SageCommError:  # closed
+            return 0
         return word & _STATE_MASK if word >> _STATE_BITS == ticket else 0
 
     def release(self, ticket: int) -> None:
@@ -127,7 +136,7 @@ class ClaimTable:
 
 def _remove(ring: Any, shm_name: str) -> None:
     ring.release()
-    _core.unlink(shm_name)
+    shm.unlink(shm_name)
 
 
 # How many callers' tables a replica keeps open (least recently used dropped).
@@ -169,7 +178,9 @@ class ClaimReader:
             if ring is not None:
                 return ring
             try:
-                ring = _core.Ring(shm.segment_name(self.namespace, name), 0, _core.OPEN_ONLY, f"claim table '{name}'")
+                ring = shm.WordSegment(
+                    shm.segment_name(self.namespace, name), 0, shm.OPEN_ONLY, f"claim table '{name}'"
+                )
             except QueueNotFound:
                 return None
             except SageCommError:  # not a table (corrupt, or another layout): treat as gone

@@ -234,7 +234,7 @@ def deploy_service(
     opts.pop("replicas", None)
     bus = validate_bus_name(bus or opts.pop("bus", None) or "default")
     opts.pop("bus", None)
-    for k in ("policy", "max_concurrency", "queue_bytes"):
+    for k in ("policy", "max_concurrency", "queue_bytes", "arena_bytes"):
         opts.pop(k, None)
     if n < 1:
         raise InvalidServiceDefinition(f"service '{name}' needs at least 1 replica, got {n}")

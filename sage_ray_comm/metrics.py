@@ -18,6 +18,7 @@ dashboard's Metrics page and Prometheus read.
 | ``sage_frames_dropped_total`` | counter | bus, where (``subscriber_buffer``, ``ring``) |
 | ``sage_replica_in_flight`` | gauge | bus, service, replica |
 | ``sage_ring_fill_ratio`` | gauge | bus, service, replica |
+| ``sage_arena_fill_ratio`` | gauge | bus, service, replica |
 | ``sage_streams_active`` | gauge | bus, service, replica |
 | ``sage_stream_items_total`` | counter | bus, service, replica |
 | ``sage_calls_cancelled_total`` | counter | bus, service, replica |
@@ -82,6 +83,11 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "sage_frames_dropped_total": ("counter", "Frames or events dropped", ("bus", "where")),
     "sage_replica_in_flight": ("gauge", "Requests running in a replica", ("bus", "service", "replica")),
     "sage_ring_fill_ratio": ("gauge", "Fill level of a replica's request ring (0..1)", ("bus", "service", "replica")),
+    "sage_arena_fill_ratio": (
+        "gauge",
+        "Share of a replica's arena budget in slots its callers still hold (0..1)",
+        ("bus", "service", "replica"),
+    ),
     "sage_streams_active": ("gauge", "Streams open in a replica", ("bus", "service", "replica")),
     "sage_stream_items_total": ("counter", "Stream items a replica sent", ("bus", "service", "replica")),
     "sage_calls_cancelled_total": (

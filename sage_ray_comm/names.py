@@ -11,6 +11,8 @@ names live in the router's Ray namespace.
 
 from __future__ import annotations
 
+import re
+
 __all__ = [
     "CANCELLABLE_MARK",
     "actor_name",
@@ -27,6 +29,8 @@ __all__ = [
     "reply_ring_pid",
     "request_ring_name",
     "router_name",
+    "slab_geometry",
+    "slab_name",
 ]
 
 
@@ -112,6 +116,25 @@ def caller_pid(name: str, host: str | None = None) -> int | None:
     if parts[0] == "dir":
         return int(parts[1]) if len(parts) == 4 and parts[2] == host else None
     return int(parts[1]) if parts[0] in ("rep", "clm") else None
+
+
+def slab_name(token: str, slot_bytes: int, slots: int) -> str:
+    """An arena slab (arena.py): its geometry is part of its name, so a
+    receiver checks a location against it without trusting the sender."""
+    return f"arena-{slot_bytes}x{slots}-{token}"
+
+
+def slab_geometry(shm_name: str) -> tuple[int, int] | None:
+    """``(slot_bytes, slots)`` of a slab, from its segment name (None if it is not one).
+
+    >>> slab_geometry("/sage_rc.bus_x.arena-262144x64-abc.0123")
+    (262144, 64)
+    """
+    m = _SLAB.search(shm_name)
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+_SLAB = re.compile(r"\.arena-([0-9]{1,12})x([0-9]{1,6})-")
 
 
 def event_ring_name(pid: int, token: str) -> str:

@@ -10,6 +10,7 @@ the ``sink`` its handler was given instead (``Runtime.handle_direct``).
 from __future__ import annotations
 
 import concurrent.futures
+import itertools
 import logging
 import os
 import time
@@ -17,9 +18,11 @@ from collections.abc import Callable
 from typing import Any
 
 from . import shm
+from ._codec import ARENA_MIN_BYTES, abandon, encode_payload, wrap_big_bytes
 from ._wire import ERR_SERIALIZATION, OP_CALL, ST_OK, ST_OK_BLOB, BadRequest, Request, bad_request_reply, error_reply
+from .arena import Arena
 from .errors import MessageTooLarge, QueueClosed, QueueFull, QueueNotFound, SerializationError
-from .names import caller_pid
+from .names import caller_pid, reply_ring_pid
 from .shm_transport import RingPool, SegmentBlob
 
 __all__ = ["REPLY_PUT_TIMEOUT", "ReplyWriter", "Sink", "future_sink"]
@@ -45,6 +48,21 @@ def future_sink(fut: concurrent.futures.Future) -> Sink:
 REPLY_PUT_TIMEOUT = 2.0
 
 
+# How many items of a result _big looks at (a long list is not walked per reply).
+_BIG_LOOK = 32
+
+
+def _big(value: Any) -> bool:
+    """Whether a result has a buffer for the arena: itself, or one of its
+    items (a tuple, list or dict of them), of ARENA_MIN_BYTES or more."""
+    items = value.values() if type(value) is dict else value if type(value) in (tuple, list) else (value,)
+    for v in itertools.islice(items, _BIG_LOOK):
+        n = len(v) if type(v) is bytes else getattr(v, "nbytes", 0)
+        if type(n) is int and n >= ARENA_MIN_BYTES:
+            return True
+    return False
+
+
 class ReplyWriter:
     """Writes one replica's replies. ``stats`` is the replica's counters
     (``errors``, ``replies_dropped``). Each method takes a ``sink``: where
@@ -56,6 +74,8 @@ class ReplyWriter:
         self.service = service
         self.replies = RingPool(namespace)
         self._callers: dict[str, tuple] = {}  # reply ring -> (checked at, caller alive)
+        self.arena: Arena | None = None  # large buffers of replies (arena.py), made at first use
+        self.arena_budget: int | None = None  # its size (None: Arena's default)
         # Oversize replies not yet known to be read: (blob, reply ring), swept by the heartbeat.
         self.blobs: list[tuple] = []
 
@@ -82,7 +102,7 @@ class ReplyWriter:
             sink((req.cid, ST_OK, result))
             return
         try:
-            self.put(req, (req.cid, ST_OK, result), raise_too_large=True)
+            self.put(req, (req.cid, ST_OK, result), raise_too_large=True, located=_big(result))
         except MessageTooLarge:
             blob = SegmentBlob.put(result, self.namespace)
             self.blobs.append((blob, req.reply_to))
@@ -134,7 +154,9 @@ class ReplyWriter:
         hit = self._callers.get(name)
         return hit is not None and not hit[1]
 
-    def put(self, req: Request, rep: tuple, raise_too_large: bool = False, sink: Sink | None = None) -> None:
+    def put(
+        self, req: Request, rep: tuple, raise_too_large: bool = False, sink: Sink | None = None, located: bool = False
+    ) -> None:
         if sink is not None:
             sink(rep)
             return
@@ -152,7 +174,10 @@ class ReplyWriter:
             return
         try:
             q = self.replies.get(req.reply_to)
-            q.put(rep, timeout=REPLY_PUT_TIMEOUT)
+            if located:  # large buffers go into this replica's arena, read in place by the caller
+                self._put_located(q, req.reply_to, rep)
+            else:
+                q.put(rep, timeout=REPLY_PUT_TIMEOUT)
         except (MessageTooLarge, SerializationError):
             if raise_too_large:  # the caller (result()) parks it or reports it
                 raise
@@ -162,9 +187,38 @@ class ReplyWriter:
             self.stats["replies_dropped"] += 1
             self.replies.drop(req.reply_to)
 
+    def buffer(self, shape: Any, dtype: Any) -> Any:
+        """An array in this replica's arena, for a handler to return without a copy."""
+        return self._arena().array(shape, dtype)
+
+    def _arena(self) -> Arena:
+        if self.arena is None:
+            self.arena = Arena(self.namespace, self.arena_budget)
+        return self.arena
+
+    def _put_located(self, q: Any, reply_to: str, rep: tuple) -> None:
+        self._arena()
+        cid, status, value = rep
+        placed: list = []
+        parts, kind = encode_payload(
+            (cid, status, wrap_big_bytes(value)),
+            q.label,
+            self.arena,
+            reply_ring_pid(reply_to) or 0,
+            REPLY_PUT_TIMEOUT,
+            placed,
+        )
+        try:
+            q.put_frame(parts, kind, REPLY_PUT_TIMEOUT)
+        except BaseException:
+            abandon(placed)
+            raise
+
     def close(self) -> None:
         """Removes unread oversize replies and closes the reply rings."""
         for blob, _ in self.blobs:
             blob.discard()
         self.blobs.clear()
         self.replies.close()
+        if self.arena is not None:
+            self.arena.close()

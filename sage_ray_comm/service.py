@@ -40,11 +40,7 @@ from ._replica import DEFAULT_MAX_CONCURRENCY, Runtime
 from .client import FunctionClient
 from .deploy import ServiceHandle, deploy_service
 from .endpoint import Endpoint
-from .errors import (
-    InvalidServiceDefinition,
-    InvalidSubscription,
-    ServiceUnavailable,
-)
+from .errors import InvalidServiceDefinition, InvalidSubscription, ServiceUnavailable
 from .intake import open_request_ring
 from .malloc import tune_malloc
 from .message import CommunicationPattern
@@ -300,6 +296,7 @@ class BaseService(ServiceCallMixin):
             policy=opts.get("policy", DEFAULT_POLICY),
             replace=replace,
             queue_bytes=opts.get("queue_bytes") or REQUEST_RING_BYTES,
+            arena_bytes=opts.get("arena_bytes"),
             code_id=_code_id or code_id_of(type(self)),
         )
         # Set before start(): once registered, requests can arrive, and a handler
@@ -349,6 +346,7 @@ class BaseService(ServiceCallMixin):
             "threads": rt.thread_count,
             "streams": len(rt.producers),
             "cancelled": rt.calls.skipped,
+            "arena": rt.reply.arena.stats() if rt.reply.arena is not None else None,
             **rt.stats,
         }
 
@@ -383,6 +381,23 @@ class BaseService(ServiceCallMixin):
     def remaining() -> float | None:
         """Inside a handler: seconds left before its request's deadline (None: no deadline)."""
         return context.remaining()
+
+    def buffer(self, shape: Any, dtype: Any = "float64") -> Any:
+        """Inside a handler: a writable numpy array in this replica's shared
+        memory, to fill and return: the caller on this node reads it in
+        place, with no copy (see ``FunctionClient.buffer``).
+
+        >>> class Render(BaseService):
+        ...     @service_function
+        ...     def frame(self, h: int, w: int):
+        ...         out = self.buffer((h, w, 3), "uint8")
+        ...         out[:] = 0
+        ...         return out
+        """
+        rt = self._runtime
+        if rt is None:
+            raise ServiceUnavailable(f"service '{self.service_name}' is not running: no arena to make a buffer in")
+        return rt.reply.buffer(shape, dtype)
 
     @staticmethod
     def cancelled() -> bool:
@@ -454,6 +469,7 @@ def sage_service(
     policy: str = DEFAULT_POLICY,
     max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
     queue_bytes: int = REQUEST_RING_BYTES,
+    arena_bytes: int | None = None,
     **ray_actor_options: Any,
 ) -> Callable[[type], type]:
     """Declares a service class. Ray actor options (``num_cpus``,
@@ -469,6 +485,9 @@ def sage_service(
         queue_bytes: bytes of each replica's request ring (default 8 MiB). When
             it is full, callers block up to their timeout (backpressure), then
             get CallTimeout; nothing is dropped.
+        arena_bytes: the most shared memory each replica's arena may take
+            for large buffers of its replies (default: a quarter of
+            /dev/shm's free space, at most 1 GiB).
 
     >>> @sage_service(name="calculator", replicas=2, num_cpus=0.1)
     ... class Calculator(BaseService):
@@ -497,6 +516,7 @@ def sage_service(
             "policy": policy,
             "max_concurrency": max_concurrency,
             "queue_bytes": queue_bytes,
+            "arena_bytes": arena_bytes,
             **ray_actor_options,
         }
         return cls
@@ -505,7 +525,13 @@ def sage_service(
 
 
 def _runtime(
-    svc: BaseService, bus: str, *, actor_name: str | None = None, queue_bytes: int = REQUEST_RING_BYTES, **options: Any
+    svc: BaseService,
+    bus: str,
+    *,
+    actor_name: str | None = None,
+    queue_bytes: int = REQUEST_RING_BYTES,
+    arena_bytes: int | None = None,
+    **options: Any,
 ) -> Runtime:
     """The runtime of ``svc`` on ``bus`` in this process, with the real
     router, a request ring in shared memory and the node's janitor.
@@ -519,7 +545,7 @@ def _runtime(
     queue = open_request_ring(svc.service_name, svc.service_id, namespace, queue_bytes, bool(actor_name))
     node_id = ray.get_runtime_context().get_node_id()
     ensure_janitor(node_id)  # every node with a replica has its segment janitor
-    return Runtime(
+    rt = Runtime(
         svc,
         bus,
         router_client(bus),
@@ -529,3 +555,5 @@ def _runtime(
         actor_name=actor_name,
         **options,
     )
+    rt.reply.arena_budget = arena_bytes
+    return rt

@@ -24,12 +24,16 @@ import time
 from . import _core
 
 __all__ = [
+    "CREATE_ONLY",
     "DEFAULT_NAMESPACE",
     "LEGACY_PART",
     "MAX_SEGMENT_BYTES",
+    "OPEN_ONLY",
     "PREFIX",
     "SHM_DIR",
     "SegmentInfo",
+    "SlotView",
+    "WordSegment",
     "current_node_id",
     "default_namespace",
     "gc",
@@ -53,6 +57,16 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
 LEGACY_PART = "legacy_"
 _BUS_PART = "bus_"
 MAX_SEGMENT_BYTES = _core.MAX_CAPACITY  # the largest ring one segment can hold
+
+# A segment used for its words and its data region, never as a ring: claim
+# tables (claims.py) and arena slabs (arena.py). ``WordSegment(shm_name,
+# capacity, mode, label)``; ``mode`` OPEN_ONLY or CREATE_ONLY.
+WordSegment = _core.Ring
+OPEN_ONLY = _core.OPEN_ONLY
+CREATE_ONLY = _core.CREATE_ONLY
+# A buffer over part of a segment's data region that lets go of its arena
+# slot when the last view of it is released (arena.py).
+SlotView = _core.SlotView
 
 
 def process_alive(pid: int, start_time: int = 0) -> bool:

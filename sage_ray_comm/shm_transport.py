@@ -26,6 +26,7 @@ import uuid
 from typing import Any
 
 from . import shm
+from ._codec import abandon, wrap_big_bytes
 from ._future import CallFuture
 from ._ray import cancel_on_replica, tell_replica
 from ._wire import (
@@ -37,6 +38,7 @@ from ._wire import (
     encode_request,
     request_tuple,
 )
+from .arena import Arena
 from .claims import EXPIRED, ClaimTable
 from .errors import (
     CallTimeout,
@@ -133,11 +135,20 @@ class SegmentBlob:
         return (SegmentBlob, (self.name, self.namespace, self.nbytes))
 
 
-def put_request(q: SageQueue, req: Request | tuple, timeout: float | None, ticket: int = 0) -> None:
+def put_request(
+    q: SageQueue, req: Request | tuple, timeout: float | None, ticket: int = 0, arena: Arena | None = None, pid: int = 0
+) -> None:
     """Writes one request frame (see _wire) into a replica's or subscriber's
-    ring; ``ticket``: its claim ticket (claims.py), the header's cancellation id."""
-    parts, kind = encode_request(req, q.label, cancel_id=ticket)
-    q.put_frame(parts, kind, 0.0 if timeout == 0 else timeout)
+    ring; ``ticket``: its claim ticket (claims.py), the header's cancellation
+    id. With an ``arena``, large buffers go into it (read in place by the
+    replica, process ``pid``); they are let go of if the frame cannot be written."""
+    placed: list = []
+    parts, kind = encode_request(req, q.label, False, ticket, arena, pid, timeout, placed)
+    try:
+        q.put_frame(parts, kind, 0.0 if timeout == 0 else timeout)
+    except BaseException:
+        abandon(placed)
+        raise
 
 
 def put_request_parking(
@@ -148,13 +159,20 @@ def put_request_parking(
     cid: int,
     reply_to: str | None,
     ticket: int = 0,
+    arena: Arena | None = None,
+    pid: int = 0,
 ) -> SegmentBlob | None:
     """Writes ``req`` (with this attempt's ``cid``, ``reply_to`` and claim
-    ``ticket``) into a ring; arguments too large for it go into a segment the
-    frame then carries. Returns that segment (None if not needed); if the
+    ``ticket``) into a ring; large buffers go into ``arena`` if given (see
+    put_request), and arguments still too large for the ring into a segment
+    the frame then carries. Returns that segment (None if not needed); if the
     frame still cannot be written, the segment is removed and the error raised."""
     try:
-        put_request(q, request_tuple(req, cid, reply_to), timeout, ticket)
+        if arena is not None:
+            args, kwargs = wrap_big_bytes(req.args), wrap_big_bytes(req.kwargs)
+            put_request(q, request_tuple(req, cid, reply_to, args, kwargs), timeout, ticket, arena, pid)
+        else:
+            put_request(q, request_tuple(req, cid, reply_to), timeout, ticket)
         return None
     except MessageTooLarge:
         blob = SegmentBlob.put((req.args, req.kwargs), namespace)
@@ -237,6 +255,8 @@ class ShmTransport(Transport):
         # correlation id -> (future, instance, monotonic end, oversize-args blob, finish)
         self._pending: dict[int, tuple] = {}
         self._tickets: dict[int, int] = {}  # correlation id -> its claim ticket (claims.py)
+        self.arena: Arena | None = None  # large buffers of this process's calls (arena.py)
+        self.arena_budget: int | None = None  # its size (None: Arena's default)
         self._reader: threading.Thread | None = None
         self._closed = False
         self.stale_replies = 0
@@ -261,7 +281,7 @@ class ShmTransport(Transport):
                 f"no longer exists) while calling '{req.function}'"
             ) from None
         try:
-            return put_request_parking(q, req, timeout, self.namespace, cid, reply_to, ticket)
+            return put_request_parking(q, req, timeout, self.namespace, cid, reply_to, ticket, self._arena(), inst.pid)
         except SerializationError as e:
             cause = e.__cause__ or e
             raise SerializationError(
@@ -279,6 +299,20 @@ class ShmTransport(Transport):
                 f"replica {inst.instance_id} of service '{inst.service}' is stopping (its request "
                 f"queue is closed); call to '{req.function}' not delivered"
             ) from None
+
+    def _arena(self) -> Arena:
+        """This process's arena for this bus's calls (arena.py), made at first use."""
+        a = self.arena
+        if a is None:
+            with self._lock:
+                if self.arena is None:
+                    self.arena = Arena(self.namespace, self.arena_budget)
+                a = self.arena
+        return a
+
+    def buffer(self, shape: Any, dtype: Any) -> Any:
+        """An array in this process's arena (Arena.array)."""
+        return self._arena().array(shape, dtype)
 
     @staticmethod
     def _resolve(inst: InstanceInfo, rep: Reply) -> Reply:
@@ -444,6 +478,7 @@ class ShmTransport(Transport):
                     else:
                         pending[cid] = entry
                         self._finish(cid, Reply(*rep))
+                rep = entry = None  # a reply's arena slots stay held by its future only
             except QueueEmpty:
                 pass
             except QueueClosed:
@@ -507,6 +542,8 @@ class ShmTransport(Transport):
             if r.claims is not None:
                 r.claims.close()
         self.pool.close()
+        if self.arena is not None:
+            self.arena.close()  # views of its slots that replicas still hold stay valid
 
 
 # While waiting for a reply, check this often that the replica still lives, so

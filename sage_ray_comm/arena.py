@@ -1,0 +1,367 @@
+"""A process's arena: shared-memory slabs of reusable slots. A large buffer
+of a call or a reply goes into a slot once; the receiver reads it in place
+(numpy arrays over the slot, read-only, as Ray's plasma arrays), and the
+slot is free again the moment the receiver lets go of its last view.
+
+A slab is a segment (``names.slab_name``) of equal slots; its data region::
+
+    [ words: two per slot, padded to a page ][ slot 0 ][ slot 1 ] ...
+    word 2i   = generation << 32 | holders     (holders 0: the slot is free)
+    word 2i+1 = pid of the process expected to let go of it (0: unknown)
+
+- The owner (the process that made the slab) takes a free slot with one
+  compare-and-swap, to the next generation with one holder: the receiver.
+  It copies the buffer in (the one copy of the message), and the frame
+  carries the slot's location (:class:`Location`), not its bytes.
+- The receiver maps the slab (once; :class:`SlabReader`) and rebuilds the
+  object over a ``SlotView`` of the slot. When the last view is released
+  (reference counting: Python never waits for its garbage collector), the
+  view takes its holder away: one atomic decrement, refused (and counted)
+  if the slot moved on to another generation, so a slot is never freed twice.
+- A buffer that already lives in a slot (an array received, or made with
+  :meth:`Arena.buffer`) is sent by location again, with one more holder:
+  an echo of a received array copies nothing.
+- A slot whose expected releaser died is taken back when the owner runs
+  short; a slab whose owner died is removed by ``shm.gc()``.
+- A full arena makes the sender wait, up to its deadline, for a slot to be
+  released (``CallTimeout`` after that): it never grows past its budget and
+  never drops a call.
+
+>>> arena = Arena("sage-doctest", budget=8 << 20)
+>>> loc = arena.place(memoryview(b"x" * (256 << 10)), reader_pid=0, timeout=1.0)
+>>> view = READERS.view(loc)
+>>> bytes(memoryview(view)[:3]), arena.in_use()
+(b'xxx', 1)
+>>> del view; arena.in_use()
+0
+>>> arena.close()
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+import weakref
+from typing import Any, NamedTuple
+
+from . import shm
+from .errors import CallTimeout, DeserializationError, SageCommError
+from .names import slab_geometry, slab_name
+
+__all__ = [
+    "ARENA_MIN_BYTES",
+    "DEFAULT_BUDGET",
+    "READERS",
+    "SLOT_CLASSES",
+    "Arena",
+    "Location",
+    "SlabReader",
+]
+
+log = logging.getLogger(__name__)
+
+# A buffer this large goes into the arena; smaller ones are copied with the
+# frame (a slot's bookkeeping costs more than copying them).
+ARENA_MIN_BYTES = 64 << 10
+# Slot sizes; a buffer takes the smallest that holds it. Larger than the last:
+# a slab of one slot of its own size.
+SLOT_CLASSES = (256 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20)
+# About how large a slab of small slots is (fewer segments, fewer mappings).
+SLAB_TARGET = 16 << 20
+# The arena's default size: a quarter of what /dev/shm has free (a default
+# Docker container has 64 MiB), at most this.
+DEFAULT_BUDGET = 1 << 30
+_PAGE = 4096
+_GEN_SHIFT = 32
+_HOLDERS = (1 << _GEN_SHIFT) - 1
+# How long a sender waits between looks at a full arena (it grows to this).
+_WAIT_MAX = 0.002
+
+
+class Location(NamedTuple):
+    """Where a buffer of a message lives: a slot of a slab."""
+
+    slab: str  # the slab's POSIX shared-memory name (its geometry is in it: names.slab_name)
+    slot: int
+    gen: int  # the slot's generation when the message was sent
+    offset: int  # of the buffer in the slab's data region
+    length: int
+
+
+def _words_bytes(slots: int) -> int:
+    return -(-(16 * slots) // _PAGE) * _PAGE
+
+
+class _Slab:
+    """One slab of the owner's arena."""
+
+    def __init__(self, namespace: str, slot_bytes: int, slots: int) -> None:
+        self.name = slab_name(uuid.uuid4().hex[:12], slot_bytes, slots)
+        self.slot_bytes, self.slots = slot_bytes, slots
+        self.base = _words_bytes(slots)
+        self.size = self.base + slot_bytes * slots
+        self.shm_name = shm.segment_name(namespace, self.name)
+        self.seg = shm.WordSegment(self.shm_name, self.size, shm.CREATE_ONLY, f"arena slab '{self.name}'")
+        self.whole = shm.SlotView(self.seg, 0, self.size, False)  # the owner's own, writable view
+        self.whole.prefault()  # every page touched now: a message pays no page faults
+        self.next = 0
+
+    def take(self, reader_pid: int) -> tuple[int, int] | None:
+        """A free slot, now the next generation with one holder: (slot, gen)."""
+        seg = self.seg
+        for k in range(self.slots):
+            i = (self.next + k) % self.slots
+            w = seg.word_load(2 * i)
+            if w & _HOLDERS:
+                continue
+            gen = (w >> _GEN_SHIFT) + 1
+            if seg.word_cas(2 * i, w, gen << _GEN_SHIFT | 1) == w:
+                seg.word_store(2 * i + 1, reader_pid)
+                self.next = i + 1
+                return i, gen
+        return None
+
+    def reclaim(self) -> int:
+        """Frees the slots whose expected releaser died; how many."""
+        n = 0
+        for i in range(self.slots):
+            w = self.seg.word_load(2 * i)
+            pid = self.seg.word_load(2 * i + 1)
+            dead = w & _HOLDERS and pid and not shm.process_alive(pid, 0)
+            if dead and self.seg.word_cas(2 * i, w, w & ~_HOLDERS) == w:
+                n += 1
+        return n
+
+    def in_use(self) -> int:
+        return sum(1 for i in range(self.slots) if self.seg.word_load(2 * i) & _HOLDERS)
+
+
+class Arena:
+    """A process's slabs (see the module docstring). ``budget``: the most
+    bytes of slabs it makes (default: a quarter of /dev/shm's free space, at
+    most DEFAULT_BUDGET). Thread-safe."""
+
+    def __init__(self, namespace: str, budget: int | None = None) -> None:
+        if budget is None:
+            budget = min(DEFAULT_BUDGET, shm.shm_space()[1] // 4)
+        self.namespace = namespace
+        self.budget = budget
+        self._lock = threading.Lock()
+        self._slabs: dict[int, list[_Slab]] = {}  # slot size -> its slabs
+        self._own: dict[str, Any] = {}  # shm name -> segment, of this arena's slabs
+        self._bytes = 0
+        self.reclaimed = 0  # slots taken back from receivers that died
+        self.waits = 0  # sends that found the arena full and waited
+        self._warned = False
+        self._finalizer = weakref.finalize(self, _unlink_all, self._slabs)
+
+    @staticmethod
+    def slot_size(nbytes: int) -> int:
+        for c in SLOT_CLASSES:
+            if nbytes <= c:
+                return c
+        return -(-nbytes // _PAGE) * _PAGE
+
+    def fits(self, nbytes: int) -> bool:
+        """Whether a buffer of ``nbytes`` can ever have a slot here."""
+        size = self.slot_size(nbytes)
+        return _words_bytes(1) + size <= self.budget
+
+    def place(self, buf: memoryview, reader_pid: int, timeout: float | None) -> Location:
+        """Copies ``buf`` into a slot for one receiver (``reader_pid``: who is
+        expected to let go of it, 0 if unknown). Waits up to ``timeout`` for
+        a slot when the arena is full, then raises CallTimeout."""
+        n = buf.nbytes
+        slab, slot, gen = self._take(n, reader_pid, timeout)
+        offset = slab.base + slot * slab.slot_bytes
+        slab.whole.write(buf, offset)
+        return Location(slab.shm_name, slot, gen, offset, n)
+
+    def _take(self, nbytes: int, reader_pid: int, timeout: float | None) -> tuple[_Slab, int, int]:
+        size = self.slot_size(nbytes)
+        if not self.fits(nbytes):
+            raise SageCommError(f"a buffer of {nbytes} bytes cannot fit this process's arena of {self.budget} bytes")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        pause = 0.00005
+        waited = False
+        while True:
+            with self._lock:
+                slabs = self._slabs.setdefault(size, [])
+                for slab in slabs:
+                    got = slab.take(reader_pid)
+                    if got is not None:
+                        return slab, *got
+                if any(s.reclaim() for s in slabs):
+                    self.reclaimed += 1
+                    continue
+                slots = max(1, SLAB_TARGET // size) if size in SLOT_CLASSES else 1
+                while slots > 1 and self._bytes + _words_bytes(slots) + size * slots > self.budget:
+                    slots //= 2
+                need = _words_bytes(slots) + size * slots
+                if self._bytes + need <= self.budget:
+                    slab = _Slab(self.namespace, size, slots)
+                    slabs.append(slab)
+                    self._own[slab.shm_name] = slab.seg
+                    self._bytes += need
+                    got = slab.take(reader_pid)
+                    if got is not None:
+                        return slab, *got
+            if not waited:
+                self.waits += 1
+                waited = True
+            if deadline is not None and time.monotonic() >= deadline:
+                raise CallTimeout(
+                    f"this process's arena ({self._bytes} of {self.budget} bytes in slabs) had no free slot "
+                    f"of {size} bytes for {timeout:.3g} s: its receivers hold every slot"
+                )
+            time.sleep(pause)  # slots come back from other processes: nothing here to wait on
+            pause = min(pause * 2, _WAIT_MAX)
+
+    def buffer(self, nbytes: int, timeout: float | None = None) -> Any:
+        """A writable buffer of ``nbytes`` that lives in a slot of this
+        arena: sending it (or arrays over it) copies nothing. Its slot is free
+        again when the last view of it, here or in a receiver, is released."""
+        slab, slot, gen = self._take(nbytes, 0, timeout)
+        offset = slab.base + slot * slab.slot_bytes
+        return shm.SlotView(slab.seg, offset, nbytes, False, 2 * slot, gen)
+
+    def array(self, shape: Any, dtype: Any = "float64", timeout: float | None = None) -> Any:
+        """A writable numpy array that lives in a slot of this arena (see
+        :meth:`buffer`): passing it in a call or returning it from a handler
+        copies nothing. Once sent it becomes read-only, so what the receiver
+        saw never changes."""
+        import numpy as np
+
+        dt = np.dtype(dtype)
+        count = int(np.prod(shape, dtype=np.int64))
+        view = self.buffer(max(1, count * dt.itemsize), timeout)
+        return np.frombuffer(view, dtype=dt, count=count).reshape(shape)
+
+    def hold(self, view: Any) -> Location | None:
+        """The location of ``view`` (a SlotView of a whole slot, this
+        process's or another's) with one more holder: the receiver it is sent
+        to. None if the slot moved on (then the buffer is copied instead)."""
+        seg = self._own.get(view.shm_name) or READERS.segment(view.shm_name)
+        if seg is None or view.word < 0:
+            return None
+        w = seg.word_load(view.word)
+        while w >> _GEN_SHIFT == view.gen and w & _HOLDERS:
+            seen = seg.word_cas(view.word, w, w + 1)
+            if seen == w:
+                seg.word_store(view.word + 1, 0)  # several holders now: no one process's death frees it
+                return Location(view.shm_name, view.word // 2, view.gen, view.offset, view.length)
+            w = seen
+        return None
+
+    def fill(self) -> float:
+        """The share of the budget in slots some receiver still holds (0..1)."""
+        with self._lock:
+            held = sum(s.in_use() * s.slot_bytes for slabs in self._slabs.values() for s in slabs)
+        return held / max(1, self.budget)
+
+    def too_big(self, nbytes: int) -> None:
+        """Says once that a buffer is larger than the arena can hold (it is then copied with its message)."""
+        if not self._warned:
+            self._warned = True
+            log.warning(
+                "a buffer of %d bytes does not fit this process's arena of %d bytes: such buffers are copied "
+                "with their message (give the arena more room: arena_bytes=)",
+                nbytes,
+                self.budget,
+            )
+
+    def in_use(self) -> int:
+        """Slots some receiver still holds."""
+        with self._lock:
+            return sum(s.in_use() for slabs in self._slabs.values() for s in slabs)
+
+    def stats(self) -> dict:
+        with self._lock:
+            slabs = [s for ss in self._slabs.values() for s in ss]
+            return {
+                "slabs": len(slabs),
+                "bytes": self._bytes,
+                "budget": self.budget,
+                "slots": sum(s.slots for s in slabs),
+                "in_use": sum(s.in_use() for s in slabs),
+                "waits": self.waits,
+                "reclaimed": self.reclaimed,
+            }
+
+    def close(self) -> None:
+        """Removes the slabs (views of them stay valid until released)."""
+        self._finalizer()
+
+
+def _unlink_all(slabs: dict) -> None:
+    for ss in slabs.values():
+        for slab in ss:
+            shm.unlink(slab.shm_name)
+
+
+# Slab readers keep this many slabs of other processes mapped (LRU).
+_READ_LIMIT = 64
+
+
+class SlabReader:
+    """The receiver's side: slabs of other processes, opened by name and kept
+    open, and the views of their slots that messages carry. A location that
+    is corrupt or out of range, a slot that moved on, or a slab that is gone
+    raises DeserializationError and is counted in ``dropped``."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._segs: dict[str, Any] = {}
+        self.dropped = 0
+
+    def segment(self, shm_name: str) -> Any:
+        """The slab ``shm_name`` mapped (None if there is no such slab)."""
+        seg = self._segs.get(shm_name)
+        if seg is not None:
+            return seg
+        with self._lock:
+            seg = self._segs.get(shm_name)
+            if seg is None:
+                try:
+                    seg = shm.WordSegment(shm_name, 0, shm.OPEN_ONLY, f"arena slab {shm_name}")
+                except SageCommError:
+                    return None
+                self._segs[shm_name] = seg
+                while len(self._segs) > _READ_LIMIT:
+                    self._segs.pop(next(iter(self._segs))).release()
+            return seg
+
+    def view(self, loc: Location) -> Any:
+        """A read-only SlotView of ``loc``'s buffer, holding the holder the
+        sender gave this receiver (released with the view's last reference)."""
+        try:
+            slab, slot, gen, offset, length = loc
+            geometry = slab_geometry(slab) if isinstance(slab, str) and slab.startswith("/" + shm.PREFIX) else None
+            if geometry is None:
+                raise ValueError(f"{slab!r} is not an arena slab")
+            slot_bytes, slots = geometry
+            base = _words_bytes(slots) + slot * slot_bytes
+            if not (0 <= slot < slots and offset == base and 0 <= length <= slot_bytes and gen > 0):
+                raise ValueError(f"slot {slot} at {offset} ({length} bytes) is not in a slab of {slots} x {slot_bytes}")
+            seg = self.segment(slab)
+            if seg is None:
+                raise ValueError(f"slab {slab} is gone (its owner died or removed it)")
+            w = seg.word_load(2 * slot)
+            if w >> _GEN_SHIFT != gen or not w & _HOLDERS:
+                raise ValueError(f"slot {slot} of {slab} moved on (generation {w >> _GEN_SHIFT}, not {gen})")
+            return shm.SlotView(seg, offset, length, True, 2 * slot, gen)
+        except (ValueError, TypeError, SageCommError) as e:
+            self.dropped += 1
+            raise DeserializationError(f"a buffer of a message cannot be read from the arena: {e}") from None
+
+    def prune(self) -> None:
+        """Lets go of slabs whose owner died (so shm.gc() can remove them)."""
+        with self._lock:
+            for name in [n for n, s in self._segs.items() if not shm.process_alive(s.stats()["creator_pid"], 0)]:
+                self._segs.pop(name).release()
+
+
+# This process's reader of other processes' slabs (one, shared by every ring).
+READERS = SlabReader()

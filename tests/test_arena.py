@@ -1,0 +1,258 @@
+"""The arena (arena.py) and located buffers (_codec.py): large buffers go
+into a shared-memory slot once, are read in place by another process, and
+the slot is free again when the last view of it is released. Real processes,
+real shared memory, real SIGKILLs."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import pickle
+import random
+import signal
+import struct
+import time
+import uuid
+
+import numpy as np
+import pytest
+
+from sage_ray_comm import CallTimeout, DeserializationError, shm
+from sage_ray_comm._codec import KIND_PICKLE_OOB, abandon, decode_oob, encode_payload, wrap_big_bytes
+from sage_ray_comm.arena import ARENA_MIN_BYTES, READERS, Arena, Location
+
+MiB = 1 << 20
+
+
+def _ns() -> str:
+    return f"arena-{uuid.uuid4().hex[:8]}"
+
+
+def _frame(obj, arena, pid=0, timeout=5.0) -> bytes:
+    parts, kind = encode_payload(obj, "test", arena, pid, timeout)
+    assert kind == KIND_PICKLE_OOB
+    return b"".join(bytes(p) for p in parts)
+
+
+def _read_in_child(frame: bytes, out, hold) -> None:
+    x = decode_oob(memoryview(frame))
+    out.put((type(x).__name__, bool(x.flags.writeable), float(x.sum()), os.getpid()))
+    hold.wait(60)  # keeps the view until told (or killed)
+
+
+@pytest.fixture
+def arena():
+    a = Arena(_ns(), budget=64 * MiB)
+    yield a
+    a.close()
+
+
+def test_another_process_reads_the_array_in_place_read_only_and_frees_it(arena):
+    x = np.arange(MiB // 8, dtype=np.float64)
+    frame = _frame(x, arena)
+    assert len(frame) < 4096  # the frame carries where the array is, not the array
+    ctx = multiprocessing.get_context("spawn")
+    out, hold = ctx.Queue(), ctx.Event()
+    p = ctx.Process(target=_read_in_child, args=(frame, out, hold))
+    p.start()
+    assert out.get(timeout=60)[:3] == ("ndarray", False, float(x.sum()))
+    assert arena.in_use() == 1  # the child holds its view
+    hold.set()
+    p.join(30)
+    assert p.exitcode == 0 and arena.in_use() == 0  # its views went with it
+
+
+def test_a_slot_stays_held_while_any_view_of_it_lives(arena):
+    x = np.ones(MiB // 8)
+    y = decode_oob(memoryview(_frame(x, arena)))
+    part = y[10:20]  # a slice keeps the whole slot
+    del y
+    assert arena.in_use() == 1 and part.sum() == 10
+    del part
+    assert arena.in_use() == 0
+
+
+def test_an_echo_sends_the_received_slot_back_without_copying(arena):
+    x = np.random.rand(MiB // 8)
+    got = decode_oob(memoryview(_frame(x, arena)))
+    back = decode_oob(memoryview(_frame(got, arena)))  # sent again: by location, one more holder
+    assert arena.stats()["in_use"] == 1 and np.array_equal(back, x)
+    assert np.shares_memory(got, back)  # the very same slot
+    del got
+    assert arena.in_use() == 1
+    del back
+    assert arena.in_use() == 0
+
+
+def test_sending_has_value_semantics(arena):
+    x = np.zeros(MiB // 8)
+    frame = _frame(x, arena)
+    x[:] = 7  # after the send: the receiver must not see it
+    assert decode_oob(memoryview(frame)).sum() == 0
+    made = np.frombuffer(arena.buffer(MiB), dtype=np.float64)  # lives in the arena: sent without a copy
+    made[:] = 1
+    assert made.flags.writeable
+    seen = decode_oob(memoryview(_frame(made, arena)))
+    assert not made.flags.writeable  # sent: the sender can no longer change what was seen
+    assert arena.in_use() == 1 and seen.sum() == MiB // 8  # the same slot: a copy would take another
+    del seen, made
+    assert arena.in_use() == 0
+
+
+def test_bytes_stay_bytes_and_are_let_go_of_at_once(arena):
+    b = os.urandom(MiB)
+    got = decode_oob(memoryview(_frame((wrap_big_bytes(b), "small"), arena)))
+    assert got == (b, "small") and type(got[0]) is bytes
+    assert arena.in_use() == 0  # copied out: the slot is free already
+
+
+def test_small_buffers_stay_in_the_frame(arena):
+    x = np.ones(ARENA_MIN_BYTES // 8 - 1)
+    frame = _frame(x, arena)
+    assert len(frame) > x.nbytes and arena.stats()["slabs"] == 0
+
+
+def test_a_full_arena_waits_for_a_slot_then_times_out():
+    a = Arena(_ns(), budget=3 * MiB)  # room for two slots of 1 MiB
+    try:
+        held = [decode_oob(memoryview(_frame(np.ones(MiB // 8), a))) for _ in range(2)]
+        t0 = time.monotonic()
+        with pytest.raises(CallTimeout, match="arena"):
+            _frame(np.ones(MiB // 8), a, timeout=0.3)
+        assert 0.3 <= time.monotonic() - t0 < 5
+        assert a.stats()["waits"] >= 1 and a.in_use() == 2  # nothing was dropped or grown
+        del held[0]
+        assert decode_oob(memoryview(_frame(np.ones(MiB // 8), a, timeout=0.3))).sum() == MiB // 8
+    finally:
+        a.close()
+
+
+def test_a_payload_that_fails_part_way_lets_go_of_its_slots():
+    a = Arena(_ns(), budget=3 * MiB)
+    try:
+        keep = decode_oob(memoryview(_frame(np.ones(MiB // 8), a)))
+        with pytest.raises(CallTimeout):  # the first array gets the last slot, the second none
+            _frame((np.ones(MiB // 8), np.ones(MiB // 8)), a, timeout=0.2)
+        assert a.in_use() == 1  # only `keep`: the first array's slot was let go of
+        placed: list = []
+        encode_payload(np.ones(MiB // 8), "test", a, 0, 1.0, placed)
+        assert a.in_use() == 2
+        abandon(placed)
+        assert a.in_use() == 1
+        del keep
+    finally:
+        a.close()
+
+
+def test_the_slots_of_a_receiver_that_died_are_taken_back():
+    a = Arena(_ns(), budget=3 * MiB)
+    ctx = multiprocessing.get_context("spawn")
+    try:
+        procs = [ctx.Process(target=_pause) for _ in range(2)]
+        # Each child holds one slot, placed for it (its pid is the slot's releaser).
+        frames = []
+        for p in procs:
+            p.start()
+        for p in procs:
+            frames.append(_frame(np.ones(MiB // 8), a, pid=p.pid))
+        assert a.in_use() == 2
+        for p in procs:
+            os.kill(p.pid, signal.SIGKILL)
+            p.join(30)
+        # The arena is full of slots held for dead processes: the next send takes one back.
+        assert decode_oob(memoryview(_frame(np.ones(MiB // 8), a, timeout=1.0))).sum() == MiB // 8
+        assert a.stats()["reclaimed"] >= 1
+    finally:
+        a.close()
+
+
+def _pause() -> None:
+    signal.pause()
+
+
+def _place_and_hang(ns: str, out) -> None:
+    a = Arena(ns, budget=8 * MiB)
+    out.put(_frame(np.ones(MiB // 8), a))
+    signal.pause()
+
+
+def test_the_slabs_of_a_sender_that_died_are_collected():
+    ns = _ns()
+    ctx = multiprocessing.get_context("spawn")
+    out = ctx.Queue()
+    p = ctx.Process(target=_place_and_hang, args=(ns, out))
+    p.start()
+    frame = out.get(timeout=60)
+    os.kill(p.pid, signal.SIGKILL)
+    p.join(30)
+    assert [s for s in shm.list_segments(ns) if "arena" in s.shm_name]
+    removed = shm.gc(ns)
+    assert any("arena" in s.shm_name for s in removed) and shm.list_segments(ns) == []
+    with pytest.raises(DeserializationError, match="gone"):
+        decode_oob(memoryview(frame))
+
+
+def _location_record(frame: bytes) -> tuple[int, int]:
+    """Where the one location record of a frame starts, and its length."""
+    _magic, nbufs, plen = struct.unpack_from("<4sIQ", frame, 0)
+    (ln,) = struct.unpack_from("<Q", frame, 16)
+    pos = 16 + 8 * nbufs + plen
+    pos += (-pos) % 16
+    return pos, ln & ~(1 << 63)
+
+
+def test_bad_locations_are_typed_errors_and_counted(arena):
+    good = _frame(np.ones(MiB // 8), arena)
+    pos, _ln = _location_record(good)
+    before = READERS.dropped
+    cases = {
+        "slot past the slab": struct.pack("<Q", 999_999),
+        "offset moved": None,
+        "stale generation": None,
+    }
+    slot, gen, offset, length, _nlen = struct.unpack_from("<QQQQH", good, pos)
+    cases["offset moved"] = struct.pack("<QQQQ", slot, gen, offset + 4096, length)
+    cases["stale generation"] = struct.pack("<QQQQ", slot, gen + 1, offset, length)
+    for patch in cases.values():
+        bad = bytearray(good)
+        bad[pos : pos + len(patch)] = patch
+        with pytest.raises(DeserializationError, match="arena"):
+            decode_oob(memoryview(bytes(bad)))
+    assert READERS.dropped == before + len(cases)
+    assert decode_oob(memoryview(good)).sum() == MiB // 8  # the good one still reads
+
+
+def test_the_location_decoder_survives_fuzzing(arena):
+    good = _frame(np.ones(MiB // 8), arena)
+    pos, ln = _location_record(good)
+    rng = random.Random(1234)
+    outcomes = {"error": 0, "read": 0}
+    for _ in range(3000):
+        bad = bytearray(good)
+        for _ in range(rng.randint(1, 6)):
+            bad[rng.randrange(pos, pos + ln)] = rng.randrange(256)
+        try:
+            x = decode_oob(memoryview(bytes(bad)))
+            outcomes["read"] += 1
+            del x
+        except (DeserializationError, ValueError, pickle.UnpicklingError):
+            outcomes["error"] += 1
+    assert outcomes["error"] > 2500  # nearly every mutation is refused, with a typed error
+    assert arena.in_use() <= 1  # and none leaves a slot held (the good frame's, unread, at most)
+
+
+def test_a_slot_released_twice_is_refused_and_counted(arena):
+    from sage_ray_comm import _core
+
+    frame = _frame(np.ones(MiB // 8), arena)
+    pos, _ln = _location_record(frame)
+    slot, gen, offset, length, nlen = struct.unpack_from("<QQQQH", frame, pos)
+    name = frame[pos + 34 : pos + 34 + nlen].decode()
+    view = READERS.view(Location(name, slot, gen, offset, length))
+    seg = READERS.segment(name)
+    extra = shm.SlotView(seg, offset, length, True, 2 * slot, gen)  # a second release of the same holder
+    stale = _core.stale_releases()
+    del view
+    assert arena.in_use() == 0
+    del extra  # the slot is free already: refused, counted, nothing changes
+    assert _core.stale_releases() == stale + 1 and arena.in_use() == 0

@@ -1,0 +1,175 @@
+"""Large buffers of calls and replies on one node go through the arena
+(arena.py): arrays reach a deployed service in place and read-only, an echo
+returns them without a copy, a held view never wedges the pipeline, and
+slots come back when views are released or their holder dies."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import numpy as np
+import pytest
+import ray
+from _wait import wait_for
+
+from sage_ray_comm import BaseService, FunctionClient, ServiceNotFound, sage_service, service_function, shm
+from sage_ray_comm.router import ROUTER_NAMESPACE
+
+MiB = 1 << 20
+
+
+@sage_service(name="zc_echo", num_cpus=0.1, max_concurrency=2)
+class ZcEcho(BaseService):
+    def initialize(self):
+        self.kept: list = []
+
+    @service_function
+    def echo(self, x):
+        return x
+
+    @service_function
+    def look(self, x) -> tuple:
+        return type(x).__name__, bool(getattr(getattr(x, "flags", None), "writeable", True)), float(np.sum(x))
+
+    @service_function
+    def keep(self, x, n: int) -> int:
+        """Keeps the first ``n`` arrays it gets: views it holds on to."""
+        if len(self.kept) < n:
+            self.kept.append(x)
+        return len(self.kept)
+
+    @service_function
+    def drop(self) -> int:
+        self.kept.clear()
+        return 0
+
+    @service_function
+    def made(self, n: int):
+        out = self.buffer((n,), "float64")  # lives in this replica's arena: returned without a copy
+        out[:] = 2.0
+        return out
+
+    @service_function
+    def stats(self) -> dict:
+        return self.get_stats()
+
+    @service_function
+    def pid(self) -> int:
+        return os.getpid()
+
+
+@sage_service(name="zc_other", num_cpus=0.1)
+class ZcOther(ZcEcho):
+    """Another service, to call once zc_echo's replica is gone."""
+
+
+def _in_use(client: FunctionClient) -> int:
+    arena = client.stats()["arena"]
+    return arena["in_use"] if arena else 0
+
+
+def test_an_array_reaches_the_service_in_place_and_comes_back_without_a_copy(bus):
+    ZcEcho.deploy(bus=bus)
+    with FunctionClient(bus=bus) as c:
+        x = np.random.rand(MiB // 8)
+        assert c.call("zc_echo", "look", x) == ("ndarray", False, pytest.approx(float(x.sum())))
+        y = c.call("zc_echo", "echo", x)
+        assert np.array_equal(x, y) and not y.flags.writeable  # read-only, as Ray's plasma arrays
+        assert c.stats()["arena"]["slabs"] >= 1
+        theirs = c.call("zc_echo", "stats")["arena"]
+        assert theirs is None or theirs["slabs"] == 0  # the echo went back in the caller's own slot
+        del y
+        wait_for(lambda: _in_use(c) == 0, 10, "the slot to come back")
+        b = os.urandom(MiB)
+        got = c.call("zc_echo", "echo", b)
+        assert type(got) is bytes and got == b  # bytes stay bytes
+
+
+def test_holding_100_arrays_never_wedges_the_pipeline(bus):
+    ZcEcho.deploy(bus=bus)
+    with FunctionClient(bus=bus) as c:
+        x = np.ones(MiB // 8)
+        for _ in range(10_100):
+            c.call("zc_echo", "keep", x, 100)  # the first 100 stay held by the service
+        assert c.call("zc_echo", "keep", x, 100) == 100
+        assert 100 <= _in_use(c) <= 102  # only the held ones (and one in flight) use slots
+        c.call("zc_echo", "drop")
+        wait_for(lambda: _in_use(c) == 0, 10, "the held slots to come back")
+
+
+def test_buffers_made_in_shared_memory_travel_without_a_copy(bus):
+    ZcEcho.deploy(bus=bus)
+    with FunctionClient(bus=bus) as c:
+        frame = c.buffer((MiB // 8,), "float64")
+        frame[:] = 3.0
+        assert c.call("zc_echo", "look", frame)[2] == 3.0 * (MiB // 8)
+        assert not frame.flags.writeable  # sent: it can no longer change what the service saw
+        assert _in_use(c) == 1  # its one slot: no copy took another
+        got = c.call("zc_echo", "made", MiB // 8)
+        assert got.sum() == 2.0 * (MiB // 8) and not got.flags.writeable
+        assert c.call("zc_echo", "stats")["arena"]["in_use"] == 1  # the caller holds the service's slot
+        del got
+        wait_for(lambda: c.call("zc_echo", "stats")["arena"]["in_use"] == 0, 10, "the service's slot back")
+
+
+def test_slots_held_by_a_replica_that_was_killed_come_back(bus):
+    ZcEcho.deploy(bus=bus)
+    ZcOther.deploy(bus=bus)
+    with FunctionClient(bus=bus, arena_bytes=12 * MiB) as c:  # a small arena: room for a few slots
+        x = np.ones(MiB // 8)
+        held = 0
+        while True:  # fill it with views the replica keeps
+            held = c.call("zc_echo", "keep", x, 1000)
+            if c.stats()["arena"]["in_use"] >= c.stats()["arena"]["slots"]:
+                break
+        actor = ray.get_actor(c.endpoint.instances("zc_echo")[0].actor_name, namespace=ROUTER_NAMESPACE)
+        os.kill(ray.get(actor.pid.remote(), timeout=30), signal.SIGKILL)
+        wait_for(lambda: not _serving(c), 30, "the dead replica to leave the registry")
+        assert c.call("zc_other", "look", x, timeout=30)[2] == MiB // 8  # needed a slot: took one back
+        assert c.stats()["arena"]["reclaimed"] >= 1 and held >= 1
+
+
+def _serving(c: FunctionClient) -> bool:
+    try:
+        return bool(c.endpoint.instances("zc_echo"))
+    except ServiceNotFound:
+        return False
+
+
+def _rss_anon(pid: int | str = "self") -> int:
+    """A process's resident private memory (its shared-memory mappings apart)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no RssAnon in /proc/self/status")
+
+
+def _shm_used() -> int:
+    total, free = shm.shm_space()
+    return total - free
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_memory_stays_flat_over_many_large_messages(bus):
+    ZcEcho.deploy(bus=bus)
+    with FunctionClient(bus=bus) as c:
+        for size, n in ((MiB, 100_000), (64 * MiB, 1_000)):
+            x = np.ones(size // 8)
+            for _ in range(200 if size == MiB else 20):  # warm: slabs made, pages touched
+                c.call("zc_echo", "echo", x, timeout=60)
+            replica = c.call("zc_echo", "pid")
+            rss0, theirs0 = _rss_anon(), _rss_anon(replica)
+            shm0 = _shm_used()
+            for _ in range(n):
+                y = c.call("zc_echo", "echo", x, timeout=60)
+            assert np.array_equal(y, x)
+            del y
+            grew_rss = _rss_anon() - rss0
+            grew_theirs = _rss_anon(replica) - theirs0
+            grew_shm = _shm_used() - shm0
+            assert grew_rss < 64 * MiB, f"{size} B x {n}: private RSS grew {grew_rss / MiB:.0f} MiB"
+            assert grew_theirs < 64 * MiB, f"{size} B x {n}: the replica's RSS grew {grew_theirs / MiB:.0f} MiB"
+            assert grew_shm <= 2 * size, f"{size} B x {n}: /dev/shm grew {grew_shm / MiB:.0f} MiB"
