@@ -14,6 +14,7 @@ dataclasses defined in ``__main__``, lambdas, closures. Contiguous buffers
 
 from __future__ import annotations
 
+import itertools
 import pickle
 import struct
 from typing import Any
@@ -29,6 +30,7 @@ __all__ = [
     "KIND_RAW",
     "BigBytes",
     "abandon",
+    "big_buffers",
     "decode_oob",
     "decode_payload",
     "dumps",
@@ -166,6 +168,21 @@ def wrap_big_bytes(values: Any) -> Any:
             return values
         return {k: wrap_big_bytes(v) if type(v) is bytes else v for k, v in values.items()}
     return values
+
+
+# How many items of a value big_buffers looks at (a long list is not walked per message).
+_BIG_LOOK = 32
+
+
+def big_buffers(value: Any) -> bool:
+    """Whether a value has a buffer for the arena: itself, or one of its
+    items (a tuple, list or dict of them), of ARENA_MIN_BYTES or more."""
+    items = value.values() if type(value) is dict else value if type(value) in (tuple, list) else (value,)
+    for v in itertools.islice(items, _BIG_LOOK):
+        n = len(v) if type(v) is bytes else getattr(v, "nbytes", 0)
+        if type(n) is int and n >= ARENA_MIN_BYTES:
+            return True
+    return False
 
 
 def _whole_slot(raw: memoryview) -> Any:

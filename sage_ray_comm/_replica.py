@@ -45,6 +45,7 @@ from ._wire import (
     frame_kind,
 )
 from .arena import READERS
+from .blobs import SegmentBlob
 from .callers import RemoteCallers
 from .cancels import CallRegistry, Running
 from .claims import ClaimReader
@@ -71,7 +72,6 @@ from .router import (
     validate_pattern,
 )
 from .routing import DEFAULT_POLICY
-from .shm_transport import SegmentBlob
 
 if TYPE_CHECKING:
     from .service import BaseService

@@ -427,6 +427,9 @@ class FunctionClient(StreamCalls, RegistryViews):
 
     def _deliver(self, ep: Endpoint, targets: list[Subscription], payload: Any, hdrs: dict, trace: str | None) -> int:
         delivered = 0
+        fanout = getattr(ep.shm, "fanout", None)
+        if fanout is not None and sum(1 for s in targets if s.queue) > 1:
+            payload = fanout(payload)  # large buffers written once, for every subscriber on this node
         event = Request(OP_EVENT, 0, "", (payload,), None, None, None, self.client_id, hdrs, "", trace)
         far: dict[str, list[Subscription]] = {}  # other nodes' subscribers: one frame per node
         for sub in targets:

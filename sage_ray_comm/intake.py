@@ -8,11 +8,11 @@ from __future__ import annotations
 import logging
 
 from ._wire import KIND_REQ_OOB, BadRequest, Request, cancel_ticket, decode_request
+from .blobs import SegmentBlob
 from .claims import EXPIRED, TAKEN, ClaimReader
 from .errors import SharedMemoryFull
 from .names import cancellable, claim_table_name, request_ring_name
 from .queue import SageQueue
-from .shm_transport import SegmentBlob
 from .transport import REQUEST_SPIN_US, shm_warn_once
 
 __all__ = ["CANCELLED_FIRST", "EXPIRED_FIRST", "open_request_ring", "request_args", "take_request"]

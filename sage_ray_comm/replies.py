@@ -10,7 +10,6 @@ the ``sink`` its handler was given instead (``Runtime.handle_direct``).
 from __future__ import annotations
 
 import concurrent.futures
-import itertools
 import logging
 import os
 import time
@@ -18,12 +17,13 @@ from collections.abc import Callable
 from typing import Any
 
 from . import shm
-from ._codec import ARENA_MIN_BYTES, abandon, encode_payload, wrap_big_bytes
+from ._codec import abandon, big_buffers, encode_payload, wrap_big_bytes
 from ._wire import ERR_SERIALIZATION, OP_CALL, ST_OK, ST_OK_BLOB, BadRequest, Request, bad_request_reply, error_reply
 from .arena import Arena
+from .blobs import SegmentBlob
 from .errors import MessageTooLarge, QueueClosed, QueueFull, QueueNotFound, SerializationError
 from .names import caller_pid, reply_ring_pid
-from .shm_transport import RingPool, SegmentBlob
+from .shm_transport import RingPool
 
 __all__ = ["REPLY_PUT_TIMEOUT", "ReplyWriter", "Sink", "future_sink"]
 
@@ -46,21 +46,6 @@ def future_sink(fut: concurrent.futures.Future) -> Sink:
 
 # A reply ring that stays full this long means the caller stopped reading.
 REPLY_PUT_TIMEOUT = 2.0
-
-
-# How many items of a result _big looks at (a long list is not walked per reply).
-_BIG_LOOK = 32
-
-
-def _big(value: Any) -> bool:
-    """Whether a result has a buffer for the arena: itself, or one of its
-    items (a tuple, list or dict of them), of ARENA_MIN_BYTES or more."""
-    items = value.values() if type(value) is dict else value if type(value) in (tuple, list) else (value,)
-    for v in itertools.islice(items, _BIG_LOOK):
-        n = len(v) if type(v) is bytes else getattr(v, "nbytes", 0)
-        if type(n) is int and n >= ARENA_MIN_BYTES:
-            return True
-    return False
 
 
 class ReplyWriter:
@@ -102,7 +87,7 @@ class ReplyWriter:
             sink((req.cid, ST_OK, result))
             return
         try:
-            self.put(req, (req.cid, ST_OK, result), raise_too_large=True, located=_big(result))
+            self.put(req, (req.cid, ST_OK, result), raise_too_large=True, located=big_buffers(result))
         except MessageTooLarge:
             blob = SegmentBlob.put(result, self.namespace)
             self.blobs.append((blob, req.reply_to))

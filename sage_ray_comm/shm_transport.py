@@ -7,7 +7,8 @@ hand-off between threads on the hot path. Asynchronous calls share one ring
 per process, read by one thread that completes the futures.
 
 Payloads larger than a ring's frame limit travel in a one-off segment (the
-frame carries a :class:`SegmentBlob`). The helpers that write and read
+frame carries a ``blobs.SegmentBlob``); large buffers go into the arena
+(arena.py) and are read in place. The helpers that write and read
 request frames (:func:`put_request`, :func:`take_request`) are shared with the
 replica's dispatcher and the event inbox.
 """
@@ -26,7 +27,7 @@ import uuid
 from typing import Any
 
 from . import shm
-from ._codec import abandon, wrap_big_bytes
+from ._codec import KIND_PICKLE_OOB, abandon, big_buffers, decode_oob, encode_payload, wrap_big_bytes
 from ._future import CallFuture
 from ._ray import cancel_on_replica, tell_replica
 from ._wire import (
@@ -34,11 +35,11 @@ from ._wire import (
     ST_OK_BLOB,
     Reply,
     Request,
-    encode_payload,
     encode_request,
     request_tuple,
 )
 from .arena import Arena
+from .blobs import SegmentBlob
 from .claims import EXPIRED, ClaimTable
 from .errors import (
     CallTimeout,
@@ -52,87 +53,19 @@ from .errors import (
     SharedMemoryFull,
 )
 from .malloc import tune_malloc
-from .names import blob_name, claim_table_name, reply_ring_name
+from .names import claim_table_name, reply_ring_name
 from .queue import SageQueue
 from .router import ROUTER_NAMESPACE, InstanceInfo, Subscription
 from .transport import REPLY_RING_BYTES, REPLY_SPIN_US, Finish, Transport, settle, shm_warn_once
 
 __all__ = [
     "RingPool",
-    "SegmentBlob",
     "ShmTransport",
     "instance_alive",
     "put_request",
 ]
 
 log = logging.getLogger(__name__)
-
-
-class SegmentBlob:
-    """An oversize payload in a one-off shared-memory segment of its own.
-
-    A frame may hold at most half its ring. A larger request or reply is
-    written into a fresh segment sized for it, and the frame carries only
-    this small handle. The receiver reads it and unlinks the segment; the
-    sender unlinks it too once the call is over (for a receiver that died
-    first), so none is left behind. Same node only: across nodes the Ray
-    transport carries large payloads through Ray's object store itself.
-
-    (Ray's ObjectRefs cannot be used here: an ObjectRef pickled outside Ray's
-    own task arguments cannot be fetched by another worker in Ray 2.x; see
-    ``tests/test_transport.py::test_out_of_band_object_refs_do_not_resolve``.)
-    """
-
-    __slots__ = ("name", "namespace", "nbytes")
-
-    def __init__(self, name: str, namespace: str, nbytes: int) -> None:
-        self.name = name
-        self.namespace = namespace
-        self.nbytes = nbytes
-
-    @classmethod
-    def put(cls, obj: Any, namespace: str) -> SegmentBlob:
-        parts, kind = encode_payload(obj, f"an oversize payload in namespace '{namespace}'")
-        nbytes = sum(memoryview(p).nbytes for p in parts)
-        name = blob_name(os.getpid(), uuid.uuid4().hex[:12])
-        cap = 2 * (nbytes + 64) + 4096
-        if cap > shm.MAX_SEGMENT_BYTES:
-            raise MessageTooLarge(
-                f"a {nbytes}-byte payload exceeds the largest shared-memory segment ({shm.MAX_SEGMENT_BYTES // 2} bytes)"
-            )
-        q = SageQueue(name, cap, auto_cleanup=False, namespace=namespace)
-        try:
-            q.put_frame(parts, kind, 0.0)
-        except BaseException:
-            q.unlink()
-            raise
-        finally:
-            q.release()
-        return cls(name, namespace, nbytes)
-
-    def get(self) -> Any:
-        """Reads the payload and removes the segment (each blob is read once)."""
-        try:
-            q = SageQueue(self.name, auto_cleanup=False, namespace=self.namespace, create=False)
-        except QueueNotFound:
-            raise ServiceUnavailable(
-                f"the {self.nbytes}-byte payload segment '{self.name}' is gone (its sender gave up or died)"
-            ) from None
-        try:
-            return q.get(timeout=0)
-        finally:
-            q.unlink()
-            q.release()
-
-    def discard(self) -> None:
-        """Removes the segment if the receiver has not (it died, or never came)."""
-        try:
-            shm.unlink(shm.segment_name(self.namespace, self.name))
-        except Exception:
-            pass
-
-    def __reduce__(self):
-        return (SegmentBlob, (self.name, self.namespace, self.nbytes))
 
 
 def put_request(
@@ -518,15 +451,34 @@ class ShmTransport(Transport):
         # An oversize fire-and-forget payload's segment is removed by its reader
         # (or by gc, should the replica die before reading it).
 
+    def fanout(self, payload: Any) -> Any:
+        """``payload`` with its large buffers written once into the arena and
+        read back as views of their slots, so that delivering it to each
+        subscriber on this node only adds a holder (no copy per subscriber);
+        the slots are free once the last subscriber lets go. ``payload``
+        itself when it has none, or the arena has no free slot now (a
+        publisher never waits)."""
+        if not big_buffers(payload):
+            return payload
+        try:
+            parts, kind = encode_payload(wrap_big_bytes(payload), "an event", self._arena(), 0, 0.0)
+        except (CallTimeout, SerializationError):
+            return payload
+        if kind != KIND_PICKLE_OOB:
+            return payload
+        return decode_oob(memoryview(b"".join(parts)))
+
     def deliver(self, sub: Subscription, req: Request) -> bool:
         try:
             q = self.pool.get(sub.queue)
         except QueueNotFound:
             return False
         try:
-            put_request_parking(q, req, 0, self.namespace, req.cid, req.reply_to)
+            # Large buffers by location (fanout()); one that needs a slot and
+            # finds none drops the event for this subscriber: a publisher never waits.
+            put_request_parking(q, req, 0, self.namespace, req.cid, req.reply_to, 0, self._arena(), 0)
             return True
-        except (QueueFull, QueueClosed):
+        except (QueueFull, QueueClosed, CallTimeout):
             return False
 
     def close(self) -> None:

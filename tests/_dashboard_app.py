@@ -41,6 +41,12 @@ class Formatter(BaseService):
     def chars(self, s: str):
         yield from s
 
+    @service_function
+    def frame(self):
+        out = self.buffer((1 << 17,), "float64")  # 1 MiB in the replica's arena
+        out[:] = 1.0
+        return out
+
 
 @sage_service(name="one_thread", max_concurrency=1, num_cpus=0.1)
 class OneThread(BaseService):
@@ -88,6 +94,8 @@ def main() -> int:
     # A stream left open, and calls cancelled before they started, for their metrics.
     stream = client.stream("formatter", "chars", "abcdef", window=2)
     assert next(stream) == "a"
+    frame = client.call("formatter", "frame")  # held here: the replica's arena has a slot in use
+    assert frame.sum() == 1 << 17
     OneThread.deploy(bus=bus.name)
     held = client.call_async("one_thread", "nap", 1.0)
     found_cancelled = sum(client.call_async("one_thread", "nap", 0.0).cancel() for _ in range(20))
@@ -124,6 +132,7 @@ def main() -> int:
             and any(line.startswith("ray_sage_streams_active") and line.endswith(" 1.0") for line in lines)
             and any(line.startswith("ray_sage_stream_items_total") for line in lines)
             and any(line.startswith("ray_sage_calls_cancelled_total") for line in lines)
+            and any(line.startswith("ray_sage_arena_fill_ratio") for line in lines)
         ):
             break
         time.sleep(2)

@@ -66,5 +66,10 @@ def test_actors_page_and_prometheus_metrics(tmp_path):
     assert any(ln.startswith("ray_sage_stream_items_total") and 'service="formatter"' in ln for ln in m)
     assert r["cancelled"] == 20
     assert any(ln.startswith("ray_sage_calls_cancelled_total") and ln.endswith(" 20.0") for ln in m)
+    # The arena: a 1 MiB slot of the formatter's, held by the driver.
+    assert any(
+        ln.startswith("ray_sage_arena_fill_ratio") and 'service="formatter"' in ln and float(ln.split()[-1]) > 0
+        for ln in m
+    )
     # and `sage-comm metrics` prints them, from another process
     assert "ray_sage_calls_total" in r["cli_metrics"] and 'bus="dashboard_bus"' in r["cli_metrics"]

@@ -10,7 +10,8 @@ import pytest
 
 from sage_ray_comm import QueueNotFound, SageQueue, ServiceUnavailable, service_function, shm
 from sage_ray_comm._wire import KIND_REQ, KIND_REQ_OOB
-from sage_ray_comm.shm_transport import RingPool, SegmentBlob
+from sage_ray_comm.blobs import SegmentBlob
+from sage_ray_comm.shm_transport import RingPool
 
 
 def test_segment_blob_is_read_once_and_removed(ns):

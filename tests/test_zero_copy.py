@@ -15,6 +15,7 @@ from _wait import wait_for
 
 from sage_ray_comm import BaseService, FunctionClient, ServiceNotFound, sage_service, service_function, shm
 from sage_ray_comm.router import ROUTER_NAMESPACE
+from sage_ray_comm.service import subscribe
 
 MiB = 1 << 20
 
@@ -62,6 +63,29 @@ class ZcEcho(BaseService):
 @sage_service(name="zc_other", num_cpus=0.1)
 class ZcOther(ZcEcho):
     """Another service, to call once zc_echo's replica is gone."""
+
+
+class _Watcher(BaseService):
+    def initialize(self):
+        self.seen: list = []
+
+    @subscribe("zc.frames")
+    def on_frame(self, payload):
+        self.seen.append((bool(payload.flags.writeable), float(payload.sum())))  # keeps no view
+
+    @service_function
+    def seen_so_far(self) -> list:
+        return list(self.seen)
+
+
+@sage_service(name="zc_watch_a", num_cpus=0.1)
+class WatchA(_Watcher):
+    pass
+
+
+@sage_service(name="zc_watch_b", num_cpus=0.1)
+class WatchB(_Watcher):
+    pass
 
 
 def _in_use(client: FunctionClient) -> int:
@@ -173,3 +197,18 @@ def test_memory_stays_flat_over_many_large_messages(bus):
             assert grew_rss < 64 * MiB, f"{size} B x {n}: private RSS grew {grew_rss / MiB:.0f} MiB"
             assert grew_theirs < 64 * MiB, f"{size} B x {n}: the replica's RSS grew {grew_theirs / MiB:.0f} MiB"
             assert grew_shm <= 2 * size, f"{size} B x {n}: /dev/shm grew {grew_shm / MiB:.0f} MiB"
+
+
+def test_an_event_with_a_large_array_is_written_once_for_every_subscriber(bus):
+    WatchA.deploy(bus=bus)
+    WatchB.deploy(bus=bus)
+    with FunctionClient(bus=bus) as c:
+        c.wait_for_subscribers("zc.frames", 2, timeout=30)
+        for i in range(20):
+            assert c.publish("zc.frames", np.full(MiB // 8, float(i))) == 2
+        for svc in ("zc_watch_a", "zc_watch_b"):
+            wait_for(lambda svc=svc: len(c.call(svc, "seen_so_far")) == 20, 30, f"{svc}'s events")
+            seen = sorted(c.call(svc, "seen_so_far"), key=lambda e: e[1])  # handler threads: any order
+            assert seen == [(False, float(i * (MiB // 8))) for i in range(20)]
+        assert c.stats()["arena"]["copies"] == 20  # once per event, not once per subscriber
+        wait_for(lambda: _in_use(c) == 0, 10, "the slots to come back from both subscribers")
