@@ -5,8 +5,10 @@
 
 Caller processes (each its own Ray driver, connected to this cluster) stream
 records through ``featurize`` (3 replicas, stateless, idempotent, restarted
-by Ray) into the stateful ``aggregate``. Every acknowledged record is written
-to the caller's own file at once.
+by Ray) into the stateful ``aggregate``. Each record carries a 1 MiB numpy
+frame, which travels through the caller's arena on one node (arena.py), so
+the kills also cut holders of slots and owners of slabs. Every acknowledged
+record is written to the caller's own file at once.
 
 Phase 1 (about 3/4 of the time): a killer SIGKILLs, in turn, a random
 featurize replica and a random caller process (a new caller takes its
@@ -52,6 +54,7 @@ import sys
 import tempfile
 import time
 
+import numpy as np
 import ray
 
 from sage_ray_comm import (
@@ -69,12 +72,19 @@ CALL_TIMEOUT = 5.0
 # A call returning later than its timeout plus this is a hang.
 HANG_SLACK = 5.0
 CALLERS = 3
+# Each call carries a numpy frame this large (the zero-copy path, arena.py).
+FRAME_BYTES = 1 << 20
 
 
 @sage_service(name="featurize", replicas=3, num_cpus=0.1, max_restarts=-1)
 class Featurize(BaseService):
     @service_function(idempotent=True)
     def process(self, record: dict) -> int:
+        # The record carries a frame of FRAME_BYTES: read in place from the
+        # caller's arena on one node (so kills exercise slots and slabs too).
+        frame = record.get("frame")
+        if frame is not None and (frame.nbytes != FRAME_BYTES or int(frame[-1]) != record["id"] % 251):
+            return -1
         self.call_service["aggregate"].add(record["id"])
         return record["id"]
 
@@ -133,7 +143,8 @@ def caller_main(address: str, bus: str, base: int, folder: str) -> None:
         i += 1
         t0 = time.monotonic()
         try:
-            r = client.call("featurize", "process", {"id": rid})
+            frame = np.full(FRAME_BYTES, rid % 251, dtype=np.uint8)
+            r = client.call("featurize", "process", {"id": rid, "frame": frame})
             dt = time.monotonic() - t0
             if r == rid:
                 acked.write(f"{rid}\n")  # acknowledged: the aggregator must have it

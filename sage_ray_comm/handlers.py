@@ -8,6 +8,7 @@ only: validation costs a few microseconds a call).
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 from collections.abc import Callable
@@ -83,6 +84,8 @@ class Handler:
                 service,
                 name,
             )
+        if meta is not None and getattr(meta, "writable", False):
+            self.validated = _with_writable_copies(self.validated)
         self.info = FunctionInfo(
             name=name,
             timeout=meta.timeout if meta else None,
@@ -92,6 +95,33 @@ class Handler:
             signature=f"{name}{sig}",
             pattern=meta.pattern if meta else "request_response",
         )
+
+
+def _writable(value: Any) -> Any:
+    """A private, writable copy of a read-only array (one read in place from
+    the arena); anything else as it is."""
+    flags = getattr(value, "flags", None)
+    if flags is not None and not getattr(flags, "writeable", True) and hasattr(value, "copy"):
+        return value.copy()
+    return value
+
+
+def _with_writable_copies(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` given writable copies of its read-only array arguments (and of
+    those in a list, tuple or dict argument): ``@service_function(writable=True)``."""
+
+    def one(v: Any) -> Any:
+        if type(v) in (list, tuple):
+            return type(v)(_writable(x) for x in v)
+        if type(v) is dict:
+            return {k: _writable(x) for k, x in v.items()}
+        return _writable(v)
+
+    @functools.wraps(fn)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return fn(*map(one, args), **{k: one(v) for k, v in kwargs.items()})
+
+    return call
 
 
 def collect_handlers(svc: BaseService) -> tuple:

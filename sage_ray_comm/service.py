@@ -81,6 +81,8 @@ class ServiceFunction:
             (unset: the caller's default, 30 s unless configured).
         pattern: the communication pattern it is meant for (informational).
         idempotent: safe to run twice; a call whose replica died is retried on another.
+        writable: the handler gets private, writable copies of the arrays it
+            receives (arrays from this node are read in place, read-only).
 
     >>> class Calc(BaseService):
     ...     @ServiceFunction(name="add", timeout=5.0)
@@ -94,6 +96,7 @@ class ServiceFunction:
         timeout: float | None = None,
         pattern: Any = CommunicationPattern.REQUEST_RESPONSE,
         idempotent: bool = False,
+        writable: bool = False,
     ) -> None:
         if timeout is not None and (not isinstance(timeout, (int, float)) or timeout <= 0):
             raise InvalidServiceDefinition(
@@ -103,6 +106,7 @@ class ServiceFunction:
         self.timeout = None if timeout is None else float(timeout)
         self.pattern = pattern.value if isinstance(pattern, CommunicationPattern) else str(pattern)
         self.idempotent = idempotent
+        self.writable = writable
 
     def __call__(self, fn: Callable) -> Callable:
         fn.__sage_function__ = self  # type: ignore[attr-defined]
@@ -390,9 +394,7 @@ class BaseService(ServiceCallMixin):
         >>> class Render(BaseService):
         ...     @service_function
         ...     def frame(self, h: int, w: int):
-        ...         out = self.buffer((h, w, 3), "uint8")
-        ...         out[:] = 0
-        ...         return out
+        ...         return self.buffer((h, w, 3), "uint8")  # fill it, then return it
         """
         rt = self._runtime
         if rt is None:
@@ -485,9 +487,8 @@ def sage_service(
         queue_bytes: bytes of each replica's request ring (default 8 MiB). When
             it is full, callers block up to their timeout (backpressure), then
             get CallTimeout; nothing is dropped.
-        arena_bytes: the most shared memory each replica's arena may take
-            for large buffers of its replies (default: a quarter of
-            /dev/shm's free space, at most 1 GiB).
+        arena_bytes: the most shared memory for the large buffers of each
+            replica's replies (default: 1/4 of /dev/shm's free space, <= 1 GiB).
 
     >>> @sage_service(name="calculator", replicas=2, num_cpus=0.1)
     ... class Calculator(BaseService):

@@ -41,10 +41,20 @@ ENV = dict(os.environ, RAY_AUTH_MODE="disabled")
 ENV.pop("RAY_ADDRESS", None)
 
 
+_GIVEN: set = set()
+
+
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port not handed out before in this run: the kernel may give a
+    port just closed again (two of the cluster's ports once came out the
+    same, and `ray start` refused them)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _GIVEN:
+            _GIVEN.add(port)
+            return port
 
 
 def _local_probe(env: dict) -> dict:

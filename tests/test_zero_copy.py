@@ -52,6 +52,16 @@ class ZcEcho(BaseService):
         return out
 
     @service_function
+    def double_in_place(self, x) -> float:
+        x *= 2  # read in place: read-only, so this raises
+        return float(x.sum())
+
+    @service_function(writable=True)
+    def double_a_copy(self, x) -> float:
+        x *= 2  # the opt-in: a private, writable copy
+        return float(x.sum())
+
+    @service_function
     def stats(self) -> dict:
         return self.get_stats()
 
@@ -212,3 +222,13 @@ def test_an_event_with_a_large_array_is_written_once_for_every_subscriber(bus):
             assert seen == [(False, float(i * (MiB // 8))) for i in range(20)]
         assert c.stats()["arena"]["copies"] == 20  # once per event, not once per subscriber
         wait_for(lambda: _in_use(c) == 0, 10, "the slots to come back from both subscribers")
+
+
+def test_a_handler_can_ask_for_writable_copies(bus):
+    ZcEcho.deploy(bus=bus)
+    with FunctionClient(bus=bus) as c:
+        x = np.ones(MiB // 8)
+        with pytest.raises(ValueError, match="read-only"):  # the default: read in place, read-only
+            c.call("zc_echo", "double_in_place", x)
+        assert c.call("zc_echo", "double_a_copy", x) == 2.0 * (MiB // 8)
+        assert x.sum() == MiB // 8  # the caller's array never changes
