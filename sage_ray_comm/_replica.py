@@ -31,7 +31,6 @@ from ._wire import (
     ERR_TIMEOUT,
     ERR_UNAVAILABLE,
     ERR_VALIDATION,
-    KIND_REQ,
     OP_CALL,
     OP_EVENT,
     ST_ERROR,
@@ -126,8 +125,8 @@ class Runtime:
         self._alive = alive
         self.queue = queue
         self._direct: set[concurrent.futures.Future] = set()  # calls over Ray waiting for an async handler
-        self._frames_dropped_seen = 0
-        self._items_seen = self._skipped_seen = 0  # stream items and cancelled calls counted so far
+        # Ring frames dropped, stream items and cancelled calls counted so far.
+        self._frames_dropped_seen = self._items_seen = self._skipped_seen = 0
         self.stats = {"calls": 0, "errors": 0, "expired": 0, "replies_dropped": 0, "events": 0, "sends": 0}
         self.reply = ReplyWriter(self.namespace, self.stats, svc.service_name)
         self.in_flight = 0
@@ -213,7 +212,8 @@ class Runtime:
                 self.reply.sweep_blobs()
                 self.producers.reap(self._loop, self.remote_callers.alive_at)
                 self.calls.prune()
-                self.calls.orphans(self._caller_lives)  # calls of callers that died: cancelled
+                # The calls of callers that died: cancelled.
+                self.calls.orphans(lambda n: self.remote_callers.alive(n) and self.reply.caller_lives(n))
                 for table in self.claims.prune(shm.process_alive):  # its queued calls are skipped
                     self.reply.caller_lives(claims_reply_ring(table))
                 READERS.prune()  # slabs of senders that died: let go of, for gc
@@ -241,9 +241,6 @@ class Runtime:
                         self.router = self._reconnect()
                 except Exception:
                     pass
-
-    def _caller_lives(self, name: str) -> bool:
-        return self.remote_callers.alive(name) and self.reply.caller_lives(name)
 
     def _record_gauges(self) -> None:
         """Replica gauges for the dashboard, every heartbeat (off the call path)."""
@@ -312,36 +309,38 @@ class Runtime:
         return self.queue.qsize() if self.queue is not None else 0
 
     def handle_direct(self, frames: list) -> list:
-        """Serves the requests of one Ray actor call (a caller's queued calls
-        come as a batch), each a frame or ``(frame, args, kwargs)``
-        (``_wire.direct_payload``): the ring path's checks and handlers, in
-        order in this thread (async ones concurrently on the loop). Returns
-        the replies (None for sends)."""
+        """Serves the requests of one Ray actor call (a batch), each a frame or
+        ``(frame, args, kwargs)`` (``_wire.direct_payload``): the ring path's
+        checks and handlers, in order. Returns the replies (None for sends)."""
         out: list = [None] * len(frames)
         waiting: list = []  # (index, future, request) of calls an async handler still runs
         try:
             for i, item in enumerate(frames):
                 payload, beside = (item[0], item[1:]) if type(item) is tuple else (item, None)
+                kind = frame_kind(payload)
+                # call_async calls carry a cancel key in the header: one cancelled first is skipped unread.
+                ticket, caller = cancel_ticket(payload, kind)
+                key = (caller, ticket) if ticket and caller else None
+                dead = self.reply.known_dead(caller or "") or self.remote_callers.known_dead(caller or "")
+                call = self.calls.admit(key, not dead) if key is not None else None
+                if key is not None and call is None:  # cancelled first, or its caller died (its reply: by position)
+                    out[i] = error_reply(0, ERR_UNAVAILABLE, "cancelled before it started; not run")
+                    continue
                 try:
-                    req = decode_request(payload, frame_kind(payload), beside)
+                    req = decode_request(payload, kind, beside)
+                    if self._stopping.is_set():
+                        msg = f"replica {self.instance_id} of '{self.info.service}' is stopping"
+                        out[i] = error_reply(req.cid, ERR_UNAVAILABLE, msg)
+                        continue
                 except BadRequest as e:
                     self.stats["errors"] += 1
                     out[i] = bad_request_reply(e, self.info.service, f"replica {self.instance_id}")
                     continue
-                if self._stopping.is_set():
-                    msg = f"replica {self.instance_id} of '{self.info.service}' is stopping"
-                    out[i] = error_reply(req.cid, ERR_UNAVAILABLE, msg)
-                    continue
+                finally:
+                    if key is not None and out[i] is not None:  # not run: over
+                        self.calls.finish(key)
                 if req.op != OP_CALL:
                     self._handle(req, "ray", len(payload))
-                    continue
-                # A call_async call carries a key its caller can cancel it by (cancels.py).
-                ticket, caller = cancel_ticket(payload, KIND_REQ)
-                key = (caller, ticket) if ticket and caller else None
-                dead = self.reply.known_dead(caller or "") or self.remote_callers.known_dead(caller or "")
-                call = self.calls.admit(key, not dead) if key is not None else None
-                if key is not None and call is None:  # cancelled first, or its caller (on this host) died
-                    out[i] = error_reply(req.cid, ERR_UNAVAILABLE, f"{req.function}: cancelled before it started")
                     continue
                 h = self.functions.get(req.function)
                 if h is None or not h.is_async:  # replies in this thread, before _handle returns

@@ -293,3 +293,28 @@ def test_a_caller_that_dies_cancels_its_calls_in_the_replica(bus):
     finally:
         ray.kill(caller)
         gate.destroy()
+
+
+def test_a_call_cancelled_over_ray_is_skipped_without_unpickling_it(bus, tmp_path):
+    """As above, over Ray: the replica reads the cancel key from the header
+    and skips the call before its arguments are unpickled (no mark)."""
+    TakesAnything.deploy(bus=bus)
+    ns = bus_namespace(bus)
+    gate = SageQueue("unread-direct-gate", 4096, namespace=ns)
+    release = SageQueue("unread-direct-release", 4096, namespace=ns)
+    clients = [_direct_client(bus) for _ in range(5)]
+    try:
+        holds = [c.call_async("takes_anything", "hold", gate.name, release.name, ns, timeout=60) for c in clients[:4]]
+        assert [gate.get(timeout=30) for _ in holds] == ["holding"] * 4
+        fut = clients[4].call_async("takes_anything", "take", Tattle(str(tmp_path / "cancelled")), timeout=60)
+        assert fut.cancel()
+        for _ in holds:
+            release.put("go")
+        assert [h.result(timeout=60) for h in holds] == ["released"] * 4
+        assert clients[4].call("takes_anything", "take", Tattle(str(tmp_path / "kept"))) == "taken"
+        assert sorted(os.listdir(tmp_path)) == ["kept"]
+    finally:
+        for c in clients:
+            c.close()
+        gate.destroy()
+        release.destroy()
