@@ -6,6 +6,7 @@
 // in inner blocks that touch no Python object.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
+#include <unistd.h>
 
 #include <cerrno>
 #include <cstddef>
@@ -414,13 +415,25 @@ class PyRing {
 // message (a slot freed twice, or a stale view): counted, never applied.
 std::atomic<uint64_t> g_stale_releases{0};
 
-// An arena slot's word (arena.py): the slot's generation in the high 32 bits,
-// how many holders it has in the low 32. Only a release that still sees its
-// own generation with holders left takes one away.
+// An arena slot's words (arena.py), one cache line per slot: the first is
+// the slot's generation in the high 32 bits and how many holders it has in
+// the low 32; the others name holders, by pid (0: no one), so that a dead
+// holder's share can be taken back. Only a release that still sees its own
+// generation with holders left takes one away.
 constexpr uint64_t kSlotRefsMask = 0xFFFFFFFFULL;
 constexpr int kSlotGenShift = 32;
+constexpr uint64_t kSlotWords = 8;
 
 void release_slot(Ring& r, uint64_t index, uint64_t gen) {
+  // Our pid off the slot's holder list first, then the holder count down: a
+  // process killed in between leaves one holder nobody can take back (the
+  // slot goes with its slab), never a count taken down twice.
+  const uint64_t me = uint64_t(getpid());
+  for (uint64_t i = index + 1; i < index + kSlotWords; ++i) {
+    uint64_t p = 0, seen = 0;
+    if (r.word_load(i, &p) != Status::kOk || p != me) continue;
+    if (r.word_cas(i, me, 0, &seen) == Status::kOk && seen == me) break;
+  }
   uint64_t w = 0;
   if (r.word_load(index, &w) != Status::kOk) {
     g_stale_releases.fetch_add(1);
@@ -617,6 +630,7 @@ PYBIND11_MODULE(_core, m) {
 
   m.attr("KIND_RAW") = kKindRaw;
   m.attr("KIND_PICKLE") = kKindPickle;
+  m.attr("SLOT_WORDS") = kSlotWords;
   py::class_<Frame>(m, "Frame")
       .def_readonly("payload", &Frame::payload)
       .def_readonly("kind", &Frame::kind)

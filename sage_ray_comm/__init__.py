@@ -11,7 +11,7 @@ Same-node traffic goes through a C++ ring buffer in shared memory
 
 from importlib import metadata as _metadata
 
-from . import errors, shm, tracing
+from . import errors, shm, tensors, tracing
 from .adapter import LegacyQueueAdapter, create_queue_adapter, migrate_service
 from .bus import CommunicationBus, DeliveryReceipt, ServiceManager, get_communication_bus, get_service_manager
 from .client import FunctionClient
@@ -26,6 +26,7 @@ __version__ = _metadata.version("sage_ray_comm")  # one source: pyproject.toml (
 __all__ = [
     "__version__",
     "shm",
+    "tensors",
     "tracing",
     "SageQueue",
     "SageQueueRef",

@@ -14,12 +14,14 @@ dataclasses defined in ``__main__``, lambdas, closures. Contiguous buffers
 
 from __future__ import annotations
 
+import io
 import itertools
 import pickle
 import struct
+import threading
 from typing import Any
 
-from . import arena, shm
+from . import arena, shm, tensors
 from .arena import ARENA_MIN_BYTES
 from .errors import DeserializationError, SerializationError
 
@@ -36,6 +38,7 @@ __all__ = [
     "dumps",
     "encode_payload",
     "names_main",
+    "release_located",
     "unpickle_error",
     "wrap_big_bytes",
 ]
@@ -131,6 +134,55 @@ def dumps(obj: Any, bufs: list | None = None) -> bytes:
     return _dumps_by_value(obj, bufs)
 
 
+class _Kept:
+    """A thread's pickler with a dispatch table (tensors.py), kept: making a
+    Pickler and its BytesIO per message cost more than pickling a small one
+    (1.1 us against 0.4)."""
+
+    __slots__ = ("bufs", "busy", "out", "pickler", "table")
+
+    def __init__(self, table: Any) -> None:
+        self.table = table
+        self.busy = False
+        self.bufs: list = []
+        self.out = io.BytesIO()
+        self.pickler = pickle.Pickler(self.out, protocol=5, buffer_callback=self.bufs.append)
+        self.pickler.dispatch_table = table
+
+
+_KEPT = threading.local()
+# A kept pickler is made anew after a pickle larger than this (its BytesIO
+# keeps its largest size).
+_KEEP_OUT_BYTES = 1 << 20
+
+
+def _dumps_with(table: Any, obj: Any, bufs: list) -> bytes:
+    k = getattr(_KEPT, "k", None)
+    if k is None or k.table is not table:
+        k = _KEPT.k = _Kept(table)
+    elif k.busy:  # pickling runs user code, which may pickle: a fresh pickler then
+        out = io.BytesIO()
+        p = pickle.Pickler(out, protocol=5, buffer_callback=bufs.append)
+        p.dispatch_table = table
+        p.dump(obj)
+        return out.getvalue()
+    k.busy = True
+    out = k.out
+    try:
+        out.seek(0)
+        out.truncate()
+        k.pickler.dump(obj)
+        bufs += k.bufs
+        data = out.getvalue()
+    finally:
+        k.bufs.clear()
+        k.pickler.clear_memo()  # the memo holds what it pickled: arrays, and their slots
+        k.busy = False
+    if len(data) > _KEEP_OUT_BYTES:
+        _KEPT.k = None
+    return data
+
+
 def _dumps_by_value(obj: Any, bufs: list | None) -> bytes:
     from ray import cloudpickle  # ray is a dependency; imported only when needed
 
@@ -219,7 +271,11 @@ def encode_payload(
     try:
         # dumps() inlined: this runs twice per call (request and reply).
         try:
-            data = pickle.dumps(obj, protocol=5, buffer_callback=bufs.append)
+            table = tensors.dispatch_table()
+            if table is None:
+                data = pickle.dumps(obj, protocol=5, buffer_callback=bufs.append)
+            else:  # torch is imported: tensors' bytes go out-of-band too
+                data = _dumps_with(table, obj, bufs)
         except (pickle.PicklingError, AttributeError, TypeError):
             data = _dumps_by_value(obj, bufs)
         else:
@@ -272,7 +328,7 @@ def _locate(raws: list, arena: Any, reader_pid: int, timeout: float | None, plac
                 out.append(r)
                 continue
             view = _whole_slot(r)
-            loc = arena.hold(view) if view is not None else None
+            loc = arena.hold(view, reader_pid) if view is not None else None
             if loc is not None:
                 # Sent without a copy: the sender's array must not change what the receiver sees.
                 flags = getattr(r.obj, "flags", None)
@@ -284,20 +340,18 @@ def _locate(raws: list, arena: Any, reader_pid: int, timeout: float | None, plac
             name = loc.slab.encode()
             out.append(_LOC.pack(loc.slot, loc.gen, loc.offset, loc.length, len(name)) + name)
     except BaseException:
-        abandon(done)
+        abandon([(loc, reader_pid) for loc in done])
         raise
     if placed is not None:
-        placed.extend(done)
+        placed.extend((loc, reader_pid) for loc in done)
     return out
 
 
-def abandon(locations: list) -> None:
-    """Lets go of the holders taken for a payload that was never sent."""
-    for loc in locations:
-        try:
-            arena.READERS.view(loc)  # a view holds the holder; dropping it at once lets go of it
-        except Exception:  # already gone: nothing held
-            pass
+def abandon(placed: list) -> None:
+    """Lets go of the holders taken for a payload that was never sent:
+    ``placed`` as :func:`encode_payload` filled it, (location, receiver pid)."""
+    for loc, reader_pid in placed:
+        arena.READERS.let_go(loc, reader_pid)
 
 
 def unpickle_error(e: BaseException, payload: Any, label: str) -> DeserializationError:
@@ -321,6 +375,28 @@ def decode_payload(payload: Any, kind: int, label: str) -> Any:
 
 
 def decode_oob(view: memoryview) -> Any:
+    data, buffers = _oob_layout(view)
+    return pickle.loads(data, buffers=[_located(b) if located else b for located, b in buffers])
+
+
+def release_located(view: memoryview) -> int:
+    """Lets go of the arena slots an out-of-band payload names, without
+    unpickling anything: for a request skipped unread (its caller cancelled
+    it first). How many it let go of; bad records are counted by the reader."""
+    n = 0
+    for located, record in _oob_layout(view)[1]:
+        if located:
+            try:
+                _located(record)  # the view holds the holder; dropping it lets go of it
+                n += 1
+            except DeserializationError:
+                pass
+    return n
+
+
+def _oob_layout(view: memoryview) -> tuple[memoryview, list]:
+    """An out-of-band payload's pickle and its buffers, each as (located, view):
+    a location record (_LOCATED) or the buffer's bytes. Raises ValueError."""
     n = len(view)
     if n < _OOB_HEAD.size:
         raise ValueError(f"truncated header ({n} bytes)")
@@ -341,9 +417,9 @@ def decode_oob(view: memoryview) -> Any:
         ln &= ~_LOCATED
         if pos + ln > n:
             raise ValueError(f"buffer of {ln} bytes overruns the {n}-byte message")
-        buffers.append(_located(view[pos : pos + ln]) if located else view[pos : pos + ln])
+        buffers.append((located, view[pos : pos + ln]))
         pos += ln
-    return pickle.loads(data, buffers=buffers)
+    return data, buffers
 
 
 def _located(record: memoryview) -> Any:

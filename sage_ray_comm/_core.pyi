@@ -21,6 +21,7 @@ HOOK_IN_PRODUCER_LOCK: int
 HOOK_IN_CONSUMER_LOCK: int
 KIND_RAW: int
 KIND_PICKLE: int
+SLOT_WORDS: int
 
 class Frame:
     """A frame Ring.get_object leaves to Python: another kind, or a pickle that failed to load."""

@@ -46,7 +46,7 @@ from ._wire import (
 from .arena import READERS
 from .blobs import SegmentBlob
 from .callers import RemoteCallers
-from .cancels import CallRegistry, Running
+from .cancels import CallRegistry, LoopTask, Running
 from .claims import ClaimReader
 from .errors import (
     QueueClosed,
@@ -475,11 +475,12 @@ class Runtime:
             if h.stream:  # a generator: kept as a stream, nothing of it runs yet
                 result = self.producers.open(result, h.stream == "async")
             if h.is_async:
-                fut = asyncio.run_coroutine_threadsafe(result, self._async_loop())
+                task = LoopTask(self._async_loop())
+                fut = asyncio.run_coroutine_threadsafe(task.run(result), task.loop)
                 if call is not None:
-                    call.future = fut  # cancelling the call cancels its task
+                    call.future = task  # cancelling the call cancels its task (its reply: once it ended)
                     if call.cancelled:
-                        fut.cancel()
+                        task.cancel()
                 fut.add_done_callback(functools.partial(self._async_done, req, span, sink, call))
                 return True
         except pydantic.ValidationError as e:

@@ -59,6 +59,7 @@ from ._codec import (
     dumps,
     encode_payload,
     names_main,
+    release_located,
     unpickle_error,
 )
 from .errors import (
@@ -120,6 +121,7 @@ __all__ = [
     "frame_kind",
     "names_main",
     "read_direct_reply",
+    "release_unread",
     "request_tuple",
     "unpickle_error",
 ]
@@ -129,7 +131,9 @@ __all__ = [
 # 2: Request gained ``trace``, and the header's trace field is filled.
 # 3: the cancellation id is filled (claims.py), and an out-of-band body may
 #    carry arena locations instead of buffers (_codec._LOCATED).
-PROTOCOL_VERSION = 3
+# 4: an arena slot's words name its holders (arena.py): a receiver of
+#    version 3 would let go of slots of version 4 at the wrong words.
+PROTOCOL_VERSION = 4
 
 # ---------------------------------------------------------------- frame kinds
 # Stored in each ring frame's header. 1-3 are SageQueue's, defined with the
@@ -351,6 +355,19 @@ def cancel_ticket(payload: Any, kind: int) -> tuple[int, str | None]:
         return 0, None
     pos = _REQ_HEAD.size
     return ticket, bytes(memoryview(payload)[pos : pos + fields[8]]).decode(errors="replace") or None
+
+
+def release_unread(payload: Any, kind: int) -> int:
+    """Lets go of the arena slots a request frame's body names, without
+    unpickling anything: for a request skipped unread (its claim lost), whose
+    sender gave this process a holder of each. How many."""
+    if kind != KIND_REQ_OOB:
+        return 0
+    try:
+        _fields, end = _fixed_fields(payload, kind)
+        return release_located(memoryview(payload)[end + (-end) % _ALIGN_BODY :])
+    except ValueError:  # not a request, or a body that is not out-of-band: nothing located
+        return 0
 
 
 def decode_header(payload: Any, kind: int) -> tuple[RequestHeader, int]:

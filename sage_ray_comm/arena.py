@@ -5,9 +5,10 @@ slot is free again the moment the receiver lets go of its last view.
 
 A slab is a segment (``names.slab_name``) of equal slots; its data region::
 
-    [ words: two per slot, padded to a page ][ slot 0 ][ slot 1 ] ...
-    word 2i   = generation << 32 | holders     (holders 0: the slot is free)
-    word 2i+1 = pid of the process expected to let go of it (0: unknown)
+    [ words: SLOT_WORDS per slot, padded to a page ][ slot 0 ][ slot 1 ] ...
+    word 8i         = generation << 32 | holders     (holders 0: the slot is free)
+    words 8i+1..8i+7 = pids of its holders (0: none); a holder whose pid
+                      is not there (more than seven, or unknown) is untracked
 
 - The owner (the process that made the slab) takes a free slot with one
   compare-and-swap, to the next generation with one holder: the receiver.
@@ -21,8 +22,11 @@ A slab is a segment (``names.slab_name``) of equal slots; its data region::
 - A buffer that already lives in a slot (an array received, or made with
   :meth:`Arena.buffer`) is sent by location again, with one more holder:
   an echo of a received array copies nothing.
-- A slot whose expected releaser died is taken back when the owner runs
-  short; a slab whose owner died is removed by ``shm.gc()``.
+- The share of a holder that died is taken back when the owner runs short
+  (its pid off the list, then one holder fewer; a live holder does the same
+  in that order when it lets go), so a slot held by many (an event to many
+  subscribers, an array sent on) comes back too. A slab whose owner died is
+  removed by ``shm.gc()``.
 - A full arena makes the sender wait, up to its deadline, for a slot to be
   released (``CallTimeout`` after that): it never grows past its budget and
   never drops a call.
@@ -94,8 +98,40 @@ class Location(NamedTuple):
     length: int
 
 
+# A slot's words: its state, then the pids of up to _PIDS holders.
+_WORDS = shm.SLOT_WORDS
+_PIDS = _WORDS - 1
+
+
 def _words_bytes(slots: int) -> int:
-    return -(-(16 * slots) // _PAGE) * _PAGE
+    return -(-(8 * _WORDS * slots) // _PAGE) * _PAGE
+
+
+def _add_holder_pid(seg: Any, word: int, pid: int) -> None:
+    """Writes ``pid`` into a free entry of the slot's holder list (none
+    free, or pid 0: the holder stays untracked)."""
+    if not pid:
+        return
+    for i in range(word + 1, word + _WORDS):
+        if seg.word_load(i) == 0 and seg.word_cas(i, 0, pid) == 0:
+            return
+
+
+def _take_back_dead(seg: Any, word: int) -> int:
+    """Takes back the shares of the slot's holders that died; how many."""
+    n = 0
+    for i in range(word + 1, word + _WORDS):
+        pid = seg.word_load(i)
+        if not pid or shm.process_alive(pid, 0) or seg.word_cas(i, pid, 0) != pid:
+            continue
+        w = seg.word_load(word)
+        while w & _HOLDERS:  # the entry is ours now: exactly one holder to take away
+            seen = seg.word_cas(word, w, w - 1)
+            if seen == w:
+                n += 1
+                break
+            w = seen
+    return n
 
 
 class _Slab:
@@ -118,28 +154,25 @@ class _Slab:
         60 us less than into a slot last written 16 MiB of traffic ago)."""
         seg = self.seg
         for i in range(self.slots):
-            w = seg.word_load(2 * i)
+            w = seg.word_load(_WORDS * i)
             if w & _HOLDERS:
                 continue
             gen = (w >> _GEN_SHIFT) + 1
-            if seg.word_cas(2 * i, w, gen << _GEN_SHIFT | 1) == w:
-                seg.word_store(2 * i + 1, reader_pid)
+            if seg.word_cas(_WORDS * i, w, gen << _GEN_SHIFT | 1) == w:
+                _add_holder_pid(seg, _WORDS * i, reader_pid)
                 return i, gen
         return None
 
     def reclaim(self) -> int:
-        """Frees the slots whose expected releaser died; how many."""
+        """Takes back the shares of holders that died; how many slots that freed."""
         n = 0
         for i in range(self.slots):
-            w = self.seg.word_load(2 * i)
-            pid = self.seg.word_load(2 * i + 1)
-            dead = w & _HOLDERS and pid and not shm.process_alive(pid, 0)
-            if dead and self.seg.word_cas(2 * i, w, w & ~_HOLDERS) == w:
-                n += 1
+            if self.seg.word_load(_WORDS * i) & _HOLDERS and _take_back_dead(self.seg, _WORDS * i):
+                n += not self.seg.word_load(_WORDS * i) & _HOLDERS
         return n
 
     def in_use(self) -> int:
-        return sum(1 for i in range(self.slots) if self.seg.word_load(2 * i) & _HOLDERS)
+        return sum(1 for i in range(self.slots) if self.seg.word_load(_WORDS * i) & _HOLDERS)
 
 
 class Arena:
@@ -199,8 +232,9 @@ class Arena:
                     got = slab.take(reader_pid)
                     if got is not None:
                         return slab, *got
-                if any(s.reclaim() for s in slabs):
-                    self.reclaimed += 1
+                freed = sum(s.reclaim() for s in slabs)
+                if freed:
+                    self.reclaimed += freed
                     continue
                 slots = max(1, SLAB_TARGET // size) if size in SLOT_CLASSES else 1
                 while slots > 1 and self._bytes + _words_bytes(slots) + size * slots > self.budget:
@@ -229,9 +263,9 @@ class Arena:
         """A writable buffer of ``nbytes`` that lives in a slot of this
         arena: sending it (or arrays over it) copies nothing. Its slot is free
         again when the last view of it, here or in a receiver, is released."""
-        slab, slot, gen = self._take(nbytes, 0, timeout)
+        slab, slot, gen = self._take(nbytes, os.getpid(), timeout)
         offset = slab.base + slot * slab.slot_bytes
-        return shm.SlotView(slab.seg, offset, nbytes, False, 2 * slot, gen)
+        return shm.SlotView(slab.seg, offset, nbytes, False, _WORDS * slot, gen)
 
     def array(self, shape: Any, dtype: Any = "float64", timeout: float | None = None) -> Any:
         """A writable numpy array that lives in a slot of this arena (see
@@ -245,10 +279,11 @@ class Arena:
         view = self.buffer(max(1, count * dt.itemsize), timeout)
         return np.frombuffer(view, dtype=dt, count=count).reshape(shape)
 
-    def hold(self, view: Any) -> Location | None:
+    def hold(self, view: Any, reader_pid: int = 0) -> Location | None:
         """The location of ``view`` (a SlotView of a whole slot, this
         process's or another's) with one more holder: the receiver it is sent
-        to. None if the slot moved on (then the buffer is copied instead)."""
+        to (``reader_pid``, 0 if unknown). None if the slot moved on (then
+        the buffer is copied instead)."""
         seg = self._own.get(view.shm_name) or READERS.segment(view.shm_name)
         if seg is None or view.word < 0:
             return None
@@ -256,8 +291,8 @@ class Arena:
         while w >> _GEN_SHIFT == view.gen and w & _HOLDERS:
             seen = seg.word_cas(view.word, w, w + 1)
             if seen == w:
-                seg.word_store(view.word + 1, 0)  # several holders now: no one process's death frees it
-                return Location(view.shm_name, view.word // 2, view.gen, view.offset, view.length)
+                _add_holder_pid(seg, view.word, reader_pid)
+                return Location(view.shm_name, view.word // _WORDS, view.gen, view.offset, view.length)
             w = seen
         return None
 
@@ -355,13 +390,32 @@ class SlabReader:
             seg = self.segment(slab)
             if seg is None:
                 raise ValueError(f"slab {slab} is gone (its owner died or removed it)")
-            w = seg.word_load(2 * slot)
+            w = seg.word_load(_WORDS * slot)
             if w >> _GEN_SHIFT != gen or not w & _HOLDERS:
                 raise ValueError(f"slot {slot} of {slab} moved on (generation {w >> _GEN_SHIFT}, not {gen})")
-            return shm.SlotView(seg, offset, length, True, 2 * slot, gen)
+            return shm.SlotView(seg, offset, length, True, _WORDS * slot, gen)
         except (ValueError, TypeError, SageCommError) as e:
             self.dropped += 1
             raise DeserializationError(f"a buffer of a message cannot be read from the arena: {e}") from None
+
+    def let_go(self, loc: Location, reader_pid: int) -> None:
+        """Takes away the holder a sender gave ``reader_pid`` at ``loc`` (for a
+        message that was never sent): that receiver's pid off the slot's list,
+        then one holder fewer, if the slot is still at its generation."""
+        seg = self.segment(loc.slab)
+        if seg is None:
+            return  # the slab is gone: nothing held
+        word = _WORDS * loc.slot
+        if reader_pid:
+            for i in range(word + 1, word + _WORDS):
+                if seg.word_load(i) == reader_pid and seg.word_cas(i, reader_pid, 0) == reader_pid:
+                    break
+        w = seg.word_load(word)
+        while w >> _GEN_SHIFT == loc.gen and w & _HOLDERS:
+            seen = seg.word_cas(word, w, w - 1)
+            if seen == w:
+                return
+            w = seen
 
     def prune(self) -> None:
         """Lets go of slabs whose owner died (so shm.gc() can remove them)."""

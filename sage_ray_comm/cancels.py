@@ -29,12 +29,13 @@ True
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import threading
 import time
 from typing import Any
 
-__all__ = ["DONE_KEPT", "MAX_CHILDREN", "CallRegistry", "Running"]
+__all__ = ["DONE_KEPT", "MAX_CHILDREN", "CallRegistry", "LoopTask", "Running"]
 
 # How many finished calls are remembered: a cancel that arrives after the call
 # finished (its reply on the way) must hear False, not be taken for one that
@@ -69,6 +70,45 @@ class Running:
             self.future.cancel()
         for child in list(self.children):
             _cancel_child(child)
+
+
+class LoopTask:
+    """An ``async def`` handler's task on the replica's event loop, for
+    ``Running.future``: :meth:`cancel` cancels the task on its loop, so the
+    future of :meth:`run` finishes, cancelled, only once the handler's own
+    cleanup (``except CancelledError``, ``finally``) has run. The future that
+    ``run_coroutine_threadsafe`` returns says "cancelled" at once instead,
+    and the caller could hear it while the handler still runs.
+
+    >>> loop = asyncio.new_event_loop()
+    >>> t = LoopTask(loop)
+    >>> t.cancel(); loop.run_until_complete(asyncio.sleep(0)); t.asked
+    True
+    >>> loop.close()
+    """
+
+    __slots__ = ("asked", "loop", "task")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.task: asyncio.Task | None = None
+        self.asked = False  # cancel() came before the task started
+
+    async def run(self, coro: Any) -> Any:
+        """Awaits ``coro`` as this task (run_coroutine_threadsafe this)."""
+        self.task = asyncio.current_task()
+        if self.asked:  # both run on the loop: cancel() came first
+            coro.close()
+            raise asyncio.CancelledError
+        return await coro
+
+    def cancel(self) -> None:
+        self.loop.call_soon_threadsafe(self._cancel)
+
+    def _cancel(self) -> None:
+        self.asked = True
+        if self.task is not None:
+            self.task.cancel()
 
 
 # A handler keeps at most about this many of its own calls to cancel with it.

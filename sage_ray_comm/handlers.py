@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import pydantic
 
+from . import tensors
 from .errors import NameConflict
 from .router import FunctionInfo
 
@@ -99,10 +100,13 @@ class Handler:
 
 def _writable(value: Any) -> Any:
     """A private, writable copy of a read-only array (one read in place from
-    the arena); anything else as it is."""
+    the arena) or of a tensor over a received buffer (tensors.py); anything
+    else as it is."""
     flags = getattr(value, "flags", None)
     if flags is not None and not getattr(flags, "writeable", True) and hasattr(value, "copy"):
         return value.copy()
+    if tensors.shares_memory(value):
+        return value.clone()
     return value
 
 

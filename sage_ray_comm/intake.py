@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 
-from ._wire import KIND_REQ_OOB, BadRequest, Request, cancel_ticket, decode_request
+from ._wire import KIND_REQ_OOB, BadRequest, Request, cancel_ticket, decode_request, release_unread
 from .blobs import SegmentBlob
 from .claims import EXPIRED, TAKEN, ClaimReader
 from .errors import SharedMemoryFull
@@ -43,6 +43,9 @@ def take_request(q: SageQueue, claims: ClaimReader | None = None) -> tuple[Reque
         if ticket:
             won = _take(claims, reply_to, ticket) if reply_to and cancellable(reply_to) else 0
             if won != TAKEN:
+                # Skipped unread, but the arena slots it names were given to
+                # this process to let go of: let go of them now.
+                release_unread(payload, kind)
                 return (EXPIRED_FIRST if won == EXPIRED else CANCELLED_FIRST), len(payload)
     try:
         return decode_request(payload, kind), len(payload)

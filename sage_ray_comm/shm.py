@@ -31,6 +31,7 @@ __all__ = [
     "OPEN_ONLY",
     "PREFIX",
     "SHM_DIR",
+    "SLOT_WORDS",
     "SegmentInfo",
     "SlotView",
     "WordSegment",
@@ -67,6 +68,8 @@ CREATE_ONLY = _core.CREATE_ONLY
 # A buffer over part of a segment's data region that lets go of its arena
 # slot when the last view of it is released (arena.py).
 SlotView = _core.SlotView
+# Words per arena slot: its state word, then the pids of its holders (arena.py).
+SLOT_WORDS = _core.SLOT_WORDS
 
 
 def process_alive(pid: int, start_time: int = 0) -> bool:

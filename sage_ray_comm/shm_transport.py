@@ -476,7 +476,7 @@ class ShmTransport(Transport):
         try:
             # Large buffers by location (fanout()); one that needs a slot and
             # finds none drops the event for this subscriber: a publisher never waits.
-            put_request_parking(q, req, 0, self.namespace, req.cid, req.reply_to, 0, self._arena(), 0)
+            put_request_parking(q, req, 0, self.namespace, req.cid, req.reply_to, 0, self._arena(), sub.pid)
             return True
         except (QueueFull, QueueClosed, CallTimeout):
             return False

@@ -170,6 +170,66 @@ def _pause() -> None:
     signal.pause()
 
 
+def _spawn_paused(n: int) -> list:
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_pause) for _ in range(n)]
+    for p in procs:
+        p.start()
+    return procs
+
+
+def _kill(p) -> None:
+    os.kill(p.pid, signal.SIGKILL)
+    p.join(30)
+
+
+def test_a_slot_held_by_several_receivers_comes_back_once_every_one_died():
+    """As an event to two subscribers: one slot, two holders (each named by
+    pid). A live holder keeps it; once both died, the sender takes it back."""
+    a = Arena(_ns(), budget=2 * MiB)  # room for one 1 MiB slot
+    procs = _spawn_paused(2)
+    try:
+        local = decode_oob(memoryview(_frame(np.ones(MiB // 8), a, pid=os.getpid())))
+        for p in procs:  # sent on to each: one more holder each, no copy
+            _frame(local, a, pid=p.pid)
+        del local
+        assert a.in_use() == 1 and a.stats()["copies"] == 1
+        _kill(procs[0])
+        with pytest.raises(CallTimeout):  # the other holder lives: its share is not taken
+            _frame(np.ones(MiB // 8), a, timeout=0.3)
+        _kill(procs[1])
+        assert decode_oob(memoryview(_frame(np.full(MiB // 8, 2.0), a, timeout=5.0))).sum() == MiB // 4
+        assert a.stats()["reclaimed"] >= 1
+    finally:
+        for p in procs:
+            if p.is_alive():
+                _kill(p)
+        a.close()
+
+
+def test_a_message_never_sent_lets_go_of_its_receivers_share_not_the_senders():
+    """An array re-sent from a slot this process holds, whose message is then
+    abandoned: the receiver's name comes off the slot, so its later death
+    takes nothing from the sender, who still reads the slot."""
+    a = Arena(_ns(), budget=2 * MiB)
+    (p,) = _spawn_paused(1)
+    try:
+        mine = decode_oob(memoryview(_frame(np.full(MiB // 8, 3.0), a, pid=os.getpid())))
+        placed: list = []
+        encode_payload(mine, "test", a, p.pid, 5.0, placed)
+        abandon(placed)
+        _kill(p)
+        with pytest.raises(CallTimeout):  # still ours: nothing to take back
+            _frame(np.ones(MiB // 8), a, timeout=0.3)
+        assert mine.sum() == 3.0 * (MiB // 8)
+        del mine
+        assert a.in_use() == 0
+    finally:
+        if p.is_alive():
+            _kill(p)
+        a.close()
+
+
 def _place_and_hang(ns: str, out) -> None:
     a = Arena(ns, budget=8 * MiB)
     out.put(_frame(np.ones(MiB // 8), a))

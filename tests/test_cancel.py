@@ -14,6 +14,7 @@ import os
 import signal
 import time
 
+import numpy as np
 import pytest
 import ray
 from _wait import wait_for
@@ -195,6 +196,27 @@ def test_a_cancelled_request_is_skipped_without_unpickling_it(bus, tmp_path):
         assert kept.result(timeout=60) == "taken"  # ran after the cancelled ones, in ring order
         assert sorted(os.listdir(tmp_path)) == ["kept"]
         assert c.call("takes_anything", "stats")["cancelled"] >= 20
+    gate.destroy()
+    release.destroy()
+
+
+def test_a_large_call_cancelled_while_queued_gives_its_arena_slot_back(bus):
+    """Skipped unread, but not leaked: the replica lets go of the arena slots
+    a cancelled request names (the caller's arena has them all back)."""
+    TakesAnything.deploy(bus=bus)
+    ns = bus_namespace(bus)
+    gate = SageQueue("slots-gate", 4096, namespace=ns)
+    release = SageQueue("slots-release", 4096, namespace=ns)
+    with FunctionClient(bus=bus) as c:
+        held = c.call_async("takes_anything", "hold", gate.name, release.name, ns, timeout=60)
+        assert gate.get(timeout=30) == "holding"
+        futs = [c.call_async("takes_anything", "take", np.ones((1 << 20) // 8), timeout=60) for _ in range(8)]
+        assert c.stats()["arena"]["in_use"] == 8
+        assert all(f.cancel() for f in futs)
+        release.put("go")
+        assert held.result(timeout=60) == "released"
+        assert c.call("takes_anything", "take") == "taken"  # after the skipped ones, in ring order
+        assert c.stats()["arena"]["in_use"] == 0
     gate.destroy()
     release.destroy()
 
