@@ -107,22 +107,18 @@ class ReplyWriter:
     def caller_lives(self, name: str) -> bool:
         """A fresh :meth:`caller_alive` (the heartbeat's): only a dead verdict
         is remembered, so the reply path never acts on an older "alive"."""
-        hit = self._callers.get(name)
-        if hit is not None and not hit[1]:
-            return False
-        pid = caller_pid(name, shm.host_id())
-        if pid is None or shm.process_alive(pid, 0):
-            return True
-        self._callers[name] = (time.monotonic(), False)
-        return False
+        return self.caller_alive(name, fresh=True)
 
-    def caller_alive(self, reply_to: str) -> bool:
+    def caller_alive(self, reply_to: str, fresh: bool = False) -> bool:
         """Whether the process that owns a reply ring (or made a call over Ray
         from this host, names.direct_caller_name) lives (checked at most every
-        100 ms per name; a caller on another host counts as alive)."""
+        100 ms per name, or now if ``fresh``; a caller on another host counts
+        as alive)."""
         now = time.monotonic()
         hit = self._callers.get(reply_to)
-        if hit is not None and (now - hit[0] < 0.1 or not hit[1]):  # dead stays dead: names are never reused
+        if hit is not None and (
+            not hit[1] or (not fresh and now - hit[0] < 0.1)
+        ):  # dead stays dead: names are never reused
             return hit[1]
         pid = caller_pid(reply_to, shm.host_id())
         if pid is None:

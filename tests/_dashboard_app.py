@@ -7,29 +7,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
 
 import ray
+from _ports import free_port
 
 from sage_ray_comm import BaseService, FunctionClient, get_communication_bus, sage_service, service_function
 from sage_ray_comm.cli import scrape_metrics
-
-_GIVEN: set = set()
-
-
-def free_port() -> int:
-    """A free port not handed out before by this process (the kernel may
-    give a port just closed again)."""
-    while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port not in _GIVEN:
-            _GIVEN.add(port)
-            return port
 
 
 @sage_service(name="calculator", replicas=2, num_cpus=0.1)

@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
 import uuid
 
 import pytest
+from _ports import free_port
 
 from sage_ray_comm import shm
 from sage_ray_comm.router import bus_namespace
@@ -39,22 +39,6 @@ RAY = os.path.join(os.path.dirname(sys.executable), "ray")
 # A throwaway loopback cluster: no token prompt for the job client.
 ENV = dict(os.environ, RAY_AUTH_MODE="disabled")
 ENV.pop("RAY_ADDRESS", None)
-
-
-_GIVEN: set = set()
-
-
-def _free_port() -> int:
-    """A free port not handed out before in this run: the kernel may give a
-    port just closed again (two of the cluster's ports once came out the
-    same, and `ray start` refused them)."""
-    while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port not in _GIVEN:
-            _GIVEN.add(port)
-            return port
 
 
 def _local_probe(env: dict) -> dict:
@@ -119,7 +103,7 @@ def _stop_cluster(port: int, session_dir: str) -> None:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    port, dash = _free_port(), _free_port()
+    port, dash = free_port(), free_port()
     p = subprocess.run(
         [
             RAY,
@@ -134,7 +118,7 @@ def cluster(tmp_path_factory):
             "--disable-usage-stats",
             # its own ports: the suite's Ray on this machine holds the defaults
             *(
-                f"--{flag}={_free_port()}"
+                f"--{flag}={free_port()}"
                 for flag in (
                     "dashboard-agent-listen-port",
                     "dashboard-agent-grpc-port",
