@@ -24,7 +24,10 @@ time to first item, and items per second by ``window``.
 against a plain Ray actor call and a Ray Compiled Graph in alternating
 rounds of the same run, with one ``memcpy`` of the same size (numpy's
 ``copyto``) as the floor; plus numpy arrays made in shared memory
-(``client.buffer``), which travel with no copy at all.
+(``client.buffer``), which travel with no copy at all. ``--large --pinned``
+runs the same rows with every actor (ours, Ray's, the graph's) on CPU 0 and
+the driver on CPU 1: the kernel otherwise often runs a caller and the
+process it waits on on one core, and each side's work adds up.
 
 ``--cross-node`` instead starts a two-raylet ``ray.cluster_utils.Cluster``
 with the service and a plain Ray actor (the same ``max_concurrency``) on the
@@ -77,11 +80,27 @@ class Echo(BaseService):
     def set_tracing(self, on: bool) -> None:
         tracing.set_enabled(on)  # the replica's side of the switch, for the overhead rounds
 
+    @service_function
+    def pid(self) -> int:
+        return os.getpid()
+
 
 @ray.remote(num_cpus=0.1)
 class RayEcho:
     def echo(self, x):
         return x
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+def pin(pid: int, cpus: set) -> None:
+    """Every thread of process ``pid`` on ``cpus`` (threads made later inherit it)."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            os.sched_setaffinity(int(tid), cpus)
+        except OSError:  # the thread ended meanwhile
+            pass
 
 
 def pct(xs: list, q: float) -> float:
@@ -141,6 +160,12 @@ def main() -> int:
     ap.add_argument("--streams", action="store_true", help="streaming rows only (against Ray's streaming generators)")
     ap.add_argument(
         "--large", action="store_true", help="large payloads only (64 KiB..64 MiB, bytes and numpy; the arena)"
+    )
+    ap.add_argument(
+        "--pinned",
+        action="store_true",
+        help="with --large: every actor (ours, Ray's, the graph's) on CPU 0 and this driver on CPU 1, "
+        "so no side shares a core with its peer (the kernel otherwise often runs both on one)",
     )
     args = ap.parse_args()
     if args.large:
@@ -674,11 +699,16 @@ def large(args) -> int:
         from ray.dag import InputNode
 
         cg_actor = RayEcho.remote()
+        cg_pid = ray.get(cg_actor.pid.remote())
         with InputNode() as inp:
             dag = cg_actor.echo.bind(inp)
         cgraph = dag.experimental_compile(_buffer_size_bytes=max(LARGE_SIZES) + (1 << 20))
+    if args.pinned:
+        for pid in [client.call("echo", "pid"), ray.get(ray_actor.pid.remote())] + ([cg_pid] if cgraph else []):
+            pin(pid, {0})
+        pin(os.getpid(), {1})
     rounds = 3
-    results: dict = {"latency_us": {}, "machine": run_info()}
+    results: dict = {"latency_us": {}, "machine": run_info(), "pinned": args.pinned}
     rng = np.random.default_rng(0)
     for size in LARGE_SIZES:
         n = {64 << 10: 200, 1 << 20: 200, 16 << 20: 30, 64 << 20: 15}[size] // (4 if args.quick else 1)
@@ -745,11 +775,14 @@ def large(args) -> int:
         print(f"  [{'ok' if ok else 'MISSED'}] {name}")
     os.makedirs(args.out, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    path = os.path.join(args.out, f"service_bench-large-{stamp}.json")
+    path = os.path.join(args.out, f"service_bench-large{'-pinned' if args.pinned else ''}-{stamp}.json")
     with open(path, "w") as f:
         json.dump(results, f, indent=2)
     print(f"\nwrote {path}")
-    png = _plot({"latency_us": lat["numpy"]}, os.path.join(args.out, f"service_bench-large-{stamp}.png"))
+    png = _plot(
+        {"latency_us": lat["numpy"]},
+        os.path.join(args.out, f"service_bench-large{'-pinned' if args.pinned else ''}-{stamp}.png"),
+    )
     if png:
         print(f"wrote {png}")
     if cgraph is not None:

@@ -17,9 +17,9 @@ not write to it in place (other receivers may read the same slot). Use
 ``.clone()`` first, or declare the handler
 ``@service_function(writable=True)``, which clones such tensors for it.
 
->>> import pickle
->>> pickle.loads(pickle.dumps(1.5)) if dispatch_table() is None else 1.5
-1.5
+>>> import sys  # the table exists once torch is imported, not before
+>>> (dispatch_table() is not None) == ("torch" in sys.modules)
+True
 """
 
 from __future__ import annotations

@@ -21,6 +21,9 @@ RAY_FREE = [
     "errors",
     "router",
     "lifecycle",
+    "arena",
+    "cancels",
+    "tensors",
 ]
 
 
