@@ -10,6 +10,7 @@ cancels its calls: the running one is told, the queued ones are skipped."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import time
@@ -177,48 +178,54 @@ class TakesAnything(BaseService):
         return self.get_stats()
 
 
+@contextlib.contextmanager
+def _held_takes_anything(bus: str, tag: str):
+    """A client of TakesAnything whose one thread is held by a ``hold`` call:
+    calls made inside queue behind it. Yields (client, let_go); let_go()
+    releases the hold and waits for it to finish."""
+    TakesAnything.deploy(bus=bus)
+    ns = bus_namespace(bus)
+    gate = SageQueue(f"{tag}-gate", 4096, namespace=ns)
+    release = SageQueue(f"{tag}-release", 4096, namespace=ns)
+    try:
+        with FunctionClient(bus=bus) as c:
+            held = c.call_async("takes_anything", "hold", gate.name, release.name, ns, timeout=60)
+            assert gate.get(timeout=30) == "holding"
+
+            def let_go() -> None:
+                release.put("go")
+                assert held.result(timeout=60) == "released"
+
+            yield c, let_go
+    finally:
+        gate.destroy()
+        release.destroy()
+
+
 def test_a_cancelled_request_is_skipped_without_unpickling_it(bus, tmp_path):
     """The claim is decided from the header: the arguments of a call
     cancelled while queued are never unpickled (no mark), while those of a
     call that runs are (its mark is there)."""
-    TakesAnything.deploy(bus=bus)
-    ns = bus_namespace(bus)
-    gate = SageQueue("unread-gate", 4096, namespace=ns)
-    release = SageQueue("unread-release", 4096, namespace=ns)
-    with FunctionClient(bus=bus) as c:
-        held = c.call_async("takes_anything", "hold", gate.name, release.name, ns, timeout=60)
-        assert gate.get(timeout=30) == "holding"
+    with _held_takes_anything(bus, "unread") as (c, let_go):
         futs = [c.call_async("takes_anything", "take", Tattle(str(tmp_path / f"c{i}")), timeout=60) for i in range(20)]
         kept = c.call_async("takes_anything", "take", Tattle(str(tmp_path / "kept")), timeout=60)
         assert all(f.cancel() for f in futs)
-        release.put("go")
-        assert held.result(timeout=60) == "released"
+        let_go()
         assert kept.result(timeout=60) == "taken"  # ran after the cancelled ones, in ring order
         assert sorted(os.listdir(tmp_path)) == ["kept"]
         assert c.call("takes_anything", "stats")["cancelled"] >= 20
-    gate.destroy()
-    release.destroy()
 
 
 def test_a_large_call_cancelled_while_queued_gives_its_arena_slot_back(bus):
     """Skipped unread, but not leaked: the replica lets go of the arena slots
     a cancelled request names (the caller's arena has them all back)."""
-    TakesAnything.deploy(bus=bus)
-    ns = bus_namespace(bus)
-    gate = SageQueue("slots-gate", 4096, namespace=ns)
-    release = SageQueue("slots-release", 4096, namespace=ns)
-    with FunctionClient(bus=bus) as c:
-        held = c.call_async("takes_anything", "hold", gate.name, release.name, ns, timeout=60)
-        assert gate.get(timeout=30) == "holding"
+    with _held_takes_anything(bus, "slots") as (c, let_go):
         futs = [c.call_async("takes_anything", "take", np.ones((1 << 20) // 8), timeout=60) for _ in range(8)]
         assert c.stats()["arena"]["in_use"] == 8
         assert all(f.cancel() for f in futs)
-        release.put("go")
-        assert held.result(timeout=60) == "released"
+        let_go()
         assert c.call("takes_anything", "take") == "taken"  # after the skipped ones, in ring order
         assert c.stats()["arena"]["in_use"] == 0
-    gate.destroy()
-    release.destroy()
 
 
 @sage_service(name="in_process_one", max_concurrency=1)
