@@ -117,20 +117,32 @@ def _add_holder_pid(seg: Any, word: int, pid: int) -> None:
             return
 
 
+def _remove_holder_pid(seg: Any, word: int, pid: int) -> bool:
+    """Clears one entry of ``pid`` from the slot's holder list; whether there was one."""
+    # any() stops at the first entry it clears: one share, one entry.
+    return any(seg.word_load(i) == pid and seg.word_cas(i, pid, 0) == pid for i in range(word + 1, word + _WORDS))
+
+
+def _drop_holder(seg: Any, word: int, gen: int) -> bool:
+    """One holder fewer, if the slot is still at generation ``gen`` and held."""
+    w = seg.word_load(word)
+    while w >> _GEN_SHIFT == gen and w & _HOLDERS:
+        seen = seg.word_cas(word, w, w - 1)
+        if seen == w:
+            return True
+        w = seen  # another holder moved it meanwhile: look again
+    return False
+
+
 def _take_back_dead(seg: Any, word: int) -> int:
     """Takes back the shares of the slot's holders that died; how many."""
+    gen = seg.word_load(word) >> _GEN_SHIFT
     n = 0
     for i in range(word + 1, word + _WORDS):
         pid = seg.word_load(i)
         if not pid or shm.process_alive(pid, 0) or seg.word_cas(i, pid, 0) != pid:
             continue
-        w = seg.word_load(word)
-        while w & _HOLDERS:  # the entry is ours now: exactly one holder to take away
-            seen = seg.word_cas(word, w, w - 1)
-            if seen == w:
-                n += 1
-                break
-            w = seen
+        n += _drop_holder(seg, word, gen)  # the entry is ours now: exactly one holder to take away
     return n
 
 
@@ -159,7 +171,13 @@ class _Slab:
                 continue
             gen = (w >> _GEN_SHIFT) + 1
             if seg.word_cas(_WORDS * i, w, gen << _GEN_SHIFT | 1) == w:
-                _add_holder_pid(seg, _WORDS * i, reader_pid)
+                # The new generation's list: its one holder, and nothing left
+                # from the last one (an entry whose share someone else let go
+                # of would otherwise let that pid's death free this one).
+                word = _WORDS * i
+                seg.word_store(word + 1, reader_pid)
+                for e in range(word + 2, word + _WORDS):
+                    seg.word_store(e, 0)
                 return i, gen
         return None
 
@@ -407,15 +425,8 @@ class SlabReader:
             return  # the slab is gone: nothing held
         word = _WORDS * loc.slot
         if reader_pid:
-            for i in range(word + 1, word + _WORDS):
-                if seg.word_load(i) == reader_pid and seg.word_cas(i, reader_pid, 0) == reader_pid:
-                    break
-        w = seg.word_load(word)
-        while w >> _GEN_SHIFT == loc.gen and w & _HOLDERS:
-            seen = seg.word_cas(word, w, w - 1)
-            if seen == w:
-                return
-            w = seen
+            _remove_holder_pid(seg, word, reader_pid)
+        _drop_holder(seg, word, loc.gen)
 
     def prune(self) -> None:
         """Lets go of slabs whose owner died (so shm.gc() can remove them)."""

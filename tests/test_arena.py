@@ -230,6 +230,28 @@ def test_a_message_never_sent_lets_go_of_its_receivers_share_not_the_senders():
         a.close()
 
 
+def test_a_new_generation_of_a_slot_starts_with_a_clean_holder_list():
+    """A share named for one process but let go of by another leaves that
+    name behind when the slot frees; the slot's next generation must not
+    inherit it, or that process's death would free a slot in use."""
+    a = Arena(_ns(), budget=2 * MiB)  # one slot: the next message reuses it
+    (p,) = _spawn_paused(1)
+    try:
+        placed: list = []
+        encode_payload(np.ones(MiB // 8), "test", a, p.pid, 5.0, placed)  # named for p ...
+        READERS.view(placed[0][0])  # ... but let go of here, not by p
+        assert a.in_use() == 0
+        mine = decode_oob(memoryview(_frame(np.full(MiB // 8, 5.0), a, pid=os.getpid())))
+        _kill(p)
+        with pytest.raises(CallTimeout):  # nothing of p's to take back: the slot is ours
+            _frame(np.ones(MiB // 8), a, timeout=0.3)
+        assert mine.sum() == 5.0 * (MiB // 8)
+    finally:
+        if p.is_alive():
+            _kill(p)
+        a.close()
+
+
 def _place_and_hang(ns: str, out) -> None:
     a = Arena(ns, budget=8 * MiB)
     out.put(_frame(np.ones(MiB // 8), a))
