@@ -45,6 +45,7 @@ import os
 import statistics
 import sys
 import time
+from typing import Any, NamedTuple
 
 import ray
 from _runinfo import run_info
@@ -92,6 +93,42 @@ class RayEcho:
 
     def pid(self) -> int:
         return os.getpid()
+
+
+class Setup(NamedTuple):
+    """What the same-node rows measure: our echo service and its client, a
+    plain Ray actor, and (unless --no-cgraph) a compiled graph over another."""
+
+    bus: Any
+    client: FunctionClient
+    ray_actor: Any
+    cgraph: Any
+    cg_pid: int | None
+
+
+def setup(prefix: str, no_cgraph: bool, buffer_bytes: int) -> Setup:
+    """Starts Ray and the three sides of a same-node run (see Setup); the
+    graph's channel holds ``buffer_bytes``."""
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    bus_name = f"{prefix}-{os.getpid()}"
+    bus = get_communication_bus(bus_name)
+    Echo.deploy(bus=bus_name)
+    client = FunctionClient(bus=bus_name)
+    ray_actor = RayEcho.remote()
+    ray.get(ray_actor.echo.remote(b""))
+    # The node's gateway (its segment janitor) starts with the first bus use:
+    # a new Ray worker process, seconds of one core. Measure after it is up.
+    ray.get(get_gateway(ray.get_runtime_context().get_node_id()).janitor_stats.remote(), timeout=120)
+    cgraph = cg_pid = None
+    if not no_cgraph:
+        from ray.dag import InputNode
+
+        cg_actor = RayEcho.remote()
+        cg_pid = ray.get(cg_actor.pid.remote())
+        with InputNode() as inp:
+            dag = cg_actor.echo.bind(inp)
+        cgraph = dag.experimental_compile(_buffer_size_bytes=buffer_bytes)
+    return Setup(bus, client, ray_actor, cgraph, cg_pid)
 
 
 def pin(pid: int, cpus: set) -> None:
@@ -175,25 +212,7 @@ def main() -> int:
     if args.streams:
         return streams(args)
 
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    bus_name = f"bench-{os.getpid()}"
-    bus = get_communication_bus(bus_name)
-    Echo.deploy(bus=bus_name)
-    client = FunctionClient(bus=bus_name)
-    ray_actor = RayEcho.remote()
-    ray.get(ray_actor.echo.remote(b""))
-    # The node's gateway (its segment janitor) starts with the first bus use:
-    # a new Ray worker process, seconds of one core. Measure after it is up.
-    ray.get(get_gateway(ray.get_runtime_context().get_node_id()).janitor_stats.remote(), timeout=120)
-
-    cgraph = None
-    if not args.no_cgraph:
-        from ray.dag import InputNode
-
-        cg_actor = RayEcho.remote()
-        with InputNode() as inp:
-            dag = cg_actor.echo.bind(inp)
-        cgraph = dag.experimental_compile(_buffer_size_bytes=2 * max(SIZES) + 4096)
+    bus, client, ray_actor, cgraph, _ = setup("bench", args.no_cgraph, 2 * max(SIZES) + 4096)
 
     results: dict = {"latency_us": {}, "machine": run_info()}
     rows = []
@@ -686,25 +705,9 @@ def large(args) -> int:
     """The ``--large`` rows (see the module docstring)."""
     import numpy as np
 
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    bus_name = f"lbench-{os.getpid()}"
-    bus = get_communication_bus(bus_name)
-    Echo.deploy(bus=bus_name)
-    client = FunctionClient(bus=bus_name)
-    ray_actor = RayEcho.remote()
-    ray.get(ray_actor.echo.remote(b""))
-    ray.get(get_gateway(ray.get_runtime_context().get_node_id()).janitor_stats.remote(), timeout=120)
-    cgraph = None
-    if not args.no_cgraph:
-        from ray.dag import InputNode
-
-        cg_actor = RayEcho.remote()
-        cg_pid = ray.get(cg_actor.pid.remote())
-        with InputNode() as inp:
-            dag = cg_actor.echo.bind(inp)
-        cgraph = dag.experimental_compile(_buffer_size_bytes=max(LARGE_SIZES) + (1 << 20))
+    bus, client, ray_actor, cgraph, cg_pid = setup("lbench", args.no_cgraph, max(LARGE_SIZES) + (1 << 20))
     if args.pinned:
-        for pid in [client.call("echo", "pid"), ray.get(ray_actor.pid.remote())] + ([cg_pid] if cgraph else []):
+        for pid in [client.call("echo", "pid"), ray.get(ray_actor.pid.remote())] + ([cg_pid] if cg_pid else []):
             pin(pid, {0})
         pin(os.getpid(), {1})
     rounds = 3
