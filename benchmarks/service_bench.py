@@ -105,6 +105,13 @@ class Setup(NamedTuple):
     cgraph: Any
     cg_pid: int | None
 
+    def close(self) -> None:
+        if self.cgraph is not None:
+            self.cgraph.teardown()
+        self.client.close()
+        self.bus.shutdown()
+        ray.shutdown()
+
 
 def setup(prefix: str, no_cgraph: bool, buffer_bytes: int) -> Setup:
     """Starts Ray and the three sides of a same-node run (see Setup); the
@@ -129,6 +136,20 @@ def setup(prefix: str, no_cgraph: bool, buffer_bytes: int) -> Setup:
             dag = cg_actor.echo.bind(inp)
         cgraph = dag.experimental_compile(_buffer_size_bytes=buffer_bytes)
     return Setup(bus, client, ray_actor, cgraph, cg_pid)
+
+
+def write_results(out: str, name: str, results: dict, plot: dict | None = None) -> None:
+    """Writes ``results`` to ``out/<name>-<time>.json``, and with ``plot`` (a
+    results dict with ``latency_us``) a PNG of p50 latency against size."""
+    os.makedirs(out, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path = os.path.join(out, f"{name}-{stamp}.json")
+    with open(path, "w") as f:
+        json.dump(results, f, indent=2)
+    print(f"\nwrote {path}")
+    png = _plot(plot, os.path.join(out, f"{name}-{stamp}.png")) if plot is not None else None
+    if png:
+        print(f"wrote {png}")
 
 
 def pin(pid: int, cpus: set) -> None:
@@ -212,7 +233,8 @@ def main() -> int:
     if args.streams:
         return streams(args)
 
-    bus, client, ray_actor, cgraph, _ = setup("bench", args.no_cgraph, 2 * max(SIZES) + 4096)
+    run = setup("bench", args.no_cgraph, 2 * max(SIZES) + 4096)
+    client, ray_actor, cgraph = run.client, run.ray_actor, run.cgraph
 
     results: dict = {"latency_us": {}, "machine": run_info()}
     rows = []
@@ -366,21 +388,8 @@ def main() -> int:
     for name, ok in checks.items():
         print(f"  [{'ok' if ok else 'MISSED'}] {name}")
 
-    os.makedirs(args.out, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    path = os.path.join(args.out, f"service_bench-{stamp}.json")
-    with open(path, "w") as f:
-        json.dump(results, f, indent=2)
-    print(f"\nwrote {path}")
-    png = _plot(results, os.path.join(args.out, f"service_bench-{stamp}.png"))
-    if png:
-        print(f"wrote {png}")
-
-    if cgraph is not None:
-        cgraph.teardown()
-    client.close()
-    bus.shutdown()
-    ray.shutdown()
+    write_results(args.out, "service_bench", results, plot=results)
+    run.close()
     return 0
 
 
@@ -499,11 +508,7 @@ def cross_node(args) -> int:
     )
     for name, ok in results["targets_met"].items():
         print(f"  [{'ok' if ok else 'MISSED'}] {name}")
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"service_bench-cross-node-{time.strftime('%Y%m%d-%H%M%S')}.json")
-    with open(path, "w") as f:
-        json.dump(results, f, indent=2)
-    print(f"\nwrote {path}")
+    write_results(args.out, "service_bench-cross-node", results)
     client.close()
     two_hops.close()
     handle.shutdown()
@@ -687,11 +692,7 @@ def streams(args) -> int:
     print(f"time to first item p50: sage {tf['sage_p50']:.0f} us, Ray {tf['ray_p50']:.0f} us")
     for name, ok in results["targets_met"].items():
         print(f"  [{'ok' if ok else 'MISSED'}] {name}")
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"service_bench-streams-{time.strftime('%Y%m%d-%H%M%S')}.json")
-    with open(path, "w") as f:
-        json.dump(results, f, indent=2)
-    print(f"\nwrote {path}")
+    write_results(args.out, "service_bench-streams", results)
     client.close()
     bus.shutdown()
     ray.shutdown()
@@ -705,9 +706,10 @@ def large(args) -> int:
     """The ``--large`` rows (see the module docstring)."""
     import numpy as np
 
-    bus, client, ray_actor, cgraph, cg_pid = setup("lbench", args.no_cgraph, max(LARGE_SIZES) + (1 << 20))
+    run = setup("lbench", args.no_cgraph, max(LARGE_SIZES) + (1 << 20))
+    client, ray_actor, cgraph = run.client, run.ray_actor, run.cgraph
     if args.pinned:
-        for pid in [client.call("echo", "pid"), ray.get(ray_actor.pid.remote())] + ([cg_pid] if cg_pid else []):
+        for pid in [client.call("echo", "pid"), ray.get(ray_actor.pid.remote())] + ([run.cg_pid] if run.cg_pid else []):
             pin(pid, {0})
         pin(os.getpid(), {1})
     rounds = 3
@@ -776,23 +778,9 @@ def large(args) -> int:
             )
     for name, ok in results["targets_met"].items():
         print(f"  [{'ok' if ok else 'MISSED'}] {name}")
-    os.makedirs(args.out, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    path = os.path.join(args.out, f"service_bench-large{'-pinned' if args.pinned else ''}-{stamp}.json")
-    with open(path, "w") as f:
-        json.dump(results, f, indent=2)
-    print(f"\nwrote {path}")
-    png = _plot(
-        {"latency_us": lat["numpy"]},
-        os.path.join(args.out, f"service_bench-large{'-pinned' if args.pinned else ''}-{stamp}.png"),
-    )
-    if png:
-        print(f"wrote {png}")
-    if cgraph is not None:
-        cgraph.teardown()
-    client.close()
-    bus.shutdown()
-    ray.shutdown()
+    name = "service_bench-large-pinned" if args.pinned else "service_bench-large"
+    write_results(args.out, name, results, plot={"latency_us": lat["numpy"]})
+    run.close()
     return 0
 
 
