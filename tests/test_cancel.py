@@ -260,33 +260,48 @@ def _direct_client(bus: str) -> FunctionClient:
     return FunctionClient(bus=bus, transport=lambda node: direct)
 
 
-def test_a_call_sent_over_ray_is_cancelled_if_its_replica_has_not_started_it(bus):
-    """Over Ray (the cross-node path), cancel() of a call already sent asks
-    the replica: True only when the replica confirms it never started it.
-    Here the replica's every Ray thread is held, so the call waits in Ray's
-    queue; cancel() does not (it has threads of its own)."""
-    OneAtATime.deploy(bus=bus)
+@contextlib.contextmanager
+def _ray_threads_held(bus: str, cls: type, tag: str):
+    """``cls`` (a service with ``hold``) deployed, every one of its replica
+    actor's Ray threads held by a ``hold`` call over Ray (the actor has 4 + 1
+    threads; the router's watch() holds one), so a call over Ray waits in
+    Ray's queue. Yields (a fifth client over Ray, let_go); let_go() releases
+    the holds and waits for them. One lane per client: a lane sends one call
+    at a time to a one-thread replica."""
+    cls.deploy(bus=bus)
+    name = cls.__sage_name__
     ns = bus_namespace(bus)
-    gate = SageQueue("direct-gate", 4096, namespace=ns)
-    release = SageQueue("direct-release", 4096, namespace=ns)
-    # One lane per transport (a lane sends one call at a time to a one-thread replica).
+    gate = SageQueue(f"{tag}-gate", 4096, namespace=ns)
+    release = SageQueue(f"{tag}-release", 4096, namespace=ns)
     clients = [_direct_client(bus) for _ in range(5)]
     try:
-        # The replica actor has 4 + 1 threads; the router's watch() holds one.
-        holds = [c.call_async("one_at_a_time", "hold", gate.name, release.name, ns, timeout=60) for c in clients[:4]]
+        holds = [c.call_async(name, "hold", gate.name, release.name, ns, timeout=60) for c in clients[:4]]
         assert [gate.get(timeout=30) for _ in holds] == ["holding"] * 4
-        fut = clients[4].call_async("one_at_a_time", "work", 7, timeout=60)
-        assert fut.cancel() and fut.cancelled()
-        for _ in holds:
-            release.put("go")
-        assert [h.result(timeout=60) for h in holds] == ["released"] * 4
-        assert clients[4].call_async("one_at_a_time", "work", 8, timeout=60).result(timeout=60) == 8
-        assert clients[4].call("one_at_a_time", "ran_so_far") == [8]  # 7 never ran
+
+        def let_go() -> None:
+            for _ in holds:
+                release.put("go")
+            assert [h.result(timeout=60) for h in holds] == ["released"] * 4
+
+        yield clients[4], let_go
     finally:
         for c in clients:
             c.close()
         gate.destroy()
         release.destroy()
+
+
+def test_a_call_sent_over_ray_is_cancelled_if_its_replica_has_not_started_it(bus):
+    """Over Ray (the cross-node path), cancel() of a call already sent asks
+    the replica: True only when the replica confirms it never started it.
+    Here the replica's every Ray thread is held, so the call waits in Ray's
+    queue; cancel() does not (it has threads of its own)."""
+    with _ray_threads_held(bus, OneAtATime, "direct") as (c, let_go):
+        fut = c.call_async("one_at_a_time", "work", 7, timeout=60)
+        assert fut.cancel() and fut.cancelled()
+        let_go()
+        assert c.call_async("one_at_a_time", "work", 8, timeout=60).result(timeout=60) == 8
+        assert c.call("one_at_a_time", "ran_so_far") == [8]  # 7 never ran
 
 
 @ray.remote(num_cpus=0.05)
@@ -327,23 +342,9 @@ def test_a_caller_that_dies_cancels_its_calls_in_the_replica(bus):
 def test_a_call_cancelled_over_ray_is_skipped_without_unpickling_it(bus, tmp_path):
     """As above, over Ray: the replica reads the cancel key from the header
     and skips the call before its arguments are unpickled (no mark)."""
-    TakesAnything.deploy(bus=bus)
-    ns = bus_namespace(bus)
-    gate = SageQueue("unread-direct-gate", 4096, namespace=ns)
-    release = SageQueue("unread-direct-release", 4096, namespace=ns)
-    clients = [_direct_client(bus) for _ in range(5)]
-    try:
-        holds = [c.call_async("takes_anything", "hold", gate.name, release.name, ns, timeout=60) for c in clients[:4]]
-        assert [gate.get(timeout=30) for _ in holds] == ["holding"] * 4
-        fut = clients[4].call_async("takes_anything", "take", Tattle(str(tmp_path / "cancelled")), timeout=60)
+    with _ray_threads_held(bus, TakesAnything, "unread-direct") as (c, let_go):
+        fut = c.call_async("takes_anything", "take", Tattle(str(tmp_path / "cancelled")), timeout=60)
         assert fut.cancel()
-        for _ in holds:
-            release.put("go")
-        assert [h.result(timeout=60) for h in holds] == ["released"] * 4
-        assert clients[4].call("takes_anything", "take", Tattle(str(tmp_path / "kept"))) == "taken"
+        let_go()
+        assert c.call("takes_anything", "take", Tattle(str(tmp_path / "kept"))) == "taken"
         assert sorted(os.listdir(tmp_path)) == ["kept"]
-    finally:
-        for c in clients:
-            c.close()
-        gate.destroy()
-        release.destroy()
