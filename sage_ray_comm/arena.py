@@ -61,6 +61,7 @@ __all__ = [
     "READERS",
     "SLOT_CLASSES",
     "Arena",
+    "ArenaOwner",
     "Location",
     "SlabReader",
 ]
@@ -353,6 +354,36 @@ class Arena:
     def close(self) -> None:
         """Removes the slabs (views of them stay valid until released)."""
         self._finalizer()
+
+
+class ArenaOwner:
+    """A sender of large buffers (a transport's calls, a replica's replies):
+    its arena is made at first use, once, whichever of its threads asks
+    first. Needs ``self.namespace``; ``arena_budget`` (None: the Arena's
+    default) is read when the arena is made."""
+
+    namespace: str
+    arena: Arena | None = None
+    arena_budget: int | None = None
+    _arena_made = threading.Lock()  # taken only until an owner has its arena
+
+    def own_arena(self) -> Arena:
+        a = self.arena
+        if a is None:
+            with ArenaOwner._arena_made:
+                if self.arena is None:
+                    self.arena = Arena(self.namespace, self.arena_budget)
+                a = self.arena
+        return a
+
+    def buffer(self, shape: Any, dtype: Any) -> Any:
+        """An array in this owner's arena (Arena.array): sent, or returned, with no copy."""
+        return self.own_arena().array(shape, dtype)
+
+    def close_arena(self) -> None:
+        """Removes the arena's slabs (views of them stay valid until released)."""
+        if self.arena is not None:
+            self.arena.close()
 
 
 def _unlink_all(slabs: dict) -> None:

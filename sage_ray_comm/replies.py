@@ -19,7 +19,7 @@ from typing import Any
 from . import shm
 from ._codec import abandon, big_buffers, encode_payload, wrap_big_bytes
 from ._wire import ERR_SERIALIZATION, OP_CALL, ST_OK, ST_OK_BLOB, BadRequest, Request, bad_request_reply, error_reply
-from .arena import Arena
+from .arena import ArenaOwner
 from .blobs import SegmentBlob
 from .errors import MessageTooLarge, QueueClosed, QueueFull, QueueNotFound, SerializationError
 from .names import caller_pid, reply_ring_pid
@@ -48,7 +48,7 @@ def future_sink(fut: concurrent.futures.Future) -> Sink:
 REPLY_PUT_TIMEOUT = 2.0
 
 
-class ReplyWriter:
+class ReplyWriter(ArenaOwner):
     """Writes one replica's replies. ``stats`` is the replica's counters
     (``errors``, ``replies_dropped``). Each method takes a ``sink``: where
     the reply of a call that came over Ray goes instead of a ring."""
@@ -59,8 +59,6 @@ class ReplyWriter:
         self.service = service
         self.replies = RingPool(namespace)
         self._callers: dict[str, tuple] = {}  # reply ring -> (checked at, caller alive)
-        self.arena: Arena | None = None  # large buffers of replies (arena.py), made at first use
-        self.arena_budget: int | None = None  # its size (None: Arena's default)
         # Oversize replies not yet known to be read: (blob, reply ring), swept by the heartbeat.
         self.blobs: list[tuple] = []
 
@@ -168,23 +166,13 @@ class ReplyWriter:
             self.stats["replies_dropped"] += 1
             self.replies.drop(req.reply_to)
 
-    def buffer(self, shape: Any, dtype: Any) -> Any:
-        """An array in this replica's arena, for a handler to return without a copy."""
-        return self._arena().array(shape, dtype)
-
-    def _arena(self) -> Arena:
-        if self.arena is None:
-            self.arena = Arena(self.namespace, self.arena_budget)
-        return self.arena
-
     def _put_located(self, q: Any, reply_to: str, rep: tuple) -> None:
-        self._arena()
         cid, status, value = rep
         placed: list = []
         parts, kind = encode_payload(
             (cid, status, wrap_big_bytes(value)),
             q.label,
-            self.arena,
+            self.own_arena(),
             reply_ring_pid(reply_to) or 0,
             REPLY_PUT_TIMEOUT,
             placed,
@@ -201,5 +189,4 @@ class ReplyWriter:
             blob.discard()
         self.blobs.clear()
         self.replies.close()
-        if self.arena is not None:
-            self.arena.close()
+        self.close_arena()

@@ -38,7 +38,7 @@ from ._wire import (
     encode_request,
     request_tuple,
 )
-from .arena import Arena
+from .arena import Arena, ArenaOwner
 from .blobs import SegmentBlob
 from .claims import EXPIRED, ClaimTable
 from .errors import (
@@ -172,7 +172,7 @@ class _ReplyRing:
                 shm_warn_once(f"no claim table for this process's call_async calls ({e}); cancel() asks replicas")
 
 
-class ShmTransport(Transport):
+class ShmTransport(Transport, ArenaOwner):
     """Same-node calls through shared-memory rings (see the module docstring)."""
 
     name = "shm"
@@ -188,8 +188,6 @@ class ShmTransport(Transport):
         # correlation id -> (future, instance, monotonic end, oversize-args blob, finish)
         self._pending: dict[int, tuple] = {}
         self._tickets: dict[int, int] = {}  # correlation id -> its claim ticket (claims.py)
-        self.arena: Arena | None = None  # large buffers of this process's calls (arena.py)
-        self.arena_budget: int | None = None  # its size (None: Arena's default)
         self._reader: threading.Thread | None = None
         self._closed = False
         self.stale_replies = 0
@@ -214,7 +212,9 @@ class ShmTransport(Transport):
                 f"no longer exists) while calling '{req.function}'"
             ) from None
         try:
-            return put_request_parking(q, req, timeout, self.namespace, cid, reply_to, ticket, self._arena(), inst.pid)
+            return put_request_parking(
+                q, req, timeout, self.namespace, cid, reply_to, ticket, self.own_arena(), inst.pid
+            )
         except SerializationError as e:
             cause = e.__cause__ or e
             raise SerializationError(
@@ -232,20 +232,6 @@ class ShmTransport(Transport):
                 f"replica {inst.instance_id} of service '{inst.service}' is stopping (its request "
                 f"queue is closed); call to '{req.function}' not delivered"
             ) from None
-
-    def _arena(self) -> Arena:
-        """This process's arena for this bus's calls (arena.py), made at first use."""
-        a = self.arena
-        if a is None:
-            with self._lock:
-                if self.arena is None:
-                    self.arena = Arena(self.namespace, self.arena_budget)
-                a = self.arena
-        return a
-
-    def buffer(self, shape: Any, dtype: Any) -> Any:
-        """An array in this process's arena (Arena.array)."""
-        return self._arena().array(shape, dtype)
 
     @staticmethod
     def _resolve(inst: InstanceInfo, rep: Reply) -> Reply:
@@ -461,7 +447,7 @@ class ShmTransport(Transport):
         if not big_buffers(payload):
             return payload
         try:
-            parts, kind = encode_payload(wrap_big_bytes(payload), "an event", self._arena(), 0, 0.0)
+            parts, kind = encode_payload(wrap_big_bytes(payload), "an event", self.own_arena(), 0, 0.0)
         except (CallTimeout, SerializationError):
             return payload
         if kind != KIND_PICKLE_OOB:
@@ -476,7 +462,7 @@ class ShmTransport(Transport):
         try:
             # Large buffers by location (fanout()); one that needs a slot and
             # finds none drops the event for this subscriber: a publisher never waits.
-            put_request_parking(q, req, 0, self.namespace, req.cid, req.reply_to, 0, self._arena(), sub.pid)
+            put_request_parking(q, req, 0, self.namespace, req.cid, req.reply_to, 0, self.own_arena(), sub.pid)
             return True
         except (QueueFull, QueueClosed, CallTimeout):
             return False
@@ -494,8 +480,7 @@ class ShmTransport(Transport):
             if r.claims is not None:
                 r.claims.close()
         self.pool.close()
-        if self.arena is not None:
-            self.arena.close()  # views of its slots that replicas still hold stay valid
+        self.close_arena()  # views of its slots that replicas still hold stay valid
 
 
 # While waiting for a reply, check this often that the replica still lives, so

@@ -11,6 +11,7 @@ import pickle
 import random
 import signal
 import struct
+import threading
 import time
 import uuid
 
@@ -19,7 +20,7 @@ import pytest
 
 from sage_ray_comm import CallTimeout, DeserializationError, shm
 from sage_ray_comm._codec import KIND_PICKLE_OOB, abandon, decode_oob, encode_payload, wrap_big_bytes
-from sage_ray_comm.arena import ARENA_MIN_BYTES, READERS, Arena, Location
+from sage_ray_comm.arena import ARENA_MIN_BYTES, READERS, Arena, ArenaOwner, Location
 
 MiB = 1 << 20
 
@@ -338,3 +339,26 @@ def test_a_slot_released_twice_is_refused_and_counted(arena):
     assert arena.in_use() == 0
     del extra  # the slot is free already: refused, counted, nothing changes
     assert _core.stale_releases() == stale + 1 and arena.in_use() == 0
+
+
+def test_an_owner_makes_its_arena_once_whichever_threads_ask_first():
+    """A replica's handler threads may send their first large replies at
+    once: they must share one arena, not each make one."""
+    owner = ArenaOwner()
+    owner.namespace = _ns()
+    start = threading.Barrier(16)
+    got: list = []
+
+    def first_use() -> None:
+        start.wait()
+        got.append(owner.own_arena())
+
+    threads = [threading.Thread(target=first_use) for _ in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    try:
+        assert len(got) == 16 and all(a is owner.arena for a in got)
+    finally:
+        owner.close_arena()
