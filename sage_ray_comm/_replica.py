@@ -44,7 +44,6 @@ from ._wire import (
     frame_kind,
 )
 from .arena import READERS
-from .blobs import SegmentBlob
 from .callers import RemoteCallers
 from .cancels import CallRegistry, LoopTask, Running
 from .claims import ClaimReader
@@ -55,7 +54,7 @@ from .errors import (
     ValidationError,
 )
 from .handlers import Handler, collect_handlers, validation_message
-from .intake import CANCELLED_FIRST, EXPIRED_FIRST, take_request
+from .intake import CANCELLED_FIRST, EXPIRED_FIRST, request_args, take_request
 from .message import envelope
 from .metrics import recorder
 from .names import cancellable, claims_reply_ring
@@ -455,9 +454,7 @@ class Runtime:
                 )
             self.stats["errors"] += 1
             return False
-        args, kwargs = req.args, req.kwargs
-        if isinstance(args, SegmentBlob):
-            args, kwargs = args.get()
+        args, kwargs = request_args(req)  # read out of their segment if they came in one
         if not args and kwargs and "payload" in kwargs and not h.takes_payload:
             kwargs = dict(kwargs)
             args = (kwargs.pop("payload"),)
