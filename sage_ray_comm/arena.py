@@ -64,6 +64,7 @@ __all__ = [
     "ArenaOwner",
     "Location",
     "SlabReader",
+    "check_budget",
 ]
 
 log = logging.getLogger(__name__)
@@ -354,6 +355,15 @@ class Arena:
     def close(self) -> None:
         """Removes the slabs (views of them stay valid until released)."""
         self._finalizer()
+
+
+def check_budget(value: Any, error: type[Exception], where: str) -> None:
+    """Raises ``error`` unless ``value`` is an arena's size (``arena_bytes=``
+    of ``where``): a positive number of bytes, or None for the default."""
+    if value is not None and not (type(value) is int and value > 0):
+        raise error(
+            f"arena_bytes of {where} must be a positive number of bytes (or None for the default), got {value!r}"
+        )
 
 
 class ArenaOwner:

@@ -34,6 +34,7 @@ from ._wire import (
     OP_SEND,
     Request,
 )
+from .arena import check_budget
 from .completion import CallFinisher, Retrying, check_timeout, outcome, pick_timeout
 from .endpoint import Endpoint, TransportFactory
 from .errors import (
@@ -111,6 +112,7 @@ class FunctionClient(StreamCalls, RegistryViews):
         this bus may take for large buffers of calls (default: a quarter of
         /dev/shm's free space, at most 1 GiB); the first client of the bus in
         a process that says so sets it."""
+        check_budget(arena_bytes, InvalidCallArgument, f"FunctionClient(bus={bus!r})")
         self._arena_bytes = arena_bytes
         if bus is not None and not isinstance(bus, str):
             bus = getattr(bus, "name", bus)

@@ -37,6 +37,7 @@ from typing import Any, ClassVar
 from . import context, lifecycle, shm
 from ._ray import ensure_ray
 from ._replica import DEFAULT_MAX_CONCURRENCY, Runtime
+from .arena import check_budget
 from .client import FunctionClient
 from .deploy import ServiceHandle, deploy_service
 from .endpoint import Endpoint
@@ -391,15 +392,13 @@ class BaseService(ServiceCallMixin):
         memory, to fill and return: the caller on this node reads it in
         place, with no copy (see ``FunctionClient.buffer``).
 
-        >>> class Render(BaseService):
-        ...     @service_function
-        ...     def frame(self, h: int, w: int):
-        ...         return self.buffer((h, w, 3), "uint8")  # fill it, then return it
+        >>> @service_function
+        ... def frame(self, h: int, w: int):  # of a BaseService
+        ...     return self.buffer((h, w, 3), "uint8")  # fill it, then return it
         """
-        rt = self._runtime
-        if rt is None:
+        if self._runtime is None:
             raise ServiceUnavailable(f"service '{self.service_name}' is not running: no arena to make a buffer in")
-        return rt.reply.buffer(shape, dtype)
+        return self._runtime.reply.buffer(shape, dtype)
 
     @staticmethod
     def cancelled() -> bool:
@@ -498,6 +497,7 @@ def sage_service(
     """
     if policy not in POLICIES:
         raise InvalidServiceDefinition(f"policy must be one of {', '.join(map(repr, POLICIES))}, got {policy!r}")
+    check_budget(arena_bytes, InvalidServiceDefinition, f"service '{name or '(unnamed)'}'")
 
     def wrap(given: type) -> type:
         cls: type[BaseService]

@@ -13,7 +13,16 @@ import pytest
 import ray
 from _wait import wait_for
 
-from sage_ray_comm import BaseService, FunctionClient, ServiceNotFound, sage_service, service_function, shm
+from sage_ray_comm import (
+    BaseService,
+    FunctionClient,
+    InvalidCallArgument,
+    InvalidServiceDefinition,
+    ServiceNotFound,
+    sage_service,
+    service_function,
+    shm,
+)
 from sage_ray_comm.router import ROUTER_NAMESPACE
 from sage_ray_comm.service import subscribe
 
@@ -232,3 +241,11 @@ def test_a_handler_can_ask_for_writable_copies(bus):
             c.call("zc_echo", "double_in_place", x)
         assert c.call("zc_echo", "double_a_copy", x) == 2.0 * (MiB // 8)
         assert x.sum() == MiB // 8  # the caller's array never changes
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, "1 GiB", True])
+def test_a_bad_arena_size_is_a_typed_error_naming_where(bus, bad):
+    with pytest.raises(InvalidCallArgument, match=r"arena_bytes of FunctionClient\(bus='.*'\) must be a positive"):
+        FunctionClient(bus=bus, arena_bytes=bad)
+    with pytest.raises(InvalidServiceDefinition, match="arena_bytes of service 'sized' must be a positive"):
+        sage_service(name="sized", arena_bytes=bad)
