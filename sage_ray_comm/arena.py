@@ -44,6 +44,7 @@ A slab is a segment (``names.slab_name``) of equal slots; its data region::
 from __future__ import annotations
 
 import logging
+import operator
 import os
 import threading
 import time
@@ -52,7 +53,7 @@ import weakref
 from typing import Any, NamedTuple
 
 from . import shm
-from .errors import CallTimeout, DeserializationError, SageCommError
+from .errors import CallTimeout, DeserializationError, InvalidCallArgument, SageCommError
 from .names import slab_geometry, slab_name
 
 __all__ = [
@@ -294,10 +295,22 @@ class Arena:
         saw never changes."""
         import numpy as np
 
-        dt = np.dtype(dtype)
-        count = int(np.prod(shape, dtype=np.int64))
+        try:  # ints, or numpy's (anything with __index__)
+            dims: tuple | None = tuple(map(operator.index, shape if isinstance(shape, (tuple, list)) else (shape,)))
+        except TypeError:
+            dims = None
+        try:
+            dt = np.dtype(dtype)
+        except TypeError:
+            dt = None
+        if dims is None or min(dims, default=0) < 0 or dt is None or dt.hasobject:
+            raise InvalidCallArgument(
+                f"an array in shared memory needs a shape of non-negative ints and a numpy dtype without "
+                f"objects; got shape {shape!r}, dtype {dtype!r} (arena of namespace '{self.namespace}')"
+            )
+        count = int(np.prod(dims, dtype=np.int64))
         view = self.buffer(max(1, count * dt.itemsize), timeout)
-        return np.frombuffer(view, dtype=dt, count=count).reshape(shape)
+        return np.frombuffer(view, dtype=dt, count=count).reshape(dims)
 
     def hold(self, view: Any, reader_pid: int = 0) -> Location | None:
         """The location of ``view`` (a SlotView of a whole slot, this

@@ -18,7 +18,7 @@ import uuid
 import numpy as np
 import pytest
 
-from sage_ray_comm import CallTimeout, DeserializationError, shm
+from sage_ray_comm import CallTimeout, DeserializationError, InvalidCallArgument, shm
 from sage_ray_comm._codec import KIND_PICKLE_OOB, abandon, decode_oob, encode_payload, wrap_big_bytes
 from sage_ray_comm.arena import ARENA_MIN_BYTES, READERS, Arena, ArenaOwner, Location
 
@@ -362,3 +362,20 @@ def test_an_owner_makes_its_arena_once_whichever_threads_ask_first():
         assert len(got) == 16 and all(a is owner.arena for a in got)
     finally:
         owner.close_arena()
+
+
+@pytest.mark.parametrize(
+    "shape, dtype",
+    [((-1,), "float64"), (("a",), "float64"), ((2.0,), "f4"), (None, "f4"), ((4,), "nope"), ((2,), object)],
+)
+def test_a_bad_shape_or_dtype_for_an_array_in_shared_memory_is_a_typed_error(arena, shape, dtype):
+    with pytest.raises(InvalidCallArgument, match=r"shape of non-negative ints and a numpy dtype.*got shape"):
+        arena.array(shape, dtype)
+    assert arena.in_use() == 0  # nothing was taken
+
+
+def test_arrays_in_shared_memory_take_the_shapes_numpy_takes(arena):
+    assert arena.array(5, "uint8").shape == (5,)
+    assert arena.array([3, 2], "int16").shape == (3, 2)
+    assert arena.array((np.int64(4),), "f4").shape == (4,)
+    assert arena.array((0,), "float64").shape == (0,)
