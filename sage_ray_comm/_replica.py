@@ -1,8 +1,9 @@
 """The replica runtime: serves one service instance from this process.
 
 :class:`Runtime` owns the replica's request ring and its dispatcher threads
-(one waits on the ring at a time; more start while all are busy, up to the
-service's ``max_concurrency``), an asyncio loop for ``async def`` handlers,
+(dispatch.py: the one that took a request keeps the ring; another takes it
+over while a handler runs long, up to the service's ``max_concurrency``
+running at once), an asyncio loop for ``async def`` handlers,
 the reply path, registration with the router and heartbeats; its open
 streams (producers.py) and the calls it may cancel (cancels.py).
 """
@@ -47,6 +48,7 @@ from .arena import READERS
 from .callers import RemoteCallers
 from .cancels import CallRegistry, LoopTask, Running
 from .claims import ClaimReader
+from .dispatch import STOP, Dispatchers
 from .errors import (
     QueueClosed,
     SageCommError,
@@ -54,7 +56,7 @@ from .errors import (
     ValidationError,
 )
 from .handlers import Handler, collect_handlers, validation_message
-from .intake import CANCELLED_FIRST, EXPIRED_FIRST, request_args, take_request
+from .intake import CANCELLED_FIRST, EXPIRED_FIRST, SpinTuner, request_args, take_request
 from .message import envelope
 from .metrics import recorder
 from .names import cancellable, claims_reply_ring
@@ -130,9 +132,10 @@ class Runtime:
         self.reply = ReplyWriter(self.namespace, self.stats, svc.service_name)
         self.in_flight = 0
         self._lock = threading.Lock()
-        self._leader = threading.Lock()
-        self._threads: list[threading.Thread] = []
-        self._idle = 0
+        self._spin = SpinTuner(queue) if queue is not None else None
+        self._dispatchers = Dispatchers(
+            f"sage-dispatch-{self.instance_id}", self._take_one, self._run_one, self.max_concurrency
+        )
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: threading.Thread | None = None
         self._stopping = threading.Event()
@@ -162,7 +165,7 @@ class Runtime:
         try:
             self.svc.initialize()
             if self.queue is not None:
-                self._spawn()
+                self._dispatchers.start()
 
             self.version = self.router.register(self.info, self._replace)
             for key, pats in self.events.items():
@@ -272,10 +275,9 @@ class Runtime:
             except Exception as e:  # the router is gone: nothing to deregister from
                 log.debug("deregistering %s failed: %s", self.instance_id, e)
         if self.queue is not None:
-            self.queue.close()  # wakes every dispatcher; callers now get ServiceUnavailable
-        for t in list(self._threads):
-            if t is not threading.current_thread():
-                t.join(timeout=10)
+            self.queue.close()  # wakes the dispatcher on the ring; callers now get ServiceUnavailable
+        self._dispatchers.stop()
+        self._dispatchers.join(timeout=10)
         self.producers.close_all(self._loop)  # each generator's finally runs
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self._loop.stop)
@@ -301,7 +303,7 @@ class Runtime:
     @property
     def thread_count(self) -> int:
         """Dispatcher threads started so far."""
-        return len(self._threads)
+        return len(self._dispatchers.threads)
 
     def queued(self) -> int:
         """Requests waiting in the ring (0 without one)."""
@@ -367,61 +369,50 @@ class Runtime:
                 self._direct.discard(fut)
         return out
 
-    def _spawn(self) -> None:
-        # Caller holds self._lock, or is start().
-        t = threading.Thread(
-            target=self._dispatch, name=f"sage-dispatch-{self.instance_id}-{len(self._threads)}", daemon=True
-        )
-        self._threads.append(t)
-        self._idle += 1
-        t.start()
+    def _take_one(self) -> Any:
+        """The leader's ``take`` (dispatch.py): the next request of the ring to
+        run, as (request, its frame's size); None when what came needs no
+        handler; STOP once the ring closed or the replica stops."""
+        queue, spin = self.queue, self._spin
+        if queue is None or spin is None or self._stopping.is_set():
+            return STOP
+        t0 = time.monotonic()
+        try:
+            req, nbytes = take_request(queue, self.claims)
+            spin.waited(time.monotonic() - t0)
+        except QueueClosed:
+            return STOP
+        except SageCommError as e:  # a corrupted frame: consumed, keep serving
+            log.warning("service %s dropped a frame: %s", self.info.service, e)
+            self.stats["errors"] += 1
+            return None
+        if req is CANCELLED_FIRST:  # its caller's cancel() won the claim: not even unpickled
+            self.calls.count_skipped()
+            return None
+        if req is EXPIRED_FIRST:  # its caller timed out first: as a request past its deadline
+            self.stats["expired"] += 1
+            return None
+        if not isinstance(req, Request):  # not a request, or one that cannot be run
+            self.stats["errors"] += 1
+            if isinstance(req, BadRequest):
+                self.reply.bad_request(req, f"replica {self.instance_id}")
+            return None
+        return req, nbytes
 
-    def _dispatch(self) -> None:
-        queue = self.queue
-        if queue is None:  # no ring: this replica serves over Ray only
-            return
-        while True:
-            with self._leader:  # one thread waits on the ring at a time
-                if self._stopping.is_set():
-                    return
-                try:
-                    req, nbytes = take_request(queue, self.claims)
-                except QueueClosed:
-                    return
-                except SageCommError as e:  # a corrupted frame: consumed, keep serving
-                    log.warning("service %s dropped a frame: %s", self.info.service, e)
-                    self.stats["errors"] += 1
-                    continue
-                if req is CANCELLED_FIRST:  # its caller's cancel() won the claim: not even unpickled
-                    self.calls.count_skipped()
-                    continue
-                if req is EXPIRED_FIRST:  # its caller timed out first: as a request past its deadline
-                    self.stats["expired"] += 1
-                    continue
-                if not isinstance(req, Request):  # not a request, or one that cannot be run
-                    self.stats["errors"] += 1
-                    if isinstance(req, BadRequest):
-                        self.reply.bad_request(req, f"replica {self.instance_id}")
-                    continue
-                with self._lock:
-                    self._idle -= 1
-                    if self._idle == 0 and len(self._threads) < self.max_concurrency:
-                        self._spawn()  # every thread is busy: one more waits on the ring
-            # Every call is tracked in self.calls: its caller may cancel it, or die.
-            key = (req.reply_to, req.cid) if req.reply_to else None
-            call = None
-            if key is not None:
-                call = self.calls.admit(key, not self.reply.known_dead(key[0]), cancellable(key[0]))
-            try:
-                if key is not None and call is None:
-                    pass  # cancelled first (asked through the actor), or its caller died while it waited
-                elif not self._handle(req, "shm", nbytes, call=call) and key:
-                    self.calls.finish(key)  # over (an async handler finishes its own call)
-            except Exception:  # never lose the dispatcher thread
-                log.exception("service %s failed handling a request", self.info.service)
-            req = call = None  # its arguments' arena slots go now, not when the next request comes
-            with self._lock:
-                self._idle += 1
+    def _run_one(self, got: tuple[Request, int]) -> None:
+        req, nbytes = got
+        # Every call is tracked in self.calls: its caller may cancel it, or die.
+        key = (req.reply_to, req.cid) if req.reply_to else None
+        call = None
+        if key is not None:
+            call = self.calls.admit(key, not self.reply.known_dead(key[0]), cancellable(key[0]))
+        try:
+            if key is not None and call is None:
+                pass  # cancelled first (asked through the actor), or its caller died while it waited
+            elif not self._handle(req, "shm", nbytes, call=call) and key:
+                self.calls.finish(key)  # over (an async handler finishes its own call)
+        except Exception:  # never lose the dispatcher thread
+            log.exception("service %s failed handling a request", self.info.service)
 
     def _handle(
         self, req: Request, transport: str, nbytes: int, sink: Sink | None = None, call: Running | None = None

@@ -133,7 +133,9 @@ __all__ = [
 #    carry arena locations instead of buffers (_codec._LOCATED).
 # 4: an arena slot's words name its holders (arena.py): a receiver of
 #    version 3 would let go of slots of version 4 at the wrong words.
-PROTOCOL_VERSION = 4
+# 5: numpy arrays pickle as arrays.rebuild_array (a version 4 receiver has no
+#    such function).
+PROTOCOL_VERSION = 5
 
 # ---------------------------------------------------------------- frame kinds
 # Stored in each ring frame's header. 1-3 are SageQueue's, defined with the

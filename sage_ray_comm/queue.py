@@ -171,6 +171,7 @@ class SageQueue:
         # between costs about a tenth of a small call.
         self.put_frame = self._ring.put_parts  # type: ignore[method-assign]
         self.get_frame = self._ring.get  # type: ignore[method-assign]
+        self.set_spin_ns = self._ring.set_spin_ns  # type: ignore[method-assign]
         self._ring.set_spin_ns(int(spin_us * 1000))
         self.maxsize = self._ring.capacity
         self.created = self._ring.created
@@ -260,6 +261,13 @@ class SageQueue:
         Frames of ``writable_kind`` come back as a bytearray (so numpy arrays
         rebuilt on them are writable), others as bytes."""
         return self._ring.get(timeout, writable_kind)
+
+    def set_spin_ns(self, ns: int) -> None:
+        """How long a waiting ``get`` spins before it sleeps on the futex, in
+        nanoseconds (``spin_us`` at creation). A replica retunes its request
+        ring's to the gaps between requests (intake.SpinTuner). (Each
+        instance binds this straight to its ring's method.)"""
+        self._ring.set_spin_ns(ns)
 
     @property
     def label(self) -> str:

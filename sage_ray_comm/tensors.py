@@ -17,43 +17,35 @@ not write to it in place (other receivers may read the same slot). Use
 ``.clone()`` first, or declare the handler
 ``@service_function(writable=True)``, which clones such tensors for it.
 
->>> import sys  # the table exists once torch is imported, not before
->>> (dispatch_table() is not None) == ("torch" in sys.modules)
+>>> import sys  # the reducer is there once torch is imported, not before
+>>> bool(reducers()) == ("torch" in sys.modules)
 True
 """
 
 from __future__ import annotations
 
-import copyreg
 import functools
 import pickle
 import sys
 import warnings
 import weakref
-from collections import ChainMap
-from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["dispatch_table", "rebuild_tensor", "reduce_tensor", "shares_memory"]
+__all__ = ["rebuild_tensor", "reduce_tensor", "reducers", "shares_memory"]
 
-_TABLE: Mapping | None = None
 # Tensors rebuilt over a received buffer (an arena slot, or the frame), by
 # id: writable=True handlers get clones of these. (Not a WeakSet: its lookups
 # compare tensors with ==, which torch answers element by element.)
 _IN_PLACE: dict[int, weakref.ref] = {}
 
 
-def dispatch_table() -> Mapping | None:
-    """The dispatch table for this library's pickler: ``torch.Tensor`` to
-    :func:`reduce_tensor`, then copyreg's. None while torch is not imported
-    (then plain ``pickle.dumps`` does)."""
-    global _TABLE
-    if _TABLE is None:
-        torch = sys.modules.get("torch")
-        if torch is None or not hasattr(torch, "Tensor"):
-            return None
-        _TABLE = ChainMap({torch.Tensor: reduce_tensor}, copyreg.dispatch_table)
-    return _TABLE
+def reducers() -> dict:
+    """``torch.Tensor`` to :func:`reduce_tensor`, for this library's
+    pickler's dispatch table (_codec.py); empty while torch is not imported."""
+    torch = sys.modules.get("torch")
+    if torch is None or not hasattr(torch, "Tensor"):
+        return {}
+    return {torch.Tensor: reduce_tensor}
 
 
 def reduce_tensor(t: Any) -> tuple:

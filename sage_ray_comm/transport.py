@@ -49,6 +49,10 @@ REQUEST_RING_BYTES = 8 << 20  # one frame may be half: 4 MiB
 # futex wake-up costs ~40 us here, more than most handlers take.
 REPLY_SPIN_US = 100.0
 REQUEST_SPIN_US = 50.0
+# A replica's ring spins up to this long when its requests come that close
+# together (intake.SpinTuner): on a 2-core machine, longer would take a core
+# from the callers.
+REQUEST_SPIN_MAX_US = 200.0
 REPLY_RING_BYTES = 8 << 20
 EVENT_RING_BYTES = 4 << 20
 # Below this much free /dev/shm a process warns once at start: a caller needs

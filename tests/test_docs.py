@@ -24,6 +24,9 @@ RAY_FREE = [
     "arena",
     "cancels",
     "tensors",
+    "arrays",
+    "dispatch",
+    "intake",
 ]
 
 

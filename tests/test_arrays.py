@@ -1,0 +1,94 @@
+"""numpy arrays through this library's reducer (arrays.py): what arrives is
+what was sent, every kind of array, and a receiver needs nothing imported."""
+
+from __future__ import annotations
+
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from sage_ray_comm import arrays
+from sage_ray_comm._codec import KIND_PICKLE_OOB, decode_payload, dispatch_table, encode_payload
+
+
+class Tagged(np.ndarray):
+    """A subclass: pickled as numpy pickles it."""
+
+
+def roundtrip(value):
+    parts, kind = encode_payload(value, "a test")
+    return decode_payload(b"".join(bytes(p) for p in parts), kind, "a test"), kind
+
+
+PLAIN = [
+    np.arange(300, dtype="<f8"),
+    np.arange(24, dtype=">i4").reshape(2, 3, 4),  # byte order kept
+    np.array(["ab", "cde"] * 100, dtype="U3"),
+    np.array([b"xy"] * 600, dtype="S2"),
+    np.ones((40, 40), dtype=np.complex64),
+    np.zeros((0, 5)),  # empty
+    np.array(3.0),  # 0-d
+]
+
+
+@pytest.mark.parametrize("a", PLAIN, ids=lambda a: f"{a.dtype.str}{a.shape}")
+def test_plain_arrays_go_by_the_short_reduction_and_arrive_equal(a):
+    fn, args = arrays.reduce_array(a)
+    assert fn is arrays.rebuild_array and args[1] == a.dtype.str
+    b, _ = roundtrip({"x": a})
+    assert type(b["x"]) is np.ndarray and b["x"].dtype == a.dtype and b["x"].shape == a.shape
+    assert np.array_equal(b["x"], a)
+
+
+OTHERS = [
+    np.zeros(100, dtype=[("a", "<i4"), ("b", "<f8")]),  # structured
+    np.array([{"k": 1}, None, "x"] * 100, dtype=object),
+    np.arange(2000.0)[::2],  # not contiguous
+    np.asfortranarray(np.arange(1200.0).reshape(30, 40)),
+    np.arange(600.0).view(Tagged),
+    np.array(["2026-11-30T12:00"] * 200, dtype="M8[ns]"),  # numpy exports no buffer of it
+]
+
+
+@pytest.mark.parametrize("a", OTHERS, ids=["structured", "object", "strided", "fortran", "subclass", "datetime"])
+def test_other_arrays_pickle_as_numpy_pickles_them(a):
+    fn = arrays.reduce_array(a)[0] if type(a) is np.ndarray else None
+    assert fn is not arrays.rebuild_array
+    b, _ = roundtrip(a)
+    assert type(b) is type(a) and b.dtype == a.dtype and b.shape == a.shape
+    assert b.flags.f_contiguous == a.flags.f_contiguous or not a.flags.c_contiguous
+    if a.dtype.hasobject:
+        assert b.tolist() == a.tolist()
+    else:
+        assert np.array_equal(b, a)
+
+
+def test_a_received_array_is_read_only_over_a_read_only_buffer():
+    a = np.arange(1000.0)
+    b, kind = roundtrip(a)
+    assert kind == KIND_PICKLE_OOB and not b.flags.writeable  # over the (bytes) frame
+    assert a.flags.writeable  # the sender's is untouched
+
+
+def test_a_receiver_that_never_imported_numpy_still_rebuilds_arrays():
+    parts, kind = encode_payload((np.arange(1000.0), "tail"), "a test")
+    frame = b"".join(bytes(p) for p in parts)
+    code = (
+        "import sys; from sage_ray_comm._codec import decode_payload\n"
+        "assert 'numpy' not in sys.modules, 'imported too early'\n"
+        f"a, tail = decode_payload(sys.stdin.buffer.read(), {kind}, 'stdin')\n"
+        "print(type(a).__name__, a.sum(), tail)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], input=frame, capture_output=True, timeout=120)
+    assert out.returncode == 0, out.stderr.decode()
+    assert out.stdout.decode().split() == ["ndarray", str(np.arange(1000.0).sum()), "tail"]
+
+
+def test_plain_pickle_is_untouched():
+    a = np.arange(10.0)
+    assert b"sage_ray_comm" not in pickle.dumps(a, protocol=5)
+    assert dispatch_table()[np.ndarray] is arrays.reduce_array
+    assert np.ndarray not in __import__("copyreg").dispatch_table
