@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "ring.hpp"
+#include "slots.hpp"
 
 namespace py = pybind11;
 
@@ -24,6 +25,7 @@ namespace py = pybind11;
 #error "SAGE_VERSION must be defined by the build (csrc/CMakeLists.txt)"
 #endif
 using sage::Ring;
+using sage::SlotStatus;
 using sage::Status;
 
 namespace {
@@ -330,6 +332,32 @@ class PyRing {
     if (st != Status::kOk) raise_word(st, index);
   }
 
+  // Arena slots (slots.hpp); the binding only converts the outcomes.
+  // slot_take: (slot, generation), or None when every slot is held.
+  py::object slot_take(uint64_t slots, uint64_t pid) {
+    uint64_t slot = 0, gen = 0;
+    SlotStatus st = sage::slot_take(*ring(), slots, pid, &slot, &gen);
+    if (st == SlotStatus::kOutOfRange) raise_word(Status::kInvalidArg, slots * sage::kSlotWords);
+    if (st != SlotStatus::kOk) return py::none();
+    return py::make_tuple(slot, gen);
+  }
+  // slot_hold / slot_release / slot_check: whether the slot was still at `gen` and held.
+  bool slot_hold(uint64_t word, uint64_t gen, uint64_t pid) {
+    SlotStatus st = sage::slot_hold(*ring(), word, gen, pid);
+    if (st == SlotStatus::kOutOfRange) raise_word(Status::kInvalidArg, word);
+    return st == SlotStatus::kOk;
+  }
+  bool slot_release(uint64_t word, uint64_t gen, uint64_t pid) {
+    SlotStatus st = sage::slot_release(*ring(), word, gen, pid);
+    if (st == SlotStatus::kOutOfRange) raise_word(Status::kInvalidArg, word);
+    return st == SlotStatus::kOk;
+  }
+  bool slot_check(uint64_t word, uint64_t gen) {
+    SlotStatus st = sage::slot_check(*ring(), word, gen);
+    if (st == SlotStatus::kOutOfRange) raise_word(Status::kInvalidArg, word);
+    return st == SlotStatus::kOk;
+  }
+
   [[noreturn]] void raise_word(Status st, uint64_t index) {
     if (st == Status::kInvalidArg)
       raise("InvalidQueueArgument", label_ + ": word " + std::to_string(index) + " is past the table's " +
@@ -415,40 +443,8 @@ class PyRing {
 // message (a slot freed twice, or a stale view): counted, never applied.
 std::atomic<uint64_t> g_stale_releases{0};
 
-// An arena slot's words (arena.py), one cache line per slot: the first is
-// the slot's generation in the high 32 bits and how many holders it has in
-// the low 32; the others name holders, by pid (0: no one), so that a dead
-// holder's share can be taken back. Only a release that still sees its own
-// generation with holders left takes one away.
-constexpr uint64_t kSlotRefsMask = 0xFFFFFFFFULL;
-constexpr int kSlotGenShift = 32;
-constexpr uint64_t kSlotWords = 8;
-
-void release_slot(Ring& r, uint64_t index, uint64_t gen) {
-  // Our pid off the slot's holder list first, then the holder count down: a
-  // process killed in between leaves one holder nobody can take back (the
-  // slot goes with its slab), never a count taken down twice.
-  const uint64_t me = uint64_t(getpid());
-  for (uint64_t i = index + 1; i < index + kSlotWords; ++i) {
-    uint64_t p = 0, seen = 0;
-    if (r.word_load(i, &p) != Status::kOk || p != me) continue;
-    if (r.word_cas(i, me, 0, &seen) == Status::kOk && seen == me) break;
-  }
-  uint64_t w = 0;
-  if (r.word_load(index, &w) != Status::kOk) {
-    g_stale_releases.fetch_add(1);
-    return;
-  }
-  for (;;) {
-    if ((w >> kSlotGenShift) != gen || (w & kSlotRefsMask) == 0) {
-      g_stale_releases.fetch_add(1);
-      return;
-    }
-    uint64_t seen = 0;
-    r.word_cas(index, w, w - 1, &seen);
-    if (seen == w) return;
-    w = seen;  // another holder moved it meanwhile: look again
-  }
+void release_slot(Ring& r, uint64_t word, uint64_t gen) {
+  if (sage::slot_release(r, word, gen, uint64_t(getpid())) != SlotStatus::kOk) g_stale_releases.fetch_add(1);
 }
 
 // A buffer over part of a segment's data region: an arena slot. Python
@@ -630,7 +626,7 @@ PYBIND11_MODULE(_core, m) {
 
   m.attr("KIND_RAW") = kKindRaw;
   m.attr("KIND_PICKLE") = kKindPickle;
-  m.attr("SLOT_WORDS") = kSlotWords;
+  m.attr("SLOT_WORDS") = sage::kSlotWords;
   py::class_<Frame>(m, "Frame")
       .def_readonly("payload", &Frame::payload)
       .def_readonly("kind", &Frame::kind)
@@ -662,6 +658,10 @@ PYBIND11_MODULE(_core, m) {
       .def("word_cas", &PyRing::word_cas, py::arg("index"), py::arg("expected"), py::arg("desired"))
       .def("word_load", &PyRing::word_load, py::arg("index"))
       .def("word_store", &PyRing::word_store, py::arg("index"), py::arg("value"))
+      .def("slot_take", &PyRing::slot_take, py::arg("slots"), py::arg("pid"))
+      .def("slot_hold", &PyRing::slot_hold, py::arg("word"), py::arg("gen"), py::arg("pid"))
+      .def("slot_release", &PyRing::slot_release, py::arg("word"), py::arg("gen"), py::arg("pid"))
+      .def("slot_check", &PyRing::slot_check, py::arg("word"), py::arg("gen"))
       .def(
           "word_add",
           [](PyRing& self, uint64_t index, int64_t delta) {

@@ -325,21 +325,33 @@ def encode_payload(
     except BufferError:
         # A non-contiguous buffer: let pickle copy everything in-band.
         return [dumps(obj)], KIND_PICKLE
-    if sum(r.nbytes for r in raws) < _OOB_MIN:
-        return [dumps(obj)], KIND_PICKLE  # tiny: the frame header costs more
-    if arena is not None and any(r.nbytes >= ARENA_MIN_BYTES for r in raws):
-        raws = _locate(raws, arena, reader_pid, timeout, placed)
-    head = _OOB_HEAD.pack(_OOB_MAGIC, len(raws), len(data))
-    lens = struct.pack(f"<{len(raws)}Q", *(len(r) | _LOCATED if type(r) is bytes else r.nbytes for r in raws))
-    parts: list = [head, lens, data]
-    offset = len(head) + len(lens) + len(data)
+    total = biggest = 0
     for r in raws:
-        p = _pad(offset)
+        n = r.nbytes
+        total += n
+        if n > biggest:
+            biggest = n
+    if total < _OOB_MIN:
+        return [dumps(obj)], KIND_PICKLE  # tiny: the frame header costs more
+    if arena is not None and biggest >= ARENA_MIN_BYTES:
+        raws = _locate(raws, arena, reader_pid, timeout, placed)
+    parts: list = [_OOB_HEAD.pack(_OOB_MAGIC, len(raws), len(data)), b"", data]
+    lens = []
+    offset = _OOB_HEAD.size + 8 * len(raws) + len(data)
+    for r in raws:
+        if type(r) is bytes:  # a location record
+            n = len(r)
+            lens.append(n | _LOCATED)
+        else:
+            n = r.nbytes
+            lens.append(n)
+        p = (-offset) % _ALIGN
         if p:
             parts.append(_ZEROS[:p])
             offset += p
         parts.append(r)
-        offset += len(r) if type(r) is bytes else r.nbytes
+        offset += n
+    parts[1] = struct.pack(f"<{len(lens)}Q", *lens)
     return parts, KIND_PICKLE_OOB
 
 
@@ -463,4 +475,4 @@ def _located(record: memoryview) -> Any:
     if _LOC.size + nlen != len(record):
         raise ValueError("a buffer location's slab name does not match its length")
     name = bytes(record[_LOC.size :]).decode(errors="replace")
-    return arena.READERS.view(arena.Location(name, slot, gen, offset, length))
+    return arena.READERS.view_at(name, slot, gen, offset, length)

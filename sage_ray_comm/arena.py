@@ -43,6 +43,7 @@ A slab is a segment (``names.slab_name``) of equal slots; its data region::
 
 from __future__ import annotations
 
+import functools
 import logging
 import operator
 import os
@@ -101,29 +102,14 @@ class Location(NamedTuple):
     length: int
 
 
-# A slot's words: its state, then the pids of up to _PIDS holders.
+# A slot's words: its state, then the pids of its holders (csrc/slots.hpp).
 _WORDS = shm.SLOT_WORDS
-_PIDS = _WORDS - 1
+# A slab's geometry is in its name: parsed once per slab, not per message.
+_geometry = functools.lru_cache(maxsize=1024)(slab_geometry)
 
 
 def _words_bytes(slots: int) -> int:
     return -(-(8 * _WORDS * slots) // _PAGE) * _PAGE
-
-
-def _add_holder_pid(seg: Any, word: int, pid: int) -> None:
-    """Writes ``pid`` into a free entry of the slot's holder list (none
-    free, or pid 0: the holder stays untracked)."""
-    if not pid:
-        return
-    for i in range(word + 1, word + _WORDS):
-        if seg.word_load(i) == 0 and seg.word_cas(i, 0, pid) == 0:
-            return
-
-
-def _remove_holder_pid(seg: Any, word: int, pid: int) -> bool:
-    """Clears one entry of ``pid`` from the slot's holder list; whether there was one."""
-    # any() stops at the first entry it clears: one share, one entry.
-    return any(seg.word_load(i) == pid and seg.word_cas(i, pid, 0) == pid for i in range(word + 1, word + _WORDS))
 
 
 def _drop_holder(seg: Any, word: int, gen: int) -> bool:
@@ -167,22 +153,7 @@ class _Slab:
         First fit, not round robin: the lowest free slot is usually the one
         just let go of, still in the CPU's cache (a 1 MiB copy into it took
         60 us less than into a slot last written 16 MiB of traffic ago)."""
-        seg = self.seg
-        for i in range(self.slots):
-            w = seg.word_load(_WORDS * i)
-            if w & _HOLDERS:
-                continue
-            gen = (w >> _GEN_SHIFT) + 1
-            if seg.word_cas(_WORDS * i, w, gen << _GEN_SHIFT | 1) == w:
-                # The new generation's list: its one holder, and nothing left
-                # from the last one (an entry whose share someone else let go
-                # of would otherwise let that pid's death free this one).
-                word = _WORDS * i
-                seg.word_store(word + 1, reader_pid)
-                for e in range(word + 2, word + _WORDS):
-                    seg.word_store(e, 0)
-                return i, gen
-        return None
+        return self.seg.slot_take(self.slots, reader_pid)
 
     def reclaim(self) -> int:
         """Takes back the shares of holders that died; how many slots that freed."""
@@ -318,16 +289,9 @@ class Arena:
         to (``reader_pid``, 0 if unknown). None if the slot moved on (then
         the buffer is copied instead)."""
         seg = self._own.get(view.shm_name) or READERS.segment(view.shm_name)
-        if seg is None or view.word < 0:
+        if seg is None or view.word < 0 or not seg.slot_hold(view.word, view.gen, reader_pid):
             return None
-        w = seg.word_load(view.word)
-        while w >> _GEN_SHIFT == view.gen and w & _HOLDERS:
-            seen = seg.word_cas(view.word, w, w + 1)
-            if seen == w:
-                _add_holder_pid(seg, view.word, reader_pid)
-                return Location(view.shm_name, view.word // _WORDS, view.gen, view.offset, view.length)
-            w = seen
-        return None
+        return Location(view.shm_name, view.word // _WORDS, view.gen, view.offset, view.length)
 
     def fill(self) -> float:
         """The share of the budget in slots some receiver still holds (0..1)."""
@@ -450,9 +414,12 @@ class SlabReader:
     def view(self, loc: Location) -> Any:
         """A read-only SlotView of ``loc``'s buffer, holding the holder the
         sender gave this receiver (released with the view's last reference)."""
+        return self.view_at(*loc)
+
+    def view_at(self, slab: str, slot: int, gen: int, offset: int, length: int) -> Any:
+        """:meth:`view` of a location given field by field (what a frame carries)."""
         try:
-            slab, slot, gen, offset, length = loc
-            geometry = slab_geometry(slab) if isinstance(slab, str) and slab.startswith("/" + shm.PREFIX) else None
+            geometry = _geometry(slab) if isinstance(slab, str) and slab.startswith("/" + shm.PREFIX) else None
             if geometry is None:
                 raise ValueError(f"{slab!r} is not an arena slab")
             slot_bytes, slots = geometry
@@ -462,8 +429,8 @@ class SlabReader:
             seg = self.segment(slab)
             if seg is None:
                 raise ValueError(f"slab {slab} is gone (its owner died or removed it)")
-            w = seg.word_load(_WORDS * slot)
-            if w >> _GEN_SHIFT != gen or not w & _HOLDERS:
+            if not seg.slot_check(_WORDS * slot, gen):
+                w = seg.word_load(_WORDS * slot)
                 raise ValueError(f"slot {slot} of {slab} moved on (generation {w >> _GEN_SHIFT}, not {gen})")
             return shm.SlotView(seg, offset, length, True, _WORDS * slot, gen)
         except (ValueError, TypeError, SageCommError) as e:
@@ -477,10 +444,7 @@ class SlabReader:
         seg = self.segment(loc.slab)
         if seg is None:
             return  # the slab is gone: nothing held
-        word = _WORDS * loc.slot
-        if reader_pid:
-            _remove_holder_pid(seg, word, reader_pid)
-        _drop_holder(seg, word, loc.gen)
+        seg.slot_release(_WORDS * loc.slot, loc.gen, reader_pid)
 
     def prune(self) -> None:
         """Lets go of slabs whose owner died (so shm.gc() can remove them)."""

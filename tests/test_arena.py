@@ -236,20 +236,24 @@ def test_a_new_generation_of_a_slot_starts_with_a_clean_holder_list():
     name behind when the slot frees; the slot's next generation must not
     inherit it, or that process's death would free a slot in use."""
     a = Arena(_ns(), budget=2 * MiB)  # one slot: the next message reuses it
-    (p,) = _spawn_paused(1)
+    procs = _spawn_paused(2)
     try:
         placed: list = []
-        encode_payload(np.ones(MiB // 8), "test", a, p.pid, 5.0, placed)  # named for p ...
-        READERS.view(placed[0][0])  # ... but let go of here, not by p
+        encode_payload(np.ones(MiB // 8), "test", a, procs[0].pid, 5.0, placed)  # named for one ...
+        view = READERS.view(placed[0][0])
+        READERS.view(a.hold(view, procs[1].pid))  # ... and a second share named for the other ...
+        del view  # ... both let go of here, not by them
         assert a.in_use() == 0
         mine = decode_oob(memoryview(_frame(np.full(MiB // 8, 5.0), a, pid=os.getpid())))
-        _kill(p)
-        with pytest.raises(CallTimeout):  # nothing of p's to take back: the slot is ours
+        for p in procs:
+            _kill(p)
+        with pytest.raises(CallTimeout):  # nothing of theirs to take back: the slot is ours
             _frame(np.ones(MiB // 8), a, timeout=0.3)
         assert mine.sum() == 5.0 * (MiB // 8)
     finally:
-        if p.is_alive():
-            _kill(p)
+        for p in procs:
+            if p.is_alive():
+                _kill(p)
         a.close()
 
 
