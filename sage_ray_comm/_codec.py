@@ -139,7 +139,7 @@ def dumps(obj: Any, bufs: list | None = None) -> bytes:
 
 
 _TABLE: Mapping | None = None
-_TABLE_FOR: tuple = (False, False)  # (numpy, torch) imported when _TABLE was made
+_TABLE_FOR: tuple = (False, False)  # (numpy, torch) reducers in _TABLE
 
 
 def dispatch_table() -> Mapping | None:
@@ -156,9 +156,11 @@ def dispatch_table() -> Mapping | None:
     modules = sys.modules
     now = ("numpy" in modules, "torch" in modules)
     if now != _TABLE_FOR:
-        own = {**arrays.reducers(), **tensors.reducers()}
+        mine, torch = arrays.reducers(), tensors.reducers()
+        own = {**mine, **torch}
         _TABLE = ChainMap(own, copyreg.dispatch_table) if own else None
-        _TABLE_FOR = now
+        # A module another thread is still importing has no types yet: look again next time.
+        _TABLE_FOR = (bool(mine), bool(torch))
     return _TABLE
 
 
@@ -230,7 +232,47 @@ class BigBytes:
         self.data = data
 
     def __reduce__(self) -> tuple:
-        return bytes, (pickle.PickleBuffer(self.data),)
+        return bytes_out_of, (pickle.PickleBuffer(self.data),)
+
+
+# Large bytes this thread read out of arena slots while it handles a request
+# (keep_slots()): id -> (the bytes, the slot's view). Sending one of them on
+# (returned, or passed to another call) names its slot again instead of
+# copying it in: bytes never change, and the view keeps the slot as it was.
+_RECEIVED = threading.local()
+_RECEIVED_MAX = 8
+
+
+def bytes_out_of(buf: Any) -> bytes:
+    """The receiving side of :class:`BigBytes`: ``buf``'s bytes, copied out
+    (a ``bytes`` owns its memory). Kept with its slot while keep_slots() is on."""
+    data = bytes(buf)
+    kept = getattr(_RECEIVED, "slots", None)
+    if kept is not None and type(buf) is shm.SlotView:
+        if len(kept) >= _RECEIVED_MAX:  # a handler reading many (nested calls in a loop): hold a few slots, not all
+            del kept[next(iter(kept))]
+        kept[id(data)] = (data, buf)
+    return data
+
+
+def keep_slots(on: bool = True) -> None:
+    """Lets go of the slots this thread kept for the bytes it read out of
+    them; then keeps the next ones (``on``) or stops keeping them. A
+    replica's dispatcher keeps them while it runs a request, so a handler
+    that returns or forwards a large ``bytes`` it received sends it with no
+    copy.
+
+    >>> keep_slots()
+    >>> keep_slots(False)
+    """
+    _RECEIVED.slots = {} if on else None
+
+
+def _kept_view(data: bytes) -> Any:
+    """The slot view ``data`` was read out of (keep_slots), or None."""
+    kept = getattr(_RECEIVED, "slots", None)
+    pair = kept.get(id(data)) if kept else None
+    return pair[1] if pair is not None and pair[0] is data else None
 
 
 def wrap_big_bytes(values: Any) -> Any:
@@ -373,6 +415,8 @@ def _locate(raws: list, arena: Any, reader_pid: int, timeout: float | None, plac
                 out.append(r)
                 continue
             view = _whole_slot(r)
+            if view is None and type(r.obj) is bytes:
+                view = _kept_view(r.obj)  # large bytes received and sent on: their slot, not a copy
             loc = arena.hold(view, reader_pid) if view is not None else None
             if loc is not None:
                 # Sent without a copy: the sender's array must not change what the receiver sees.

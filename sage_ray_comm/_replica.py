@@ -43,6 +43,7 @@ from ._wire import (
     encode_error,
     error_reply,
     frame_kind,
+    keep_slots,
 )
 from .arena import READERS
 from .callers import RemoteCallers
@@ -376,6 +377,7 @@ class Runtime:
         queue, spin = self.queue, self._spin
         if queue is None or spin is None or self._stopping.is_set():
             return STOP
+        keep_slots()  # large bytes the request brings stay in their slots while it runs (sent on: no copy)
         t0 = time.monotonic()
         try:
             req, nbytes = take_request(queue, self.claims)
@@ -413,6 +415,8 @@ class Runtime:
                 self.calls.finish(key)  # over (an async handler finishes its own call)
         except Exception:  # never lose the dispatcher thread
             log.exception("service %s failed handling a request", self.info.service)
+        finally:
+            keep_slots()  # the slots its bytes came in go now
 
     def _handle(
         self, req: Request, transport: str, nbytes: int, sink: Sink | None = None, call: Running | None = None

@@ -66,14 +66,24 @@ def reduce_array(a: Any) -> tuple:
 def rebuild_array(buf: Any, dtype: str, shape: tuple) -> Any:
     """The receiving side of :func:`reduce_array`: an array over ``buf``
     (no copy; read-only when ``buf`` is)."""
-    np: Any = sys.modules.get("numpy")
-    if np is None:  # a receiver that has not imported numpy yet (numpy's own pickles import it too)
-        np = importlib.import_module("numpy")
+    np = _NUMPY or _numpy()
     return np.frombuffer(buf, dtype=dtype).reshape(shape)
+
+
+_NUMPY: Any = None
+
+
+def _numpy() -> Any:
+    # An import, not sys.modules: a receiver may not have imported numpy yet,
+    # or another of its threads may be importing it right now (sys.modules
+    # then holds a half-made module with no frombuffer; an import waits).
+    global _NUMPY
+    _NUMPY = importlib.import_module("numpy")
+    return _NUMPY
 
 
 def reducers() -> dict:
     """``numpy.ndarray`` to :func:`reduce_array`, for this library's
     pickler's dispatch table (_codec.py); empty while numpy is not imported."""
-    np = sys.modules.get("numpy")
-    return {} if np is None else {np.ndarray: reduce_array}
+    ndarray = getattr(sys.modules.get("numpy"), "ndarray", None)  # None while numpy is half-imported
+    return {} if ndarray is None else {ndarray: reduce_array}

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from sage_ray_comm import CallTimeout, DeserializationError, InvalidCallArgument, shm
-from sage_ray_comm._codec import KIND_PICKLE_OOB, abandon, decode_oob, encode_payload, wrap_big_bytes
+from sage_ray_comm._codec import KIND_PICKLE_OOB, abandon, decode_oob, encode_payload, keep_slots, wrap_big_bytes
 from sage_ray_comm.arena import ARENA_MIN_BYTES, READERS, Arena, ArenaOwner, Location
 
 MiB = 1 << 20
@@ -105,6 +105,37 @@ def test_bytes_stay_bytes_and_are_let_go_of_at_once(arena):
     got = decode_oob(memoryview(_frame((wrap_big_bytes(b), "small"), arena)))
     assert got == (b, "small") and type(got[0]) is bytes
     assert arena.in_use() == 0  # copied out: the slot is free already
+
+
+def test_large_bytes_received_and_sent_on_go_by_their_slot(arena):
+    """While a thread keeps slots (a replica runs a request), bytes it read
+    out of a slot and sends on name that slot again: no copy in."""
+    b = os.urandom(MiB)
+    keep_slots()
+    other = Arena(_ns(), budget=4 * MiB)
+    try:
+        got = decode_oob(memoryview(_frame(wrap_big_bytes(b), arena)))
+        assert type(got) is bytes and got == b
+        assert arena.in_use() == 1  # kept with the bytes read out of it
+        back = decode_oob(memoryview(_frame(wrap_big_bytes(got), other)))
+        assert back == b and other.copies == 0 and other.in_use() == 0  # sent by the first slot
+        equal = bytes(bytearray(got))  # the same bytes, another object: copied
+        assert decode_oob(memoryview(_frame(wrap_big_bytes(equal), other))) == b and other.copies == 1
+    finally:
+        keep_slots(False)
+        other.close()
+    assert arena.in_use() == 0  # let go of once the thread stops keeping them
+
+
+def test_a_thread_keeps_only_a_few_slots_for_received_bytes():
+    a = Arena(_ns(), budget=32 * MiB)
+    keep_slots()
+    try:
+        got = [decode_oob(memoryview(_frame(wrap_big_bytes(os.urandom(MiB)), a))) for _ in range(12)]
+        assert len(got) == 12 and a.in_use() == 8  # the oldest four let go of
+    finally:
+        keep_slots(False)
+        a.close()
 
 
 def test_small_buffers_stay_in_the_frame(arena):

@@ -87,6 +87,65 @@ def test_a_receiver_that_never_imported_numpy_still_rebuilds_arrays():
     assert out.stdout.decode().split() == ["ndarray", str(np.arange(1000.0).sum()), "tail"]
 
 
+# A receiver's thread unpickles an array while another thread of it is in the
+# middle of importing numpy (the 3-node soak met this: sys.modules then holds
+# a half-made numpy without frombuffer). The import is held open here by a
+# loader that waits, so the order is certain.
+_HALF_IMPORTED = """
+import importlib.machinery, sys, threading
+started, go, decoding = threading.Event(), threading.Event(), threading.Event()
+
+class Held:
+    def find_spec(self, name, path=None, target=None):
+        if name != "numpy":
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        real = spec.loader
+        class Loader:
+            def create_module(self, spec):
+                return real.create_module(spec)
+            def exec_module(self, module):
+                started.set()
+                go.wait(60)
+                real.exec_module(module)
+        spec.loader = Loader()
+        return spec
+
+sys.meta_path.insert(0, Held())
+frame = sys.stdin.buffer.read()
+importer = threading.Thread(target=__import__, args=("numpy",))
+importer.start()
+assert started.wait(60)
+from sage_ray_comm._codec import decode_payload
+out = []
+def decode():
+    decoding.set()
+    try:
+        out.append(decode_payload(frame, KIND, "stdin").sum())
+    except Exception as e:
+        out.append(repr(e))
+reader = threading.Thread(target=decode)
+reader.start()
+assert decoding.wait(60)
+reader.join(0.5)
+waited = reader.is_alive()  # blocked on numpy's import, as it should be
+go.set()
+reader.join(60)
+importer.join(60)
+print(waited, out[0])
+"""
+
+
+def test_a_receiver_still_importing_numpy_waits_for_it():
+    parts, kind = encode_payload(np.arange(1000.0), "a test")
+    code = _HALF_IMPORTED.replace("KIND", str(kind))
+    out = subprocess.run(
+        [sys.executable, "-c", code], input=b"".join(bytes(p) for p in parts), capture_output=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr.decode()
+    assert out.stdout.decode().split() == ["True", str(np.arange(1000.0).sum())]
+
+
 def test_plain_pickle_is_untouched():
     a = np.arange(10.0)
     assert b"sage_ray_comm" not in pickle.dumps(a, protocol=5)

@@ -127,6 +127,9 @@ def test_an_array_reaches_the_service_in_place_and_comes_back_without_a_copy(bus
         b = os.urandom(MiB)
         got = c.call("zc_echo", "echo", b)
         assert type(got) is bytes and got == b  # bytes stay bytes
+        theirs = c.call("zc_echo", "stats")["arena"]
+        # The bytes it got and returned went back by their slot, the caller's: not copied in again.
+        assert theirs is None or theirs["slabs"] == 0
 
 
 def test_holding_100_arrays_never_wedges_the_pipeline(bus):
