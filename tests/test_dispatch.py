@@ -23,9 +23,20 @@ def wait_for(cond: threading.Condition, pred, what: str) -> None:
 
 @pytest.fixture
 def ring():
+    """(queue, serve): serve(run, max_threads, relief_seconds, items) starts
+    dispatchers on the queue and puts ``items`` in it; all stop at the end."""
     q: queue.Queue = queue.Queue()
     made: list[Dispatchers] = []
-    yield q, made
+
+    def serve(run, max_threads: int, relief_seconds: float = 0.001, items=()) -> Dispatchers:
+        d = Dispatchers("t", q.get, run, max_threads=max_threads, relief_seconds=relief_seconds)
+        made.append(d)
+        d.start()
+        for i in items:
+            q.put(i)
+        return d
+
+    yield q, serve
     for d in made:
         d.stop()
         q.put(STOP)
@@ -34,7 +45,7 @@ def ring():
 
 
 def test_short_requests_all_run_on_the_thread_that_took_them(ring):
-    q, made = ring
+    _q, serve = ring
     seen: list[int] = []
     done = threading.Event()
 
@@ -44,11 +55,7 @@ def test_short_requests_all_run_on_the_thread_that_took_them(ring):
             done.set()
 
     # A relief that looks every 5 s cannot take over from a handler of microseconds.
-    d = Dispatchers("t", q.get, run, max_threads=4, relief_seconds=5.0)
-    made.append(d)
-    d.start()
-    for i in range(2000):
-        q.put(i)
+    d = serve(run, 4, relief_seconds=5.0, items=range(2000))
     assert done.wait(WAIT)
     # The plain scheme hands the ring to the other thread on every request.
     assert len(set(seen)) == 1
@@ -56,7 +63,7 @@ def test_short_requests_all_run_on_the_thread_that_took_them(ring):
 
 
 def test_a_blocked_request_is_relieved_and_the_rest_run_meanwhile(ring):
-    q, made = ring
+    _q, serve = ring
     release = threading.Event()
     cond = threading.Condition()
     ran: dict = {}
@@ -68,12 +75,7 @@ def test_a_blocked_request_is_relieved_and_the_rest_run_meanwhile(ring):
             ran[i] = threading.get_ident()
             cond.notify_all()
 
-    d = Dispatchers("t", q.get, run, max_threads=2, relief_seconds=0.001)
-    made.append(d)
-    d.start()
-    q.put("block")
-    for i in range(20):
-        q.put(i)
+    d = serve(run, 2, items=["block", *range(20)])
     wait_for(cond, lambda: len(ran) == 20, f"requests behind a blocked one did not run: {sorted(ran)}")
     assert "block" not in ran and d.reliefs == 1
     release.set()
@@ -82,7 +84,7 @@ def test_a_blocked_request_is_relieved_and_the_rest_run_meanwhile(ring):
 
 
 def test_a_relief_that_stopped_looking_is_woken_by_the_next_request(ring):
-    q, made = ring
+    q, serve = ring
     release = threading.Event()
     cond = threading.Condition()
     ran: list = []
@@ -94,10 +96,7 @@ def test_a_relief_that_stopped_looking_is_woken_by_the_next_request(ring):
             ran.append(i)
             cond.notify_all()
 
-    d = Dispatchers("t", q.get, run, max_threads=2, relief_seconds=0.001)
-    made.append(d)
-    d.start()
-    q.put("first")
+    d = serve(run, 2, items=["first"])
     wait_for(cond, lambda: ran == ["first"], "the first request did not run")
     # An idle replica stops looking after QUIET_LOOKS looks...
     deadline = time.monotonic() + WAIT
@@ -117,7 +116,7 @@ def test_a_relief_that_stopped_looking_is_woken_by_the_next_request(ring):
 
 
 def test_never_more_threads_than_max_threads(ring):
-    q, made = ring
+    q, serve = ring
     release = threading.Event()
     cond = threading.Condition()
     running = [0, 0]  # now, most at once
@@ -132,11 +131,7 @@ def test_never_more_threads_than_max_threads(ring):
             running[0] -= 1
             cond.notify_all()
 
-    d = Dispatchers("t", q.get, run, max_threads=3, relief_seconds=0.001)
-    made.append(d)
-    d.start()
-    for i in range(6):
-        q.put(i)
+    d = serve(run, 3, items=range(6))
     wait_for(cond, lambda: running[0] == 3, "three blocked requests did not run at once")
     # Every thread there may be is running one: nobody is left to take the rest.
     assert len(d.threads) == 3 and q.qsize() == 3
@@ -146,7 +141,7 @@ def test_never_more_threads_than_max_threads(ring):
 
 
 def test_a_run_that_raises_keeps_its_thread(ring):
-    q, made = ring
+    _q, serve = ring
     done = threading.Event()
 
     def run(i):
@@ -154,11 +149,7 @@ def test_a_run_that_raises_keeps_its_thread(ring):
             raise RuntimeError("boom")
         done.set()
 
-    d = Dispatchers("t", q.get, run, max_threads=1)
-    made.append(d)
-    d.start()
-    q.put(0)
-    q.put(1)
+    d = serve(run, 1, items=[0, 1])
     assert done.wait(WAIT)
     assert len(d.threads) == 1
 
