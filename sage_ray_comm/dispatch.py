@@ -55,7 +55,7 @@ STOP = object()
 class Dispatchers:
     """Up to ``max_threads`` threads named ``name``, each looping: ``take()``
     (blocks until there is a request; None: nothing to run, STOP: the ring
-    closed), then ``run(request)``. ``run`` must not raise; if it does, the
+    closed), then ``run(request)``. Neither should raise; if one does, the
     error is logged and the thread goes on."""
 
     def __init__(
@@ -118,7 +118,11 @@ class Dispatchers:
         me = threading.get_ident()
         while self._lead(me):
             while True:
-                item = self._take()
+                try:
+                    item = self._take()
+                except Exception:  # a leader that died here would leave the ring to nobody
+                    log.exception("%s: taking a request raised", self.name)
+                    item = None
                 if item is STOP:
                     self.stop()
                     return

@@ -154,6 +154,26 @@ def test_a_run_that_raises_keeps_its_thread(ring):
     assert len(d.threads) == 1
 
 
+def test_a_take_that_raises_does_not_leave_the_ring_to_nobody():
+    q: queue.Queue = queue.Queue()
+    calls = [0]
+
+    def take():
+        calls[0] += 1
+        if calls[0] == 1:
+            raise RuntimeError("a bad frame")
+        return q.get()
+
+    done = threading.Event()
+    d = Dispatchers("t", take, lambda i: done.set(), max_threads=2)
+    d.start()
+    q.put("after")
+    assert done.wait(WAIT)
+    q.put(STOP)
+    d.join(WAIT)
+    assert not any(t.is_alive() for t in d.threads)
+
+
 def test_stop_from_the_ring_ends_every_thread():
     q: queue.Queue = queue.Queue()
     release = threading.Event()
