@@ -57,7 +57,7 @@ SlotStatus slot_check(Ring& r, uint64_t word, uint64_t gen) {
 SlotStatus slot_release(Ring& r, uint64_t word, uint64_t gen, uint64_t pid) {
   uint64_t w = 0;
   if (r.word_load(word + kSlotWords - 1, &w) != Status::kOk) return SlotStatus::kOutOfRange;
-  for (uint64_t e = word + 1; e < word + kSlotWords; ++e) {
+  for (uint64_t e = word + 1; pid != 0 && e < word + kSlotWords; ++e) {
     uint64_t p = 0, seen = 0;
     r.word_load(e, &p);
     if (p == pid && r.word_cas(e, pid, 0, &seen) == Status::kOk && seen == pid) break;

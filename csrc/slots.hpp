@@ -40,8 +40,9 @@ SlotStatus slot_hold(Ring& r, uint64_t word, uint64_t gen, uint64_t pid);
 // before it makes a view of it).
 SlotStatus slot_check(Ring& r, uint64_t word, uint64_t gen);
 
-// One holder fewer: `pid`'s name off the list first, then the count down,
-// if the slot is still at `gen` and held. A process killed in between leaves
+// One holder fewer: `pid`'s name off the list first (pid 0: a share no name
+// stands for, or one whose name the caller already took), then the count
+// down, if the slot is still at `gen` and held. A process killed in between leaves
 // one holder nobody can take back (the slot goes with its slab), never a
 // count taken down twice.
 SlotStatus slot_release(Ring& r, uint64_t word, uint64_t gen, uint64_t pid);

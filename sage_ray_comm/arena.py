@@ -112,17 +112,6 @@ def _words_bytes(slots: int) -> int:
     return -(-(8 * _WORDS * slots) // _PAGE) * _PAGE
 
 
-def _drop_holder(seg: Any, word: int, gen: int) -> bool:
-    """One holder fewer, if the slot is still at generation ``gen`` and held."""
-    w = seg.word_load(word)
-    while w >> _GEN_SHIFT == gen and w & _HOLDERS:
-        seen = seg.word_cas(word, w, w - 1)
-        if seen == w:
-            return True
-        w = seen  # another holder moved it meanwhile: look again
-    return False
-
-
 def _take_back_dead(seg: Any, word: int) -> int:
     """Takes back the shares of the slot's holders that died; how many."""
     gen = seg.word_load(word) >> _GEN_SHIFT
@@ -131,7 +120,7 @@ def _take_back_dead(seg: Any, word: int) -> int:
         pid = seg.word_load(i)
         if not pid or shm.process_alive(pid, 0) or seg.word_cas(i, pid, 0) != pid:
             continue
-        n += _drop_holder(seg, word, gen)  # the entry is ours now: exactly one holder to take away
+        n += seg.slot_release(word, gen, 0)  # the entry is ours now: exactly one holder to take away
     return n
 
 
