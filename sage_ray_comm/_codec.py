@@ -265,6 +265,10 @@ def keep_slots(on: bool = True) -> None:
     >>> keep_slots()
     >>> keep_slots(False)
     """
+    kept = getattr(_RECEIVED, "slots", None)
+    if on and kept is not None:
+        kept.clear()  # per request, twice: no new dict when it is empty already
+        return
     _RECEIVED.slots = {} if on else None
 
 
@@ -387,7 +391,7 @@ def encode_payload(
         else:
             n = r.nbytes
             lens.append(n)
-        p = (-offset) % _ALIGN
+        p = _pad(offset)
         if p:
             parts.append(_ZEROS[:p])
             offset += p
