@@ -113,14 +113,20 @@ class Setup(NamedTuple):
         ray.shutdown()
 
 
+def serve(prefix: str, service: Any) -> tuple[str, Any, Any, FunctionClient]:
+    """A bus named for this run, ``service`` deployed on it, and a client of
+    it: (bus name, bus, the deploy handle, client)."""
+    bus_name = f"{prefix}-{os.getpid()}"
+    bus = get_communication_bus(bus_name)
+    handle = service.deploy(bus=bus_name)
+    return bus_name, bus, handle, FunctionClient(bus=bus_name)
+
+
 def setup(prefix: str, no_cgraph: bool, buffer_bytes: int) -> Setup:
     """Starts Ray and the three sides of a same-node run (see Setup); the
     graph's channel holds ``buffer_bytes``."""
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    bus_name = f"{prefix}-{os.getpid()}"
-    bus = get_communication_bus(bus_name)
-    Echo.deploy(bus=bus_name)
-    client = FunctionClient(bus=bus_name)
+    _, bus, _, client = serve(prefix, Echo)
     ray_actor = RayEcho.remote()
     ray.get(ray_actor.echo.remote(b""))
     # The node's gateway (its segment janitor) starts with the first bus use:
@@ -410,11 +416,8 @@ def cross_node(args) -> int:
     far = cluster.add_node(num_cpus=2, resources={"far": 1})
     ray.init(address=cluster.address, log_to_driver=False, configure_logging=False)
     cluster.wait_for_nodes()
-    bus_name = f"xbench-{os.getpid()}"
-    bus = get_communication_bus(bus_name)
-    handle = FarEcho.deploy(bus=bus_name)
+    bus_name, bus, handle, client = serve("xbench", FarEcho)
     assert handle.instances[0].node_id == far.node_id
-    client = FunctionClient(bus=bus_name)
     # The path cross-node calls took before (two hops: the far node's gateway,
     # then its ring), measured in the same run for the before/after.
     from sage_ray_comm.ray_transport import RayTransport
@@ -581,10 +584,7 @@ class RayGen:
 def streams(args) -> int:
     """The ``--streams`` rows (see the module docstring)."""
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    bus_name = f"sbench-{os.getpid()}"
-    bus = get_communication_bus(bus_name)
-    Gen.deploy(bus=bus_name)
-    client = FunctionClient(bus=bus_name)
+    _, bus, _, client = serve("sbench", Gen)
     rgen = RayGen.remote()
     n_sage, n_ray = (100_000, 2_000) if args.quick else (1_000_000, 20_000)
     rounds = 3 if args.quick else 5
