@@ -24,7 +24,9 @@ time to first item, and items per second by ``window``.
 against a plain Ray actor call and a Ray Compiled Graph in alternating
 rounds of the same run, with one ``memcpy`` of the same size (numpy's
 ``copyto``) as the floor; plus numpy arrays made in shared memory
-(``client.buffer``), which travel with no copy at all. ``--large --pinned``
+(``client.buffer``), which travel with no copy at all; and 1 MiB of
+``bytes`` answered with other bytes of the same size (made once by the
+handler), where an echo's savings do not apply. ``--large --pinned``
 runs the same rows with every actor (ours, Ray's, the graph's) on CPU 0 and
 the driver on CPU 1: the kernel otherwise often runs a caller and the
 process it waits on on one core, and each side's work adds up.
@@ -71,11 +73,20 @@ TARGETS = {
 }
 
 
+# Bytes of each size a handler returns instead of what it got (the --large
+# "new reply" row): made once, so neither side pays for making them per call.
+_MADE: dict = {}
+
+
 @sage_service(name="echo", replicas=1, num_cpus=0.1)
 class Echo(BaseService):
     @service_function
     def echo(self, x):
         return x
+
+    @service_function
+    def made(self, x):
+        return _MADE.setdefault(len(x), bytes(len(x)))
 
     @service_function
     def set_tracing(self, on: bool) -> None:
@@ -90,6 +101,9 @@ class Echo(BaseService):
 class RayEcho:
     def echo(self, x):
         return x
+
+    def made(self, x):
+        return _MADE.setdefault(len(x), bytes(len(x)))
 
     def pid(self) -> int:
         return os.getpid()
@@ -702,6 +716,9 @@ def streams(args) -> int:
 LARGE_SIZES = [64 << 10, 1 << 20, 16 << 20, 64 << 20]
 
 
+_LABEL = {"numpy_made_in_shm": "made in shm", "bytes_new_reply": "bytes, new reply"}
+
+
 def large(args) -> int:
     """The ``--large`` rows (see the module docstring)."""
     import numpy as np
@@ -712,6 +729,15 @@ def large(args) -> int:
         for pid in [client.call("echo", "pid"), ray.get(ray_actor.pid.remote())] + ([run.cg_pid] if run.cg_pid else []):
             pin(pid, {0})
         pin(os.getpid(), {1})
+    made_graph = None
+    if cgraph is not None:  # the graph's own actor, answering with bytes it made
+        from ray.dag import InputNode
+
+        made_actor = RayEcho.remote()
+        if args.pinned:
+            pin(ray.get(made_actor.pid.remote()), {0})
+        with InputNode() as inp:
+            made_graph = made_actor.made.bind(inp).experimental_compile(_buffer_size_bytes=4 << 20)
     rounds = 3
     results: dict = {"latency_us": {}, "machine": run_info(), "pinned": args.pinned}
     rng = np.random.default_rng(0)
@@ -734,6 +760,18 @@ def large(args) -> int:
             entry["memcpy"] = {"p50": pct(copies, 0.5), "n": len(copies)}
             results["latency_us"].setdefault(kind, {})[str(size)] = entry
             print(f"  measured {kind} {size} B", file=sys.stderr, flush=True)
+        if size == 1 << 20:  # bytes answered with other bytes: copied in and out on both sides, no echo
+            samples = {"sage_call": [], "ray_actor": [], "ray_cgraph": []}
+            for _ in range(rounds):
+                samples["sage_call"] += timed(
+                    lambda p: client.call("echo", "made", p, timeout=60), payloads["bytes"], n, 3
+                )
+                samples["ray_actor"] += timed(lambda p: ray.get(ray_actor.made.remote(p)), payloads["bytes"], n, 3)
+                if made_graph is not None:
+                    samples["ray_cgraph"] += timed(lambda p: ray.get(made_graph.execute(p)), payloads["bytes"], n, 3)
+            results["latency_us"]["bytes_new_reply"] = {
+                str(size): {k: {"p50": pct(v, 0.5), "p99": pct(v, 0.99), "n": len(v)} for k, v in samples.items() if v}
+            }
         made = client.buffer((size // 8,), "float64")
         made[:] = arr
         ts = timed(lambda p: client.call("echo", "echo", p, timeout=60), made, n * rounds, 3)
@@ -757,18 +795,20 @@ def large(args) -> int:
         "64 MiB made in shared memory p50 <= 200 us": lat["numpy_made_in_shm"][big]["sage_call"]["p50"] <= 200,
     }
     print("\nlarge payloads, echoed back: p50 round trip (us), alternating rounds of one run")
-    hdr = f"{'payload':>16} | {'sage':>9} | {'ray':>9} | {'cgraph':>9} | {'memcpy':>8} | {'vs ray':>7} {'vs cg':>6} {'vs cpy':>7}"
+    hdr = f"{'payload':>18} | {'sage':>9} | {'ray':>9} | {'cgraph':>9} | {'memcpy':>8} | {'vs ray':>7} {'vs cg':>6} {'vs cpy':>7}"
     print(hdr)
     print("-" * len(hdr))
-    for kind in ("bytes", "numpy", "numpy_made_in_shm"):
+    for kind in ("bytes", "numpy", "numpy_made_in_shm", "bytes_new_reply"):
         for size in LARGE_SIZES:
-            e = lat[kind][str(size)]
+            e = lat.get(kind, {}).get(str(size))
+            if e is None:
+                continue
             a = e["sage_call"]["p50"]
             r = e.get("ray_actor", {}).get("p50")
             c = e.get("ray_cgraph", {}).get("p50")
             m = lat["numpy"][str(size)]["memcpy"]["p50"]
             print(
-                f"{kind[:9] + ' ' + _fmt_size(size):>16} | {a:9.1f} | "
+                f"{_LABEL.get(kind, kind) + ' ' + _fmt_size(size):>18} | {a:9.1f} | "
                 + (f"{r:9.1f} | " if r else f"{'-':>9} | ")
                 + (f"{c:9.1f} | " if c else f"{'-':>9} | ")
                 + f"{m:8.1f} | "
@@ -780,6 +820,8 @@ def large(args) -> int:
         print(f"  [{'ok' if ok else 'MISSED'}] {name}")
     name = "service_bench-large-pinned" if args.pinned else "service_bench-large"
     write_results(args.out, name, results, plot={"latency_us": lat["numpy"]})
+    if made_graph is not None:
+        made_graph.teardown()
     run.close()
     return 0
 

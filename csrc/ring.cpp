@@ -631,9 +631,6 @@ template <typename Ready>
 void Ring::wait_until(std::atomic<uint32_t>* seq, std::atomic<uint32_t>* waiters, const std::atomic<uint32_t>* peer_cpu,
                       int64_t deadline, int64_t slice_cap, Ready ready) {
   // A peer that last ran on this CPU cannot make progress while we spin
-  // here: sleep at once (measured: 47 us round trips instead of 9 us when
-  // the scheduler put caller and service on one core).
-  // A peer that last ran on this CPU cannot make progress while we spin
   // here: sleep at once (measured: 47 us round trips instead of 20 us when
   // the scheduler put caller and service on one core).
   if (!same_cpu(peer_cpu)) {

@@ -25,7 +25,7 @@ from collections import ChainMap
 from collections.abc import Mapping
 from typing import Any
 
-from . import arena, arrays, shm, tensors
+from . import arena, arrays, loans, shm, tensors
 from .arena import ARENA_MIN_BYTES
 from .errors import DeserializationError, SerializationError
 
@@ -235,48 +235,20 @@ class BigBytes:
         return bytes_out_of, (pickle.PickleBuffer(self.data),)
 
 
-# Large bytes this thread read out of arena slots while it handles a request
-# (keep_slots()): id -> (the bytes, the slot's view). Sending one of them on
-# (returned, or passed to another call) names its slot again instead of
-# copying it in: bytes never change, and the view keeps the slot as it was.
-_RECEIVED = threading.local()
-_RECEIVED_MAX = 8
-
-
 def bytes_out_of(buf: Any) -> bytes:
     """The receiving side of :class:`BigBytes`: ``buf``'s bytes, copied out
-    (a ``bytes`` owns its memory). Kept with its slot while keep_slots() is on."""
+    (a ``bytes`` owns its memory), or, when this thread sent those very bytes
+    in the call it is making, its own object (loans.py). Read out of a slot,
+    they are kept with it (loans.keep_slots), to be sent on without a copy."""
+    in_slot = type(buf) is shm.SlotView  # (a flag: a narrowed SlotView is no Buffer to the type checker)
+    if not in_slot:
+        return bytes(buf)
+    own = loans.own_bytes(buf)
+    if own is not None:
+        return own
     data = bytes(buf)
-    kept = getattr(_RECEIVED, "slots", None)
-    if kept is not None and type(buf) is shm.SlotView:
-        if len(kept) >= _RECEIVED_MAX:  # a handler reading many (nested calls in a loop): hold a few slots, not all
-            del kept[next(iter(kept))]
-        kept[id(data)] = (data, buf)
+    loans.keep(data, buf)
     return data
-
-
-def keep_slots(on: bool = True) -> None:
-    """Lets go of the slots this thread kept for the bytes it read out of
-    them; then keeps the next ones (``on``) or stops keeping them. A
-    replica's dispatcher keeps them while it runs a request, so a handler
-    that returns or forwards a large ``bytes`` it received sends it with no
-    copy.
-
-    >>> keep_slots()
-    >>> keep_slots(False)
-    """
-    kept = getattr(_RECEIVED, "slots", None)
-    if on and kept is not None:
-        kept.clear()  # per request, twice: no new dict when it is empty already
-        return
-    _RECEIVED.slots = {} if on else None
-
-
-def _kept_view(data: bytes) -> Any:
-    """The slot view ``data`` was read out of (keep_slots), or None."""
-    kept = getattr(_RECEIVED, "slots", None)
-    pair = kept.get(id(data)) if kept else None
-    return pair[1] if pair is not None and pair[0] is data else None
 
 
 def wrap_big_bytes(values: Any) -> Any:
@@ -420,7 +392,7 @@ def _locate(raws: list, arena: Any, reader_pid: int, timeout: float | None, plac
                 continue
             view = _whole_slot(r)
             if view is None and type(r.obj) is bytes:
-                view = _kept_view(r.obj)  # large bytes received and sent on: their slot, not a copy
+                view = loans.kept_view(r.obj)  # large bytes received and sent on: their slot, not a copy
             loc = arena.hold(view, reader_pid) if view is not None else None
             if loc is not None:
                 # Sent without a copy: the sender's array must not change what the receiver sees.
@@ -430,6 +402,8 @@ def _locate(raws: list, arena: Any, reader_pid: int, timeout: float | None, plac
             else:
                 loc = arena.place(r, reader_pid, timeout)
             done.append(loc)
+            if type(r.obj) is bytes:
+                loans.note_sent(loc.slab, loc.slot, loc.gen, r.obj)  # a reply naming this slot gets r.obj back
             name = loc.slab.encode()
             out.append(_LOC.pack(loc.slot, loc.gen, loc.offset, loc.length, len(name)) + name)
     except BaseException:

@@ -43,7 +43,6 @@ from ._wire import (
     encode_error,
     error_reply,
     frame_kind,
-    keep_slots,
 )
 from .arena import READERS
 from .callers import RemoteCallers
@@ -58,6 +57,7 @@ from .errors import (
 )
 from .handlers import Handler, collect_handlers, validation_message
 from .intake import CANCELLED_FIRST, EXPIRED_FIRST, SpinTuner, request_args, take_request
+from .loans import keep_slots
 from .message import envelope
 from .metrics import recorder
 from .names import cancellable, claims_reply_ring

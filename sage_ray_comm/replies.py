@@ -22,6 +22,7 @@ from ._wire import ERR_SERIALIZATION, OP_CALL, ST_OK, ST_OK_BLOB, BadRequest, Re
 from .arena import ArenaOwner
 from .blobs import SegmentBlob
 from .errors import MessageTooLarge, QueueClosed, QueueFull, QueueNotFound, SerializationError
+from .loans import drop_kept
 from .names import caller_pid, reply_ring_pid
 from .shm_transport import RingPool
 
@@ -177,6 +178,7 @@ class ReplyWriter(ArenaOwner):
             REPLY_PUT_TIMEOUT,
             placed,
         )
+        drop_kept()  # the request's slots: the reply holds what it sends on
         try:
             q.put_frame(parts, kind, REPLY_PUT_TIMEOUT)
         except BaseException:

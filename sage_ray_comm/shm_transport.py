@@ -27,7 +27,14 @@ import uuid
 from typing import Any
 
 from . import shm
-from ._codec import KIND_PICKLE_OOB, abandon, big_buffers, decode_oob, encode_payload, wrap_big_bytes
+from ._codec import (
+    KIND_PICKLE_OOB,
+    abandon,
+    big_buffers,
+    decode_oob,
+    encode_payload,
+    wrap_big_bytes,
+)
 from ._future import CallFuture
 from ._ray import cancel_on_replica, tell_replica
 from ._wire import (
@@ -52,6 +59,7 @@ from .errors import (
     ServiceUnavailable,
     SharedMemoryFull,
 )
+from .loans import track_sent, untrack_sent
 from .malloc import tune_malloc
 from .names import claim_table_name, reply_ring_name
 from .queue import SageQueue
@@ -253,7 +261,13 @@ class ShmTransport(Transport, ArenaOwner):
         ring = self._thread_ring()
         cid = next(ring.cids)
         end = time.monotonic() + timeout
-        blob = self._put(inst, req, timeout, cid, ring.name)
+        # The large bytes this call sends, recorded: a reply that returns one gets the object back, uncopied.
+        token = track_sent()
+        try:
+            blob = self._put(inst, req, timeout, cid, ring.name)
+        except BaseException:
+            untrack_sent(token)
+            raise
         try:
             get = ring.queue.get
             while True:
@@ -276,6 +290,7 @@ class ShmTransport(Transport, ArenaOwner):
                     return self._resolve(inst, Reply(*rep))
                 self._stale(inst, rep)
         finally:
+            untrack_sent(token)
             if blob is not None:
                 blob.discard()
 

@@ -11,6 +11,7 @@ import pickle
 import random
 import signal
 import struct
+import sys
 import threading
 import time
 import uuid
@@ -19,8 +20,15 @@ import numpy as np
 import pytest
 
 from sage_ray_comm import CallTimeout, DeserializationError, InvalidCallArgument, shm
-from sage_ray_comm._codec import KIND_PICKLE_OOB, abandon, decode_oob, encode_payload, keep_slots, wrap_big_bytes
+from sage_ray_comm._codec import (
+    KIND_PICKLE_OOB,
+    abandon,
+    decode_oob,
+    encode_payload,
+    wrap_big_bytes,
+)
 from sage_ray_comm.arena import ARENA_MIN_BYTES, READERS, Arena, ArenaOwner, Location
+from sage_ray_comm.loans import drop_kept, keep_slots, track_sent, untrack_sent
 
 MiB = 1 << 20
 
@@ -125,6 +133,61 @@ def test_large_bytes_received_and_sent_on_go_by_their_slot(arena):
         keep_slots(False)
         other.close()
     assert arena.in_use() == 0  # let go of once the thread stops keeping them
+
+
+def test_kept_slots_are_let_go_of_by_drop_kept_and_keeping_goes_on(arena):
+    keep_slots()
+    try:
+        decode_oob(memoryview(_frame(wrap_big_bytes(os.urandom(MiB)), arena)))
+        assert arena.in_use() == 1
+        drop_kept()  # what a reply does once encoded, before it is sent
+        assert arena.in_use() == 0
+        got = decode_oob(memoryview(_frame(wrap_big_bytes(os.urandom(MiB)), arena)))
+        assert type(got) is bytes and arena.in_use() == 1  # still keeping
+    finally:
+        keep_slots(False)
+    assert arena.in_use() == 0
+
+
+def test_bytes_a_call_sent_come_back_as_the_same_object(arena):
+    """While a call is tracked (track_sent), a reply naming the slot its large
+    bytes went out in gives back the caller's own object, uncopied."""
+    b = os.urandom(MiB)
+    token = track_sent()
+    try:
+        sent = _frame(wrap_big_bytes(b), arena)
+        assert decode_oob(memoryview(sent)) is b  # the echo of that slot
+        assert arena.in_use() == 0  # and its slot let go of at once
+        other = os.urandom(MiB)  # sent in another slot, also while tracked
+        assert decode_oob(memoryview(_frame(wrap_big_bytes(other), arena))) is other
+    finally:
+        untrack_sent(token)
+    untracked = os.urandom(MiB)
+    got = decode_oob(memoryview(_frame(wrap_big_bytes(untracked), arena)))
+    assert got == untracked and got is not untracked  # not tracked: copied out
+    assert arena.in_use() == 0
+
+
+def test_tracking_sent_bytes_nests_and_forgets(arena):
+    b = os.urandom(MiB)
+    before = sys.getrefcount(b)
+    outer = track_sent()
+    try:
+        first = _frame(wrap_big_bytes(b), arena)
+        recorded = sys.getrefcount(b)
+        inner = track_sent()  # a nested call: its own record
+        try:
+            got = decode_oob(memoryview(first))
+            own = got is b  # (not in an assert: pytest's rewriting would keep b referenced)
+        finally:
+            untrack_sent(inner)
+    finally:
+        untrack_sent(outer)
+    del inner  # the token it returned was the outer call's record
+    after = sys.getrefcount(b)
+    assert got == b and not own  # the outer call's bytes: not this call's, so copied
+    assert recorded == before + 1 and after == before  # the record held b, and let go of it
+    assert arena.in_use() == 0
 
 
 def test_a_thread_keeps_only_a_few_slots_for_received_bytes():

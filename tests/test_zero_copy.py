@@ -39,6 +39,14 @@ class ZcEcho(BaseService):
         return x
 
     @service_function
+    def reverse(self, x: bytes) -> bytes:
+        return x[::-1]
+
+    @service_function
+    def pair(self, x: bytes) -> tuple:
+        return x, x[:3]
+
+    @service_function
     def look(self, x) -> tuple:
         return type(x).__name__, bool(getattr(getattr(x, "flags", None), "writeable", True)), float(np.sum(x))
 
@@ -130,6 +138,25 @@ def test_an_array_reaches_the_service_in_place_and_comes_back_without_a_copy(bus
         theirs = c.call("zc_echo", "stats")["arena"]
         # The bytes it got and returned went back by their slot, the caller's: not copied in again.
         assert theirs is None or theirs["slabs"] == 0
+
+
+def test_bytes_echoed_back_to_their_caller_are_its_own_object(bus):
+    """A reply that returns the large bytes of its request names the caller's
+    own slot; the caller gets its own object back, copied neither in nor out,
+    and the slot is free the moment the call returns (the replica let go of
+    it before it replied)."""
+    ZcEcho.deploy(bus=bus)
+    with FunctionClient(bus=bus) as c:
+        b = os.urandom(MiB)
+        for _ in range(20):
+            assert c.call("zc_echo", "echo", b) is b
+            assert _in_use(c) == 0  # no wait: nobody holds the slot any more
+        rev = c.call("zc_echo", "reverse", b)  # new bytes of the same size: the replica's slot, copied out
+        assert rev == b[::-1] and c.call("zc_echo", "echo", rev) is rev
+        assert c.call("zc_echo", "pair", b) == (b, b[:3])  # inside a tuple, too
+        assert c.call_async("zc_echo", "echo", b).result(timeout=30) == b  # decoded by the reader thread: a copy
+        theirs = c.call("zc_echo", "stats")["arena"]
+        assert theirs is not None and theirs["copies"] == 1  # only the reversed bytes were copied in there
 
 
 def test_holding_100_arrays_never_wedges_the_pipeline(bus):
