@@ -13,6 +13,12 @@ Measures, for 8 B, 1 KiB, 64 KiB and 1 MiB payloads (bytes, echoed back):
 plus pipelined throughput (call_async vs pipelined .remote() calls), and the
 cost of building a Message with and without validation.
 
+The compiled graph is up only while its own rows are measured
+(``Setup.graph``), compiled anew for each size: its actor polls its channel,
+a whole core even while nobody calls it, so left up it took a core from
+every other row of a run (on this 2-core VM ours then ran caller and
+replica on the one core left).
+
 ``--streams`` measures streaming calls against a Ray actor's streaming
 generator (``num_returns="streaming"``) making the same 8-byte items, in the
 same run: items per second, per-item overhead with producer and consumer
@@ -21,8 +27,8 @@ time to first item, and items per second by ``window``.
 
 ``--large`` measures large payloads (the arena, issue 13): 64 KiB, 1 MiB,
 16 MiB and 64 MiB, each as ``bytes`` and as a numpy array, echoed back,
-against a plain Ray actor call and a Ray Compiled Graph in alternating
-rounds of the same run, with one ``memcpy`` of the same size (numpy's
+against a plain Ray actor call in alternating rounds, then a Ray Compiled
+Graph (up for its rounds only), per size in the same run, with one ``memcpy`` of the same size (numpy's
 ``copyto``) as the floor; plus numpy arrays made in shared memory
 (``client.buffer``), which travel with no copy at all; and 1 MiB of
 ``bytes`` answered with other bytes of the same size (made once by the
@@ -42,11 +48,13 @@ writes JSON and a PNG plot of p50 latency against payload size.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import ray
@@ -111,17 +119,38 @@ class RayEcho:
 
 class Setup(NamedTuple):
     """What the same-node rows measure: our echo service and its client, a
-    plain Ray actor, and (unless --no-cgraph) a compiled graph over another."""
+    plain Ray actor, and (unless --no-cgraph) another for compiled graphs
+    (:meth:`graph`)."""
 
     bus: Any
     client: FunctionClient
     ray_actor: Any
-    cgraph: Any
+    cg_actor: Any
     cg_pid: int | None
 
+    @contextlib.contextmanager
+    def graph(self, buffer_bytes: int, method: str = "echo") -> Iterator[Any]:
+        """A compiled graph driver -> ``cg_actor.<method>`` -> driver, alive
+        inside this block only (None with --no-cgraph). A compiled graph's
+        actor polls its channel: a whole core, even while nobody calls it
+        (measured: 2.0 s of CPU in 2 s idle, 0.01 s for a plain actor). Left
+        up beside the other sides' rounds, it took a core from them, and
+        ours ran caller and replica on the one left (1 MiB numpy echo 117 us
+        with it up, 74 us with it torn down, same run)."""
+        if self.cg_actor is None:
+            yield None
+            return
+        from ray.dag import InputNode
+
+        with InputNode() as inp:
+            dag = getattr(self.cg_actor, method).bind(inp)
+        cg = dag.experimental_compile(_buffer_size_bytes=buffer_bytes)
+        try:
+            yield cg
+        finally:
+            cg.teardown()
+
     def close(self) -> None:
-        if self.cgraph is not None:
-            self.cgraph.teardown()
         self.client.close()
         self.bus.shutdown()
         ray.shutdown()
@@ -136,9 +165,8 @@ def serve(prefix: str, service: Any) -> tuple[str, Any, Any, FunctionClient]:
     return bus_name, bus, handle, FunctionClient(bus=bus_name)
 
 
-def setup(prefix: str, no_cgraph: bool, buffer_bytes: int) -> Setup:
-    """Starts Ray and the three sides of a same-node run (see Setup); the
-    graph's channel holds ``buffer_bytes``."""
+def setup(prefix: str, no_cgraph: bool) -> Setup:
+    """Starts Ray and the three sides of a same-node run (see Setup)."""
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
     _, bus, _, client = serve(prefix, Echo)
     ray_actor = RayEcho.remote()
@@ -146,16 +174,11 @@ def setup(prefix: str, no_cgraph: bool, buffer_bytes: int) -> Setup:
     # The node's gateway (its segment janitor) starts with the first bus use:
     # a new Ray worker process, seconds of one core. Measure after it is up.
     ray.get(get_gateway(ray.get_runtime_context().get_node_id()).janitor_stats.remote(), timeout=120)
-    cgraph = cg_pid = None
+    cg_actor = cg_pid = None
     if not no_cgraph:
-        from ray.dag import InputNode
-
         cg_actor = RayEcho.remote()
         cg_pid = ray.get(cg_actor.pid.remote())
-        with InputNode() as inp:
-            dag = cg_actor.echo.bind(inp)
-        cgraph = dag.experimental_compile(_buffer_size_bytes=buffer_bytes)
-    return Setup(bus, client, ray_actor, cgraph, cg_pid)
+    return Setup(bus, client, ray_actor, cg_actor, cg_pid)
 
 
 def write_results(out: str, name: str, results: dict, plot: dict | None = None) -> None:
@@ -179,6 +202,36 @@ def pin(pid: int, cpus: set) -> None:
             os.sched_setaffinity(int(tid), cpus)
         except OSError:  # the thread ended meanwhile
             pass
+
+
+# The machine counts as quiet when this share of its CPU time was idle over
+# one window of this many seconds; wait_quiet gives up after QUIET_MAX_S.
+QUIET_IDLE = 0.8
+QUIET_WINDOW_S = 0.2
+QUIET_MAX_S = 15.0
+
+
+def _cpu_times() -> tuple[int, int]:
+    """(idle, total) jiffies of the whole machine, from /proc/stat."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    return fields[3] + fields[4], sum(fields)  # idle + iowait
+
+
+def wait_quiet() -> float:
+    """Waits until the machine is mostly idle (QUIET_IDLE of a window), at
+    most QUIET_MAX_S; returns the seconds waited. Compiling a graph starts a
+    Ray worker process (its driver proxy), whose boot takes most of a core
+    for about a second: rows measured meanwhile, ours or Ray's, would pay
+    for it."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < QUIET_MAX_S:
+        i0, a0 = _cpu_times()
+        time.sleep(QUIET_WINDOW_S)
+        i1, a1 = _cpu_times()
+        if a1 > a0 and (i1 - i0) / (a1 - a0) >= QUIET_IDLE:
+            break
+    return time.monotonic() - t0
 
 
 def pct(xs: list, q: float) -> float:
@@ -253,8 +306,9 @@ def main() -> int:
     if args.streams:
         return streams(args)
 
-    run = setup("bench", args.no_cgraph, 2 * max(SIZES) + 4096)
-    client, ray_actor, cgraph = run.client, run.ray_actor, run.cgraph
+    run = setup("bench", args.no_cgraph)
+    client, ray_actor = run.client, run.ray_actor
+    cgraph = run.cg_actor  # None with --no-cgraph; the graph itself is up only for its own rows
 
     results: dict = {"latency_us": {}, "machine": run_info()}
     rows = []
@@ -262,6 +316,7 @@ def main() -> int:
         payload = os.urandom(size)
         n = iters_for(size, args.quick)
         warm = max(20, n // 10)
+        wait_quiet()  # after the last size's graph
         assert client.call("echo", "echo", payload) == payload
         a = timed(lambda p: client.call("echo", "echo", p), payload, n, warm)
         b = timed(lambda p: ray.get(ray_actor.echo.remote(p)), payload, n, warm)
@@ -269,10 +324,12 @@ def main() -> int:
             "sage_call": {"p50": pct(a, 0.5), "p99": pct(a, 0.99), "n": n},
             "ray_actor": {"p50": pct(b, 0.5), "p99": pct(b, 0.99), "n": n},
         }
-        if cgraph is not None:
-            assert ray.get(cgraph.execute(payload)) == payload
-            c = timed(lambda p: ray.get(cgraph.execute(p)), payload, n, warm)
-            entry["ray_cgraph"] = {"p50": pct(c, 0.5), "p99": pct(c, 0.99), "n": n}
+        with run.graph(2 * size + 4096) as cg:
+            wait_quiet()  # the graph's driver proxy is a new process: let it boot first
+            if cg is not None:
+                assert ray.get(cg.execute(payload)) == payload
+                c = timed(lambda p: ray.get(cg.execute(p)), payload, n, warm)
+                entry["ray_cgraph"] = {"p50": pct(c, 0.5), "p99": pct(c, 0.99), "n": n}
         results["latency_us"][str(size)] = entry
         rows.append((size, entry))
         print(f"  measured {size} B", file=sys.stderr, flush=True)
@@ -714,6 +771,8 @@ def streams(args) -> int:
 
 
 LARGE_SIZES = [64 << 10, 1 << 20, 16 << 20, 64 << 20]
+# Calls before each of the graph's timed rounds: it was compiled just before them.
+GRAPH_WARM = 20
 
 
 _LABEL = {"numpy_made_in_shm": "made in shm", "bytes_new_reply": "bytes, new reply"}
@@ -723,57 +782,59 @@ def large(args) -> int:
     """The ``--large`` rows (see the module docstring)."""
     import numpy as np
 
-    run = setup("lbench", args.no_cgraph, max(LARGE_SIZES) + (1 << 20))
-    client, ray_actor, cgraph = run.client, run.ray_actor, run.cgraph
+    run = setup("lbench", args.no_cgraph)
+    client, ray_actor = run.client, run.ray_actor
     if args.pinned:
         for pid in [client.call("echo", "pid"), ray.get(ray_actor.pid.remote())] + ([run.cg_pid] if run.cg_pid else []):
             pin(pid, {0})
         pin(os.getpid(), {1})
-    made_graph = None
-    if cgraph is not None:  # the graph's own actor, answering with bytes it made
-        from ray.dag import InputNode
-
-        made_actor = RayEcho.remote()
-        if args.pinned:
-            pin(ray.get(made_actor.pid.remote()), {0})
-        with InputNode() as inp:
-            made_graph = made_actor.made.bind(inp).experimental_compile(_buffer_size_bytes=4 << 20)
     rounds = 3
     results: dict = {"latency_us": {}, "machine": run_info(), "pinned": args.pinned}
     rng = np.random.default_rng(0)
+    cg = run.cg_actor is not None
     for size in LARGE_SIZES:
         n = {64 << 10: 200, 1 << 20: 200, 16 << 20: 30, 64 << 20: 15}[size] // (4 if args.quick else 1)
         arr = rng.random(size // 8)
         payloads = {"bytes": arr.tobytes(), "numpy": arr}
+        samples: dict = {}
+        wait_quiet()  # after the last size's graph: its driver proxy's process boots meanwhile
         for kind, payload in payloads.items():
             same = (lambda a, b: a == b) if kind == "bytes" else np.array_equal
             assert same(client.call("echo", "echo", payload, timeout=60), payload)
-            samples: dict = {"sage_call": [], "ray_actor": [], "ray_cgraph": []}
-            for _ in range(rounds):  # alternating rounds: the machine's drift hits every side alike
-                samples["sage_call"] += timed(lambda p: client.call("echo", "echo", p, timeout=60), payload, n, 3)
-                samples["ray_actor"] += timed(lambda p: ray.get(ray_actor.echo.remote(p)), payload, n, 3)
-                if cgraph is not None:
-                    samples["ray_cgraph"] += timed(lambda p: ray.get(cgraph.execute(p)), payload, n, 3)
-            src, dst = np.frombuffer(arr, np.uint8), np.empty(size, np.uint8)
-            copies = timed(lambda pair: np.copyto(*pair), (dst, src), max(n, 20), 3)
-            entry = {k: {"p50": pct(v, 0.5), "p99": pct(v, 0.99), "n": len(v)} for k, v in samples.items() if v}
+            got = samples[kind] = {"sage_call": [], "ray_actor": [], "ray_cgraph": []}
+            for _ in range(rounds):  # alternating rounds: the machine's drift hits both sides alike
+                got["sage_call"] += timed(lambda p: client.call("echo", "echo", p, timeout=60), payload, n, 3)
+                got["ray_actor"] += timed(lambda p: ray.get(ray_actor.echo.remote(p)), payload, n, 3)
+        # The graph's rounds next, with the graph up for them only (Setup.graph).
+        with run.graph(size + (1 << 20)) as graph:
+            wait_quiet()  # the graph's driver proxy is a new process: let it boot first
+            for _ in range(rounds if cg else 0):
+                for kind, payload in payloads.items():
+                    samples[kind]["ray_cgraph"] += timed(lambda p: ray.get(graph.execute(p)), payload, n, GRAPH_WARM)
+        src, dst = np.frombuffer(arr, np.uint8), np.empty(size, np.uint8)
+        copies = timed(lambda pair: np.copyto(*pair), (dst, src), max(n, 20), 3)
+        for kind, got in samples.items():
+            entry = {k: {"p50": pct(v, 0.5), "p99": pct(v, 0.99), "n": len(v)} for k, v in got.items() if v}
             entry["memcpy"] = {"p50": pct(copies, 0.5), "n": len(copies)}
             results["latency_us"].setdefault(kind, {})[str(size)] = entry
-            print(f"  measured {kind} {size} B", file=sys.stderr, flush=True)
+        print(f"  measured {size} B", file=sys.stderr, flush=True)
         if size == 1 << 20:  # bytes answered with other bytes: copied in and out on both sides, no echo
-            samples = {"sage_call": [], "ray_actor": [], "ray_cgraph": []}
+            got = {"sage_call": [], "ray_actor": [], "ray_cgraph": []}
+            b = payloads["bytes"]
+            wait_quiet()
             for _ in range(rounds):
-                samples["sage_call"] += timed(
-                    lambda p: client.call("echo", "made", p, timeout=60), payloads["bytes"], n, 3
-                )
-                samples["ray_actor"] += timed(lambda p: ray.get(ray_actor.made.remote(p)), payloads["bytes"], n, 3)
-                if made_graph is not None:
-                    samples["ray_cgraph"] += timed(lambda p: ray.get(made_graph.execute(p)), payloads["bytes"], n, 3)
+                got["sage_call"] += timed(lambda p: client.call("echo", "made", p, timeout=60), b, n, 3)
+                got["ray_actor"] += timed(lambda p: ray.get(ray_actor.made.remote(p)), b, n, 3)
+            with run.graph(size + (1 << 20), "made") as graph:
+                wait_quiet()
+                for _ in range(rounds if cg else 0):
+                    got["ray_cgraph"] += timed(lambda p: ray.get(graph.execute(p)), b, n, GRAPH_WARM)
             results["latency_us"]["bytes_new_reply"] = {
-                str(size): {k: {"p50": pct(v, 0.5), "p99": pct(v, 0.99), "n": len(v)} for k, v in samples.items() if v}
+                str(size): {k: {"p50": pct(v, 0.5), "p99": pct(v, 0.99), "n": len(v)} for k, v in got.items() if v}
             }
         made = client.buffer((size // 8,), "float64")
         made[:] = arr
+        wait_quiet()
         ts = timed(lambda p: client.call("echo", "echo", p, timeout=60), made, n * rounds, 3)
         results["latency_us"].setdefault("numpy_made_in_shm", {})[str(size)] = {
             "sage_call": {"p50": pct(ts, 0.5), "p99": pct(ts, 0.99), "n": len(ts)}
@@ -781,7 +842,6 @@ def large(args) -> int:
         del made
     lat = results["latency_us"]
     mib, big = str(1 << 20), str(64 << 20)
-    cg = cgraph is not None
     results["targets_met"] = {
         "1 MiB numpy p50 <= 100 us": lat["numpy"][mib]["sage_call"]["p50"] <= 100,
         "1 MiB numpy <= 0.5x the compiled graph": cg
@@ -820,8 +880,6 @@ def large(args) -> int:
         print(f"  [{'ok' if ok else 'MISSED'}] {name}")
     name = "service_bench-large-pinned" if args.pinned else "service_bench-large"
     write_results(args.out, name, results, plot={"latency_us": lat["numpy"]})
-    if made_graph is not None:
-        made_graph.teardown()
     run.close()
     return 0
 
