@@ -201,6 +201,12 @@ class Arena:
 
     def _take(self, nbytes: int, reader_pid: int, timeout: float | None) -> tuple[_Slab, int, int]:
         size = self.slot_size(nbytes)
+        # The common case first, without the lock: a free slot in a slab there
+        # is already (taking one is a compare-and-swap; the lists only grow).
+        for slab in self._slabs.get(size, ()):
+            got = slab.take(reader_pid)
+            if got is not None:
+                return slab, *got
         if not self.fits(nbytes):
             raise SageCommError(f"a buffer of {nbytes} bytes cannot fit this process's arena of {self.budget} bytes")
         deadline = None if timeout is None else time.monotonic() + timeout

@@ -151,3 +151,32 @@ def test_plain_pickle_is_untouched():
     assert b"sage_ray_comm" not in pickle.dumps(a, protocol=5)
     assert dispatch_table()[np.ndarray] is arrays.reduce_array
     assert np.ndarray not in __import__("copyreg").dispatch_table
+
+
+class _Late:
+    """A type whose copyreg reducer is registered after our table was made."""
+
+    def __init__(self, x: int) -> None:
+        self.x = x
+
+
+def _late_rebuild(x: int) -> _Late:
+    return _Late(x * 2)  # doubled: shows the registered reducer ran, not plain pickling
+
+
+def test_a_reducer_registered_with_copyreg_later_is_used():
+    import copyreg
+
+    assert dispatch_table() is not None  # made (numpy is imported)
+    copyreg.pickle(_Late, lambda o: (_late_rebuild, (o.x,)))
+    try:
+        # With an array out-of-band (1,000 floats: a tiny one is pickled again by plain pickle).
+        parts, kind = encode_payload([_Late(3), np.arange(1000.0)], "a test")
+        assert kind == KIND_PICKLE_OOB
+        got = decode_payload(b"".join(bytes(p) for p in parts), kind, "a test")
+        assert got[0].x == 6 and got[1].sum() == 499500.0
+        assert dispatch_table()[np.ndarray] is arrays.reduce_array  # ours still first
+    finally:
+        del copyreg.dispatch_table[_Late]
+    parts, kind = encode_payload(_Late(3), "a test")
+    assert decode_payload(b"".join(bytes(p) for p in parts), kind, "a test").x == 3  # and gone again
