@@ -775,6 +775,11 @@ LARGE_SIZES = [64 << 10, 1 << 20, 16 << 20, 64 << 20]
 GRAPH_WARM = 20
 
 
+def _summary(samples: dict) -> dict:
+    """p50, p99 and count of each side's samples (sides with none left out)."""
+    return {k: {"p50": pct(v, 0.5), "p99": pct(v, 0.99), "n": len(v)} for k, v in samples.items() if v}
+
+
 _LABEL = {"numpy_made_in_shm": "made in shm", "bytes_new_reply": "bytes, new reply"}
 
 
@@ -814,7 +819,7 @@ def large(args) -> int:
         src, dst = np.frombuffer(arr, np.uint8), np.empty(size, np.uint8)
         copies = timed(lambda pair: np.copyto(*pair), (dst, src), max(n, 20), 3)
         for kind, got in samples.items():
-            entry = {k: {"p50": pct(v, 0.5), "p99": pct(v, 0.99), "n": len(v)} for k, v in got.items() if v}
+            entry = _summary(got)
             entry["memcpy"] = {"p50": pct(copies, 0.5), "n": len(copies)}
             results["latency_us"].setdefault(kind, {})[str(size)] = entry
         print(f"  measured {size} B", file=sys.stderr, flush=True)
@@ -829,9 +834,7 @@ def large(args) -> int:
                 wait_quiet()
                 for _ in range(rounds if cg else 0):
                     got["ray_cgraph"] += timed(lambda p: ray.get(graph.execute(p)), b, n, GRAPH_WARM)
-            results["latency_us"]["bytes_new_reply"] = {
-                str(size): {k: {"p50": pct(v, 0.5), "p99": pct(v, 0.99), "n": len(v)} for k, v in got.items() if v}
-            }
+            results["latency_us"]["bytes_new_reply"] = {str(size): _summary(got)}
         made = client.buffer((size // 8,), "float64")
         made[:] = arr
         wait_quiet()
