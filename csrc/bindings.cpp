@@ -443,8 +443,39 @@ class PyRing {
 // message (a slot freed twice, or a stale view): counted, never applied.
 std::atomic<uint64_t> g_stale_releases{0};
 
+// Reads of a slot that began before its writer had filled it (slots.hpp):
+// read as it filled (read_bytes), or waited for (a buffer made over it).
+std::atomic<uint64_t> g_reads_while_filling{0};
+
 void release_slot(Ring& r, uint64_t word, uint64_t gen) {
   if (sage::slot_release(r, word, gen, uint64_t(getpid())) != SlotStatus::kOk) g_stale_releases.fetch_add(1);
+}
+
+// How long a reader waits on a slot's writer that adds nothing before it
+// asks whether the writer still runs, and how long it waits in all before it
+// gives up on one that runs but never finishes (stopped, say).
+constexpr int64_t kFillStallNs = 1'000'000;
+constexpr int64_t kFillWaitMaxNs = 10'000'000'000LL;
+
+// Waits (without the GIL) for `step` to finish reading a slot that its writer
+// fills after sending (slots.hpp), through its stalls while the writer lives;
+// raises DeserializationError if the writer died or never finishes.
+template <typename Step>
+void await_fill(Ring& r, uint64_t length, Step step) {
+  SlotStatus st;
+  int64_t waited = 0;
+  {
+    py::gil_scoped_release nogil;
+    while ((st = step()) == SlotStatus::kStalled && r.creator_alive() && waited < kFillWaitMaxNs)
+      waited += kFillStallNs;
+  }
+  if (st == SlotStatus::kOk) return;
+  std::string why = st == SlotStatus::kStalled
+                        ? (r.creator_alive() ? "its writer has not finished it after " +
+                                                   std::to_string(kFillWaitMaxNs / 1'000'000'000) + " s"
+                                             : "its writer died before it finished copying it in")
+                        : "its words are past the slab's table";
+  raise("DeserializationError", "a buffer of " + fmt_bytes(length) + " in " + r.name() + " cannot be read: " + why);
 }
 
 // A buffer over part of a segment's data region: an arena slot. Python
@@ -452,6 +483,8 @@ void release_slot(Ring& r, uint64_t word, uint64_t gen) {
 // it keeps the mapping alive, and when the last of them is released (by
 // reference counting, never waiting for the garbage collector) it lets go of
 // the slot: `word` >= 0 names the slot's word, released at generation `gen`.
+// A slot its writer fills after sending is waited for before any buffer is
+// made over it (info), or read as it fills (read_bytes).
 class SlotView {
  public:
   SlotView(PyRing& ring, uint64_t offset, uint64_t length, bool readonly, int64_t word, uint64_t gen)
@@ -469,6 +502,12 @@ class SlotView {
   SlotView& operator=(const SlotView&) = delete;
 
   py::buffer_info info() {
+    if (word_ >= 0 && !filled()) {
+      g_reads_while_filling.fetch_add(1, std::memory_order_relaxed);
+      Ring& r = *ring_;
+      uint64_t word = uint64_t(word_);
+      await_fill(r, length_, [&] { return sage::slot_wait_filled(r, word, kFillStallNs); });
+    }
     return py::buffer_info(ring_->data() + offset_, 1, py::format_descriptor<uint8_t>::format(), 1,
                            {py::ssize_t(length_)}, {py::ssize_t(1)}, readonly_);
   }
@@ -483,6 +522,41 @@ class SlotView {
     py::gil_scoped_release nogil;
     std::memcpy(ring_->data() + offset_ + at, b.buf, size_t(b.len));
   }
+  // The view's bytes, copied out as its writer fills the slot (slots.hpp):
+  // a reader of a bytes payload need not wait for all of it first.
+  py::bytes read_bytes() {
+    PyObject* obj = PyBytes_FromStringAndSize(nullptr, Py_ssize_t(length_));
+    if (!obj) throw py::error_already_set();
+    auto out = py::reinterpret_steal<py::bytes>(obj);
+    auto* dst = reinterpret_cast<uint8_t*>(PyBytes_AS_STRING(obj));
+    const uint8_t* src = ring_->data() + offset_;
+    if (word_ < 0 || filled()) {
+      py::gil_scoped_release nogil;
+      std::memcpy(dst, src, length_);
+      return out;
+    }
+    g_reads_while_filling.fetch_add(1, std::memory_order_relaxed);
+    Ring& r = *ring_;
+    uint64_t word = uint64_t(word_), done = 0;
+    await_fill(r, length_, [&] { return sage::slot_copy_out(r, word, dst, src, length_, &done, kFillStallNs); });
+    return out;
+  }
+  // Copies `src` into the slot whose words start at `word` (this view is the
+  // slab's whole data region), at `at`, counting its unfilled word down as it
+  // goes (slots.hpp): the message naming the slot is already on its way.
+  void fill_slot(uint64_t word, const py::buffer& src, uint64_t at) {
+    Views v;
+    v.add(src.ptr());
+    const Py_buffer& b = v.bufs[0];
+    if (at > length_ || uint64_t(b.len) > length_ - at)
+      throw py::value_error("a fill of " + std::to_string(b.len) + " bytes at " + std::to_string(at) + " overruns a " +
+                            std::to_string(length_) + "-byte view");
+    uint64_t probe = 0;
+    if (ring_->word_load(word + sage::kSlotUnfilled, &probe) != Status::kOk)
+      throw py::value_error("word " + std::to_string(word) + " is past the slab's word table");
+    py::gil_scoped_release nogil;
+    sage::slot_fill(*ring_, word, ring_->data() + offset_ + at, static_cast<const uint8_t*>(b.buf), uint64_t(b.len));
+  }
   // Touches every page (zeroes them), so later writes pay no page faults.
   void prefault() {
     py::gil_scoped_release nogil;
@@ -495,11 +569,36 @@ class SlotView {
   uint64_t gen() const { return gen_; }
 
  private:
+  bool filled() const {
+    uint64_t unfilled = 0;
+    return ring_->word_load(uint64_t(word_) + sage::kSlotUnfilled, &unfilled) != Status::kOk || unfilled == 0;
+  }
+
   std::shared_ptr<Ring> ring_;
   uint64_t offset_, length_;
   bool readonly_;
   int64_t word_;
   uint64_t gen_;
+};
+
+// A bytes object's memory as a buffer that pickle does not see as read-only.
+// A large bytes argument pickles as one out-of-band buffer over it; over a
+// read-only buffer pickle adds a READONLY_BUFFER step, and that step makes
+// the receiver export its slot view only to look at it, which waits for the
+// whole slot to be filled (slots.hpp) before bytes_out_of can start copying
+// it out as it fills. Nothing writes through this buffer: the sender only
+// reads it (into a slot, or into the frame).
+class BytesBuffer {
+ public:
+  explicit BytesBuffer(py::bytes data) : data_(std::move(data)) {}
+  py::buffer_info info() const {
+    return py::buffer_info(PyBytes_AS_STRING(data_.ptr()), 1, py::format_descriptor<uint8_t>::format(), 1,
+                           {py::ssize_t(PyBytes_GET_SIZE(data_.ptr()))}, {py::ssize_t(1)}, false);
+  }
+  const py::bytes& data() const { return data_; }
+
+ private:
+  py::bytes data_;
 };
 
 // put_object and get_object again, as plain METH_FASTCALL functions bound to
@@ -627,6 +726,8 @@ PYBIND11_MODULE(_core, m) {
   m.attr("KIND_RAW") = kKindRaw;
   m.attr("KIND_PICKLE") = kKindPickle;
   m.attr("SLOT_WORDS") = sage::kSlotWords;
+  m.attr("SLOT_NAMES") = sage::kSlotNames;
+  m.attr("SLOT_UNFILLED") = sage::kSlotUnfilled;
   py::class_<Frame>(m, "Frame")
       .def_readonly("payload", &Frame::payload)
       .def_readonly("kind", &Frame::kind)
@@ -714,13 +815,20 @@ PYBIND11_MODULE(_core, m) {
            py::arg("length"), py::arg("readonly") = true, py::arg("word") = -1, py::arg("gen") = 0)
       .def_buffer(&SlotView::info)
       .def("write", &SlotView::write, py::arg("src"), py::arg("at") = 0)
+      .def("read_bytes", &SlotView::read_bytes)
+      .def("fill_slot", &SlotView::fill_slot, py::arg("word"), py::arg("src"), py::arg("at"))
       .def("prefault", &SlotView::prefault)
       .def_property_readonly("shm_name", &SlotView::shm_name)
       .def_property_readonly("offset", &SlotView::offset)
       .def_property_readonly("length", &SlotView::length)
       .def_property_readonly("word", &SlotView::word)
       .def_property_readonly("gen", &SlotView::gen);
+  py::class_<BytesBuffer>(m, "BytesBuffer", py::buffer_protocol())
+      .def(py::init<py::bytes>(), py::arg("data"))
+      .def_buffer(&BytesBuffer::info)
+      .def_property_readonly("data", &BytesBuffer::data);
   m.def("stale_releases", []() { return g_stale_releases.load(); });
+  m.def("reads_while_filling", []() { return g_reads_while_filling.load(); });
   m.def("process_alive", &sage::process_alive, py::arg("pid"), py::arg("start_time") = 0);
   m.def("process_start_time", &sage::process_start_time, py::arg("pid"));
 }

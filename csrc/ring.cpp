@@ -850,6 +850,10 @@ bool Ring::is_closed() const {
   return hdr_->closed.load(std::memory_order_acquire) != 0;
 }
 
+bool Ring::creator_alive() const {
+  return process_alive(hdr_->creator_pid, hdr_->creator_start_time);
+}
+
 Status Ring::unblock(bool* skipped) {
   *skipped = false;
   Status st = check_magic();

@@ -212,6 +212,9 @@ class Ring {
 
   void close_queue();  // every waiter wakes; puts fail; gets drain then fail
   bool is_closed() const;
+  // Whether the process that created the segment still runs (an arena slab's
+  // creator is its only writer).
+  bool creator_alive() const;
   // Skips a frame at head that was claimed by a dead producer. Returns true if
   // one was skipped. Consumers do this on their own; exposed for tools.
   Status unblock(bool* skipped);

@@ -1,10 +1,60 @@
 #include "slots.hpp"
 
+#include <sched.h>
+
+#include <algorithm>
+#include <cstring>
+#include <ctime>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define SAGE_SLOT_RELAX() _mm_pause()
+#else
+#define SAGE_SLOT_RELAX() \
+  do {                    \
+  } while (0)
+#endif
+
 namespace sage {
 
 namespace {
+// A reader ahead of its writer spins this many times, then yields (the
+// writer may be on this CPU), then sleeps kWaitSleepNs at a time once it has
+// waited kWaitYieldNs: a writer is mid-copy, a few microseconds away, unless
+// it was preempted.
+constexpr int kWaitSpins = 512;
+constexpr int64_t kWaitYieldNs = 100'000;
+constexpr int64_t kWaitSleepNs = 20'000;
+
 bool held_at(uint64_t w, uint64_t gen) {
   return (w >> kSlotGenShift) == gen && (w & kSlotRefsMask) != 0;
+}
+
+int64_t mono_ns() {
+  timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return int64_t(ts.tv_sec) * 1'000'000'000LL + ts.tv_nsec;
+}
+
+// One step of waiting for a writer; false once it has added nothing for
+// stall_ns (`since`: when the wait began, 0 before the first step).
+bool wait_step(int& spins, int64_t& since, int64_t stall_ns) {
+  if (spins < kWaitSpins) {
+    ++spins;
+    SAGE_SLOT_RELAX();
+    return true;
+  }
+  int64_t now = mono_ns();
+  if (since == 0) since = now;
+  int64_t waited = now - since;
+  if (waited > stall_ns) return false;
+  if (waited < kWaitYieldNs) {
+    sched_yield();
+  } else {
+    timespec ts{0, kWaitSleepNs};
+    nanosleep(&ts, nullptr);
+  }
+  return true;
 }
 }  // namespace
 
@@ -18,7 +68,7 @@ SlotStatus slot_take(Ring& r, uint64_t slots, uint64_t pid, uint64_t* slot, uint
     if (r.word_cas(word, w, next << kSlotGenShift | 1, &seen) != Status::kOk || seen != w) continue;
     // The new generation's list: its one holder, and nothing left from the
     // last one (a name whose share another process let go of would
-    // otherwise let that pid's death free this generation).
+    // otherwise let that pid's death free this generation); nothing unfilled.
     for (uint64_t e = word + 1; e < word + kSlotWords; ++e) r.word_store(e, e == word + 1 ? pid : 0);
     *slot = i;
     *gen = next;
@@ -39,7 +89,7 @@ SlotStatus slot_hold(Ring& r, uint64_t word, uint64_t gen, uint64_t pid) {
     w = seen;  // another holder moved it meanwhile: look again
   }
   if (pid == 0) return SlotStatus::kOk;
-  for (uint64_t e = word + 1; e < word + kSlotWords; ++e) {
+  for (uint64_t e = word + 1; e <= word + kSlotNames; ++e) {
     uint64_t p = 0, seen = 0;
     r.word_load(e, &p);
     if (p == 0 && r.word_cas(e, 0, pid, &seen) == Status::kOk && seen == 0) break;
@@ -57,7 +107,7 @@ SlotStatus slot_check(Ring& r, uint64_t word, uint64_t gen) {
 SlotStatus slot_release(Ring& r, uint64_t word, uint64_t gen, uint64_t pid) {
   uint64_t w = 0;
   if (r.word_load(word + kSlotWords - 1, &w) != Status::kOk) return SlotStatus::kOutOfRange;
-  for (uint64_t e = word + 1; pid != 0 && e < word + kSlotWords; ++e) {
+  for (uint64_t e = word + 1; pid != 0 && e <= word + kSlotNames; ++e) {
     uint64_t p = 0, seen = 0;
     r.word_load(e, &p);
     if (p == pid && r.word_cas(e, pid, 0, &seen) == Status::kOk && seen == pid) break;
@@ -69,6 +119,54 @@ SlotStatus slot_release(Ring& r, uint64_t word, uint64_t gen, uint64_t pid) {
     r.word_cas(word, w, w - 1, &seen);
     if (seen == w) return SlotStatus::kOk;
     w = seen;
+  }
+}
+
+void slot_fill(Ring& r, uint64_t word, uint8_t* dst, const uint8_t* src, uint64_t len) {
+  uint64_t done = 0;
+  while (done < len) {
+    uint64_t n = std::min(kFillChunk, len - done);
+    std::memcpy(dst + done, src + done, n);
+    done += n;
+    r.word_store(word + kSlotUnfilled, len - done);  // release: the bytes before it are there
+  }
+}
+
+SlotStatus slot_copy_out(Ring& r, uint64_t word, uint8_t* dst, const uint8_t* src, uint64_t len, uint64_t* done,
+                         int64_t stall_ns) {
+  int spins = 0;
+  int64_t since = 0;
+  while (*done < len) {
+    uint64_t unfilled = 0;
+    if (r.word_load(word + kSlotUnfilled, &unfilled) != Status::kOk) return SlotStatus::kOutOfRange;
+    uint64_t there = unfilled >= len ? 0 : len - unfilled;
+    if (there > *done) {
+      std::memcpy(dst + *done, src + *done, there - *done);
+      *done = there;
+      spins = 0;
+      since = 0;
+    } else if (!wait_step(spins, since, stall_ns)) {
+      return SlotStatus::kStalled;
+    }
+  }
+  return SlotStatus::kOk;
+}
+
+SlotStatus slot_wait_filled(Ring& r, uint64_t word, int64_t stall_ns) {
+  int spins = 0;
+  int64_t since = 0;
+  uint64_t last = UINT64_MAX;
+  for (;;) {
+    uint64_t unfilled = 0;
+    if (r.word_load(word + kSlotUnfilled, &unfilled) != Status::kOk) return SlotStatus::kOutOfRange;
+    if (unfilled == 0) return SlotStatus::kOk;
+    if (unfilled != last) {  // progress: the stall clock starts again
+      last = unfilled;
+      spins = 0;
+      since = 0;
+    } else if (!wait_step(spins, since, stall_ns)) {
+      return SlotStatus::kStalled;
+    }
   }
 }
 

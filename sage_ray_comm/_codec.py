@@ -236,7 +236,10 @@ class BigBytes:
         self.data = data
 
     def __reduce__(self) -> tuple:
-        return bytes_out_of, (pickle.PickleBuffer(self.data),)
+        # Over a BytesBuffer, not the bytes: a buffer pickle sees as read-only
+        # would make the receiver wait for all of it before copying any out.
+        buf: Any = shm.BytesBuffer(self.data)  # (the stub cannot say it is a Buffer: pybind11's exports only)
+        return bytes_out_of, (pickle.PickleBuffer(buf),)
 
 
 def bytes_out_of(buf: Any) -> bytes:
@@ -250,7 +253,7 @@ def bytes_out_of(buf: Any) -> bytes:
     own = loans.own_bytes(buf)
     if own is not None:
         return own
-    data = bytes(buf)
+    data = buf.read_bytes()  # copied out as its sender copies it in (arena.fill)
     loans.keep(data, buf)
     return data
 
@@ -312,6 +315,7 @@ def encode_payload(
     reader_pid: int = 0,
     timeout: float | None = None,
     placed: list | None = None,
+    fills: list | None = None,
 ) -> tuple[list, int]:
     """Pickles ``obj`` (protocol 5, see :func:`dumps`). Contiguous buffers (numpy arrays,
     bytearrays, PickleBuffers) stay out-of-band, so they are copied once,
@@ -321,7 +325,10 @@ def encode_payload(
     (``reader_pid``: who lets go of them; ``timeout``: how long to wait for a
     slot). A buffer that already lives in a slot is not copied at all.
     ``placed`` collects the locations, for the caller to abandon if the
-    payload is never sent (:func:`abandon`)."""
+    payload is never sent (:func:`abandon`). ``fills``, if given, collects
+    the copies into slots instead of making them: the caller makes them
+    (arena.fill) right after it sent the payload, while its reader already
+    reads them."""
     bufs: list = []
     try:
         # dumps() inlined: this runs twice per call (request and reply).
@@ -356,7 +363,7 @@ def encode_payload(
     if total < _OOB_MIN:
         return [dumps(obj)], KIND_PICKLE  # tiny: the frame header costs more
     if arena is not None and biggest >= ARENA_MIN_BYTES:
-        raws = _locate(raws, arena, reader_pid, timeout, placed)
+        raws = _locate(raws, arena, reader_pid, timeout, placed, fills)
     parts: list = [_OOB_HEAD.pack(_OOB_MAGIC, len(raws), len(data)), b"", data]
     lens = []
     offset = _OOB_HEAD.size + 8 * len(raws) + len(data)
@@ -383,7 +390,9 @@ _LOCATED = 1 << 63
 _LOC = struct.Struct("<QQQQH")  # slot, generation, offset, length, length of the slab's name
 
 
-def _locate(raws: list, arena: Any, reader_pid: int, timeout: float | None, placed: list | None) -> list:
+def _locate(
+    raws: list, arena: Any, reader_pid: int, timeout: float | None, placed: list | None, fills: list | None
+) -> list:
     """``raws`` with each large buffer replaced by its location record (bytes)."""
     out = []
     done: list = []
@@ -395,8 +404,9 @@ def _locate(raws: list, arena: Any, reader_pid: int, timeout: float | None, plac
                 out.append(r)
                 continue
             view = _whole_slot(r)
-            if view is None and type(r.obj) is bytes:
-                view = loans.kept_view(r.obj)  # large bytes received and sent on: their slot, not a copy
+            sent = r.obj.data if type(r.obj) is shm.BytesBuffer else r.obj if type(r.obj) is bytes else None
+            if view is None and sent is not None:
+                view = loans.kept_view(sent)  # large bytes received and sent on: their slot, not a copy
             loc = arena.hold(view, reader_pid) if view is not None else None
             if loc is not None:
                 # Sent without a copy: the sender's array must not change what the receiver sees.
@@ -404,10 +414,10 @@ def _locate(raws: list, arena: Any, reader_pid: int, timeout: float | None, plac
                 if flags is not None and getattr(flags, "writeable", False):
                     flags.writeable = False
             else:
-                loc = arena.place(r, reader_pid, timeout)
+                loc = arena.place(r, reader_pid, timeout, fills)
             done.append(loc)
-            if type(r.obj) is bytes:
-                loans.note_sent(loc.slab, loc.slot, loc.gen, r.obj)  # a reply naming this slot gets r.obj back
+            if sent is not None:
+                loans.note_sent(loc.slab, loc.slot, loc.gen, sent)  # a reply naming this slot gets them back
             name = loc.slab.encode()
             out.append(_LOC.pack(loc.slot, loc.gen, loc.offset, loc.length, len(name)) + name)
     except BaseException:
@@ -426,8 +436,10 @@ def abandon(placed: list) -> None:
 
 
 def unpickle_error(e: BaseException, payload: Any, label: str) -> DeserializationError:
+    # A buffer that cannot be read surfaces as numpy's vague BufferError; say its cause too.
+    cause = f" ({type(e.__cause__).__name__}: {e.__cause__})" if e.__cause__ is not None else ""
     return DeserializationError(
-        f"could not unpickle a {len(payload)}-byte message from {label}: {type(e).__name__}: {e} "
+        f"could not unpickle a {len(payload)}-byte message from {label}: {type(e).__name__}: {e}{cause} "
         "(the message was consumed; the queue is still usable)"
     )
 

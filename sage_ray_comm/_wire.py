@@ -135,7 +135,11 @@ __all__ = [
 #    version 3 would let go of slots of version 4 at the wrong words.
 # 5: numpy arrays pickle as arrays.rebuild_array (a version 4 receiver has no
 #    such function).
-PROTOCOL_VERSION = 5
+# 6: a slot's last word counts the bytes its sender has still to copy in
+#    (arena.fill): a version 5 receiver would read a slot before it is filled,
+#    and take that count for a holder's pid. Large bytes pickle over a
+#    shm.BytesBuffer (a version 5 receiver gets them as a bytearray when in-band).
+PROTOCOL_VERSION = 6
 
 # ---------------------------------------------------------------- frame kinds
 # Stored in each ring frame's header. 1-3 are SageQueue's, defined with the
@@ -301,6 +305,7 @@ def encode_request(
     reader_pid: int = 0,
     timeout: float | None = None,
     placed: list | None = None,
+    fills: list | None = None,
 ) -> tuple[list, int]:
     """The parts (buffers to write back to back) and ring kind of a request
     frame; ``req`` is a Request or its :func:`request_tuple`. ``beside``:
@@ -309,7 +314,7 @@ def encode_request(
     the arena (see _codec.encode_payload)."""
     if type(req) is not tuple:
         req = tuple(req)  # the body is a plain tuple: it pickles 4x faster than the NamedTuple
-    parts, kind = encode_payload(req, label, arena, reader_pid, timeout, placed)
+    parts, kind = encode_payload(req, label, arena, reader_pid, timeout, placed, fills)
     _op, cid, function, _args, _kwargs, reply_to, deadline, _sender, _headers, _service, trace = req
     rt = (reply_to or "").encode()
     fn = (function or "").encode()[:65535]

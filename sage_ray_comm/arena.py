@@ -67,6 +67,7 @@ __all__ = [
     "Location",
     "SlabReader",
     "check_budget",
+    "fill",
 ]
 
 log = logging.getLogger(__name__)
@@ -116,7 +117,7 @@ def _take_back_dead(seg: Any, word: int) -> int:
     """Takes back the shares of the slot's holders that died; how many."""
     gen = seg.word_load(word) >> _GEN_SHIFT
     n = 0
-    for i in range(word + 1, word + _WORDS):
+    for i in range(word + 1, word + 1 + shm.SLOT_NAMES):
         pid = seg.word_load(i)
         if not pid or shm.process_alive(pid, 0) or seg.word_cas(i, pid, 0) != pid:
             continue
@@ -188,14 +189,23 @@ class Arena:
         size = self.slot_size(nbytes)
         return _words_bytes(1) + size <= self.budget
 
-    def place(self, buf: memoryview, reader_pid: int, timeout: float | None) -> Location:
+    def place(self, buf: memoryview, reader_pid: int, timeout: float | None, fills: list | None = None) -> Location:
         """Copies ``buf`` into a slot for one receiver (``reader_pid``: who is
         expected to let go of it, 0 if unknown). Waits up to ``timeout`` for
-        a slot when the arena is full, then raises CallTimeout."""
+        a slot when the arena is full, then raises CallTimeout.
+
+        With ``fills``, the copy is left for :func:`fill`, after the message
+        naming the slot is sent: the slot says its bytes are still to come,
+        and its reader copies them out as they arrive (csrc/slots.hpp)."""
         n = buf.nbytes
         slab, slot, gen = self._take(n, reader_pid, timeout)
         offset = slab.base + slot * slab.slot_bytes
-        slab.whole.write(buf, offset)
+        if fills is None:
+            slab.whole.write(buf, offset)
+        else:
+            word = _WORDS * slot
+            slab.seg.word_store(word + shm.SLOT_UNFILLED, n)
+            fills.append((slab.whole, word, buf, offset))
         self.copies += 1
         return Location(slab.shm_name, slot, gen, offset, n)
 
@@ -446,6 +456,18 @@ class SlabReader:
         with self._lock:
             for name in [n for n, s in self._segs.items() if not shm.process_alive(s.stats()["creator_pid"], 0)]:
                 self._segs.pop(name).release()
+
+
+def fill(fills: list) -> None:
+    """Copies in the buffers :meth:`Arena.place` left for later (``fills``),
+    once the message naming their slots is sent."""
+    for k, (whole, word, buf, offset) in enumerate(fills):
+        try:
+            whole.fill_slot(word, buf, offset)
+        except BaseException:  # a KeyboardInterrupt between two: no reader may wait on a slot never filled
+            for rest in fills[k + 1 :]:
+                rest[0].fill_slot(*rest[1:])
+            raise
 
 
 # This process's reader of other processes' slabs (one, shared by every ring).

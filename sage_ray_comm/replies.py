@@ -19,7 +19,7 @@ from typing import Any
 from . import shm
 from ._codec import abandon, big_buffers, encode_payload, wrap_big_bytes
 from ._wire import ERR_SERIALIZATION, OP_CALL, ST_OK, ST_OK_BLOB, BadRequest, Request, bad_request_reply, error_reply
-from .arena import ArenaOwner
+from .arena import ArenaOwner, fill
 from .blobs import SegmentBlob
 from .errors import MessageTooLarge, QueueClosed, QueueFull, QueueNotFound, SerializationError
 from .loans import drop_kept
@@ -170,6 +170,7 @@ class ReplyWriter(ArenaOwner):
     def _put_located(self, q: Any, reply_to: str, rep: tuple) -> None:
         cid, status, value = rep
         placed: list = []
+        fills: list = []  # copied in after the frame is sent, while the caller reads them (arena.fill)
         parts, kind = encode_payload(
             (cid, status, wrap_big_bytes(value)),
             q.label,
@@ -177,6 +178,7 @@ class ReplyWriter(ArenaOwner):
             reply_ring_pid(reply_to) or 0,
             REPLY_PUT_TIMEOUT,
             placed,
+            fills,
         )
         drop_kept()  # the request's slots: the reply holds what it sends on
         try:
@@ -184,6 +186,7 @@ class ReplyWriter(ArenaOwner):
         except BaseException:
             abandon(placed)
             raise
+        fill(fills)
 
     def close(self) -> None:
         """Removes unread oversize replies and closes the reply rings."""

@@ -31,7 +31,10 @@ __all__ = [
     "OPEN_ONLY",
     "PREFIX",
     "SHM_DIR",
+    "SLOT_NAMES",
+    "SLOT_UNFILLED",
     "SLOT_WORDS",
+    "BytesBuffer",
     "SegmentInfo",
     "SlotView",
     "WordSegment",
@@ -68,8 +71,15 @@ CREATE_ONLY = _core.CREATE_ONLY
 # A buffer over part of a segment's data region that lets go of its arena
 # slot when the last view of it is released (arena.py).
 SlotView = _core.SlotView
-# Words per arena slot: its state word, then the pids of its holders (arena.py).
+# A bytes object's memory as a buffer pickle does not see as read-only, for
+# large bytes payloads (_codec.BigBytes; csrc/bindings.cpp says why).
+BytesBuffer = _core.BytesBuffer
+# Words per arena slot: its state word, then the pids of its holders
+# (SLOT_NAMES of them), then, at SLOT_UNFILLED, the bytes its writer has
+# still to copy in (arena.py; csrc/slots.hpp).
 SLOT_WORDS = _core.SLOT_WORDS
+SLOT_NAMES = _core.SLOT_NAMES
+SLOT_UNFILLED = _core.SLOT_UNFILLED
 
 
 def process_alive(pid: int, start_time: int = 0) -> bool:

@@ -45,7 +45,7 @@ from ._wire import (
     encode_request,
     request_tuple,
 )
-from .arena import Arena, ArenaOwner
+from .arena import Arena, ArenaOwner, fill
 from .blobs import SegmentBlob
 from .claims import EXPIRED, ClaimTable
 from .errors import (
@@ -82,14 +82,18 @@ def put_request(
     """Writes one request frame (see _wire) into a replica's or subscriber's
     ring; ``ticket``: its claim ticket (claims.py), the header's cancellation
     id. With an ``arena``, large buffers go into it (read in place by the
-    replica, process ``pid``); they are let go of if the frame cannot be written."""
+    replica, process ``pid``); they are let go of if the frame cannot be written.
+    They are copied in after the frame is written, while the replica already
+    reads them (arena.fill): it no longer waits for the whole copy first."""
     placed: list = []
-    parts, kind = encode_request(req, q.label, False, ticket, arena, pid, timeout, placed)
+    fills: list = []
+    parts, kind = encode_request(req, q.label, False, ticket, arena, pid, timeout, placed, fills)
     try:
         q.put_frame(parts, kind, 0.0 if timeout == 0 else timeout)
     except BaseException:
         abandon(placed)
         raise
+    fill(fills)
 
 
 def put_request_parking(

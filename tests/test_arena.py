@@ -18,6 +18,7 @@ import uuid
 
 import numpy as np
 import pytest
+from _wait import wait_for
 
 from sage_ray_comm import CallTimeout, DeserializationError, InvalidCallArgument, shm
 from sage_ray_comm._codec import (
@@ -477,3 +478,110 @@ def test_arrays_in_shared_memory_take_the_shapes_numpy_takes(arena):
     assert arena.array([3, 2], "int16").shape == (3, 2)
     assert arena.array((np.int64(4),), "f4").shape == (4,)
     assert arena.array((0,), "float64").shape == (0,)
+
+
+# -- filled after sending (arena.fill, csrc/slots.hpp): the sender copies a
+# buffer in after the message naming its slot is out, while the reader reads it.
+
+
+def _unfilled_frame(obj, arena) -> tuple[bytes, list]:
+    """The frame of ``obj`` with its large buffer placed but not yet copied in."""
+    fills: list = []
+    parts, kind = encode_payload(obj, "test", arena, os.getpid(), 5.0, None, fills)
+    assert kind == KIND_PICKLE_OOB and len(fills) == 1
+    return b"".join(bytes(p) for p in parts), fills
+
+
+def _read_in_thread(frame: bytes) -> tuple[threading.Thread, dict]:
+    got: dict = {}
+
+    def read() -> None:
+        try:
+            got["x"] = decode_oob(memoryview(frame))
+        except BaseException as e:  # handed to the test
+            got["error"] = e
+
+    t = threading.Thread(target=read)
+    t.start()
+    return t, got
+
+
+@pytest.mark.parametrize("kind", ["bytes", "numpy"])
+def test_a_reader_that_starts_before_the_sender_copied_in_gets_every_byte(arena, kind):
+    """bytes are copied out as they arrive (read_bytes); an array waits until
+    all of it is there before numpy sees the memory. Here the reader is shown
+    to be under way (the reads-while-filling count moved) before the copy
+    even starts."""
+    from sage_ray_comm import _core
+    from sage_ray_comm.arena import fill
+
+    src = np.random.default_rng(7).random(4 * MiB // 8)
+    frame, fills = _unfilled_frame(wrap_big_bytes(src.tobytes()) if kind == "bytes" else src, arena)
+    before = _core.reads_while_filling()
+    t, got = _read_in_thread(frame)
+    wait_for(lambda: _core.reads_while_filling() > before, 30, "the reader waiting on the slot")
+    assert t.is_alive()  # nothing there yet: it waits
+    fill(fills)
+    t.join(30)
+    assert "error" not in got
+    if kind == "bytes":
+        assert got["x"] == src.tobytes()
+    else:
+        assert np.array_equal(got["x"], src)
+    del got
+    assert arena.in_use() == 0
+
+
+def _place_unfilled_and_hang(ns: str, kind: str, out) -> None:
+    a = Arena(ns, budget=8 * MiB)
+    x = np.ones(MiB // 8)
+    fills: list = []
+    parts, _kind = encode_payload(wrap_big_bytes(x.tobytes()) if kind == "bytes" else x, "test", a, 0, 5.0, None, fills)
+    out.put(b"".join(bytes(p) for p in parts))
+    signal.pause()  # killed before it copies anything in
+
+
+@pytest.mark.parametrize("kind", ["bytes", "numpy"])
+def test_a_sender_killed_before_it_copied_in_is_a_typed_error_not_a_hang(kind):
+    from sage_ray_comm._codec import decode_payload
+
+    ns = _ns()
+    ctx = multiprocessing.get_context("spawn")
+    out = ctx.Queue()
+    p = ctx.Process(target=_place_unfilled_and_hang, args=(ns, kind, out))
+    p.start()
+    try:
+        frame = out.get(timeout=60)
+        os.kill(p.pid, signal.SIGKILL)
+        p.join(30)
+        with pytest.raises(DeserializationError, match="writer died before it finished"):
+            decode_payload(frame, KIND_PICKLE_OOB, "test")
+    finally:
+        if p.is_alive():
+            _kill(p)
+        READERS.prune()  # this process lets go of the dead sender's slab, so gc can take it
+        shm.gc(ns)
+    assert shm.list_segments(ns) == []
+
+
+def test_the_unfilled_count_is_no_holder_name(arena):
+    """A slot's last word counts the bytes still to come, not a holder: the
+    taking back of dead holders skips it (a count read as a dead pid would
+    free a slot in use), and holders past the names never write into it (a
+    pid read as a count would make readers wait for bytes that never come)."""
+    from sage_ray_comm.arena import fill
+
+    frame, fills = _unfilled_frame(np.ones(MiB // 8), arena)
+    whole, word, _buf, _offset = fills[0]
+    seg = arena._own[whole.shm_name]
+    assert seg.word_load(word + shm.SLOT_UNFILLED) == MiB
+    assert arena.stats()["reclaimed"] == 0
+    assert sum(s.reclaim() for slabs in arena._slabs.values() for s in slabs) == 0  # nothing taken back
+    assert arena.in_use() == 1
+    fill(fills)
+    gen = seg.word_load(word) >> 32
+    dead = 2**22 + 17  # above any pid this machine hands out
+    for i in range(shm.SLOT_NAMES + 2):  # more holders than names
+        assert seg.slot_hold(word, gen, dead + i)
+    assert seg.word_load(word + shm.SLOT_UNFILLED) == 0
+    assert decode_oob(memoryview(frame)).sum() == MiB // 8  # readable at once: nothing is waited for
