@@ -806,8 +806,13 @@ def large(args) -> int:
         for kind, payload in payloads.items():
             same = (lambda a, b: a == b) if kind == "bytes" else np.array_equal
             assert same(client.call("echo", "echo", payload, timeout=60), payload)
-            got = samples[kind] = {"sage_call": [], "ray_actor": [], "ray_cgraph": []}
-            for _ in range(rounds):  # alternating rounds: the machine's drift hits both sides alike
+            samples[kind] = {"sage_call": [], "ray_actor": [], "ray_cgraph": []}
+        # Alternating rounds: the machine's drift hits both sides alike; and
+        # the kinds take turns, as in the graph's rounds below, so that neither
+        # kind always goes first after the last size's graph came down.
+        for _ in range(rounds):
+            for kind, payload in payloads.items():
+                got = samples[kind]
                 got["sage_call"] += timed(lambda p: client.call("echo", "echo", p, timeout=60), payload, n, 3)
                 got["ray_actor"] += timed(lambda p: ray.get(ray_actor.echo.remote(p)), payload, n, 3)
         # The graph's rounds next, with the graph up for them only (Setup.graph).

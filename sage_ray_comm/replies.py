@@ -186,7 +186,8 @@ class ReplyWriter(ArenaOwner):
         except BaseException:
             abandon(placed)
             raise
-        fill(fills)
+        if fills:
+            fill(fills)
 
     def close(self) -> None:
         """Removes unread oversize replies and closes the reply rings."""

@@ -93,7 +93,8 @@ def put_request(
     except BaseException:
         abandon(placed)
         raise
-    fill(fills)
+    if fills:
+        fill(fills)
 
 
 def put_request_parking(
