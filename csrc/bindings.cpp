@@ -514,11 +514,7 @@ class SlotView {
   // Copies `src` (any C-contiguous buffer) into this view at `at`, without the GIL.
   void write(const py::buffer& src, uint64_t at) {
     Views v;
-    v.add(src.ptr());
-    const Py_buffer& b = v.bufs[0];
-    if (at > length_ || uint64_t(b.len) > length_ - at)
-      throw py::value_error("a write of " + std::to_string(b.len) + " bytes at " + std::to_string(at) + " overruns a " +
-                            std::to_string(length_) + "-byte slot");
+    const Py_buffer& b = source(v, src, at, "write");
     py::gil_scoped_release nogil;
     std::memcpy(ring_->data() + offset_ + at, b.buf, size_t(b.len));
   }
@@ -546,11 +542,7 @@ class SlotView {
   // goes (slots.hpp): the message naming the slot is already on its way.
   void fill_slot(uint64_t word, const py::buffer& src, uint64_t at) {
     Views v;
-    v.add(src.ptr());
-    const Py_buffer& b = v.bufs[0];
-    if (at > length_ || uint64_t(b.len) > length_ - at)
-      throw py::value_error("a fill of " + std::to_string(b.len) + " bytes at " + std::to_string(at) + " overruns a " +
-                            std::to_string(length_) + "-byte view");
+    const Py_buffer& b = source(v, src, at, "fill");
     uint64_t probe = 0;
     if (ring_->word_load(word + sage::kSlotUnfilled, &probe) != Status::kOk)
       throw py::value_error("word " + std::to_string(word) + " is past the slab's word table");
@@ -569,6 +561,15 @@ class SlotView {
   uint64_t gen() const { return gen_; }
 
  private:
+  // `src`'s buffer (held by `v`), checked to fit this view at `at`.
+  const Py_buffer& source(Views& v, const py::buffer& src, uint64_t at, const char* what) const {
+    v.add(src.ptr());
+    const Py_buffer& b = v.bufs[0];
+    if (at > length_ || uint64_t(b.len) > length_ - at)
+      throw py::value_error(std::string("a ") + what + " of " + std::to_string(b.len) + " bytes at " +
+                            std::to_string(at) + " overruns a " + std::to_string(length_) + "-byte view");
+    return b;
+  }
   bool filled() const {
     uint64_t unfilled = 0;
     return ring_->word_load(uint64_t(word_) + sage::kSlotUnfilled, &unfilled) != Status::kOk || unfilled == 0;

@@ -61,21 +61,26 @@ HEAD_NODE_RESOURCE = "node:__internal_head__"
 CONTROL_GROUP = "control"
 CONTROL_THREADS = 2
 
-# How long a caller's cancel() waits for the replica to say whether it won.
+# How long a caller's cancel() waits at least for the replica to say whether
+# it won; up to the call's own timeout (``ttl``) when that is longer. Giving
+# up earlier would be a lie: the replica may still cancel the call after we
+# said it could not (seen on a loaded 2-core machine).
 CANCEL_SECONDS = 5.0
 
 
 def cancel_on_replica(actor_name: str, namespace: str, keys: list, ttl: float) -> list[bool]:
     """Asks a deployed replica (by its actor) to cancel calls it has not
     started: for each key, True when it will never run. False for all when
-    the replica cannot be asked (it died: the calls fail on their own)."""
+    the replica cannot be asked (it died: the calls fail on their own), or
+    does not answer within the calls' timeout ``ttl`` (by then they failed
+    with CallTimeout, whatever it does)."""
     import ray
 
     try:
         actor = ray.get_actor(actor_name, namespace=namespace)
         ref = actor.cancel.options(concurrency_group=CONTROL_GROUP).remote(keys, ttl)
-        return list(ray.get(ref, timeout=CANCEL_SECONDS))
-    except Exception:  # gone, or not answering in time: say no, which is never a lie
+        return list(ray.get(ref, timeout=max(CANCEL_SECONDS, ttl)))
+    except Exception:  # gone, or past the calls' own timeout
         return [False] * len(keys)
 
 
