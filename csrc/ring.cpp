@@ -18,16 +18,7 @@
 #include <cstring>
 #include <ctime>
 
-#if defined(__x86_64__) || defined(__i386__)
-#include <immintrin.h>
-#define SAGE_CPU_RELAX() _mm_pause()
-#elif defined(__aarch64__)
-#define SAGE_CPU_RELAX() __asm__ __volatile__("yield")
-#else
-#define SAGE_CPU_RELAX() \
-  do {                   \
-  } while (0)
-#endif
+#include "spin.hpp"
 
 namespace sage {
 namespace {
@@ -41,12 +32,6 @@ constexpr int64_t kSliceNs = 500'000'000;
 
 inline uint64_t align_up(uint64_t v, uint64_t a) {
   return (v + a - 1) & ~(a - 1);
-}
-
-int64_t now_ns() {
-  timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return int64_t(ts.tv_sec) * 1'000'000'000LL + ts.tv_nsec;
 }
 
 uint64_t unix_ns() {

@@ -6,14 +6,7 @@
 #include <cstring>
 #include <ctime>
 
-#if defined(__x86_64__) || defined(__i386__)
-#include <immintrin.h>
-#define SAGE_SLOT_RELAX() _mm_pause()
-#else
-#define SAGE_SLOT_RELAX() \
-  do {                    \
-  } while (0)
-#endif
+#include "spin.hpp"
 
 namespace sage {
 
@@ -30,21 +23,15 @@ bool held_at(uint64_t w, uint64_t gen) {
   return (w >> kSlotGenShift) == gen && (w & kSlotRefsMask) != 0;
 }
 
-int64_t mono_ns() {
-  timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return int64_t(ts.tv_sec) * 1'000'000'000LL + ts.tv_nsec;
-}
-
 // One step of waiting for a writer; false once it has added nothing for
 // stall_ns (`since`: when the wait began, 0 before the first step).
 bool wait_step(int& spins, int64_t& since, int64_t stall_ns) {
   if (spins < kWaitSpins) {
     ++spins;
-    SAGE_SLOT_RELAX();
+    SAGE_CPU_RELAX();
     return true;
   }
-  int64_t now = mono_ns();
+  int64_t now = now_ns();
   if (since == 0) since = now;
   int64_t waited = now - since;
   if (waited > stall_ns) return false;

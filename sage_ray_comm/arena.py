@@ -461,13 +461,13 @@ class SlabReader:
 def fill(fills: list) -> None:
     """Copies in the buffers :meth:`Arena.place` left for later (``fills``),
     once the message naming their slots is sent."""
-    for k, (whole, word, buf, offset) in enumerate(fills):
-        try:
+    pending = iter(fills)
+    try:
+        for whole, word, buf, offset in pending:
             whole.fill_slot(word, buf, offset)
-        except BaseException:  # a KeyboardInterrupt between two: no reader may wait on a slot never filled
-            for rest in fills[k + 1 :]:
-                rest[0].fill_slot(*rest[1:])
-            raise
+    finally:  # a KeyboardInterrupt between two: no reader may wait on a slot never filled
+        for whole, word, buf, offset in pending:
+            whole.fill_slot(word, buf, offset)
 
 
 # This process's reader of other processes' slabs (one, shared by every ring).

@@ -585,3 +585,19 @@ def test_the_unfilled_count_is_no_holder_name(arena):
         assert seg.slot_hold(word, gen, dead + i)
     assert seg.word_load(word + shm.SLOT_UNFILLED) == 0
     assert decode_oob(memoryview(frame)).sum() == MiB // 8  # readable at once: nothing is waited for
+
+
+def test_an_interrupted_fill_still_fills_the_slots_after_it(arena):
+    """A KeyboardInterrupt raised between two buffers' copies: the frame is
+    out, so the copies after it are made before the interrupt goes on."""
+    from sage_ray_comm.arena import fill
+
+    class Interrupted:
+        def fill_slot(self, word, buf, offset):
+            raise KeyboardInterrupt
+
+    x = np.arange(MiB // 8, dtype=np.float64)
+    frame, fills = _unfilled_frame(x, arena)
+    with pytest.raises(KeyboardInterrupt):
+        fill([(Interrupted(), 0, b"", 0), *fills])
+    assert np.array_equal(decode_oob(memoryview(frame)), x)
