@@ -106,7 +106,11 @@ class CallFuture(_Future):
 
     def cancel(self) -> bool:
         if self._state == RUNNING:
-            return self._canceller is not None and self._canceller() and self._cancelled_running()
+            if self._canceller is not None and self._canceller():
+                self.end_cancelled()
+            # Cancelled here, or by the replica's own "not run" reply, which
+            # can come back before the canceller's answer does.
+            return self._state in (CANCELLED, CANCELLED_AND_NOTIFIED)
         cond = self._condition
         with cond:
             with _LOCK:
@@ -119,14 +123,20 @@ class CallFuture(_Future):
         self._invoke_callbacks()  # type: ignore[attr-defined]  # the stock Future's, untyped
         return True
 
-    def _cancelled_running(self) -> bool:
+    def end_cancelled(self) -> bool:
         """The replica said this running call will never run: cancelled, as
-        an executor's cancelled work item (waiters told, callbacks run)."""
+        an executor's cancelled work item (waiters told, callbacks run).
+        False when it had ended already (then it stays as it ended).
+
+        >>> f = CallFuture(running=True)
+        >>> f.end_cancelled(), f.cancelled(), f.end_cancelled()
+        (True, True, False)
+        """
         cond = self._condition
         with cond:
             with _LOCK:
                 if self._state in _DONE:
-                    return False  # it ended first (its timeout): cancel() is too late
+                    return False  # it ended first (its reply, its timeout): cancel() is too late
                 self._state = CANCELLED_AND_NOTIFIED
             for waiter in self._wl or ():
                 waiter.add_cancelled(self)

@@ -27,6 +27,7 @@ from . import context, lifecycle, shm, tracing
 from ._future import CallFuture
 from ._ray import ROUTER_CALL_SECONDS, ROUTER_READ_SECONDS, RouterClient
 from ._wire import (
+    ERR_CANCELLED,
     ERR_FUNCTION,
     ERR_REMOTE,
     ERR_TIMEOUT,
@@ -326,7 +327,7 @@ class Runtime:
                 dead = self.reply.known_dead(caller or "") or self.remote_callers.known_dead(caller or "")
                 call = self.calls.admit(key, not dead) if key is not None else None
                 if key is not None and call is None:  # cancelled first, or its caller died (its reply: by position)
-                    out[i] = error_reply(0, ERR_UNAVAILABLE, "cancelled before it started; not run")
+                    out[i] = error_reply(0, ERR_CANCELLED, "cancelled before it started; not run")
                     continue
                 try:
                     req = decode_request(payload, kind, beside)

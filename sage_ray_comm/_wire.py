@@ -73,6 +73,7 @@ __all__ = [
     "END_DONE",
     "END_ERROR",
     "END_MORE",
+    "ERR_CANCELLED",
     "ERR_DESERIALIZATION",
     "ERR_FUNCTION",
     "ERR_PROTOCOL",
@@ -139,7 +140,9 @@ __all__ = [
 #    (arena.fill): a version 5 receiver would read a slot before it is filled,
 #    and take that count for a holder's pid. Large bytes pickle over a
 #    shm.BytesBuffer (a version 5 receiver gets them as a bytearray when in-band).
-PROTOCOL_VERSION = 6
+# 7: a call over Ray that its caller cancelled first is answered ERR_CANCELLED
+#    (a version 6 caller would fail it with a RemoteError, not cancel it).
+PROTOCOL_VERSION = 7
 
 # ---------------------------------------------------------------- frame kinds
 # Stored in each ring frame's header. 1-3 are SageQueue's, defined with the
@@ -164,6 +167,7 @@ ERR_SERIALIZATION = "serialization"  # the result could not be pickled
 ERR_DESERIALIZATION = "deserialization"  # the arguments could not be unpickled by the replica
 ERR_UNAVAILABLE = "unavailable"
 ERR_PROTOCOL = "protocol"  # caller and replica speak different PROTOCOL_VERSIONs
+ERR_CANCELLED = "cancelled"  # its caller's cancel() came first: never run (the reply of a call over Ray)
 
 
 # ---------------------------------------------------------------- the tuples

@@ -15,6 +15,7 @@ from typing import Any
 
 from ._future import CallFuture
 from ._wire import (
+    ERR_CANCELLED,
     ERR_DESERIALIZATION,
     ERR_FUNCTION,
     ERR_PROTOCOL,
@@ -121,8 +122,11 @@ class CallFinisher:
                     self.bus, self.service, self.function, self.transport, "request_response", dt, type(e).__name__
                 )
                 raise
-            recorder.call(self.bus, self.service, self.function, self.transport, "request_response", dt)
-            return value
+            except concurrent.futures.CancelledError as e:  # skipped by the replica: as a cancel() that won
+                exc = e
+            else:
+                recorder.call(self.bus, self.service, self.function, self.transport, "request_response", dt)
+                return value
         if isinstance(exc, ServiceUnavailable):
             ep.mark_dead(self.iid)
         if isinstance(exc, SageCommError):
@@ -212,6 +216,8 @@ def outcome(rep: Reply, service: str, function: str) -> Any:
         raise DeserializationError(info.message)
     if code == ERR_UNAVAILABLE:
         raise ServiceUnavailable(info.message)
+    if code == ERR_CANCELLED:  # its caller's cancel() came first; the future ends cancelled (transport.settle)
+        raise concurrent.futures.CancelledError(f"call to {service}.{function}: {info.message}")
     if code == ERR_PROTOCOL:
         theirs, ours = info.extra if isinstance(info.extra, tuple) else (None, None)
         raise ProtocolMismatch(

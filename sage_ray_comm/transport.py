@@ -99,11 +99,16 @@ Finish = Callable[[Reply | None, BaseException | None], Any]
 
 
 def settle(fut: concurrent.futures.Future, finish: Finish, rep: Reply | None, exc: BaseException | None) -> None:
-    """Completes ``fut`` with ``finish(rep, exc)``."""
+    """Completes ``fut`` with ``finish(rep, exc)``; a CancelledError (the
+    replica skipped the call: its caller cancelled it first) cancels it."""
     try:
         value = finish(rep, exc)
     except BaseException as e:
-        if not fut.done():
+        # Exactly CancelledError: a handler that raised one comes back as
+        # RemoteError[CancelledError], a failure of the call, not a cancel.
+        if type(e) is concurrent.futures.CancelledError and isinstance(fut, CallFuture):
+            fut.end_cancelled()
+        elif not fut.done():
             fut.set_exception(e)
         return
     if not fut.done():

@@ -10,6 +10,10 @@ import threading
 import pytest
 
 from sage_ray_comm._future import CallFuture
+from sage_ray_comm._wire import ERR_CANCELLED, ERR_REMOTE, ST_ERROR, Reply, encode_error, error_reply
+from sage_ray_comm.completion import outcome
+from sage_ray_comm.errors import RemoteError
+from sage_ray_comm.transport import settle
 
 
 def test_is_a_future_and_resolves():
@@ -122,6 +126,53 @@ def test_a_running_call_cannot_be_cancelled_but_still_finishes():
     assert f.running() and not f.cancel() and not f.cancelled()
     f.set_result(3)
     assert f.result() == 3 and f.done() and not f.running()
+
+
+def _settled_by_a_not_run_reply(fut: CallFuture) -> None:
+    """What the Ray path does with a replica's reply to a call it skipped
+    because its caller had cancelled it (ray_transport._settle)."""
+    rep = Reply(*error_reply(0, ERR_CANCELLED, "cancelled before it started; not run"))
+    settle(fut, lambda r, e: outcome(r, "svc", "fn"), rep, None)
+
+
+@pytest.mark.parametrize("replica_says_yes", [True, False])
+def test_a_not_run_reply_that_lands_while_cancel_asks_ends_the_call_cancelled(replica_says_yes):
+    """The replica agrees to cancel, skips the call and replies "not run";
+    that reply can settle the future before cancel() hears the agreement.
+    cancel() must still say True, and the future is cancelled, not failed."""
+    seen: list = []
+    waiter_saw: list = []
+
+    def canceller() -> bool:
+        _settled_by_a_not_run_reply(f)  # the reply wins the race
+        return replica_says_yes
+
+    f = CallFuture(running=True, canceller=canceller)
+    f.add_done_callback(lambda x: seen.append(x.cancelled()))
+    t = threading.Thread(target=lambda: waiter_saw.append(cf.wait([f], timeout=10).done))
+    t.start()
+    assert f.cancel() is True and f.cancelled() and seen == [True]
+    t.join(10)
+    assert waiter_saw == [{f}]
+    with pytest.raises(cf.CancelledError):
+        f.result()
+
+
+def test_a_handler_that_raised_cancelled_error_fails_the_call_and_does_not_cancel_it():
+    f = CallFuture(running=True)
+    rep = Reply(0, ST_ERROR, encode_error(ERR_REMOTE, cf.CancelledError("stopped inside")))
+    settle(f, lambda r, e: outcome(r, "svc", "fn"), rep, None)
+    assert not f.cancelled() and isinstance(f.exception(), RemoteError)
+    assert isinstance(f.exception(), cf.CancelledError)  # still caught as what the handler raised
+
+
+def test_a_call_that_ended_before_cancel_heard_yes_stays_as_it_ended():
+    def canceller() -> bool:
+        f.set_result(5)  # the call ran and replied while cancel() was asking
+        return True
+
+    f = CallFuture(running=True, canceller=canceller)
+    assert f.cancel() is False and not f.cancelled() and f.result() == 5
 
 
 def test_asyncio_wrap_future():
