@@ -224,6 +224,10 @@ def _shm_used() -> int:
     return total - free
 
 
+# Slabs of one slot the arena may add, once, while the memory test runs (see there).
+_EXTRA_SLABS = 4
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_memory_stays_flat_over_many_large_messages(bus):
@@ -245,7 +249,16 @@ def test_memory_stays_flat_over_many_large_messages(bus):
             grew_shm = _shm_used() - shm0
             assert grew_rss < 64 * MiB, f"{size} B x {n}: private RSS grew {grew_rss / MiB:.0f} MiB"
             assert grew_theirs < 64 * MiB, f"{size} B x {n}: the replica's RSS grew {grew_theirs / MiB:.0f} MiB"
-            assert grew_shm <= 2 * size, f"{size} B x {n}: /dev/shm grew {grew_shm / MiB:.0f} MiB"
+            # Every slot comes back: a leak of one per message shows here first.
+            wait_for(lambda: _in_use(c) == 0, 10, f"the slots of {size} B messages to come back")
+            # Flat, not zero: the caller's arena may grow a slab or two once. A
+            # replica thread preempted right after it replied still holds its
+            # view of the request's slot while another of its threads serves
+            # the next call (seen under load in CI: two more 64 MiB slabs over
+            # the 1,000). A slab a message would be 1,000 of them, or a full
+            # arena and a CallTimeout.
+            allowed = _EXTRA_SLABS * size + MiB  # MiB: their words, and room for a new ring
+            assert grew_shm <= allowed, f"{size} B x {n}: /dev/shm grew {grew_shm / MiB:.0f} MiB"
 
 
 def test_an_event_with_a_large_array_is_written_once_for_every_subscriber(bus):
