@@ -601,3 +601,40 @@ def test_an_interrupted_fill_still_fills_the_slots_after_it(arena):
     with pytest.raises(KeyboardInterrupt):
         fill([(Interrupted(), 0, b"", 0), *fills])
     assert np.array_equal(decode_oob(memoryview(frame)), x)
+
+
+# Around csrc/slots.hpp's kFillChunk (64 KiB): fill_slot copies a buffer in
+# chunks of it, counting the slot's unfilled word down after each.
+_FILL_CHUNK = 64 * 1024
+
+
+@pytest.mark.parametrize("n", [1, 63, 65, _FILL_CHUNK - 1, _FILL_CHUNK, _FILL_CHUNK + 77, 3 * MiB + 13])
+@pytest.mark.parametrize("at", [0, 3, 16, 4096 + 9])
+def test_a_copy_into_shared_memory_is_exact_at_any_size_and_alignment(n, at):
+    """Both ways a buffer is copied into shared memory (SlotView.write: before
+    the message is sent; fill_slot: after, counting its unfilled word down),
+    from a source and to a destination that are not aligned: every byte where
+    it belongs, and nothing written outside it."""
+    ns = _ns()
+    name = shm.segment_name(ns, "copy")
+    size = 4 * MiB + 16384
+    seg = shm.WordSegment(name, size, shm.CREATE_ONLY, "copy test")
+    at += 8192  # past the slot words at the start (word SLOT_UNFILLED is counted down below)
+    try:
+        whole = shm.SlotView(seg, 0, size, False)
+        raw = bytearray(os.urandom(n + 5))
+        src = memoryview(raw)[5:]  # a source 5 bytes past its allocation: not aligned either
+        for way in ("write", "fill_slot"):
+            whole.write(b"\xee" * (n + 2 * 64), at)  # a guard pattern around where the copy goes
+            if way == "write":
+                whole.write(src[1:], at + 64 + 1)
+                whole.write(src[:1], at + 64)
+            else:
+                seg.word_store(shm.SLOT_UNFILLED, n)
+                whole.fill_slot(0, src, at + 64)
+                assert seg.word_load(shm.SLOT_UNFILLED) == 0  # counted all the way down
+            got = bytes(memoryview(whole)[at : at + n + 2 * 64])
+            assert got[64 : 64 + n] == bytes(src), way
+            assert got[:64] == b"\xee" * 64 and got[64 + n :] == b"\xee" * 64, way
+    finally:
+        shm.unlink(name)
