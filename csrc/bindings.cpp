@@ -16,6 +16,7 @@
 #include <string>
 #include <vector>
 
+#include "copy.hpp"
 #include "ring.hpp"
 #include "slots.hpp"
 
@@ -516,7 +517,8 @@ class SlotView {
     Views v;
     const Py_buffer& b = source(v, src, at, "write");
     py::gil_scoped_release nogil;
-    std::memcpy(ring_->data() + offset_ + at, b.buf, size_t(b.len));
+    sage::copy_for_reader(ring_->data() + offset_ + at, static_cast<const uint8_t*>(b.buf), uint64_t(b.len),
+                          uint64_t(b.len));
   }
   // The view's bytes, copied out as its writer fills the slot (slots.hpp):
   // a reader of a bytes payload need not wait for all of it first.

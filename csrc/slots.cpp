@@ -6,6 +6,7 @@
 #include <cstring>
 #include <ctime>
 
+#include "copy.hpp"
 #include "spin.hpp"
 
 namespace sage {
@@ -111,9 +112,10 @@ SlotStatus slot_release(Ring& r, uint64_t word, uint64_t gen, uint64_t pid) {
 
 void slot_fill(Ring& r, uint64_t word, uint8_t* dst, const uint8_t* src, uint64_t len) {
   uint64_t done = 0;
+  const uint64_t chunk = len >= kStreamMinBytes ? kStreamFillChunk : kFillChunk;
   while (done < len) {
-    uint64_t n = std::min(kFillChunk, len - done);
-    std::memcpy(dst + done, src + done, n);
+    uint64_t n = std::min(chunk, len - done);
+    copy_for_reader(dst + done, src + done, n, len);  // fenced: the store below orders after it
     done += n;
     r.word_store(word + kSlotUnfilled, len - done);  // release: the bytes before it are there
   }

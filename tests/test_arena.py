@@ -604,11 +604,16 @@ def test_an_interrupted_fill_still_fills_the_slots_after_it(arena):
 
 
 # Around csrc/slots.hpp's kFillChunk (64 KiB): fill_slot copies a buffer in
-# chunks of it, counting the slot's unfilled word down after each.
+# chunks of it, counting the slot's unfilled word down after each; and around
+# csrc/copy.hpp's kStreamMinBytes (8 MiB), from where copies stream past the
+# caches, in 1 MiB chunks, 64 bytes a step, after an unaligned head.
 _FILL_CHUNK = 64 * 1024
+_STREAM_MIN = 8 * MiB
 
 
-@pytest.mark.parametrize("n", [1, 63, 65, _FILL_CHUNK - 1, _FILL_CHUNK, _FILL_CHUNK + 77, 3 * MiB + 13])
+@pytest.mark.parametrize(
+    "n", [1, 63, 65, _FILL_CHUNK - 1, _FILL_CHUNK, _FILL_CHUNK + 77, 3 * MiB + 13, _STREAM_MIN, _STREAM_MIN + 77]
+)
 @pytest.mark.parametrize("at", [0, 3, 16, 4096 + 9])
 def test_a_copy_into_shared_memory_is_exact_at_any_size_and_alignment(n, at):
     """Both ways a buffer is copied into shared memory (SlotView.write: before
@@ -617,7 +622,7 @@ def test_a_copy_into_shared_memory_is_exact_at_any_size_and_alignment(n, at):
     it belongs, and nothing written outside it."""
     ns = _ns()
     name = shm.segment_name(ns, "copy")
-    size = 4 * MiB + 16384
+    size = _STREAM_MIN + MiB
     seg = shm.WordSegment(name, size, shm.CREATE_ONLY, "copy test")
     at += 8192  # past the slot words at the start (word SLOT_UNFILLED is counted down below)
     try:
