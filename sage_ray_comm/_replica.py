@@ -57,7 +57,7 @@ from .errors import (
     ValidationError,
 )
 from .handlers import Handler, collect_handlers, validation_message
-from .intake import CANCELLED_FIRST, EXPIRED_FIRST, SpinTuner, request_args, take_request
+from .intake import CANCELLED_FIRST, EXPIRED_FIRST, request_args, take_request
 from .loans import keep_slots
 from .message import envelope
 from .metrics import recorder
@@ -74,6 +74,8 @@ from .router import (
     validate_pattern,
 )
 from .routing import DEFAULT_POLICY
+from .spinning import SpinTuner
+from .transport import REQUEST_SPIN_MAX_US, REQUEST_SPIN_US
 
 if TYPE_CHECKING:
     from .service import BaseService
@@ -134,7 +136,7 @@ class Runtime:
         self.reply = ReplyWriter(self.namespace, self.stats, svc.service_name)
         self.in_flight = 0
         self._lock = threading.Lock()
-        self._spin = SpinTuner(queue) if queue is not None else None
+        self._spin = SpinTuner(queue, REQUEST_SPIN_US, REQUEST_SPIN_MAX_US) if queue is not None else None
         self._dispatchers = Dispatchers(
             f"sage-dispatch-{self.instance_id}", self._take_one, self._run_one, self.max_concurrency
         )

@@ -521,9 +521,9 @@ class FunctionClient(StreamCalls, RegistryViews):
         s = dict(self.endpoint.stats)
         s["by_instance"] = dict(s["by_instance"])
         s["stale_replies"] = getattr(self.endpoint.shm, "stale_replies", 0)
-        arena = getattr(self.endpoint.shm, "arena", None)
-        s["arena"] = arena.stats() if arena is not None else None  # large buffers of this process's calls
-        return s
+        s["reply_spin_us"] = getattr(self.endpoint.shm, "reply_spin_us", list)()  # per calling thread (spinning.py)
+        arena = getattr(self.endpoint.shm, "arena", None)  # large buffers of this process's calls
+        return s | {"arena": arena.stats() if arena is not None else None}
 
     def close(self) -> None:
         """Drops this client's subscriptions; the last client of the bus in this

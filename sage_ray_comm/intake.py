@@ -13,9 +13,9 @@ from .claims import EXPIRED, TAKEN, ClaimReader
 from .errors import SharedMemoryFull
 from .names import cancellable, claim_table_name, request_ring_name
 from .queue import SageQueue
-from .transport import REQUEST_SPIN_MAX_US, REQUEST_SPIN_US, shm_warn_once
+from .transport import REQUEST_SPIN_US, shm_warn_once
 
-__all__ = ["CANCELLED_FIRST", "EXPIRED_FIRST", "SpinTuner", "open_request_ring", "request_args", "take_request"]
+__all__ = ["CANCELLED_FIRST", "EXPIRED_FIRST", "open_request_ring", "request_args", "take_request"]
 
 log = logging.getLogger(__name__)
 
@@ -24,51 +24,6 @@ log = logging.getLogger(__name__)
 # deadline passed). It was not unpickled.
 CANCELLED_FIRST = "cancelled first"
 EXPIRED_FIRST = "expired first"
-
-# SpinTuner: the weight of the newest gap in the running mean; how many
-# typical gaps to spin; and the least change worth a call into the ring.
-_GAP_WEIGHT = 0.125
-_SPIN_PER_GAP = 1.5
-_RETUNE_SHARE = 0.1
-
-
-class SpinTuner:
-    """Sizes how long a request ring's waiter spins to the gaps between its
-    requests. A caller that calls back to back (its gap: decoding a reply and
-    encoding the next request, ~50-80 us for 1 MiB) then finds the replica
-    still spinning, and saves a futex wake-up (20-40 us here) per call; a
-    replica called now and then spins the short default, not up to
-    REQUEST_SPIN_MAX_US after every request.
-
-    >>> class Ring:
-    ...     def set_spin_ns(self, ns):
-    ...         self.ns = ns
-    >>> ring = Ring()
-    >>> tune = SpinTuner(ring)
-    >>> for _ in range(50):
-    ...     tune.waited(80e-6)  # requests 80 us apart: spin about 120 us
-    >>> 100_000 < ring.ns <= 120_000
-    True
-    >>> for _ in range(50):
-    ...     tune.waited(2.0)  # then seconds apart: back to the default
-    >>> ring.ns == REQUEST_SPIN_US * 1000
-    True
-    """
-
-    def __init__(self, ring: SageQueue, floor_us: float = REQUEST_SPIN_US, cap_us: float = REQUEST_SPIN_MAX_US) -> None:
-        self._ring = ring
-        self.floor_us, self.cap_us = floor_us, cap_us
-        self.gap_us = self.spin_us = floor_us
-
-    def waited(self, seconds: float) -> None:
-        """Takes in how long the last wait for a request took."""
-        # A long idle spell counts as a few caps, not as its hours.
-        self.gap_us += (min(seconds * 1e6, 4 * self.cap_us) - self.gap_us) * _GAP_WEIGHT
-        gap = self.gap_us
-        want = self.floor_us if gap > self.cap_us else min(self.cap_us, max(self.floor_us, _SPIN_PER_GAP * gap))
-        if abs(want - self.spin_us) > _RETUNE_SHARE * self.spin_us:
-            self.spin_us = want
-            self._ring.set_spin_ns(int(want * 1000))
 
 
 def take_request(q: SageQueue, claims: ClaimReader | None = None) -> tuple[Request | BadRequest | str | None, int]:

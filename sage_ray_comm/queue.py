@@ -265,7 +265,8 @@ class SageQueue:
     def set_spin_ns(self, ns: int) -> None:
         """How long a waiting ``get`` spins before it sleeps on the futex, in
         nanoseconds (``spin_us`` at creation). A replica retunes its request
-        ring's to the gaps between requests (intake.SpinTuner). (Each
+        ring's to the gaps between requests, and a caller its reply ring's
+        to how long replies take (spinning.SpinTuner). (Each
         instance binds this straight to its ring's method.)"""
         self._ring.set_spin_ns(ns)
 

@@ -64,7 +64,8 @@ from .malloc import tune_malloc
 from .names import claim_table_name, reply_ring_name
 from .queue import SageQueue
 from .router import ROUTER_NAMESPACE, InstanceInfo, Subscription
-from .transport import REPLY_RING_BYTES, REPLY_SPIN_US, Finish, Transport, settle, shm_warn_once
+from .spinning import SpinTuner
+from .transport import REPLY_RING_BYTES, REPLY_SPIN_MAX_US, REPLY_SPIN_US, Finish, Transport, settle, shm_warn_once
 
 __all__ = [
     "RingPool",
@@ -167,7 +168,7 @@ class RingPool:
 
 
 class _ReplyRing:
-    __slots__ = ("cids", "claims", "name", "queue")
+    __slots__ = ("cids", "claims", "name", "queue", "spin")
 
     def __init__(self, namespace: str, cancellable: bool = False) -> None:
         self.name = reply_ring_name(os.getpid(), uuid.uuid4().hex[:12], cancellable)
@@ -175,6 +176,8 @@ class _ReplyRing:
             self.name, REPLY_RING_BYTES, auto_cleanup=True, namespace=namespace, spin_us=REPLY_SPIN_US
         )
         self.cids = itertools.count(1)
+        # How long call() spins for a reply: as long as replies have lately taken.
+        self.spin = SpinTuner(self.queue, REPLY_SPIN_US, REPLY_SPIN_MAX_US)
         # The claims of its calls (claims.py): cancel() wins or loses a call in
         # shared memory. None without room for it: cancel() asks the replica.
         self.claims: ClaimTable | None = None
@@ -253,6 +256,12 @@ class ShmTransport(Transport, ArenaOwner):
             return rep
         return Reply(rep.cid, ST_OK, rep.value.get())
 
+    def reply_spin_us(self) -> list[float]:
+        """How long each calling thread's reply ring now spins for its reply
+        before it sleeps, in microseconds (spinning.SpinTuner)."""
+        with self._lock:
+            return [r.spin.spin_us for r in self._rings]
+
     def _thread_ring(self) -> _ReplyRing:
         r = getattr(self._tls, "ring", None)
         if r is None:
@@ -275,6 +284,7 @@ class ShmTransport(Transport, ArenaOwner):
             raise
         try:
             get = ring.queue.get
+            sent = time.perf_counter()
             while True:
                 left = end - time.monotonic()
                 if left <= 0:
@@ -292,6 +302,7 @@ class ShmTransport(Transport, ArenaOwner):
                         ) from None
                     continue
                 if rep[0] == cid:  # (cid, status, value), a plain tuple
+                    ring.spin.waited(time.perf_counter() - sent)
                     return self._resolve(inst, Reply(*rep))
                 self._stale(inst, rep)
         finally:

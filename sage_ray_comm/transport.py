@@ -44,15 +44,19 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 REQUEST_RING_BYTES = 8 << 20  # one frame may be half: 4 MiB
-# How long a waiting reader spins before it sleeps on the futex. A caller
-# waiting for a reply spins longer than a queue consumer's default 20 us: a
-# futex wake-up costs ~40 us here, more than most handlers take.
+# How long a waiting reader spins before it sleeps on the futex, at first.
+# A caller waiting for a reply spins longer than a queue consumer's default
+# 20 us: a futex wake-up costs ~40 us here, more than most handlers take.
 REPLY_SPIN_US = 100.0
 REQUEST_SPIN_US = 50.0
-# A replica's ring spins up to this long when its requests come that close
-# together (intake.SpinTuner): on a 2-core machine, longer would take a core
-# from the callers.
-REQUEST_SPIN_MAX_US = 200.0
+# Both then follow their recent waits (spinning.SpinTuner), up to these: a
+# 1 MiB round trip took 250-450 us on a slower host of the same 2-core kind,
+# and a 200 us cap left caller and replica each asleep when the other's
+# frame came, paying a futex wake on both sides (measured per step: the
+# caller's put 22 us instead of 3.6, the replica's reply put 16.6 instead of
+# 1.5). Waits longer than the cap go back to the short spin.
+REPLY_SPIN_MAX_US = 500.0
+REQUEST_SPIN_MAX_US = 500.0
 REPLY_RING_BYTES = 8 << 20
 EVENT_RING_BYTES = 4 << 20
 # Below this much free /dev/shm a process warns once at start: a caller needs

@@ -26,7 +26,7 @@ RAY_FREE = [
     "tensors",
     "arrays",
     "dispatch",
-    "intake",
+    "spinning",
 ]
 
 

@@ -4,14 +4,25 @@ from __future__ import annotations
 
 import os
 import pickle
+import time
 
 import numpy as np
 import pytest
 
-from sage_ray_comm import QueueNotFound, SageQueue, ServiceUnavailable, service_function, shm
+from sage_ray_comm import (
+    BaseService,
+    FunctionClient,
+    QueueNotFound,
+    SageQueue,
+    ServiceUnavailable,
+    sage_service,
+    service_function,
+    shm,
+)
 from sage_ray_comm._wire import KIND_REQ, KIND_REQ_OOB
 from sage_ray_comm.blobs import SegmentBlob
 from sage_ray_comm.shm_transport import RingPool
+from sage_ray_comm.transport import REPLY_SPIN_MAX_US, REPLY_SPIN_US
 
 
 def test_segment_blob_is_read_once_and_removed(ns):
@@ -217,3 +228,28 @@ def test_tune_malloc_changes_malloc_or_says_it_did_not(env, expect):
     )
     assert p.returncode == 0, p.stderr
     assert json.loads(p.stdout) == expect
+
+
+@sage_service(name="slowish", replicas=1, num_cpus=0.1)
+class Slowish(BaseService):
+    @service_function
+    def pause(self, seconds: float) -> None:
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:  # busy: a sleep's own wake-up is what varies most
+            pass
+
+
+def test_a_caller_spins_for_its_replies_as_long_as_they_lately_took(bus):
+    """Replies that take ~0.3 ms: the calling thread's reply ring spins about
+    1.5 times that before it sleeps (a futex wake saved per call); replies
+    that take far longer than REPLY_SPIN_MAX_US: back to the short spin."""
+    Slowish.deploy(bus=bus)
+    with FunctionClient(bus=bus) as c:
+        assert c.stats()["reply_spin_us"] == []  # no call yet: no reply ring
+        for _ in range(60):
+            c.call("slowish", "pause", 0.0003, timeout=30)
+        (spin,) = c.stats()["reply_spin_us"]
+        assert REPLY_SPIN_US * 3 < spin <= REPLY_SPIN_MAX_US, spin
+        for _ in range(40):
+            c.call("slowish", "pause", 0.003, timeout=30)
+        assert c.stats()["reply_spin_us"] == [REPLY_SPIN_US]
