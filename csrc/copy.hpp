@@ -7,8 +7,8 @@
 // past the caches above glibc's own threshold; chunked, the copy lost that:
 // 64 MiB took 10.2-10.7 ms against numpy's 6.0 ms into the same slot.
 // Streaming (non-temporal) stores, measured with a writer and a reader on the
-// 2-core VM (one 64 KiB chunk published at a time):
-//   size     reader waits, then reads in place     reader copies out as it fills
+// 2-core VM (one 64 KiB chunk published at a time), until the reader is done:
+//   size     reader only waits (an echo)           reader copies out as it fills
 //   1 MiB    67.5 -> 65.1 us                       96.8 -> 132.8 us (worse)
 //   8 MiB    615 -> 527 us                         1,065 -> 1,036 us
 //   16 MiB   2,312 -> 1,749 us                     2,535 -> 2,624 us
