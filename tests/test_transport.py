@@ -230,6 +230,10 @@ def test_tune_malloc_changes_malloc_or_says_it_did_not(env, expect):
     assert json.loads(p.stdout) == expect
 
 
+# Rounds of 0.3 ms calls the reply spin may take to rise (see the test).
+_SPIN_ROUNDS = 30
+
+
 @sage_service(name="slowish", replicas=1, num_cpus=0.1)
 class Slowish(BaseService):
     @service_function
@@ -246,10 +250,18 @@ def test_a_caller_spins_for_its_replies_as_long_as_they_lately_took(bus):
     Slowish.deploy(bus=bus)
     with FunctionClient(bus=bus) as c:
         assert c.stats()["reply_spin_us"] == []  # no call yet: no reply ring
-        for _ in range(60):
-            c.call("slowish", "pause", 0.0003, timeout=30)
-        (spin,) = c.stats()["reply_spin_us"]
-        assert REPLY_SPIN_US * 3 < spin <= REPLY_SPIN_MAX_US, spin
+        # Rounds of calls until the spin has followed them up: on a loaded
+        # machine (CI) a round's replies can take longer than the cap, and the
+        # spin rightly stays short for that round. Without the tuner it never rises.
+        spins: list = []
+        for _ in range(_SPIN_ROUNDS):
+            for _ in range(60):
+                c.call("slowish", "pause", 0.0003, timeout=30)
+            (spin,) = c.stats()["reply_spin_us"]
+            spins.append(spin)
+            if spin > REPLY_SPIN_US * 3:
+                break
+        assert REPLY_SPIN_US * 3 < spins[-1] <= REPLY_SPIN_MAX_US, spins
         for _ in range(40):
             c.call("slowish", "pause", 0.003, timeout=30)
         assert c.stats()["reply_spin_us"] == [REPLY_SPIN_US]
