@@ -258,9 +258,10 @@ class ShmTransport(Transport, ArenaOwner):
 
     def reply_spin_us(self) -> list[float]:
         """How long each calling thread's reply ring now spins for its reply
-        before it sleeps, in microseconds (spinning.SpinTuner)."""
+        before it sleeps, in microseconds (spinning.SpinTuner). Not the
+        call_async ring's: its reader thread's waits are not calls'."""
         with self._lock:
-            return [r.spin.spin_us for r in self._rings]
+            return [r.spin.spin_us for r in self._rings if r is not self._async]
 
     def _thread_ring(self) -> _ReplyRing:
         r = getattr(self._tls, "ring", None)

@@ -265,3 +265,5 @@ def test_a_caller_spins_for_its_replies_as_long_as_they_lately_took(bus):
         for _ in range(40):
             c.call("slowish", "pause", 0.003, timeout=30)
         assert c.stats()["reply_spin_us"] == [REPLY_SPIN_US]
+        c.call_async("slowish", "pause", 0.0, timeout=30).result(timeout=30)
+        assert c.stats()["reply_spin_us"] == [REPLY_SPIN_US]  # call_async's ring is no calling thread's
