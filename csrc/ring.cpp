@@ -144,6 +144,10 @@ uint32_t my_pid() {
 
 }  // namespace
 
+uint32_t this_pid() {
+  return my_pid();
+}
+
 const char* status_name(Status s) {
   switch (s) {
     case Status::kOk:

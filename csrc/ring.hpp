@@ -298,5 +298,6 @@ class Ring {
 // Helpers shared with the binding (and tests).
 uint64_t process_start_time(uint32_t pid);              // 0 if no such process
 bool process_alive(uint32_t pid, uint64_t start_time);  // start_time 0: pid only
+uint32_t this_pid();  // getpid(), cached (a system call on current glibc), right in fork children too
 
 }  // namespace sage

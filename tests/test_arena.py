@@ -564,6 +564,45 @@ def test_a_sender_killed_before_it_copied_in_is_a_typed_error_not_a_hang(kind):
     assert shm.list_segments(ns) == []
 
 
+def _release_in_fork_child(conn) -> None:
+    frame = conn.recv_bytes()
+    x = decode_oob(memoryview(frame))
+    total = float(x.sum())
+    del x  # lets go of the slot: its name must be this child's pid, not its parent's
+    conn.send(total)
+    conn.recv()  # lives on until told, so its pid cannot be reused meanwhile
+
+
+def test_a_fork_child_takes_its_own_name_off_a_slot_when_it_lets_go(arena):
+    """Letting go of a slot takes the reader's pid off the slot's holder list.
+    The pid is cached (getpid is a system call), so a child forked after its
+    parent cached it must still let go under its own pid: a name left behind
+    would be taken for a holder while the child lives, and freed for it when
+    it dies."""
+    x = np.arange(MiB // 8, dtype=np.float64)
+    mine = decode_oob(memoryview(_frame(x, arena, pid=os.getpid())))
+    del mine  # let go of here: the parent's pid is cached now
+    ctx = multiprocessing.get_context("fork")
+    ours, theirs = ctx.Pipe()
+    p = ctx.Process(target=_release_in_fork_child, args=(theirs,))
+    p.start()
+    try:
+        placed: list = []
+        parts, _kind = encode_payload(x, "test", arena, p.pid, 5.0, placed)
+        loc = placed[0][0]
+        seg = arena._own[loc.slab]
+        word = loc.slot * shm.SLOT_WORDS
+        names = lambda: [seg.word_load(word + 1 + i) for i in range(shm.SLOT_NAMES)]  # noqa: E731
+        assert p.pid in names()
+        ours.send_bytes(b"".join(bytes(q) for q in parts))
+        assert ours.recv() == float(x.sum())
+        assert p.pid not in names() and arena.in_use() == 0
+    finally:
+        ours.send(None)
+        p.join(30)
+    assert p.exitcode == 0
+
+
 def test_the_unfilled_count_is_no_holder_name(arena):
     """A slot's last word counts the bytes still to come, not a holder: the
     taking back of dead holders skips it (a count read as a dead pid would
