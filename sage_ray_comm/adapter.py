@@ -36,8 +36,9 @@ from .client import FunctionClient
 from .endpoint import Endpoint
 from .errors import InvalidQueueArgument, InvalidServiceDefinition, QueueClosed, QueueEmpty, SageCommError
 from .queue import DEFAULT_MAXSIZE, SageQueue
-from .router import bus_namespace, validate_bus_name, validate_topic
+from .router import bus_namespace, validate_bus_name
 from .service import BaseService, service_function
+from .topics import validate_topic
 
 __all__ = ["LEGACY_PREFIX", "Bridge", "LegacyQueueAdapter", "create_queue_adapter", "migrate_service"]
 

@@ -35,7 +35,7 @@ from ._wire import (
     Request,
 )
 from .arena import check_budget
-from .completion import CallFinisher, Retrying, check_timeout, outcome, pick_timeout
+from .completion import CallFinisher, Retrying, check_timeout, outcome, pick_timeout, restart_wait
 from .endpoint import Endpoint, TransportFactory
 from .errors import (
     CallTimeout,
@@ -120,9 +120,8 @@ class FunctionClient(StreamCalls, RegistryViews):
         if policy is not None and policy not in POLICIES:
             raise InvalidCallArgument(f"policy must be one of {POLICIES}, got {policy!r}")
         self.client_id = client_id or f"client-{uuid.uuid4().hex[:8]}"
-        self.default_timeout = float(
-            timeout if timeout is not None else os.environ.get("SAGE_COMM_TIMEOUT", DEFAULT_TIMEOUT)
-        )
+        default = timeout if timeout is not None else os.environ.get("SAGE_COMM_TIMEOUT", DEFAULT_TIMEOUT)
+        self.default_timeout = float(default)
         self.policy = policy
         self._own = (transport, router, node_id) if (transport is not None or router is not None) else None
         self._ep: Endpoint | None = None
@@ -164,12 +163,11 @@ class FunctionClient(StreamCalls, RegistryViews):
         trace: str | None,
         span: Any,
     ) -> tuple:
-        """The start of one attempt of a call, synchronous or not: the replica,
-        the timeout (cut by the parent's deadline), the transport and the
-        request, counted as in flight. Returns (endpoint, replica, function
-        info, timeout, what cut it, transport, request)."""
+        """The start of one attempt of a call, synchronous or not, counted as in flight: (endpoint, replica,
+        function info, timeout (cut by the parent's deadline), what cut it, transport, request)."""
         ep = self.endpoint
-        inst, finfo = ep.route(service, function, instance, exclude, self.policy)
+        wait = restart_wait(timeout, self.default_timeout, service, function)
+        inst, finfo = ep.route(service, function, instance, exclude, self.policy, wait)
         if finfo.stream != OPENING.get():
             what = "is a generator function: read it with stream()" if finfo.stream else "is not a generator function"
             raise InvalidCallArgument(f"{service}.{function} {what}")
@@ -380,7 +378,8 @@ class FunctionClient(StreamCalls, RegistryViews):
         Returns the replica's instance id. Blocks only while its queue is full.
         """
         ep = self.endpoint
-        inst, finfo = ep.route(service, function, instance, (), self.policy)
+        wait = restart_wait(timeout, self.default_timeout, service, function)
+        inst, finfo = ep.route(service, function, instance, (), self.policy, wait)
         t = check_timeout(pick_timeout(timeout, finfo.timeout, self.default_timeout), service, function)
         transport = ep.transport_for(inst)
         span, trace = tracing.start_send(service, function, self.bus) if tracing.ENABLED else _UNTRACED

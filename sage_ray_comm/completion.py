@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from . import context
 from ._future import CallFuture
 from ._wire import (
     ERR_CANCELLED,
@@ -142,6 +143,18 @@ class CallFinisher:
 def pick_timeout(given: float | None, declared: float | None, default: float) -> float:
     """The call's own timeout, else the function's declared one, else the client's default."""
     return given if given is not None else (declared if declared is not None else default)
+
+
+def restart_wait(given: Any, default: float, service: str, function: str) -> float:
+    """How long a call to a service with no live replica waits for one Ray
+    is restarting (Endpoint.route): the call's timeout (``given``, else the
+    client's ``default``; the function's own is not known before a replica
+    is), cut by the deadline of the call being handled; 0 for a timeout that
+    is not a positive number (check_timeout reports it once routed)."""
+    t = given if given is not None else default
+    if not isinstance(t, (int, float)) or not t > 0:
+        return 0.0
+    return context.bound_by_parent(float(t), service, function)[0]
 
 
 def check_timeout(t: Any, service: str, function: str) -> float:

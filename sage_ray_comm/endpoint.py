@@ -42,10 +42,13 @@ from .routing import pick_instance
 from .shm_transport import ShmTransport
 from .transport import EVENT_RING_BYTES, Transport, check_shm_space, shm_warn_once
 
-__all__ = ["Endpoint"]
+__all__ = ["RESTART_LOOK_SECONDS", "Endpoint"]
 
 log = logging.getLogger(__name__)
 
+# While a call waits for a restarting replica: how long between looks at
+# the router when no newer registry came meanwhile.
+RESTART_LOOK_SECONDS = 1.0
 
 TransportFactory = Callable[[str | None], Transport]  # node id -> the transport to it
 
@@ -131,6 +134,7 @@ class Endpoint:
             "errors": 0,
             "timeouts": 0,
             "retries": 0,
+            "restart_waits": 0,  # calls that found no live replica and waited for one Ray restarted
             "published": 0,
             "delivered": 0,
             "dropped": 0,
@@ -139,6 +143,7 @@ class Endpoint:
         self.closed = False
         self.refs = 0
         self._snap_lock = threading.Lock()
+        self._installed = threading.Condition(self._snap_lock)  # a newer snapshot came
         self._inbox: Inbox | None = None
         # Set by close(): wakes the watcher at once, so it drops its Ray refs
         # before Ray shuts down.
@@ -190,6 +195,7 @@ class Endpoint:
                 live = {iid for insts in snap["services"].values() for iid in insts}
                 self.dead &= live
                 self._gen += 1
+                self._installed.notify_all()
         if resubscribe:
             self._resubscribe()
 
@@ -278,12 +284,46 @@ class Endpoint:
         except concurrent.futures.TimeoutError:
             return False
 
-    def instances(self, service: str) -> list[InstanceInfo]:
+    def instances(self, service: str, wait: float = 0.0) -> list[InstanceInfo]:
+        """The live replicas of ``service``. When it has none, but the
+        registry lists replicas of it that Ray is restarting (they died,
+        router.RESTART_GRACE), waits for one up to ``wait`` seconds. Raises
+        ServiceNotFound or ServiceUnavailable."""
         # Cached per registry snapshot and set of locally seen deaths: the
         # common call re-uses the list instead of rebuilding it.
         hit = self._live.get(service)
         if hit is not None and hit[0] == self._gen:
             return hit[1]
+        until = time.monotonic() + wait
+        waited = False
+        while True:
+            try:
+                return self._instances(service)
+            except (ServiceNotFound, ServiceUnavailable):
+                restarting = self.snapshot.get("restarting", {}).get(service)
+                if not restarting or wait <= 0:
+                    raise
+                left = until - time.monotonic()
+                if left <= 0:
+                    raise ServiceUnavailable(
+                        f"service '{service}' on bus '{self.bus}' has no live replica: {', '.join(restarting)} "
+                        f"restarting, and none came back within {wait:.3g} s"
+                    ) from None
+                if not waited:
+                    waited = True
+                    self.stats["restart_waits"] += 1
+                self._await_news(min(left, RESTART_LOOK_SECONDS))
+
+    def _await_news(self, seconds: float) -> None:
+        """Waits up to ``seconds`` for the watcher to install a newer snapshot;
+        asks the router itself if none came (the watcher may be backing off)."""
+        with self._installed:
+            version = self.snapshot.get("version", -1)
+            if self._installed.wait_for(lambda: self.snapshot.get("version", -1) != version, seconds):
+                return
+        self.refresh()
+
+    def _instances(self, service: str) -> list[InstanceInfo]:
         insts = self.snapshot["services"].get(service)
         if not insts:
             self.refresh()
@@ -306,15 +346,22 @@ class Endpoint:
         return live
 
     def route(
-        self, service: str, function: str, instance: str | None, exclude: Sequence[str], policy: str | None
+        self,
+        service: str,
+        function: str,
+        instance: str | None,
+        exclude: Sequence[str],
+        policy: str | None,
+        wait: float = 0.0,
     ) -> tuple[InstanceInfo, Any]:
         """The replica a call goes to and its function's info: ``instance``
         (an instance id or actor name) when given, else one picked by
         ``policy`` (default: the service's) among live replicas not in
-        ``exclude`` (all of them if none is left)."""
+        ``exclude`` (all of them if none is left). ``wait``: how long to wait
+        for a replica Ray is restarting, when none is live (:meth:`instances`)."""
         if not isinstance(service, str) or not isinstance(function, str):
             raise InvalidCallArgument(f"service and function must be strings, got {service!r}, {function!r}")
-        cands = self.instances(service)
+        cands = self.instances(service, wait)
         if instance is not None:
             chosen = [c for c in cands if c.instance_id == instance or c.actor_name == instance]
             if not chosen:

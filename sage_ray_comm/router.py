@@ -5,8 +5,8 @@ functions, liveness, load) and the topic subscriptions. It is **not** on the
 data path: clients keep a cached copy of the registry, kept fresh by a long
 poll (:meth:`_RouterActor.wait_for_change`), and call replicas directly.
 
-Pure logic (the :class:`Registry`, NATS-style :func:`topic_matches`) lives
-here without Ray, so it is unit-tested on its own; :class:`_RouterActor` wraps
+Pure logic (the :class:`Registry`; NATS-style :func:`topic_matches` is
+topics.py's, re-exported) lives here without Ray, so it is unit-tested on its own; :class:`_RouterActor` wraps
 it in an async Ray actor named ``sage:<bus>:router`` in the Ray namespace
 ``sage_ray_comm``, so every job on the cluster finds the same router.
 
@@ -26,8 +26,9 @@ from typing import Any
 
 from . import shm
 from ._ray import RouterClient, get_or_create_actor, head_node_id
-from .errors import InvalidBusName, InvalidSubscription, NameConflict, RouterUnavailable
+from .errors import InvalidBusName, NameConflict, RouterUnavailable
 from .names import router_name
+from .topics import topic_matches, validate_pattern, validate_topic
 
 __all__ = [
     "ROUTER_NAMESPACE",
@@ -47,9 +48,13 @@ ROUTER_NAMESPACE = "sage_ray_comm"
 # An instance that has not sent a heartbeat for this long is dropped.
 HEARTBEAT_INTERVAL = 0.5
 HEARTBEAT_GRACE = 2.0
+# A replica that died while Ray may restart it (its actor's name still
+# resolves) is listed as restarting for at most this long: a call to a
+# service with no live replica waits for it, up to its own timeout, instead
+# of failing at once (as Ray Serve's handles wait for a recovering replica).
+RESTART_GRACE = 60.0
 
 _BUS_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}$")
-_TOKEN = re.compile(r"^[^.*>\s]+$")
 
 
 def validate_bus_name(name: str) -> str:
@@ -61,46 +66,6 @@ def validate_bus_name(name: str) -> str:
 def bus_namespace(bus: str) -> str:
     """The shared-memory namespace of a bus: its rings are invisible to other buses."""
     return f"bus.{bus}"
-
-
-# ------------------------------------------------------------------ topics
-def validate_topic(topic: str) -> str:
-    """A publish subject: dot-separated tokens, no wildcards."""
-    if not isinstance(topic, str) or not topic or not all(_TOKEN.match(t) for t in topic.split(".")):
-        raise InvalidSubscription(
-            f"topic must be dot-separated non-empty tokens without '*', '>' or spaces, got {topic!r}"
-        )
-    return topic
-
-
-def validate_pattern(pattern: str) -> str:
-    """A subscription pattern: tokens, ``*`` for exactly one token, a final ``>`` for one or more."""
-    if not isinstance(pattern, str) or not pattern:
-        raise InvalidSubscription(f"subscription pattern must be a non-empty string, got {pattern!r}")
-    toks = pattern.split(".")
-    for i, t in enumerate(toks):
-        if t == "*" or (t == ">" and i == len(toks) - 1) or _TOKEN.match(t):
-            continue
-        raise InvalidSubscription(
-            f"bad subscription pattern {pattern!r}: token {i + 1} ({t!r}) must be a word, '*', or a final '>'"
-        )
-    return pattern
-
-
-def topic_matches(pattern: str, topic: str) -> bool:
-    """NATS subject matching: ``*`` matches one token, a final ``>`` one or more.
-
-    >>> [topic_matches(p, "a.b.c") for p in ("a.b.c", "a.*.c", "a.>", "*.b", "a.b.c.>")]
-    [True, True, True, False, False]
-    """
-    p = pattern.split(".")
-    t = topic.split(".")
-    for i, tok in enumerate(p):
-        if tok == ">":
-            return len(t) > i
-        if i >= len(t) or (tok != "*" and tok != t[i]):
-            return False
-    return len(p) == len(t)
 
 
 # ---------------------------------------------------------------- registry
@@ -174,6 +139,8 @@ class Registry:
         self.subs: dict[str, Subscription] = {}
         # Legacy queues by name: {"ring", "node_id", "host_id", "pid"} of the first opener.
         self.queues: dict[str, dict] = {}
+        # Replicas that died and that Ray may be restarting: service -> {actor name: listed until}.
+        self.restarting: dict[str, dict[str, float]] = {}
 
     def _bump(self) -> int:
         self.version += 1
@@ -195,13 +162,26 @@ class Registry:
                 self._drop_instance(iid)
         self.class_ids[inst.service] = inst.class_id
         self.services.setdefault(inst.service, {})[inst.instance_id] = inst
+        self._unlist_restart(inst.service, inst.actor_name)  # it is back
         self.last_seen[inst.instance_id] = now if now is not None else time.time()
         return self._bump()
 
-    def _drop_instance(self, instance_id: str) -> InstanceInfo | None:
+    def _unlist_restart(self, service: str, actor_name: str | None) -> None:
+        names = self.restarting.get(service)
+        if names is not None and names.pop(actor_name or "", None) is not None and not names:
+            del self.restarting[service]
+
+    def _drop_instance(self, instance_id: str, died: bool = False, now: float | None = None) -> InstanceInfo | None:
+        """Removes a replica; one that ``died`` with an actor Ray may restart
+        is listed as restarting (see RESTART_GRACE)."""
         for name, insts in list(self.services.items()):
             inst = insts.pop(instance_id, None)
             if inst is not None:
+                if died and inst.actor_name:
+                    until = (now if now is not None else time.time()) + RESTART_GRACE
+                    self.restarting.setdefault(name, {})[inst.actor_name] = until
+                else:
+                    self._unlist_restart(name, inst.actor_name)
                 if not insts:
                     del self.services[name]
                     self.class_ids.pop(name, None)
@@ -212,12 +192,26 @@ class Registry:
                 return inst
         return None
 
-    def deregister(self, instance_id: str) -> bool:
-        """Removes a replica (and its subscriptions); False if it was unknown."""
-        if self._drop_instance(instance_id) is None:
+    def deregister(self, instance_id: str, died: bool = False, now: float | None = None) -> bool:
+        """Removes a replica (and its subscriptions); False if it was unknown.
+        ``died``: it did not stop but died, and Ray may restart it (it is
+        listed as restarting until it registers again, see :meth:`settle_restarts`)."""
+        if self._drop_instance(instance_id, died, now) is None:
             return False
         self._bump()
         return True
+
+    def settle_restarts(self, gone: Any, now: float | None = None) -> int:
+        """Unlists the restarting replicas whose time is up, or whose actor
+        ``gone(actor_name)`` says is dead for good (its name no longer
+        resolves: no restarts left, or killed). How many."""
+        now = now if now is not None else time.time()
+        done = [(s, a) for s, names in self.restarting.items() for a, until in names.items() if until < now or gone(a)]
+        for service, actor_name in done:
+            self._unlist_restart(service, actor_name)
+        if done:
+            self._bump()
+        return len(done)
 
     def heartbeat(self, instance_id: str, load: dict | None = None, now: float | None = None) -> bool:
         """Marks a replica alive; False if unknown (the router restarted: re-register)."""
@@ -243,7 +237,7 @@ class Registry:
                 verdict = alive(i) if alive is not None else None
                 if verdict is False or (verdict is None and now - self.last_seen.get(i.instance_id, now) > grace):
                     gone.append(i.instance_id)
-        dropped = [i for i in (self._drop_instance(iid) for iid in gone) if i is not None]
+        dropped = [i for i in (self._drop_instance(iid, True, now) for iid in gone) if i is not None]
         if dropped:
             self._bump()
         return dropped
@@ -292,6 +286,7 @@ class Registry:
             "subscriptions": list(self.subs.values()),
             "last_seen": dict(self.last_seen),
             "load": dict(self.load),
+            "restarting": {n: sorted(names) for n, names in self.restarting.items()},
         }
 
 
@@ -312,6 +307,7 @@ class _RouterActor:
         self._changed: asyncio.Condition | None = None
         self._reaper: asyncio.Task | None = None
         self._watches: dict[str, asyncio.Task] = {}
+        self._probes: dict[str, Any] = {}  # actor name -> a pending __ray_ready__ call (_gone_for_good)
 
     def _cond(self) -> asyncio.Condition:
         # Created lazily: the actor's event loop does not exist in __init__.
@@ -334,7 +330,12 @@ class _RouterActor:
     async def _reap(self) -> None:
         while True:
             await asyncio.sleep(HEARTBEAT_INTERVAL / 2)
-            if self.reg.expire(alive=self._alive_here):
+            changed = bool(self.reg.expire(alive=self._alive_here))
+            if self.reg.restarting or self._probes:
+                names = {a for names in self.reg.restarting.values() for a in names}
+                gone = await asyncio.to_thread(self._gone_for_good, names)  # Ray calls: off the loop
+                changed = self.reg.settle_restarts(gone.__contains__) > 0 or changed
+            if changed:
                 await self._notify()
 
     async def _watch(self, inst: InstanceInfo) -> None:
@@ -347,20 +348,51 @@ class _RouterActor:
         name = inst.actor_name
         if not name:  # an in-process service: heartbeats alone tell
             return
+        restarting = False
         while inst.instance_id in self._watches:
             try:
                 handle = ray.get_actor(name, namespace=ROUTER_NAMESPACE)
                 await handle.watch.remote()
                 break  # it stopped
             except (ray.exceptions.ActorDiedError, ValueError):
-                break  # dead, or its name is gone
-            except Exception:
+                break  # dead for good, or its name is gone
+            except Exception:  # ActorUnavailableError while Ray restarts it; or unreachable under load
                 if self._alive_here(inst) is False:
+                    restarting = True  # its process died: Ray may be restarting it (settled in _reap)
                     break
                 await asyncio.sleep(HEARTBEAT_INTERVAL)
         self._watches.pop(inst.instance_id, None)
-        if self.reg.deregister(inst.instance_id):
+        if self.reg.deregister(inst.instance_id, restarting):
             await self._notify()
+
+    def _gone_for_good(self, actor_names: set[str]) -> set[str]:
+        """Which of the replica actors listed as restarting are dead for good.
+        Each gets a probe, a call of Ray's ``__ray_ready__``: Ray fails it with
+        ActorDiedError once the actor has no restarts left (or was killed),
+        and with ActorUnavailableError while it restarts (probed again later)."""
+        import ray
+
+        for name in set(self._probes) - actor_names:
+            del self._probes[name]  # back, or unlisted: its answer no longer matters
+        gone = set()
+        for name in actor_names:
+            ref = self._probes.get(name)
+            if ref is None:
+                try:
+                    ref = self._probes[name] = ray.get_actor(name, namespace=ROUTER_NAMESPACE).__ray_ready__.remote()
+                except ValueError:
+                    gone.add(name)  # its name is free: no actor to restart
+                    continue
+            if not ray.wait([ref], timeout=0)[0]:
+                continue  # no answer yet
+            del self._probes[name]
+            try:
+                ray.get(ref)
+            except ray.exceptions.ActorDiedError:
+                gone.add(name)
+            except Exception:
+                pass  # restarting: probed again at the next look
+        return gone
 
     async def ping(self) -> dict:
         self._cond()

@@ -12,7 +12,8 @@ import os
 import random
 from collections.abc import Iterable, Sequence
 
-from .router import InstanceInfo, Subscription, topic_matches
+from .router import InstanceInfo, Subscription
+from .topics import topic_matches
 
 __all__ = ["DEFAULT_POLICY", "IMBALANCED_THRESHOLD", "POLICIES", "pick_instance", "publish_targets"]
 

@@ -10,6 +10,7 @@ import os
 import signal
 import threading
 import time
+import uuid
 
 import pytest
 import ray
@@ -21,6 +22,7 @@ from sage_ray_comm import (
     DeserializationError,
     FunctionClient,
     SerializationError,
+    ServiceNotFound,
     ServiceUnavailable,
     _core,
     get_communication_bus,
@@ -624,3 +626,138 @@ def test_in_process_service_death_is_learnt_from_heartbeats(bus):
         if p.poll() is None:
             p.kill()
             p.wait()
+
+
+@sage_service(name="reborn", replicas=2, num_cpus=0.1, max_restarts=-1)
+class Reborn(BaseService):
+    """Ray restarts its replicas (max_restarts); a restarted one waits for the
+    file ``gate`` before it serves: the test decides when they come back."""
+
+    def __init__(self, gate: str) -> None:
+        super().__init__()
+        if ray.get_runtime_context().was_current_actor_reconstructed:
+            end = time.monotonic() + 120
+            while not os.path.exists(gate) and time.monotonic() < end:
+                time.sleep(0.02)
+
+    @service_function
+    def pid(self) -> int:
+        return os.getpid()
+
+
+@sage_service(name="mortal", num_cpus=0.1)
+class Mortal(BaseService):
+    """Ray's default: a replica that dies is not restarted."""
+
+    @service_function
+    def pid(self) -> int:
+        return os.getpid()
+
+
+def test_a_call_made_while_every_replica_restarts_waits_for_one(bus, tmp_path):
+    """Every replica SIGKILLed at once, and Ray restarting them: a call made
+    meanwhile waits for one, up to its timeout, as a Ray Serve handle does,
+    instead of failing with ServiceNotFound. A service stopped on purpose
+    still fails at once."""
+    gate = tmp_path / "gate"
+    h = Reborn.deploy(str(gate), bus=bus)
+    client = FunctionClient(bus=bus)
+    try:
+        pids = {client.call("reborn", "pid", instance=i.instance_id) for i in h.instances}
+        assert len(pids) == 2
+        for p in pids:
+            os.kill(p, signal.SIGKILL)
+        ep = client.endpoint
+        wait_for(
+            lambda: "reborn" not in ep.refresh()["services"] and len(ep.snapshot["restarting"].get("reborn", ())) == 2,
+            30,
+            "both replicas listed as restarting, none live",
+        )
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            fut = pool.submit(client.call, "reborn", "pid", timeout=120)
+            wait_for(lambda: client.stats()["restart_waits"] == 1 or fut.done(), 30, "the call waiting for a replica")
+            assert not fut.done(), f"the call did not wait: {fut.exception()!r}"
+            gate.touch()  # the replicas may come back now
+            assert fut.result(timeout=120) not in pids
+        wait_for(lambda: ep.refresh()["restarting"] == {}, 60, "both replicas back")
+        h.shutdown()
+        t0 = time.monotonic()
+        with pytest.raises((ServiceNotFound, ServiceUnavailable)):  # (as the registry news reaches the client)
+            client.call("reborn", "pid", timeout=60)
+        assert time.monotonic() - t0 < 30, "a stopped service is not waited for"
+    finally:
+        gate.touch()
+        client.close()
+
+
+def test_a_call_to_a_service_whose_replica_died_for_good_fails_fast(bus):
+    """No restarts left (Ray's default): the replica's actor name is freed,
+    the router stops listing it as restarting, and a call fails with a typed
+    error instead of waiting out its timeout."""
+    Mortal.deploy(bus=bus)
+    client = FunctionClient(bus=bus)
+    try:
+        os.kill(client.call("mortal", "pid"), signal.SIGKILL)
+        t0 = time.monotonic()
+        with pytest.raises((ServiceNotFound, ServiceUnavailable)):
+            client.call("mortal", "pid", timeout=60)
+        assert time.monotonic() - t0 < 30
+        wait_for(lambda: client.endpoint.refresh()["restarting"] == {}, 10, "the dead replica unlisted")
+    finally:
+        client.close()
+
+
+@ray.remote(num_cpus=0.05)
+class _Probed:
+    def __init__(self, gate: str) -> None:
+        if ray.get_runtime_context().was_current_actor_reconstructed:
+            end = time.monotonic() + 120
+            while not os.path.exists(gate) and time.monotonic() < end:
+                time.sleep(0.02)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+def test_the_router_tells_a_restarting_replica_from_one_dead_for_good(ray_session, tmp_path):
+    """The router's probe of the replicas it lists as restarting, against
+    real actors: one SIGKILLed with no restarts left and a name nobody holds
+    are gone for good; one Ray is restarting (held at a gate) and a live one
+    are not, however often they are probed."""
+    from sage_ray_comm.router import _RouterActor
+
+    gate, tag = tmp_path / "gate", uuid.uuid4().hex[:8]
+    names = {k: f"probe-{k}-{tag}" for k in ("dead", "back", "live", "never")}
+    actors = {
+        k: _Probed.options(name=names[k], namespace=ROUTER_NAMESPACE, max_restarts=r).remote(str(gate))
+        for k, r in (("dead", 0), ("back", -1), ("live", 0))
+    }
+    try:
+        for k in ("dead", "back"):
+            os.kill(ray.get(actors[k].pid.remote()), signal.SIGKILL)
+        router = _RouterActor(f"probe-{tag}")
+        gone: set = set()
+        answered = []  # the restarting one's probes that came back (each is then replaced by a new one)
+
+        def look() -> bool:
+            before = router._probes.get(names["back"])
+            gone.update(router._gone_for_good(set(names.values())))
+            if before is not None and router._probes.get(names["back"]) is not before:
+                answered.append(before)
+            return {names["dead"], names["never"]} <= gone and len(answered) >= 2
+
+        wait_for(look, 60, "the dead replicas found, and the restarting one probed twice")
+        assert gone == {names["dead"], names["never"]}
+        gate.touch()
+
+        def restarted() -> bool:
+            try:
+                return ray.get(actors["back"].pid.remote(), timeout=60) > 0
+            except ray.exceptions.ActorUnavailableError:
+                return False  # still restarting
+
+        wait_for(restarted, 60, "the restarting one back")
+    finally:
+        gate.touch()
+        for a in actors.values():
+            ray.kill(a, no_restart=True)

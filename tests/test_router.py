@@ -1,22 +1,14 @@
-"""The registry and topic matching, without Ray."""
+"""The registry, without Ray."""
 
 from __future__ import annotations
 
 import pytest
 
-from sage_ray_comm import InvalidSubscription, NameConflict
-from sage_ray_comm.router import (
-    FunctionInfo,
-    InstanceInfo,
-    Registry,
-    Subscription,
-    topic_matches,
-    validate_pattern,
-    validate_topic,
-)
+from sage_ray_comm import NameConflict
+from sage_ray_comm.router import RESTART_GRACE, FunctionInfo, InstanceInfo, Registry, Subscription
 
 
-def inst(service="calc", iid="calc#1", cls="m:Calc", node="n1") -> InstanceInfo:
+def inst(service="calc", iid="calc#1", cls="m:Calc", node="n1", actor=None) -> InstanceInfo:
     return InstanceInfo(
         service=service,
         instance_id=iid,
@@ -27,47 +19,12 @@ def inst(service="calc", iid="calc#1", cls="m:Calc", node="n1") -> InstanceInfo:
         pid_start=1,
         request_queue=f"req.{iid}",
         functions={"add": FunctionInfo("add", 30.0)},
+        actor_name=actor,
     )
 
 
 def sub(sid, pattern, group=None) -> Subscription:
     return Subscription(sid, pattern, "evt", "n1", "h", 1, 1, group, sid)
-
-
-@pytest.mark.parametrize(
-    "pattern,topic,expected",
-    [
-        ("a.b.c", "a.b.c", True),
-        ("a.b.c", "a.b", False),
-        ("a.b", "a.b.c", False),
-        ("a.*.c", "a.x.c", True),
-        ("a.*.c", "a.x.y.c", False),
-        ("*", "a", True),
-        ("*", "a.b", False),
-        ("a.>", "a.b", True),
-        ("a.>", "a.b.c.d", True),
-        ("a.>", "a", False),
-        (">", "a.b", True),
-        ("*.b.>", "x.b.c", True),
-        ("*.b.>", "x.c.c", False),
-        ("sensor.*", "sensor.kitchen", True),
-        ("sensor.*", "sensors.kitchen", False),
-    ],
-)
-def test_nats_matching(pattern, topic, expected):
-    assert topic_matches(pattern, topic) is expected
-
-
-@pytest.mark.parametrize("bad", ["", "a..b", "a.>.b", "a.b>", "a b", ">x", 3])
-def test_bad_patterns_are_typed_errors(bad):
-    with pytest.raises(InvalidSubscription):
-        validate_pattern(bad)
-
-
-@pytest.mark.parametrize("bad", ["", "a.*", "a.>", "a..b", "a b", None])
-def test_publish_topics_take_no_wildcards(bad):
-    with pytest.raises(InvalidSubscription):
-        validate_topic(bad)
 
 
 def test_replicas_share_a_name_and_versions_grow():
@@ -158,3 +115,41 @@ def test_code_id_follows_the_code_not_the_object():
 
     assert code_id_of(A) == code_id_of(B), "same code, same fingerprint"
     assert code_id_of(A) != code_id_of(C), "a changed method changes it"
+
+
+def test_a_replica_that_died_is_listed_restarting_until_it_registers_again():
+    r = Registry("b")
+    r.register(inst(iid="a1", actor="sage:b:calc#1"), now=100.0)
+    r.register(inst(iid="a2", actor="sage:b:calc#2"), now=100.0)
+    assert r.deregister("a1", died=True)
+    v = r.version
+    assert r.expire(grace=3.0, now=101.0, alive=lambda i: False) and r.version == v + 1  # a2's process is gone
+    snap = r.snapshot()
+    assert "calc" not in snap["services"], "no replica is live"
+    assert snap["restarting"] == {"calc": ["sage:b:calc#1", "sage:b:calc#2"]}
+    r.register(inst(iid="a1-again", actor="sage:b:calc#1"))  # Ray restarted it: it is back
+    assert r.snapshot()["restarting"] == {"calc": ["sage:b:calc#2"]}
+    r.register(inst(iid="a2-again", actor="sage:b:calc#2"))
+    assert r.snapshot()["restarting"] == {}
+
+
+def test_a_replica_that_stopped_or_has_no_actor_is_not_listed_restarting():
+    r = Registry("b")
+    r.register(inst(iid="a1", actor="sage:b:calc#1"))
+    r.register(inst(iid="inproc"))  # an in-process service: nothing restarts it
+    assert r.deregister("a1")  # stopped on purpose
+    assert r.deregister("inproc", died=True)
+    assert r.snapshot()["restarting"] == {}
+
+
+def test_a_restarting_replica_is_unlisted_when_its_actor_is_gone_or_its_time_is_up():
+    r = Registry("b")
+    for i in (1, 2, 3):
+        r.register(inst(iid=f"a{i}", actor=f"act{i}"), now=100.0)
+        r.deregister(f"a{i}", died=True, now=150.0 if i == 3 else 100.0)  # the third died later
+    v = r.version
+    assert r.settle_restarts(lambda name: False, now=100.0 + RESTART_GRACE / 2) == 0 and r.version == v
+    assert r.settle_restarts(lambda name: name == "act1", now=100.0 + RESTART_GRACE / 2) == 1  # no restarts left
+    assert r.version == v + 1 and r.snapshot()["restarting"] == {"calc": ["act2", "act3"]}
+    assert r.settle_restarts(lambda name: False, now=100.0 + RESTART_GRACE + 1) == 1  # Ray never brought it back
+    assert r.snapshot()["restarting"] == {"calc": ["act3"]}
