@@ -166,7 +166,7 @@ class FunctionClient(StreamCalls, RegistryViews):
         """The start of one attempt of a call, synchronous or not, counted as in flight: (endpoint, replica,
         function info, timeout (cut by the parent's deadline), what cut it, transport, request)."""
         ep = self.endpoint
-        wait = restart_wait(timeout, self.default_timeout, service, function)
+        wait = lambda: restart_wait(timeout, self.default_timeout, service, function)  # noqa: E731  (rarely asked)
         inst, finfo = ep.route(service, function, instance, exclude, self.policy, wait)
         if finfo.stream != OPENING.get():
             what = "is a generator function: read it with stream()" if finfo.stream else "is not a generator function"
@@ -378,7 +378,7 @@ class FunctionClient(StreamCalls, RegistryViews):
         Returns the replica's instance id. Blocks only while its queue is full.
         """
         ep = self.endpoint
-        wait = restart_wait(timeout, self.default_timeout, service, function)
+        wait = lambda: restart_wait(timeout, self.default_timeout, service, function)  # noqa: E731  (rarely asked)
         inst, finfo = ep.route(service, function, instance, (), self.policy, wait)
         t = check_timeout(pick_timeout(timeout, finfo.timeout, self.default_timeout), service, function)
         transport = ep.transport_for(inst)

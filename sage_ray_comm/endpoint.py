@@ -284,44 +284,45 @@ class Endpoint:
         except concurrent.futures.TimeoutError:
             return False
 
-    def instances(self, service: str, wait: float = 0.0) -> list[InstanceInfo]:
+    def instances(self, service: str, wait: Callable[[], float] | None = None) -> list[InstanceInfo]:
         """The live replicas of ``service``. When it has none, but the
         registry lists replicas of it that Ray is restarting (they died,
-        router.RESTART_GRACE), waits for one up to ``wait`` seconds. Raises
-        ServiceNotFound or ServiceUnavailable."""
+        router.RESTART_GRACE), waits for one up to ``wait()`` seconds (asked
+        only then: the common call never needs it). Raises ServiceNotFound or
+        ServiceUnavailable."""
         # Cached per registry snapshot and set of locally seen deaths: the
         # common call re-uses the list instead of rebuilding it.
         hit = self._live.get(service)
         if hit is not None and hit[0] == self._gen:
             return hit[1]
-        until = time.monotonic() + wait
-        waited = False
+        budget: float | None = None
         while True:
             try:
-                return self._instances(service)
+                return self._instances(service)  # asks the router itself when none is live
             except (ServiceNotFound, ServiceUnavailable):
                 restarting = self.snapshot.get("restarting", {}).get(service)
-                if not restarting or wait <= 0:
+                if not restarting or wait is None:
                     raise
+                if budget is None:
+                    budget = wait()
+                    if budget <= 0:
+                        raise
+                    until = time.monotonic() + budget
+                    self.stats["restart_waits"] += 1
                 left = until - time.monotonic()
                 if left <= 0:
                     raise ServiceUnavailable(
                         f"service '{service}' on bus '{self.bus}' has no live replica: {', '.join(restarting)} "
-                        f"restarting, and none came back within {wait:.3g} s"
+                        f"restarting, and none came back within {budget:.3g} s"
                     ) from None
-                if not waited:
-                    waited = True
-                    self.stats["restart_waits"] += 1
-                self._await_news(min(left, RESTART_LOOK_SECONDS))
+                self._await_install(min(left, RESTART_LOOK_SECONDS))
 
-    def _await_news(self, seconds: float) -> None:
-        """Waits up to ``seconds`` for the watcher to install a newer snapshot;
-        asks the router itself if none came (the watcher may be backing off)."""
+    def _await_install(self, seconds: float) -> None:
+        """Waits up to ``seconds`` for the watcher to install a newer snapshot
+        (the next look asks the router itself, should the watcher be backing off)."""
         with self._installed:
             version = self.snapshot.get("version", -1)
-            if self._installed.wait_for(lambda: self.snapshot.get("version", -1) != version, seconds):
-                return
-        self.refresh()
+            self._installed.wait_for(lambda: self.snapshot.get("version", -1) != version, seconds)
 
     def _instances(self, service: str) -> list[InstanceInfo]:
         insts = self.snapshot["services"].get(service)
@@ -352,13 +353,13 @@ class Endpoint:
         instance: str | None,
         exclude: Sequence[str],
         policy: str | None,
-        wait: float = 0.0,
+        wait: Callable[[], float] | None = None,
     ) -> tuple[InstanceInfo, Any]:
         """The replica a call goes to and its function's info: ``instance``
         (an instance id or actor name) when given, else one picked by
         ``policy`` (default: the service's) among live replicas not in
-        ``exclude`` (all of them if none is left). ``wait``: how long to wait
-        for a replica Ray is restarting, when none is live (:meth:`instances`)."""
+        ``exclude`` (all of them if none is left). ``wait()``: how long to
+        wait for a replica Ray is restarting, when none is live (:meth:`instances`)."""
         if not isinstance(service, str) or not isinstance(function, str):
             raise InvalidCallArgument(f"service and function must be strings, got {service!r}, {function!r}")
         cands = self.instances(service, wait)

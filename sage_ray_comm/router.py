@@ -48,8 +48,8 @@ ROUTER_NAMESPACE = "sage_ray_comm"
 # An instance that has not sent a heartbeat for this long is dropped.
 HEARTBEAT_INTERVAL = 0.5
 HEARTBEAT_GRACE = 2.0
-# A replica that died while Ray may restart it (its actor's name still
-# resolves) is listed as restarting for at most this long: a call to a
+# A replica that died while Ray may restart it is listed as restarting until
+# it registers again, Ray says it is dead for good, or this long: a call to a
 # service with no live replica waits for it, up to its own timeout, instead
 # of failing at once (as Ray Serve's handles wait for a recovering replica).
 RESTART_GRACE = 60.0
@@ -203,8 +203,8 @@ class Registry:
 
     def settle_restarts(self, gone: Any, now: float | None = None) -> int:
         """Unlists the restarting replicas whose time is up, or whose actor
-        ``gone(actor_name)`` says is dead for good (its name no longer
-        resolves: no restarts left, or killed). How many."""
+        ``gone(actor_name)`` says is dead for good (no restarts left, or
+        killed: the router's probe, _RouterActor._gone_for_good). How many."""
         now = now if now is not None else time.time()
         done = [(s, a) for s, names in self.restarting.items() for a, until in names.items() if until < now or gone(a)]
         for service, actor_name in done:
