@@ -23,37 +23,40 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
-from . import context, shm, tracing
-from ._ray import ROUTER_READ_SECONDS
+from . import context, tracing
 from ._wire import (
     OP_CALL,
-    OP_EVENT,
     OP_SEND,
     Request,
 )
 from .arena import check_budget
-from .completion import CallFinisher, Retrying, check_timeout, outcome, pick_timeout, restart_wait
+from .completion import (
+    CallFinisher,
+    RestartBudget,
+    RestartPending,
+    Retrying,
+    check_timeout,
+    outcome,
+    pick_timeout,
+    send_later,
+)
 from .endpoint import Endpoint, TransportFactory
 from .errors import (
     CallTimeout,
     InvalidCallArgument,
-    InvalidSubscription,
     SageCommError,
     ServiceUnavailable,
     SharedMemoryFull,
 )
 from .metrics import recorder
+from .pubsub import PubSubCalls
 from .router import (
-    Subscription,
-    topic_matches,
     validate_bus_name,
-    validate_pattern,
-    validate_topic,
 )
-from .routing import POLICIES, publish_targets
+from .routing import POLICIES
 from .streams import OPENING, StreamCalls, set_client_factory
 from .views import RegistryViews
 
@@ -66,7 +69,7 @@ _MISSING = object()
 _UNTRACED = (None, None)  # no span, no trace context: SAGE_COMM_TRACING=0
 
 
-class FunctionClient(StreamCalls, RegistryViews):
+class FunctionClient(StreamCalls, PubSubCalls, RegistryViews):
     """Calls functions of services on a bus.
 
     Args:
@@ -162,17 +165,20 @@ class FunctionClient(StreamCalls, RegistryViews):
         headers: dict | None,
         trace: str | None,
         span: Any,
+        budget: RestartBudget | None = None,
     ) -> tuple:
         """The start of one attempt of a call, synchronous or not, counted as in flight: (endpoint, replica,
-        function info, timeout (cut by the parent's deadline), what cut it, transport, request)."""
+        function info, timeout (cut by the parent's deadline and by any wait for a restarting replica), what
+        cut it, transport, request). ``budget``: how long it may wait for a replica Ray is restarting."""
         ep = self.endpoint
-        wait = lambda: restart_wait(timeout, self.default_timeout, service, function)  # noqa: E731  (rarely asked)
-        inst, finfo = ep.route(service, function, instance, exclude, self.policy, wait)
+        if budget is None:
+            budget = RestartBudget(timeout, self.default_timeout, service, function)
+        inst, finfo = ep.route(service, function, instance, exclude, self.policy, budget)
         if finfo.stream != OPENING.get():
             what = "is a generator function: read it with stream()" if finfo.stream else "is not a generator function"
             raise InvalidCallArgument(f"{service}.{function} {what}")
         t = check_timeout(pick_timeout(timeout, finfo.timeout, self.default_timeout), service, function)
-        t, cut_by = context.bound_by_parent(t, service, function)
+        t, cut_by = context.bound_by_parent(budget.left(t), service, function)
         transport = ep.transport_for(inst)
         deadline = time.time() + t
         req = Request(
@@ -199,14 +205,18 @@ class FunctionClient(StreamCalls, RegistryViews):
         (no reply within ``timeout``, default the function's own),
         ServiceUnavailable (the replica died; idempotent functions are retried
         on another replica first) or the handler's exception as a RemoteError.
+        When every replica is restarting, waits for one. Waits and retries
+        all count against ``timeout``.
         """
         span, trace = tracing.start_call(service, function, self.bus) if tracing.ENABLED else _UNTRACED
         try:
             excluded: list[str] = []
+            given, end = timeout, 0.0
             while True:
                 ep, inst, finfo, t, cut_by, transport, req = self._attempt(
-                    service, function, args, kwargs, timeout, instance, excluded, headers, trace, span
+                    service, function, args, kwargs, given, instance, excluded, headers, trace, span
                 )
+                end = end or time.monotonic() + t  # a retry gets what is left of the first attempt's time
                 t0 = time.perf_counter()
                 try:
                     rep = transport.call(inst, req, t)
@@ -222,7 +232,8 @@ class FunctionClient(StreamCalls, RegistryViews):
                     recorder.call(
                         self.bus, service, function, transport.name, "request_response", None, "ServiceUnavailable"
                     )
-                    if finfo.idempotent and instance is None and len(excluded) < 3:
+                    given = end - time.monotonic()
+                    if finfo.idempotent and instance is None and len(excluded) < 3 and given > 0:
                         excluded.append(inst.instance_id)
                         ep.stats["retries"] += 1
                         continue
@@ -284,7 +295,9 @@ class FunctionClient(StreamCalls, RegistryViews):
         """Like :meth:`call`, but returns a ``concurrent.futures.Future`` at once.
 
         The request is usually on its way when this returns (it blocks only
-        while the replica's request queue is full: backpressure), so the
+        while the replica's request queue is full: backpressure; when every
+        replica is restarting, the call waits for one in a thread of its own,
+        within its timeout, and ``cancel()`` before it is sent stops it), so the
         future is ``running()`` and its ``cancel()`` returns False: the call
         may still run, and ``cancel()`` never claims otherwise. Over Ray, a
         call that waits in this process because the replica already runs as
@@ -294,25 +307,49 @@ class FunctionClient(StreamCalls, RegistryViews):
         on another one, within the call's timeout.
         """
         span, trace = tracing.start_call(service, function, self.bus) if tracing.ENABLED else _UNTRACED
+        call = (service, function, args, kwargs, timeout, instance, headers, trace, span)
+        budget = RestartBudget(timeout, self.default_timeout, service, function, defer=True)
+        try:
+            return context.adopt(self._call_async(call, budget))
+        except RestartPending:  # every replica restarting: wait for one in a thread, not in the caller's
+            budget.defer = False
+            return context.adopt(
+                send_later(
+                    lambda: self._await_replica(call, budget),
+                    lambda: self._call_async(call, budget),
+                    f"sage-wait-{service}",
+                )
+            )
+
+    def _await_replica(self, call: tuple, budget: RestartBudget) -> None:
+        try:
+            self.endpoint.instances(call[0], budget)
+        except BaseException as e:
+            tracing.finish(call[-1], e)
+            raise
+
+    def _call_async(self, call: tuple, budget: RestartBudget) -> concurrent.futures.Future:
+        service, function, args, kwargs, timeout, instance, headers, trace, span = call
         try:
             fut, iid, idempotent, deadline = self._call_async_once(
-                service, function, args, kwargs, timeout, instance, headers, (), trace, span
+                service, function, args, kwargs, timeout, instance, headers, (), trace, span, budget
             )
+        except RestartPending:
+            raise
         except BaseException as e:
             tracing.finish(span, e)
             raise
         if instance is not None or not idempotent:  # the common case: the attempt is the call
-            return context.adopt(fut if span is None else tracing.finish_with(span, fut))
+            return fut if span is None else tracing.finish_with(span, fut)
 
-        def resend(left: float, excluded: list[str]) -> tuple[concurrent.futures.Future, str]:
+        def resend(left: float, excluded: list[str], defer: bool) -> tuple[concurrent.futures.Future, str]:
+            again = RestartBudget(left, self.default_timeout, service, function, defer)
             nxt, nid, _, _ = self._call_async_once(
-                service, function, args, kwargs, left, None, headers, excluded, trace, span
+                service, function, args, kwargs, left, None, headers, excluded, trace, span, again
             )
             return nxt, nid
 
-        return context.adopt(
-            tracing.finish_with(span, Retrying(fut, iid, deadline, resend, self.endpoint.stats).future)
-        )
+        return tracing.finish_with(span, Retrying(fut, iid, deadline, resend, self.endpoint.stats).future)
 
     def _call_async_once(
         self,
@@ -326,10 +363,11 @@ class FunctionClient(StreamCalls, RegistryViews):
         exclude: Sequence[str],
         trace: str | None,
         span: Any,
+        budget: RestartBudget,
     ) -> tuple:
         """One attempt: (future, replica id, idempotent, monotonic deadline)."""
         ep, inst, finfo, t, cut_by, transport, req = self._attempt(
-            service, function, args, kwargs, timeout, instance, exclude, headers, trace, span
+            service, function, args, kwargs, timeout, instance, exclude, headers, trace, span, budget
         )
         finish = CallFinisher(ep, inst.instance_id, service, function, transport.name, self.bus, cut_by)
         try:
@@ -375,12 +413,13 @@ class FunctionClient(StreamCalls, RegistryViews):
         """Point-to-point: delivers the call with no reply (fire-and-forget).
 
         ``instance=`` (an instance id or actor name) targets one replica.
-        Returns the replica's instance id. Blocks only while its queue is full.
+        Returns the replica's instance id. Blocks only while its queue is full,
+        or while every replica is restarting (within ``timeout``).
         """
         ep = self.endpoint
-        wait = lambda: restart_wait(timeout, self.default_timeout, service, function)  # noqa: E731  (rarely asked)
-        inst, finfo = ep.route(service, function, instance, (), self.policy, wait)
-        t = check_timeout(pick_timeout(timeout, finfo.timeout, self.default_timeout), service, function)
+        budget = RestartBudget(timeout, self.default_timeout, service, function)
+        inst, finfo = ep.route(service, function, instance, (), self.policy, budget)
+        t = budget.left(check_timeout(pick_timeout(timeout, finfo.timeout, self.default_timeout), service, function))
         transport = ep.transport_for(inst)
         span, trace = tracing.start_send(service, function, self.bus) if tracing.ENABLED else _UNTRACED
         req = Request(OP_SEND, 0, function, args, kwargs or None, None, None, self.client_id, headers, service, trace)
@@ -403,117 +442,6 @@ class FunctionClient(StreamCalls, RegistryViews):
             self.bus, service, function, transport.name, "point_to_point" if instance else "load_balanced", None
         )
         return inst.instance_id
-
-    # -- pub/sub
-    def broadcast(self, topic: str, payload: Any, *, headers: dict | None = None) -> int:
-        """Publishes ``payload`` on ``topic`` to every matching subscriber (one
-        per service group); returns how many took it. A subscriber whose buffer
-        is full misses it (counted in ``stats()['dropped']``): at-most-once,
-        and a slow subscriber never blocks the publisher."""
-        validate_topic(topic)
-        ep = self.endpoint
-        hdrs = {"topic": topic, **(headers or {})}
-        targets = publish_targets(ep.snapshot["subscriptions"], topic, ep.rr, ep.node_id)
-        span, trace = tracing.start_publish(topic, self.bus, self.client_id) if tracing.ENABLED else _UNTRACED
-        try:
-            delivered = self._deliver(ep, targets, payload, hdrs, trace)
-        except BaseException as e:
-            tracing.finish(span, e)
-            raise
-        tracing.finish(span, delivered=delivered)
-        ep.stats["published"] += 1
-        ep.stats["delivered"] += delivered
-        recorder.count("sage_messages_published_total", (self.bus,))
-        return delivered
-
-    def _deliver(self, ep: Endpoint, targets: list[Subscription], payload: Any, hdrs: dict, trace: str | None) -> int:
-        delivered = 0
-        fanout = getattr(ep.shm, "fanout", None)
-        if fanout is not None and sum(1 for s in targets if s.queue) > 1:
-            payload = fanout(payload)  # large buffers written once, for every subscriber on this node
-        event = Request(OP_EVENT, 0, "", (payload,), None, None, None, self.client_id, hdrs, "", trace)
-        far: dict[str, list[Subscription]] = {}  # other nodes' subscribers: one frame per node
-        for sub in targets:
-            tr = ep.transport(sub.node_id)
-            if sub.queue and tr is ep.ray:
-                far.setdefault(sub.node_id or "", []).append(sub)
-                continue
-            req = event._replace(function=sub.function or "", service=sub.group or "")
-            if not sub.queue and ep.deliver_direct(sub, req):
-                delivered += 1
-                recorder.count("sage_messages_delivered_total", (self.bus, "ray"))
-            elif sub.queue and tr.deliver(sub, req):
-                delivered += 1
-                recorder.count("sage_messages_delivered_total", (self.bus, tr.name))
-            else:
-                ep.stats["dropped"] += 1
-                recorder.count("sage_frames_dropped_total", (self.bus, "subscriber_buffer"))
-        for subs in far.values():
-            n = ep.ray.deliver_many(subs, event)  # type: ignore[union-attr]  # far is empty without ep.ray
-            delivered += n
-            recorder.count("sage_messages_delivered_total", (self.bus, "ray"), n)
-        return delivered
-
-    publish = broadcast
-
-    def subscribe(self, pattern: str, callback: Callable, *, buffer_bytes: int | None = None) -> str:
-        """Runs ``callback(payload)`` (or ``callback(payload, message=...)``) in a
-        background thread for each event matching ``pattern``. Returns the
-        subscription id for :meth:`unsubscribe`.
-
-        Events wait in this process's bounded buffer (``buffer_bytes``, 4 MiB by
-        default, sized by the process's first subscription on the bus). When
-        it is full, publishers drop the event for this process and count it:
-        delivery is at-most-once, and a slow callback never blocks a publisher.
-        Callbacks of one process run one at a time, in order."""
-        import inspect
-
-        validate_pattern(pattern)
-        if not callable(callback):
-            raise InvalidSubscription(f"subscribe({pattern!r}): callback must be callable, got {callback!r}")
-        ep = self.endpoint
-        inbox = ep.inbox(buffer_bytes)
-        sub_id = f"{ep.host_id}:{os.getpid()}/{uuid.uuid4().hex[:10]}"
-        try:
-            inbox.wants_message[sub_id] = "message" in inspect.signature(callback).parameters
-        except (TypeError, ValueError):
-            inbox.wants_message[sub_id] = False
-        inbox.callbacks[sub_id] = callback
-        pid = os.getpid()
-        sub = Subscription(
-            sub_id, pattern, inbox.name, ep.node_id, ep.host_id, pid, shm.process_start_time(pid), None, sub_id
-        )
-        ep.ensure_version(ep.router.subscribe(sub, timeout=ROUTER_READ_SECONDS))
-        ep.my_subs[sub_id] = sub
-        self._subs.append(sub_id)
-        return sub_id
-
-    def unsubscribe(self, sub_id: str) -> bool:
-        """Ends a subscription made by :meth:`subscribe`; False if it was unknown."""
-        ep = self.endpoint
-        ok = ep.router.unsubscribe(sub_id, timeout=ROUTER_READ_SECONDS)
-        ep.forget_subscription(sub_id)
-        if sub_id in self._subs:
-            self._subs.remove(sub_id)
-        ep.refresh()
-        return ok
-
-    def wait_for_subscribers(self, topic: str, count: int = 1, timeout: float = 10.0) -> int:
-        """Waits until this process's registry shows ``count`` subscribers for
-        ``topic`` (subscriptions made elsewhere reach it asynchronously)."""
-        validate_topic(topic)
-        ep = self.endpoint
-        end = time.monotonic() + timeout
-        while True:
-            n = sum(1 for s in ep.snapshot["subscriptions"] if topic_matches(s.pattern, topic))
-            if n >= count:
-                return n
-            if time.monotonic() >= end:
-                raise CallTimeout(
-                    f"topic '{topic}' on bus '{self.bus}' has {n} subscriber(s), not {count}, after {timeout} s"
-                )
-            ep.refresh()
-            time.sleep(0.02)  # polling the router's version; a change usually lands within one poll
 
     def stats(self) -> dict:
         """Calls made from this process on this bus, by transport (``shm`` / ``ray``) and replica."""

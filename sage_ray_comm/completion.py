@@ -1,14 +1,18 @@
 """What happens when a call ends: its reply read as a value or a typed
 exception (:func:`outcome`), the caller's accounting and metrics
 (:class:`CallFinisher`), and the retry of idempotent asynchronous calls on
-another replica (:class:`Retrying`).
+another replica (:class:`Retrying`). Also how long a call may wait for a
+replica Ray is restarting (:class:`RestartBudget`), and how an asynchronous
+call does that wait without blocking its caller (:func:`send_later`).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import contextvars
 import logging
 import pickle
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -44,7 +48,17 @@ from .errors import (
 )
 from .metrics import recorder
 
-__all__ = ["CallFinisher", "Retrying", "check_timeout", "outcome", "pick_timeout", "remote_error"]
+__all__ = [
+    "CallFinisher",
+    "RestartBudget",
+    "RestartPending",
+    "Retrying",
+    "check_timeout",
+    "outcome",
+    "pick_timeout",
+    "remote_error",
+    "send_later",
+]
 
 log = logging.getLogger(__name__)
 
@@ -63,12 +77,14 @@ class Retrying:
         first: concurrent.futures.Future,
         iid: str,
         deadline: float,
-        resend: Callable[[float, list[str]], tuple[concurrent.futures.Future, str]],
+        resend: Callable[[float, list[str], bool], tuple[concurrent.futures.Future, str]],
         stats: dict,
     ) -> None:
-        """``resend(seconds_left, excluded_replicas)`` makes one more attempt
-        and returns its future and the replica it went to; ``stats`` counts
-        ``retries``."""
+        """``resend(seconds_left, excluded_replicas, defer)`` makes one more
+        attempt and returns its future and the replica it went to; with
+        ``defer`` it raises RestartPending instead of waiting for a replica
+        Ray is restarting (the retry then waits in a thread of its own, not
+        in the one that completes calls). ``stats`` counts ``retries``."""
         self.future: concurrent.futures.Future = CallFuture(running=True)
         self.resend, self.stats = resend, stats
         self.deadline = deadline
@@ -88,8 +104,17 @@ class Retrying:
             self.future.set_exception(exc)
             return
         self.excluded.append(iid)
+        self._resend(left, True)
+
+    def _resend(self, left: float, defer: bool) -> None:
         try:
-            nxt, nid = self.resend(left, self.excluded)
+            nxt, nid = self.resend(left, self.excluded, defer)
+        except RestartPending:  # every replica restarting: wait for one elsewhere
+            end = time.monotonic() + left
+            threading.Thread(
+                target=lambda: self._resend(end - time.monotonic(), False), name="sage-retry", daemon=True
+            ).start()
+            return
         except BaseException as e:  # no replica left, or the retry itself failed: that is the outcome
             self.future.set_exception(e)
             return
@@ -155,6 +180,95 @@ def restart_wait(given: Any, default: float, service: str, function: str) -> flo
     if not isinstance(t, (int, float)) or not t > 0:
         return 0.0
     return context.bound_by_parent(float(t), service, function)[0]
+
+
+class RestartPending(SageCommError):
+    """Raised by a deferring :class:`RestartBudget`: the call found no live
+    replica, only ones Ray is restarting. Never reaches a user: the call
+    goes on waiting in a thread of its own (:func:`send_later`)."""
+
+
+class RestartBudget:
+    """How long a call that finds no live replica may wait for one Ray is
+    restarting: ``Endpoint.route`` calls it, only then, for the seconds
+    (:func:`restart_wait`, less what the call already waited). The time
+    waited comes off the call's timeout (:meth:`left`): a call never takes
+    longer than its timeout, as with a gRPC deadline. ``defer``: raise
+    RestartPending instead (an asynchronous call must not block its caller).
+
+    >>> b = RestartBudget(5.0, 30.0, "calc", "add")
+    >>> b.left(5.0)  # never asked: nothing waited
+    5.0
+    >>> 0 < b() <= 5.0, b.left(5.0) <= 5.0
+    (True, True)
+    """
+
+    __slots__ = ("default", "defer", "function", "given", "service", "since")
+
+    def __init__(self, given: Any, default: float, service: str, function: str, defer: bool = False) -> None:
+        self.given, self.default, self.service, self.function = given, default, service, function
+        self.defer = defer
+        self.since: float | None = None  # when the call first found no live replica
+
+    def __call__(self) -> float:
+        now = time.monotonic()
+        if self.since is None:
+            self.since = now
+        if self.defer:
+            raise RestartPending(f"{self.service}.{self.function}: every replica is restarting")
+        return restart_wait(self.given, self.default, self.service, self.function) - (now - self.since)
+
+    def left(self, t: float) -> float:
+        """The call's timeout ``t`` less the time it waited for a replica;
+        raises CallTimeout when nothing is left."""
+        if self.since is None:
+            return t
+        waited = time.monotonic() - self.since
+        if waited >= t:
+            raise CallTimeout(
+                f"call to {self.service}.{self.function}: its {t:.3g} s timeout passed while it waited "
+                f"{waited:.3g} s for a restarting replica"
+            )
+        return t - waited
+
+
+def send_later(
+    wait: Callable[[], object], send: Callable[[], concurrent.futures.Future], name: str
+) -> concurrent.futures.Future:
+    """A call that must wait for a replica Ray is restarting, made without
+    blocking its caller: returns a future at once; a thread (``name``) runs
+    ``wait()`` (until a replica is live, or raises), then ``send()``, whose
+    future's outcome becomes the returned one's. The thread runs in the
+    caller's context (its deadline, its trace) and ends with the wait: it
+    never outlives the call's timeout. Cancelling the future before it is
+    sent means it is never sent; after that, it asks the sent call's future.
+    """
+    inner: list[concurrent.futures.Future] = []
+    outer = CallFuture(canceller=lambda: bool(inner) and inner[0].cancel())
+
+    def copy(f: concurrent.futures.Future) -> None:
+        if f.cancelled():
+            outer.end_cancelled()
+        elif f.exception() is not None:
+            outer.set_exception(f.exception())
+        else:
+            outer.set_result(f.result())
+
+    def run() -> None:
+        try:
+            wait()
+            if not outer.set_running_or_notify_cancel():
+                return  # cancelled while it waited: never sent
+            fut = send()
+        except BaseException as e:
+            if not outer.done():
+                outer.set_exception(e)
+            return
+        inner.append(fut)
+        fut.add_done_callback(copy)
+
+    threading.Thread(target=contextvars.copy_context().run, args=(run,), name=name, daemon=True).start()
+    return outer
 
 
 def check_timeout(t: Any, service: str, function: str) -> float:

@@ -310,6 +310,11 @@ class Endpoint:
                     until = time.monotonic() + budget
                     self.stats["restart_waits"] += 1
                 left = until - time.monotonic()
+                if self.closed:
+                    raise ServiceUnavailable(
+                        f"service '{service}' on bus '{self.bus}': the client closed while the call waited for "
+                        f"a restarting replica ({', '.join(restarting)})"
+                    ) from None
                 if left <= 0:
                     raise ServiceUnavailable(
                         f"service '{service}' on bus '{self.bus}' has no live replica: {', '.join(restarting)} "
@@ -322,7 +327,7 @@ class Endpoint:
         (the next look asks the router itself, should the watcher be backing off)."""
         with self._installed:
             version = self.snapshot.get("version", -1)
-            self._installed.wait_for(lambda: self.snapshot.get("version", -1) != version, seconds)
+            self._installed.wait_for(lambda: self.closed or self.snapshot.get("version", -1) != version, seconds)
 
     def _instances(self, service: str) -> list[InstanceInfo]:
         insts = self.snapshot["services"].get(service)
@@ -475,6 +480,8 @@ class Endpoint:
         self.closed = True
         if not self._stop.done():
             self._stop.set_result(True)
+        with self._installed:
+            self._installed.notify_all()  # calls waiting for a restarting replica give up now
         if self._watcher is not threading.current_thread():
             self._watcher.join(timeout=5)
         if self._inbox is not None:

@@ -644,6 +644,33 @@ class Reborn(BaseService):
     def pid(self) -> int:
         return os.getpid()
 
+    @service_function
+    def nap(self, seconds: float) -> int:
+        time.sleep(seconds)
+        return os.getpid()
+
+    @service_function
+    def mark(self, path: str) -> None:
+        open(path, "w").close()
+
+    @service_function
+    def count(self, n: int):
+        yield from range(n)
+
+
+def _kill_all_and_see_them_restarting(client, h) -> set[int]:
+    pids = {client.call("reborn", "pid", instance=i.instance_id) for i in h.instances}
+    assert len(pids) == 2
+    for p in pids:
+        os.kill(p, signal.SIGKILL)
+    ep = client.endpoint
+    wait_for(
+        lambda: "reborn" not in ep.refresh()["services"] and len(ep.snapshot["restarting"].get("reborn", ())) == 2,
+        30,
+        "both replicas listed as restarting, none live",
+    )
+    return pids
+
 
 @sage_service(name="mortal", num_cpus=0.1)
 class Mortal(BaseService):
@@ -663,16 +690,8 @@ def test_a_call_made_while_every_replica_restarts_waits_for_one(bus, tmp_path):
     h = Reborn.deploy(str(gate), bus=bus)
     client = FunctionClient(bus=bus)
     try:
-        pids = {client.call("reborn", "pid", instance=i.instance_id) for i in h.instances}
-        assert len(pids) == 2
-        for p in pids:
-            os.kill(p, signal.SIGKILL)
+        pids = _kill_all_and_see_them_restarting(client, h)
         ep = client.endpoint
-        wait_for(
-            lambda: "reborn" not in ep.refresh()["services"] and len(ep.snapshot["restarting"].get("reborn", ())) == 2,
-            30,
-            "both replicas listed as restarting, none live",
-        )
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             fut = pool.submit(client.call, "reborn", "pid", timeout=120)
             wait_for(lambda: client.stats()["restart_waits"] == 1 or fut.done(), 30, "the call waiting for a replica")
@@ -682,11 +701,110 @@ def test_a_call_made_while_every_replica_restarts_waits_for_one(bus, tmp_path):
         wait_for(lambda: ep.refresh()["restarting"] == {}, 60, "both replicas back")
         h.shutdown()
         t0 = time.monotonic()
-        with pytest.raises((ServiceNotFound, ServiceUnavailable)):  # (as the registry news reaches the client)
-            client.call("reborn", "pid", timeout=60)
+        try:
+            got = client.call("reborn", "pid", timeout=60)
+        except (ServiceNotFound, ServiceUnavailable):  # (as the registry news reaches the client)
+            pass
+        else:
+            pytest.fail(f"a stopped service answered: pid {got}; killed {pids}; registry {ep.refresh()}")
         assert time.monotonic() - t0 < 30, "a stopped service is not waited for"
     finally:
         gate.touch()
+        client.close()
+
+
+def test_async_calls_made_while_every_replica_restarts_do_not_block_their_caller(bus, tmp_path):
+    """call_async returns at once, and acall and astream leave their event
+    loop running, while the call waits for a restarting replica (in a thread of its own);
+    a call cancelled before a replica came back is never sent."""
+    gate = tmp_path / "gate"
+    h = Reborn.deploy(str(gate), bus=bus)
+    client = FunctionClient(bus=bus)
+    try:
+        pids = _kill_all_and_see_them_restarting(client, h)
+        fut = client.call_async("reborn", "pid", timeout=120)  # returns while the gate is shut
+        assert not fut.done()
+        never = tmp_path / "never-sent"
+        dropped = client.call_async("reborn", "mark", str(never), timeout=120)
+        assert dropped.cancel() and dropped.cancelled()
+
+        async def main() -> tuple:
+            call = asyncio.ensure_future(client.acall("reborn", "pid", timeout=120))
+            opening = asyncio.ensure_future(client.astream("reborn", "count", 3, timeout=120))
+            # This loop goes on while the calls wait: it is what opens the gate.
+            while client.stats()["restart_waits"] < 4:
+                assert not call.done(), call.exception()
+                assert not opening.done(), opening.exception()
+                await asyncio.sleep(0.01)
+            gate.touch()
+            async with await opening as items:
+                got = [x async for x in items]
+            return await call, got
+
+        pid, items = asyncio.run(main())
+        assert pid not in pids and items == [0, 1, 2]
+        assert fut.result(timeout=120) not in pids
+        wait_for(lambda: not [t for t in threading.enumerate() if t.name.startswith("sage-wait-")], 30, "waiters gone")
+        assert not never.exists(), "a call cancelled while it waited for a replica was sent"
+    finally:
+        gate.touch()
+        client.close()
+
+
+def test_a_call_that_waited_for_a_restarting_replica_keeps_its_timeout(bus, tmp_path):
+    """The wait for a restarting replica comes off the call's timeout: a
+    call with 10 s that waited 4 s has 6 s left for a handler that takes 7."""
+    gate = tmp_path / "gate"
+    h = Reborn.deploy(str(gate), bus=bus)
+    client = FunctionClient(bus=bus)
+    try:
+        _kill_all_and_see_them_restarting(client, h)
+        opener = threading.Timer(4.0, gate.touch)  # the scenario: a replica is back only after 4 s
+        t0 = time.monotonic()
+        opener.start()
+        with pytest.raises(CallTimeout):
+            client.call("reborn", "nap", 7.0, timeout=10.0)
+        took = time.monotonic() - t0
+        assert 4.0 < took < 11.5, took
+        assert client.stats()["restart_waits"] == 1
+    finally:
+        gate.touch()
+        client.close()
+
+
+@sage_service(name="twice", replicas=2, num_cpus=0.1)
+class Twice(BaseService):
+    """An idempotent function that writes its pid to a file, then naps."""
+
+    @service_function(idempotent=True)
+    def nap(self, seconds: float, pids: str) -> int:
+        with open(pids, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        time.sleep(seconds)
+        return os.getpid()
+
+
+def test_a_retried_call_keeps_its_first_attempts_deadline(bus, tmp_path):
+    """An idempotent call whose replica died is retried on another one with
+    what is left of its timeout, not a fresh one: 8 s in all, 3 s of them
+    spent on the replica that died, leave 5 s for a handler that takes 6."""
+    Twice.deploy(bus=bus)
+    client = FunctionClient(bus=bus)
+    pids = tmp_path / "pids"
+    try:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            t0 = time.monotonic()
+            fut = pool.submit(client.call, "twice", "nap", 6.0, str(pids), timeout=8.0)
+            wait_for(lambda: pids.exists() and pids.read_text().count("\n") == 1, 30, "the first attempt running")
+            kill_at = t0 + 3.0  # the scenario: the first replica dies 3 s into the call
+            time.sleep(max(0.0, kill_at - time.monotonic()))
+            os.kill(int(pids.read_text()), signal.SIGKILL)
+            with pytest.raises(CallTimeout):
+                fut.result(timeout=60)
+            took = time.monotonic() - t0
+        assert pids.read_text().count("\n") == 2, "the call was not retried"
+        assert took < 8.0 + DEATH_BOUND + 1.0, took
+    finally:
         client.close()
 
 
