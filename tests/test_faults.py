@@ -751,6 +751,28 @@ def test_async_calls_made_while_every_replica_restarts_do_not_block_their_caller
         client.close()
 
 
+def test_a_call_waiting_for_a_restarting_replica_gives_up_when_its_client_closes(bus, tmp_path):
+    """Closing the client (as ray.shutdown() does) ends the wait at once,
+    with a typed error, instead of at the call's timeout."""
+    gate = tmp_path / "gate"
+    h = Reborn.deploy(str(gate), bus=bus)
+    client = FunctionClient(bus=bus)
+    try:
+        _kill_all_and_see_them_restarting(client, h)
+        fut = client.call_async("reborn", "pid", timeout=120)
+        wait_for(lambda: client.stats()["restart_waits"] == 1, 30, "the call waiting for a replica")
+        ep = client.endpoint
+        t0 = time.monotonic()
+        client.close()
+        assert ep.closed, "the test's client was not the endpoint's last"
+        with pytest.raises(ServiceUnavailable, match="closed"):
+            fut.result(timeout=30)
+        assert time.monotonic() - t0 < 10
+    finally:
+        gate.touch()
+        client.close()
+
+
 def test_a_call_that_waited_for_a_restarting_replica_keeps_its_timeout(bus, tmp_path):
     """The wait for a restarting replica comes off the call's timeout: a
     call with 10 s that waited 4 s has 6 s left for a handler that takes 7."""
