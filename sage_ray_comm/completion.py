@@ -111,8 +111,8 @@ class Retrying:
             nxt, nid = self.resend(left, self.excluded, defer)
         except RestartPending:  # every replica restarting: wait for one elsewhere
             end = time.monotonic() + left
-            threading.Thread(
-                target=lambda: self._resend(end - time.monotonic(), False), name="sage-retry", daemon=True
+            threading.Thread(  # (a timeout must stay positive: at worst the wait then ends at once)
+                target=lambda: self._resend(max(end - time.monotonic(), 1e-3), False), name="sage-retry", daemon=True
             ).start()
             return
         except BaseException as e:  # no replica left, or the retry itself failed: that is the outcome

@@ -657,6 +657,14 @@ class Reborn(BaseService):
     def count(self, n: int):
         yield from range(n)
 
+    @service_function(idempotent=True)
+    def once(self, path: str) -> int:
+        """Naps (until killed) the first time it is called, answers after."""
+        if not os.path.exists(path):
+            open(path, "w").close()
+            time.sleep(120)
+        return os.getpid()
+
 
 def _kill_all_and_see_them_restarting(client, h) -> set[int]:
     pids = {client.call("reborn", "pid", instance=i.instance_id) for i in h.instances}
@@ -746,6 +754,33 @@ def test_async_calls_made_while_every_replica_restarts_do_not_block_their_caller
         assert fut.result(timeout=120) not in pids
         wait_for(lambda: not [t for t in threading.enumerate() if t.name.startswith("sage-wait-")], 30, "waiters gone")
         assert not never.exists(), "a call cancelled while it waited for a replica was sent"
+    finally:
+        gate.touch()
+        client.close()
+
+
+def test_an_async_retry_that_finds_every_replica_restarting_waits_in_a_thread_of_its_own(bus, tmp_path):
+    """An idempotent call_async whose replica dies while every replica is
+    killed: its retry waits for a restarted one in a thread of its own, and
+    the thread that completes this process's calls goes on meanwhile."""
+    gate = tmp_path / "gate"
+    h = Reborn.deploy(str(gate), bus=bus)
+    Mortal.deploy(bus=bus)
+    client = FunctionClient(bus=bus)
+    try:
+        pids = {client.call("reborn", "pid", instance=i.instance_id) for i in h.instances}
+        napping = tmp_path / "napping"
+        fut = client.call_async("reborn", "once", str(napping), timeout=120)
+        wait_for(napping.exists, 30, "the first attempt running")
+        for p in pids:
+            os.kill(p, signal.SIGKILL)
+        wait_for(lambda: client.stats()["restart_waits"] == 1 or fut.done(), 30, "the retry waiting for a replica")
+        assert not fut.done(), f"the retry did not wait: {fut.exception()!r}"
+        assert [t for t in threading.enumerate() if t.name == "sage-retry"]
+        assert client.call_async("mortal", "pid", timeout=30).result(timeout=30) > 0  # completions go on
+        gate.touch()
+        assert fut.result(timeout=120) not in pids
+        assert client.stats()["retries"] == 1
     finally:
         gate.touch()
         client.close()
