@@ -287,7 +287,8 @@ class Endpoint:
     def instances(self, service: str, wait: Callable[[], float] | None = None) -> list[InstanceInfo]:
         """The live replicas of ``service``. When it has none, but the
         registry lists replicas of it that Ray is restarting (they died,
-        router.RESTART_GRACE), waits for one up to ``wait()`` seconds (asked
+        router.RESTART_GRACE), or ones this process saw die that the router
+        has not ruled on yet, waits for one up to ``wait()`` seconds (asked
         only then: the common call never needs it). Raises ServiceNotFound or
         ServiceUnavailable."""
         # Cached per registry snapshot and set of locally seen deaths: the
@@ -300,7 +301,7 @@ class Endpoint:
             try:
                 return self._instances(service)  # asks the router itself when none is live
             except (ServiceNotFound, ServiceUnavailable):
-                restarting = self.snapshot.get("restarting", {}).get(service)
+                restarting = self.snapshot.get("restarting", {}).get(service) or self._seen_dead(service)
                 if not restarting or wait is None:
                     raise
                 if budget is None:
@@ -321,6 +322,13 @@ class Endpoint:
                         f"restarting, and none came back within {budget:.3g} s"
                     ) from None
                 self._await_install(min(left, RESTART_LOOK_SECONDS))
+
+    def _seen_dead(self, service: str) -> list[str]:
+        """Replicas of ``service`` the registry still lists but this process
+        saw die: the router has not yet said whether Ray restarts them (it
+        usually hears first; a caller's liveness check can beat it)."""
+        insts = self.snapshot["services"].get(service) or {}
+        return [i.actor_name or iid for iid, i in insts.items() if iid in self.dead]
 
     def _await_install(self, seconds: float) -> None:
         """Waits up to ``seconds`` for the watcher to install a newer snapshot

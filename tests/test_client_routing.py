@@ -6,11 +6,13 @@ and typed errors."""
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import itertools
 import pickle
 import random
 
 import pytest
+from _wait import wait_for
 
 from sage_ray_comm import (
     CallTimeout,
@@ -200,10 +202,42 @@ def test_non_idempotent_calls_surface_the_death():
 
 
 def test_all_replicas_dead_is_service_unavailable():
+    """Every replica seen dead here, and the router never says more: the
+    call waits for its word, within its timeout, then fails typed."""
     c, _, _ = make_client([inst("a")])
     c.endpoint.mark_dead("a")
-    with pytest.raises(ServiceUnavailable, match="none of them alive"):
-        c.call("calc", "add", 1, 1)
+    with pytest.raises(ServiceUnavailable, match=r"none came back within 0\.3 s"):
+        c.call("calc", "add", 1, 1, timeout=0.3)
+    assert c.stats()["restart_waits"] == 1
+
+
+def test_a_call_that_saw_every_replica_die_waits_for_the_routers_word():
+    """This process saw the replica die before the router did (its liveness
+    check can beat the router's): the call waits for the registry's news
+    instead of failing. Ray restarting the replica: the call gets it."""
+    c, _, _ = make_client([inst("a")])
+    router = c.endpoint.router
+    c.endpoint.mark_dead("a")
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        fut = pool.submit(c.call, "calc", "add", 2, 3, timeout=30)
+        wait_for(lambda: c.stats()["restart_waits"] == 1 or fut.done(), 10, "the call waiting")
+        assert not fut.done(), fut.exception()
+        router.register(inst("a-again"))  # restarted: a new instance
+        assert fut.result(timeout=10) == 5
+
+
+def test_a_call_that_saw_every_replica_die_fails_once_the_router_drops_them():
+    """The router's word is "dead for good": the call fails at once, long
+    before its timeout."""
+    c, _, _ = make_client([inst("a")])
+    router = c.endpoint.router
+    c.endpoint.mark_dead("a")
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        fut = pool.submit(c.call, "calc", "add", 2, 3, timeout=60)
+        wait_for(lambda: c.stats()["restart_waits"] == 1 or fut.done(), 10, "the call waiting")
+        router.deregister("a")
+        with pytest.raises(ServiceNotFound):
+            fut.result(timeout=10)
 
 
 def test_instance_targets_one_replica_and_unknown_instance_is_typed():
