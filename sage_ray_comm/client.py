@@ -66,7 +66,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT = 30.0
 _MISSING = object()
-_UNTRACED = (None, None)  # no span, no trace context: SAGE_COMM_TRACING=0
 
 
 class FunctionClient(StreamCalls, PubSubCalls, RegistryViews):
@@ -208,7 +207,7 @@ class FunctionClient(StreamCalls, PubSubCalls, RegistryViews):
         When every replica is restarting, waits for one. Waits and retries
         all count against ``timeout``.
         """
-        span, trace = tracing.start_call(service, function, self.bus) if tracing.ENABLED else _UNTRACED
+        span, trace = tracing.start_call(service, function, self.bus) if tracing.ENABLED else tracing.UNTRACED
         try:
             excluded: list[str] = []
             given, end = timeout, 0.0
@@ -306,7 +305,7 @@ class FunctionClient(StreamCalls, PubSubCalls, RegistryViews):
         :meth:`call`, an idempotent function whose replica died is retried
         on another one, within the call's timeout.
         """
-        span, trace = tracing.start_call(service, function, self.bus) if tracing.ENABLED else _UNTRACED
+        span, trace = tracing.start_call(service, function, self.bus) if tracing.ENABLED else tracing.UNTRACED
         call = (service, function, args, kwargs, timeout, instance, headers, trace, span)
         budget = RestartBudget(timeout, self.default_timeout, service, function, defer=True)
         try:
@@ -421,7 +420,7 @@ class FunctionClient(StreamCalls, PubSubCalls, RegistryViews):
         inst, finfo = ep.route(service, function, instance, (), self.policy, budget)
         t = budget.left(check_timeout(pick_timeout(timeout, finfo.timeout, self.default_timeout), service, function))
         transport = ep.transport_for(inst)
-        span, trace = tracing.start_send(service, function, self.bus) if tracing.ENABLED else _UNTRACED
+        span, trace = tracing.start_send(service, function, self.bus) if tracing.ENABLED else tracing.UNTRACED
         req = Request(OP_SEND, 0, function, args, kwargs or None, None, None, self.client_id, headers, service, trace)
         try:
             try:

@@ -39,8 +39,6 @@ __all__ = ["Inbox", "PubSubCalls"]
 
 log = logging.getLogger(__name__)
 
-_UNTRACED = (None, None)  # no span, no trace context: SAGE_COMM_TRACING=0
-
 
 class PubSubCalls:
     """``broadcast``/``publish``, ``subscribe``, ``unsubscribe`` and
@@ -69,7 +67,7 @@ class PubSubCalls:
         ep = self.endpoint
         hdrs = {"topic": topic, **(headers or {})}
         targets = publish_targets(ep.snapshot["subscriptions"], topic, ep.rr, ep.node_id)
-        span, trace = tracing.start_publish(topic, self.bus, self.client_id) if tracing.ENABLED else _UNTRACED
+        span, trace = tracing.start_publish(topic, self.bus, self.client_id) if tracing.ENABLED else tracing.UNTRACED
         try:
             delivered = self._deliver(ep, targets, payload, hdrs, trace)
         except BaseException as e:

@@ -57,6 +57,7 @@ __all__ = [
     "ENABLED",
     "OK",
     "SYSTEM",
+    "UNTRACED",
     "configure",
     "decode_carrier",
     "enabled",
@@ -76,6 +77,9 @@ SYSTEM = "sage_ray_comm"  # rpc.system.name and messaging.system
 OK = "ok"  # rpc.response.status_code of a call that succeeded
 _SCHEMA_URL = "https://opentelemetry.io/schemas/1.37.0"
 _OFF_VALUES = ("0", "false", "off", "no")
+
+# What a start_* call would give when tracing is off: no span, no trace context.
+UNTRACED = (None, None)
 
 ENABLED = otel_trace is not None and os.environ.get("SAGE_COMM_TRACING", "1").strip().lower() not in _OFF_VALUES
 _tracer: Any = None  # set once a provider is configured: a global provider can be set only once

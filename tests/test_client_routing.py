@@ -211,17 +211,24 @@ def test_all_replicas_dead_is_service_unavailable():
     assert c.stats()["restart_waits"] == 1
 
 
+def _call_waiting_for_the_routers_word(pool, timeout: float):
+    """A client whose only replica, "a", this process saw die while the
+    router still lists it, and a call (run in ``pool``) now waiting for the
+    router's word: (the router, the call's future)."""
+    c, _, _ = make_client([inst("a")])
+    c.endpoint.mark_dead("a")
+    fut = pool.submit(c.call, "calc", "add", 2, 3, timeout=timeout)
+    wait_for(lambda: c.stats()["restart_waits"] == 1 or fut.done(), 10, "the call waiting")
+    assert not fut.done(), fut.exception()
+    return c.endpoint.router, fut
+
+
 def test_a_call_that_saw_every_replica_die_waits_for_the_routers_word():
     """This process saw the replica die before the router did (its liveness
     check can beat the router's): the call waits for the registry's news
     instead of failing. Ray restarting the replica: the call gets it."""
-    c, _, _ = make_client([inst("a")])
-    router = c.endpoint.router
-    c.endpoint.mark_dead("a")
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        fut = pool.submit(c.call, "calc", "add", 2, 3, timeout=30)
-        wait_for(lambda: c.stats()["restart_waits"] == 1 or fut.done(), 10, "the call waiting")
-        assert not fut.done(), fut.exception()
+        router, fut = _call_waiting_for_the_routers_word(pool, timeout=30)
         router.register(inst("a-again"))  # restarted: a new instance
         assert fut.result(timeout=10) == 5
 
@@ -229,12 +236,8 @@ def test_a_call_that_saw_every_replica_die_waits_for_the_routers_word():
 def test_a_call_that_saw_every_replica_die_fails_once_the_router_drops_them():
     """The router's word is "dead for good": the call fails at once, long
     before its timeout."""
-    c, _, _ = make_client([inst("a")])
-    router = c.endpoint.router
-    c.endpoint.mark_dead("a")
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        fut = pool.submit(c.call, "calc", "add", 2, 3, timeout=60)
-        wait_for(lambda: c.stats()["restart_waits"] == 1 or fut.done(), 10, "the call waiting")
+        router, fut = _call_waiting_for_the_routers_word(pool, timeout=60)
         router.deregister("a")
         with pytest.raises(ServiceNotFound):
             fut.result(timeout=10)
