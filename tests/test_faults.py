@@ -780,7 +780,9 @@ def test_an_async_retry_that_finds_every_replica_restarting_waits_in_a_thread_of
         assert client.call_async("mortal", "pid", timeout=30).result(timeout=30) > 0  # completions go on
         gate.touch()
         assert fut.result(timeout=120) not in pids
-        assert client.stats()["retries"] == 1
+        # One retry, or more when the first retry met the other killed replica
+        # before the registry dropped it (the limit is Retrying.MAX_RETRIES).
+        assert 1 <= client.stats()["retries"] <= 3
     finally:
         gate.touch()
         client.close()
