@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -37,6 +38,11 @@ if TYPE_CHECKING:
     from .service import BaseService
 
 log = logging.getLogger(__name__)
+
+# ray.kill() returns before the actor is dead: how long shutdown waits at
+# least for the death, and how often it looks.
+KILL_WAIT_SECONDS = 10.0
+KILL_POLL_SECONDS = 0.01
 
 
 class ServiceActor:
@@ -194,27 +200,92 @@ def deployed(bus: str | None = None) -> list[ServiceHandle]:
 def _stop_actors(actors: list, infos: Sequence[InstanceInfo | None], bus: str, timeout: float) -> None:
     import ray
 
-    refs = [a.stop.remote() for a in actors]
-    try:
-        ray.wait(refs, num_returns=len(refs), timeout=timeout)
-    except Exception:
-        pass
+    end = time.monotonic() + timeout
+    # Before anything stops: the incarnations the router lists under these
+    # actors' names. Ray may have restarted a replica since ``infos`` was
+    # taken, under a new instance id and a new ring.
+    names = {i.actor_name for i in infos if i is not None and i.actor_name}
+    router = None
+    current: list[InstanceInfo] = []
+    if names:
+        try:
+            router = router_client(bus, create=False)
+            snap = router.snapshot()
+            current = [i for insts in snap["services"].values() for i in insts.values() if i.actor_name in names]
+        except Exception:
+            pass  # no router: nothing is registered
+    known = list({i.instance_id: i for i in [*infos, *current] if i is not None}.values())
+    _ask_to_stop(actors, end)
     for a in actors:
         try:
             ray.kill(a, no_restart=True)
         except Exception:
             pass
+    # ray.kill() only asks: until the actor is dead, a replica that did not
+    # stop (one Ray had restarted) would still answer calls. Ray marks it dead
+    # before its process exits, so on this host the process is waited for too.
+    dead_by = max(end, time.monotonic() + KILL_WAIT_SECONDS)
+    _wait_dead(actors, dead_by)
+    here = shm.host_id()
+    procs = {(i.pid, i.pid_start) for i in known if i.host_id == here}
+    while procs and time.monotonic() < dead_by:
+        procs = {p for p in procs if shm.process_alive(*p)}
+        if procs:
+            time.sleep(KILL_POLL_SECONDS)
     # Whatever did not stop cleanly (killed, hung): deregister and remove its ring here.
-    router = None
-    for info in infos:
-        if info is None:
-            continue
+    for info in known:
         if shm.unlink(shm.segment_name(bus_namespace(bus), info.request_queue)):
             try:
                 router = router or router_client(bus, create=False)
                 router.deregister(info.instance_id)
             except Exception:
                 pass
+
+
+def _ask_to_stop(actors: list, end: float) -> None:
+    """Each replica's stop() (deregister, drain, cleanup), until ``end``. A
+    replica Ray restarted can fail it with ActorUnavailableError while this
+    process's handle catches up with the new incarnation: asked again."""
+    import ray
+
+    todo = list(actors)
+    while todo:
+        refs = {a.stop.remote(): a for a in todo}
+        ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=max(0.0, end - time.monotonic()))
+        todo = []
+        for ref in ready:
+            try:
+                ray.get(ref)
+            except ray.exceptions.ActorUnavailableError:
+                todo.append(refs[ref])
+            except Exception:
+                pass  # dead, or its stop() failed: the kill ends it
+        if todo and time.monotonic() < end:
+            time.sleep(KILL_POLL_SECONDS)
+        elif todo:
+            return
+
+
+def _wait_dead(actors: list, end: float) -> None:
+    """Returns once Ray fails a call to each of ``actors`` with ActorDiedError
+    (they were killed), or at ``end``."""
+    import ray
+
+    todo = list(actors)
+    while todo and time.monotonic() < end:
+        refs = {a.__ray_ready__.remote(): a for a in todo}
+        ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=max(0.0, end - time.monotonic()))
+        todo = [refs[r] for r in refs if r not in ready]
+        for ref in ready:
+            try:
+                ray.get(ref)
+            except ray.exceptions.ActorDiedError:
+                continue
+            except Exception:
+                pass
+            todo.append(refs[ref])  # the kill has not landed yet
+        if todo:
+            time.sleep(KILL_POLL_SECONDS)
 
 
 def deploy_service(

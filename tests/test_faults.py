@@ -707,7 +707,15 @@ def test_a_call_made_while_every_replica_restarts_waits_for_one(bus, tmp_path):
             gate.touch()  # the replicas may come back now
             assert fut.result(timeout=120) not in pids
         wait_for(lambda: ep.refresh()["restarting"] == {}, 60, "both replicas back")
+        back = list(ep.snapshot["services"]["reborn"].values())
+        assert len(back) == 2 and not {i.pid for i in back} & pids
+        # Ray can fail the first stop() sent to a restarted replica (this
+        # process's handle still catching up): shutdown() asks again, and
+        # returns once the replicas Ray brought back are dead, rings removed.
         h.shutdown()
+        assert [i.pid for i in back if shm.process_alive(i.pid, i.pid_start)] == []
+        rings = {shm.segment_name(bus_namespace(bus), i.request_queue) for i in back}
+        assert rings & {s.shm_name for s in shm.list_segments(bus_namespace(bus))} == set()
         t0 = time.monotonic()
         try:
             got = client.call("reborn", "pid", timeout=60)

@@ -31,6 +31,7 @@ from sage_ray_comm import (
     subscribe,
 )
 from sage_ray_comm.router import ROUTER_NAMESPACE
+from sage_ray_comm.shm import process_alive
 
 
 @sage_service(name="calculator", replicas=2)
@@ -284,6 +285,8 @@ def test_shutdown_deregisters(calc, bus):
     handle, client = calc
     assert client.service_names() == ["calculator"]
     handle.shutdown()
+    # ray.kill() only asks Ray: shutdown() returns once the replicas are dead.
+    assert [i.pid for i in handle.instances if process_alive(i.pid, i.pid_start)] == []
     assert client.service_names() == []
     with pytest.raises(ServiceNotFound):
         client.call("calculator", "add", 1, 1)
