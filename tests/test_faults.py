@@ -25,6 +25,7 @@ from sage_ray_comm import (
     ServiceNotFound,
     ServiceUnavailable,
     _core,
+    endpoint,
     get_communication_bus,
     sage_service,
     service_function,
@@ -796,9 +797,12 @@ def test_an_async_retry_that_finds_every_replica_restarting_waits_in_a_thread_of
         client.close()
 
 
-def test_a_call_waiting_for_a_restarting_replica_gives_up_when_its_client_closes(bus, tmp_path):
+def test_a_call_waiting_for_a_restarting_replica_gives_up_when_its_client_closes(bus, tmp_path, monkeypatch):
     """Closing the client (as ray.shutdown() does) ends the wait at once,
     with a typed error, instead of at the call's timeout."""
+    # The waiter looks again every RESTART_LOOK_SECONDS anyway: made longer
+    # than this test waits, only close() waking it can end the wait in time.
+    monkeypatch.setattr(endpoint, "RESTART_LOOK_SECONDS", 600.0)
     gate = tmp_path / "gate"
     h = Reborn.deploy(str(gate), bus=bus)
     client = FunctionClient(bus=bus)
