@@ -169,7 +169,10 @@ class ServiceHandle:
         return ray.get([a.stats.remote() for a in self.actors], timeout=30)
 
     def shutdown(self, timeout: float = 30.0) -> None:
-        """Stops every replica (deregister, drain, cleanup, remove rings) and kills the actors."""
+        """Stops every replica (deregister, drain, cleanup, remove rings) and
+        kills the actors, including incarnations Ray restarted since deploy;
+        returns once they are dead (or after ``timeout`` and a grace for the
+        kills), so no replica answers a call after it."""
         _stop_actors(self.actors, self.instances, self.bus, timeout)
         self.actors = []
         lifecycle.unregister(self, "deployments")
