@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "copy.hpp"
+#include "oob.hpp"
 #include "ring.hpp"
 #include "slots.hpp"
 
@@ -555,6 +556,17 @@ class SlotView {
     py::gil_scoped_release nogil;
     sage::slot_fill(*ring_, word, ring_->data() + offset_ + at, static_cast<const uint8_t*>(b.buf), uint64_t(b.len));
   }
+  // One more holder, `pid`, of this view's slot, if the slot is still at the
+  // view's generation: the view is sent on by location, without a copy.
+  bool hold(uint64_t pid) {
+    return word_ >= 0 && sage::slot_hold(*ring_, uint64_t(word_), gen_, pid) == SlotStatus::kOk;
+  }
+  // Where this view's slot is, as arena.Location's fields, in one call:
+  // (slab name, slot, generation, offset, length).
+  py::tuple location() const {
+    return py::make_tuple(ring_->name(), word_ < 0 ? int64_t(-1) : word_ / int64_t(sage::kSlotWords), gen_, offset_,
+                          length_);
+  }
   // Touches every page (zeroes them), so later writes pay no page faults.
   void prefault() {
     py::gil_scoped_release nogil;
@@ -587,6 +599,117 @@ class SlotView {
   int64_t word_;
   uint64_t gen_;
 };
+
+// How many exporters whole_slot looks through: an array's base chain (a
+// reshaped array -> the array over the buffer -> a memoryview -> a SlotView).
+constexpr int kWholeSlotDepth = 8;
+
+// The SlotView that `raw` (a memoryview of a buffer about to be sent) covers
+// exactly, found through the objects that export it, or None: whether the
+// buffer already lives in an arena slot, and can be sent by location.
+py::object whole_slot(py::handle raw) {
+  if (!PyMemoryView_Check(raw.ptr())) return py::none();
+  const Py_ssize_t nbytes = PyMemoryView_GET_BUFFER(raw.ptr())->len;
+  auto* slot_type = reinterpret_cast<PyTypeObject*>(py::type::of<SlotView>().ptr());
+  py::object x = py::reinterpret_borrow<py::object>(PyMemoryView_GET_BUFFER(raw.ptr())->obj);
+  for (int i = 0; i < kWholeSlotDepth && x && !x.is_none(); ++i) {
+    if (PyObject_TypeCheck(x.ptr(), slot_type)) {
+      return x.cast<SlotView&>().length() == uint64_t(nbytes) ? x : py::none();
+    }
+    if (PyMemoryView_Check(x.ptr())) {
+      x = py::reinterpret_borrow<py::object>(PyMemoryView_GET_BUFFER(x.ptr())->obj);
+      continue;
+    }
+    PyObject* base = PyObject_GetAttrString(x.ptr(), "base");
+    if (!base) {
+      if (!PyErr_ExceptionMatches(PyExc_AttributeError)) throw py::error_already_set();
+      PyErr_Clear();
+      return py::none();
+    }
+    x = py::reinterpret_steal<py::object>(base);
+  }
+  return py::none();
+}
+
+// The SlotView a location record names, if its slab is known and the record
+// checks out (the checks of arena.SlabReader.view_at); else its fields.
+py::object in_place(const py::dict& known, const py::object& name, const sage::oob::Record& r) {
+  PyObject* entry = PyDict_GetItemWithError(known.ptr(), name.ptr());  // borrowed
+  if (!entry && PyErr_Occurred()) throw py::error_already_set();
+  if (entry && PyTuple_Check(entry) && PyTuple_GET_SIZE(entry) == 4) {
+    auto& seg = py::handle(PyTuple_GET_ITEM(entry, 0)).cast<PyRing&>();
+    auto slot_bytes = py::handle(PyTuple_GET_ITEM(entry, 1)).cast<uint64_t>();
+    auto slots = py::handle(PyTuple_GET_ITEM(entry, 2)).cast<uint64_t>();
+    auto base = py::handle(PyTuple_GET_ITEM(entry, 3)).cast<uint64_t>();
+    if (!seg.released() && r.slot < slots && r.offset == base + r.slot * slot_bytes && r.length <= slot_bytes &&
+        r.gen > 0) {
+      std::shared_ptr<Ring> ring = seg.ring();
+      uint64_t cap = ring->capacity(), word = r.slot * sage::kSlotWords;
+      if (r.offset <= cap && r.length <= cap - r.offset && sage::slot_check(*ring, word, r.gen) == SlotStatus::kOk)
+        return py::cast(std::make_unique<SlotView>(seg, r.offset, r.length, true, int64_t(word), r.gen));
+    }
+  }
+  return py::make_tuple(name, r.slot, r.gen, r.offset, r.length);
+}
+
+// An out-of-band payload (_codec.py) split into its pickle and its buffers,
+// for pickle.loads: (pickle, [buffer, ...]), each a memoryview of `payload`.
+// A buffer that is a location record of an arena slot comes as a read-only
+// SlotView of that slot when `known` (arena.SlabReader.known: slab name ->
+// (Ring, slot bytes, slots, offset of slot 0)) has its slab and the record
+// checks out: in range, and the slot still at its generation. Otherwise as
+// the record's fields, (slab name, slot, generation, offset, length), for
+// arena.py to open the slab, or to refuse the record with its reason and
+// count it. A payload whose layout is broken raises ValueError.
+py::tuple oob_buffers(py::handle payload, const py::dict& known) {
+  py::object view = PyMemoryView_Check(payload.ptr())
+                        ? py::reinterpret_borrow<py::object>(payload)
+                        : py::reinterpret_steal<py::object>(PyMemoryView_FromObject(payload.ptr()));
+  if (!view) throw py::error_already_set();
+  View held(view.ptr());
+  const auto* p = static_cast<const uint8_t*>(held.b.buf);
+  const auto n = uint64_t(held.b.len);
+  const std::string of_n = " overruns the " + std::to_string(n) + "-byte message";
+  sage::oob::Span pickle;
+  std::vector<sage::oob::Span> spans;
+  uint64_t detail = 0;
+  switch (sage::oob::parse(p, n, &pickle, &spans, &detail)) {
+    case sage::oob::Status::kOk:
+      break;
+    case sage::oob::Status::kTruncatedHead:
+      throw py::value_error("truncated header (" + fmt_bytes(n) + ")");
+    case sage::oob::Status::kPickleOverruns:
+      throw py::value_error("pickle of " + fmt_bytes(detail) + of_n);
+    case sage::oob::Status::kBufferOverruns:
+      throw py::value_error("buffer of " + fmt_bytes(detail) + of_n);
+    default:
+      throw py::value_error("bad out-of-band header");
+  }
+  auto slice = [&](uint64_t pos, uint64_t len) {
+    PyObject* s = PySequence_GetSlice(view.ptr(), Py_ssize_t(pos), Py_ssize_t(pos + len));
+    if (!s) throw py::error_already_set();
+    return py::reinterpret_steal<py::object>(s);
+  };
+  py::list out(spans.size());
+  for (size_t i = 0; i < spans.size(); ++i) {
+    const sage::oob::Span& sp = spans[i];
+    if (!sp.located) {
+      out[i] = slice(sp.pos, sp.len);
+      continue;
+    }
+    sage::oob::Record r;
+    sage::oob::Status st = sage::oob::parse_record(p + sp.pos, sp.len, &r);
+    if (st == sage::oob::Status::kRecordTruncated)
+      throw py::value_error("a buffer location of " + fmt_bytes(sp.len) + " is truncated");
+    if (st != sage::oob::Status::kOk) throw py::value_error("a buffer location's slab name does not match its length");
+    PyObject* name_ptr =
+        PyUnicode_DecodeUTF8(reinterpret_cast<const char*>(p + sp.pos + r.name_pos), Py_ssize_t(r.name_len), "replace");
+    if (!name_ptr) throw py::error_already_set();
+    py::object name = py::reinterpret_steal<py::object>(name_ptr);
+    out[i] = in_place(known, name, r);
+  }
+  return py::make_tuple(slice(pickle.pos, pickle.len), std::move(out));
+}
 
 // A bytes object's memory as a buffer that pickle does not see as read-only.
 // A large bytes argument pickles as one out-of-band buffer over it; over a
@@ -825,6 +948,8 @@ PYBIND11_MODULE(_core, m) {
       .def("read_bytes", &SlotView::read_bytes)
       .def("fill_slot", &SlotView::fill_slot, py::arg("word"), py::arg("src"), py::arg("at"))
       .def("prefault", &SlotView::prefault)
+      .def("hold", &SlotView::hold, py::arg("pid"))
+      .def_property_readonly("location", &SlotView::location)
       .def_property_readonly("shm_name", &SlotView::shm_name)
       .def_property_readonly("offset", &SlotView::offset)
       .def_property_readonly("length", &SlotView::length)
@@ -834,6 +959,8 @@ PYBIND11_MODULE(_core, m) {
       .def(py::init<py::bytes>(), py::arg("data"))
       .def_buffer(&BytesBuffer::info)
       .def_property_readonly("data", &BytesBuffer::data);
+  m.def("oob_buffers", &oob_buffers, py::arg("payload"), py::arg("known"));
+  m.def("whole_slot", &whole_slot, py::arg("raw"));
   m.def("stale_releases", []() { return g_stale_releases.load(); });
   m.def("reads_while_filling", []() { return g_reads_while_filling.load(); });
   m.def("process_alive", &sage::process_alive, py::arg("pid"), py::arg("start_time") = 0);

@@ -53,7 +53,8 @@ KIND_PICKLE_OOB = 3  # pickle protocol 5 plus out-of-band buffers (numpy...)
 
 
 # KIND_PICKLE_OOB payload: header, buffer lengths, pickle, then each buffer at
-# a 16-byte aligned offset (so numpy views of it are aligned).
+# a 16-byte aligned offset (so numpy views of it are aligned). Written here,
+# read by csrc/oob.hpp (shm.oob_buffers): a change is made in both.
 _OOB_HEAD = struct.Struct("<4sIQ")  # magic, buffer count, pickle length
 _OOB_MAGIC = b"SQ5B"
 _ALIGN = 16
@@ -295,19 +296,6 @@ def big_buffers(value: Any) -> bool:
     return False
 
 
-def _whole_slot(raw: memoryview) -> Any:
-    """The SlotView ``raw`` covers exactly (an array received from, or made
-    in, an arena), or None."""
-    x: Any = raw.obj
-    for _ in range(8):  # an array's base chain: array -> memoryview -> SlotView
-        if isinstance(x, shm.SlotView):
-            return x if x.length == raw.nbytes else None
-        x = getattr(x, "base", None) if not isinstance(x, memoryview) else x.obj
-        if x is None:
-            return None
-    return None
-
-
 def encode_payload(
     obj: Any,
     label: str,
@@ -403,7 +391,7 @@ def _locate(
                     arena.too_big(r.nbytes)
                 out.append(r)
                 continue
-            view = _whole_slot(r)
+            view = shm.whole_slot(r)  # an array received, or made in an arena: its slot
             sent = r.obj.data if type(r.obj) is shm.BytesBuffer else r.obj if type(r.obj) is bytes else None
             if view is None and sent is not None:
                 view = loans.kept_view(sent)  # large bytes received and sent on: their slot, not a copy
@@ -458,8 +446,8 @@ def decode_payload(payload: Any, kind: int, label: str) -> Any:
 
 
 def decode_oob(view: memoryview) -> Any:
-    data, buffers = _oob_layout(view)
-    return pickle.loads(data, buffers=[_located(b) if located else b for located, b in buffers])
+    data, buffers = shm.oob_buffers(view, arena.READERS.known)
+    return pickle.loads(data, buffers=[_in_slot(b) if type(b) is tuple else b for b in buffers])
 
 
 def release_located(view: memoryview) -> int:
@@ -467,50 +455,18 @@ def release_located(view: memoryview) -> int:
     unpickling anything: for a request skipped unread (its caller cancelled
     it first). How many it let go of; bad records are counted by the reader."""
     n = 0
-    for located, record in _oob_layout(view)[1]:
-        if located:
+    for b in shm.oob_buffers(view, arena.READERS.known)[1]:
+        if type(b) is tuple:
             try:
-                _located(record)  # the view holds the holder; dropping it lets go of it
-                n += 1
+                b = _in_slot(b)
             except DeserializationError:
-                pass
+                continue
+        n += type(b) is shm.SlotView  # dropping the view lets go of its holder
     return n
 
 
-def _oob_layout(view: memoryview) -> tuple[memoryview, list]:
-    """An out-of-band payload's pickle and its buffers, each as (located, view):
-    a location record (_LOCATED) or the buffer's bytes. Raises ValueError."""
-    n = len(view)
-    if n < _OOB_HEAD.size:
-        raise ValueError(f"truncated header ({n} bytes)")
-    magic, nbufs, plen = _OOB_HEAD.unpack_from(view, 0)
-    if magic != _OOB_MAGIC or nbufs > n // 8:
-        raise ValueError("bad out-of-band header")
-    pos = _OOB_HEAD.size
-    lens = struct.unpack_from(f"<{nbufs}Q", view, pos)
-    pos += 8 * nbufs
-    if pos + plen > n:
-        raise ValueError(f"pickle of {plen} bytes overruns the {n}-byte message")
-    data = view[pos : pos + plen]
-    pos += plen
-    buffers = []
-    for ln in lens:
-        pos += _pad(pos)
-        located = ln & _LOCATED
-        ln &= ~_LOCATED
-        if pos + ln > n:
-            raise ValueError(f"buffer of {ln} bytes overruns the {n}-byte message")
-        buffers.append((located, view[pos : pos + ln]))
-        pos += ln
-    return data, buffers
-
-
-def _located(record: memoryview) -> Any:
-    """The view of an arena slot a location record names (arena.READERS)."""
-    if len(record) < _LOC.size:
-        raise ValueError(f"a buffer location of {len(record)} bytes is truncated")
-    slot, gen, offset, length, nlen = _LOC.unpack_from(record, 0)
-    if _LOC.size + nlen != len(record):
-        raise ValueError("a buffer location's slab name does not match its length")
-    name = bytes(record[_LOC.size :]).decode(errors="replace")
-    return arena.READERS.view_at(name, slot, gen, offset, length)
+def _in_slot(fields: tuple) -> Any:
+    """The view of the arena slot a location record names, given by its
+    fields (slab, slot, generation, offset, length): a slab not read from
+    before, or a record that does not check out (arena.READERS says why)."""
+    return arena.READERS.view_at(*fields)

@@ -169,7 +169,6 @@ class Arena:
         self.budget = budget
         self._lock = threading.Lock()
         self._slabs: dict[int, list[_Slab]] = {}  # slot size -> its slabs
-        self._own: dict[str, Any] = {}  # shm name -> segment, of this arena's slabs
         self._bytes = 0
         self.reclaimed = 0  # slots taken back from receivers that died
         self.waits = 0  # sends that found the arena full and waited
@@ -240,7 +239,6 @@ class Arena:
                 if self._bytes + need <= self.budget:
                     slab = _Slab(self.namespace, size, slots)
                     slabs.append(slab)
-                    self._own[slab.shm_name] = slab.seg
                     self._bytes += need
                     got = slab.take(reader_pid)
                     if got is not None:
@@ -293,10 +291,10 @@ class Arena:
         process's or another's) with one more holder: the receiver it is sent
         to (``reader_pid``, 0 if unknown). None if the slot moved on (then
         the buffer is copied instead)."""
-        seg = self._own.get(view.shm_name) or READERS.segment(view.shm_name)
-        if seg is None or view.word < 0 or not seg.slot_hold(view.word, view.gen, reader_pid):
+        # The view's own mapping of the slab: no lookup of it by name.
+        if not view.hold(reader_pid):
             return None
-        return Location(view.shm_name, view.word // _WORDS, view.gen, view.offset, view.length)
+        return Location(*view.location)
 
     def fill(self) -> float:
         """The share of the budget in slots some receiver still holds (0..1)."""
@@ -397,6 +395,11 @@ class SlabReader:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._segs: dict[str, Any] = {}
+        # Slabs already read from, with their geometry: slab name -> (segment,
+        # slot bytes, slots, offset of slot 0). Payloads naming their slots
+        # are read in place without Python (shm.oob_buffers); a slab is
+        # added here once a location in it checked out (view_at).
+        self.known: dict[str, tuple] = {}
         self.dropped = 0
 
     def segment(self, shm_name: str) -> Any:
@@ -413,7 +416,7 @@ class SlabReader:
                     return None
                 self._segs[shm_name] = seg
                 while len(self._segs) > _READ_LIMIT:
-                    self._segs.pop(next(iter(self._segs))).release()
+                    self._forget(next(iter(self._segs)))
             return seg
 
     def view(self, loc: Location) -> Any:
@@ -437,7 +440,12 @@ class SlabReader:
             if not seg.slot_check(_WORDS * slot, gen):
                 w = seg.word_load(_WORDS * slot)
                 raise ValueError(f"slot {slot} of {slab} moved on (generation {w >> _GEN_SHIFT}, not {gen})")
-            return shm.SlotView(seg, offset, length, True, _WORDS * slot, gen)
+            view = shm.SlotView(seg, offset, length, True, _WORDS * slot, gen)
+            if slab not in self.known:
+                with self._lock:
+                    if self._segs.get(slab) is seg:  # (not let go of meanwhile)
+                        self.known[slab] = (seg, slot_bytes, slots, _words_bytes(slots))
+            return view
         except (ValueError, TypeError, SageCommError) as e:
             self.dropped += 1
             raise DeserializationError(f"a buffer of a message cannot be read from the arena: {e}") from None
@@ -455,7 +463,12 @@ class SlabReader:
         """Lets go of slabs whose owner died (so shm.gc() can remove them)."""
         with self._lock:
             for name in [n for n, s in self._segs.items() if not shm.process_alive(s.stats()["creator_pid"], 0)]:
-                self._segs.pop(name).release()
+                self._forget(name)
+
+    def _forget(self, name: str) -> None:
+        # Off the known map first: a payload naming the slab then opens it again.
+        self.known.pop(name, None)
+        self._segs.pop(name).release()
 
 
 def fill(fills: list) -> None:

@@ -45,11 +45,13 @@ __all__ = [
     "host_id",
     "list_segments",
     "mapped_by_live_process",
+    "oob_buffers",
     "process_alive",
     "process_start_time",
     "segment_name",
     "shm_space",
     "unlink",
+    "whole_slot",
 ]
 
 PREFIX = "sage_rc."
@@ -74,6 +76,12 @@ SlotView = _core.SlotView
 # A bytes object's memory as a buffer pickle does not see as read-only, for
 # large bytes payloads (_codec.BigBytes; csrc/bindings.cpp says why).
 BytesBuffer = _core.BytesBuffer
+# An out-of-band payload (_codec.py) split into its pickle and its buffers,
+# arena slots of slabs already known read in place (csrc/oob.hpp; arena.py).
+oob_buffers = _core.oob_buffers
+# The SlotView a buffer about to be sent covers exactly (found through its
+# exporters: an array over a slot), or None (_codec.py sends it by location).
+whole_slot = _core.whole_slot
 # Words per arena slot: its state word, then the pids of its holders
 # (SLOT_NAMES of them), then, at SLOT_UNFILLED, the bytes its writer has
 # still to copy in (arena.py; csrc/slots.hpp).

@@ -383,18 +383,46 @@ def _location_record(frame: bytes) -> tuple[int, int]:
     return pos, ln & ~(1 << 63)
 
 
-def test_bad_locations_are_typed_errors_and_counted(arena):
+def _make_known(arena) -> None:
+    """Reads one buffer of ``arena``'s 1 MiB slab, so that the reader knows
+    the slab: later records naming it are checked and read in C++
+    (shm.oob_buffers) instead of by arena.READERS.view_at."""
+    got = decode_oob(memoryview(_frame(np.zeros(MiB // 8), arena)))
+    del got
+    assert len([n for n in READERS.known if arena.namespace in n]) == 1
+
+
+def test_a_known_slab_is_read_in_place_without_python_and_a_new_one_is_opened(arena):
+    frame = _frame(np.arange(MiB // 8, dtype=np.float64), arena)
+    _data, first = shm.oob_buffers(memoryview(frame), READERS.known)
+    assert type(first[0]) is tuple  # a slab never read from: its fields, for view_at to open it
+    name, _slot, gen, _offset, length = first[0]
+    assert name.startswith("/" + shm.PREFIX) and length == MiB and gen > 0
+    view = READERS.view_at(*first[0])
+    del view
+    frame = _frame(np.arange(MiB // 8, dtype=np.float64), arena)
+    _data, then = shm.oob_buffers(memoryview(frame), READERS.known)
+    assert type(then[0]) is shm.SlotView and (then[0].shm_name, then[0].length) == (name, MiB)
+    assert arena.in_use() == 1
+    del then
+    assert arena.in_use() == 0  # the view made in C++ lets go of its slot like any other
+
+
+@pytest.mark.parametrize("known", [False, True], ids=["first-read", "known-slab"])
+def test_bad_locations_are_typed_errors_and_counted(arena, known):
+    if known:
+        _make_known(arena)
     good = _frame(np.ones(MiB // 8), arena)
     pos, _ln = _location_record(good)
     before = READERS.dropped
+    slot, gen, offset, length, _nlen = struct.unpack_from("<QQQQH", good, pos)
     cases = {
         "slot past the slab": struct.pack("<Q", 999_999),
-        "offset moved": None,
-        "stale generation": None,
+        "offset moved": struct.pack("<QQQQ", slot, gen, offset + 4096, length),
+        "stale generation": struct.pack("<QQQQ", slot, gen + 1, offset, length),
+        "generation zero": struct.pack("<QQ", slot, 0),
+        "longer than its slot": struct.pack("<QQQQ", slot, gen, offset, length + 1),
     }
-    slot, gen, offset, length, _nlen = struct.unpack_from("<QQQQH", good, pos)
-    cases["offset moved"] = struct.pack("<QQQQ", slot, gen, offset + 4096, length)
-    cases["stale generation"] = struct.pack("<QQQQ", slot, gen + 1, offset, length)
     for patch in cases.values():
         bad = bytearray(good)
         bad[pos : pos + len(patch)] = patch
@@ -402,9 +430,13 @@ def test_bad_locations_are_typed_errors_and_counted(arena):
             decode_oob(memoryview(bytes(bad)))
     assert READERS.dropped == before + len(cases)
     assert decode_oob(memoryview(good)).sum() == MiB // 8  # the good one still reads
+    assert arena.in_use() == 0
 
 
-def test_the_location_decoder_survives_fuzzing(arena):
+@pytest.mark.parametrize("known", [False, True], ids=["first-read", "known-slab"])
+def test_the_location_decoder_survives_fuzzing(arena, known):
+    if known:
+        _make_known(arena)
     good = _frame(np.ones(MiB // 8), arena)
     pos, ln = _location_record(good)
     rng = random.Random(1234)
@@ -421,6 +453,60 @@ def test_the_location_decoder_survives_fuzzing(arena):
             outcomes["error"] += 1
     assert outcomes["error"] > 2500  # nearly every mutation is refused, with a typed error
     assert arena.in_use() <= 1  # and none leaves a slot held (the good frame's, unread, at most)
+
+
+def test_broken_layouts_are_refused_by_name(arena):
+    """Each check of the payload's layout (csrc/oob.hpp), with a payload
+    that fails it; the located buffer's slot is never taken for them."""
+    _make_known(arena)
+    good = _frame((np.ones(MiB // 8), np.ones(64)), arena)
+
+    def patched(at: int, fmt: str, *values: int) -> bytes:
+        bad = bytearray(good)
+        struct.pack_into(fmt, bad, at, *values)
+        return bytes(bad)
+
+    cases = {
+        "truncated header": good[:15],
+        "bad out-of-band header": patched(0, "<4s", b"XXXX"),
+        "bad out-of-band header ": patched(4, "<I", len(good) // 8 + 1),  # more buffers than it could list
+        f"pickle of {2**40} bytes overruns": patched(8, "<Q", 2**40),
+        "buffer of 4096 bytes overruns": patched(16 + 8, "<Q", 4096),  # the last buffer, past the end
+        "a buffer location of 10 bytes is truncated": patched(16, "<Q", (1 << 63) | 10),
+        "slab name does not match": patched(16, "<Q", (1 << 63) | 40),
+    }
+    for why, bad in cases.items():
+        with pytest.raises(ValueError, match=why.strip()):
+            decode_oob(memoryview(bad))
+    assert arena.in_use() == 1  # the good frame's holder, unread: none taken for the bad ones
+    assert decode_oob(memoryview(good))[0].sum() == MiB // 8
+
+
+def test_the_layout_decoder_survives_fuzzing(arena):
+    """The payload's head and buffer lengths (csrc/oob.hpp parses them),
+    mutated or cut short: a ValueError, or pickle's own error for a pickle
+    cut wrong; never a read past the payload (the ASan rerun checks that)."""
+    _make_known(arena)
+    good = _frame((np.ones(MiB // 8), np.ones(64)), arena)
+    _magic, nbufs, _plen = struct.unpack_from("<4sIQ", good, 0)
+    head = 16 + 8 * nbufs
+    rng = random.Random(4321)
+    layout = 0
+    for i in range(3000):
+        bad = bytearray(good)
+        if i % 4 == 0:
+            bad = bad[: rng.randrange(1, len(good))]
+        for _ in range(rng.randint(1, 4)):
+            bad[rng.randrange(min(head, len(bad)))] = rng.randrange(256)
+        try:
+            x = decode_oob(memoryview(bytes(bad)))
+            del x
+        except ValueError as e:
+            layout += "overruns" in str(e) or "header" in str(e)
+        except Exception:  # a pickle cut in the wrong place: pickle's own error
+            pass
+    assert layout > 2000  # the layout's own checks refuse nearly all of them
+    assert arena.in_use() <= 1
 
 
 def test_a_slot_released_twice_is_refused_and_counted(arena):
@@ -590,7 +676,7 @@ def test_a_fork_child_takes_its_own_name_off_a_slot_when_it_lets_go(arena):
         placed: list = []
         parts, _kind = encode_payload(x, "test", arena, p.pid, 5.0, placed)
         loc = placed[0][0]
-        seg = arena._own[loc.slab]
+        seg = READERS.segment(loc.slab)  # the same slab, mapped again
         word = loc.slot * shm.SLOT_WORDS
         names = lambda: [seg.word_load(word + 1 + i) for i in range(shm.SLOT_NAMES)]  # noqa: E731
         assert p.pid in names()
@@ -612,7 +698,7 @@ def test_the_unfilled_count_is_no_holder_name(arena):
 
     frame, fills = _unfilled_frame(np.ones(MiB // 8), arena)
     whole, word, _buf, _offset = fills[0]
-    seg = arena._own[whole.shm_name]
+    seg = READERS.segment(whole.shm_name)  # the same slab, mapped again
     assert seg.word_load(word + shm.SLOT_UNFILLED) == MiB
     assert arena.stats()["reclaimed"] == 0
     assert sum(s.reclaim() for slabs in arena._slabs.values() for s in slabs) == 0  # nothing taken back

@@ -120,4 +120,6 @@ def test_queue_tests_pass_under_asan_and_ubsan(tmp_path):
     assert "test_non_contiguous_array_still_round_trips PASSED" in r.stdout
     assert "1 deselected" in r.stdout
     assert "test_the_caller_and_a_replica_in_another_process_never_both_win PASSED" in r.stdout
-    assert "test_the_location_decoder_survives_fuzzing PASSED" in r.stdout
+    assert "test_the_location_decoder_survives_fuzzing[known-slab] PASSED" in r.stdout
+    assert "test_the_layout_decoder_survives_fuzzing PASSED" in r.stdout
+    assert "test_broken_layouts_are_refused_by_name PASSED" in r.stdout

@@ -1,0 +1,106 @@
+// The layout of an out-of-band payload (sage_ray_comm/_codec.py writes it):
+// parsed here so that a receiver of a large array does not pay for it in
+// Python. No Python here; the binding turns the outcomes into objects.
+//
+//   [ head: magic "SQ5B", buffer count (u32), pickle length (u64) ]
+//   [ buffer lengths: u64 each; the top bit set: a location record ]
+//   [ pickle ][ pad to 16 ][ buffer 0 ][ pad to 16 ][ buffer 1 ] ...
+//
+// A location record names an arena slot instead of carrying the buffer:
+//   slot, generation, offset, length (u64 each), name length (u16), name.
+// Every field is read with memcpy (the payload need not be aligned) and every
+// length is checked against what is left before it is used.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace sage::oob {
+
+constexpr char kMagic[4] = {'S', 'Q', '5', 'B'};
+constexpr uint64_t kHeadSize = 4 + 4 + 8;
+constexpr uint64_t kAlign = 16;
+constexpr uint64_t kLenSize = 8;
+constexpr uint64_t kLocated = 1ULL << 63;
+constexpr uint64_t kRecordFixed = 4 * 8 + 2;  // slot, generation, offset, length; name length
+
+enum class Status : int {
+  kOk = 0,
+  kTruncatedHead = 1,    // shorter than the head
+  kBadHead = 2,          // wrong magic, or more buffers than the payload could list
+  kPickleOverruns = 3,   // the pickle runs past the end
+  kBufferOverruns = 4,   // a buffer runs past the end
+  kRecordTruncated = 5,  // a location record shorter than its fixed fields
+  kRecordName = 6,       // a location record whose name length disagrees with its size
+};
+
+// Where something lies in the payload.
+struct Span {
+  uint64_t pos = 0, len = 0;
+  bool located = false;  // a location record, not the buffer's bytes
+};
+
+struct Record {
+  uint64_t slot = 0, gen = 0, offset = 0, length = 0;
+  uint64_t name_pos = 0, name_len = 0;  // of the slab's name, in the record
+};
+
+inline uint64_t load_u64(const uint8_t* p) {
+  uint64_t v;
+  std::memcpy(&v, p, sizeof v);
+  return v;  // little-endian, as the writer's struct format says ("<"); so is every host we build for
+}
+
+// Splits the payload `p` of `n` bytes: the pickle into *pickle, each buffer
+// into *bufs. On kBufferOverruns, *detail is that buffer's length; on
+// kPickleOverruns, the pickle's.
+inline Status parse(const uint8_t* p, uint64_t n, Span* pickle, std::vector<Span>* bufs, uint64_t* detail) {
+  if (n < kHeadSize) return Status::kTruncatedHead;
+  uint32_t count;
+  std::memcpy(&count, p + 4, sizeof count);
+  uint64_t plen = load_u64(p + 8);
+  if (std::memcmp(p, kMagic, sizeof kMagic) != 0 || count > n / kLenSize) return Status::kBadHead;
+  uint64_t pos = kHeadSize;
+  if (uint64_t(count) * kLenSize > n - pos) return Status::kBadHead;
+  const uint8_t* lens = p + pos;
+  pos += uint64_t(count) * kLenSize;
+  if (plen > n - pos) {
+    *detail = plen;
+    return Status::kPickleOverruns;
+  }
+  *pickle = Span{pos, plen, false};
+  pos += plen;
+  bufs->clear();
+  bufs->reserve(count);
+  for (uint32_t i = 0; i < count; ++i) {
+    uint64_t ln = load_u64(lens + uint64_t(i) * kLenSize);
+    bool located = (ln & kLocated) != 0;
+    ln &= ~kLocated;
+    pos += (kAlign - pos % kAlign) % kAlign;
+    if (pos > n || ln > n - pos) {
+      *detail = ln;
+      return Status::kBufferOverruns;
+    }
+    bufs->push_back(Span{pos, ln, located});
+    pos += ln;
+  }
+  return Status::kOk;
+}
+
+// Reads the location record `p` of `n` bytes into *r.
+inline Status parse_record(const uint8_t* p, uint64_t n, Record* r) {
+  if (n < kRecordFixed) return Status::kRecordTruncated;
+  r->slot = load_u64(p);
+  r->gen = load_u64(p + 8);
+  r->offset = load_u64(p + 16);
+  r->length = load_u64(p + 24);
+  uint16_t nlen;
+  std::memcpy(&nlen, p + 32, sizeof nlen);
+  if (kRecordFixed + nlen != n) return Status::kRecordName;
+  r->name_pos = kRecordFixed;
+  r->name_len = nlen;
+  return Status::kOk;
+}
+
+}  // namespace sage::oob
