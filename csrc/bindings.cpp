@@ -610,7 +610,8 @@ constexpr int kWholeSlotDepth = 8;
 py::object whole_slot(py::handle raw) {
   if (!PyMemoryView_Check(raw.ptr())) return py::none();
   const Py_ssize_t nbytes = PyMemoryView_GET_BUFFER(raw.ptr())->len;
-  auto* slot_type = reinterpret_cast<PyTypeObject*>(py::type::of<SlotView>().ptr());
+  // Looked up once: the type lives as long as the module, which is never unloaded.
+  static auto* const slot_type = reinterpret_cast<PyTypeObject*>(py::type::of<SlotView>().ptr());
   py::object x = py::reinterpret_borrow<py::object>(PyMemoryView_GET_BUFFER(raw.ptr())->obj);
   for (int i = 0; i < kWholeSlotDepth && x && !x.is_none(); ++i) {
     if (PyObject_TypeCheck(x.ptr(), slot_type)) {
@@ -669,7 +670,10 @@ py::tuple oob_buffers(py::handle payload, const py::dict& known) {
   View held(view.ptr());
   const auto* p = static_cast<const uint8_t*>(held.b.buf);
   const auto n = uint64_t(held.b.len);
-  const std::string of_n = " overruns the " + std::to_string(n) + "-byte message";
+  auto overruns = [n](const char* what, uint64_t len) {
+    return py::value_error(std::string(what) + " of " + fmt_bytes(len) + " overruns the " + std::to_string(n) +
+                           "-byte message");
+  };
   sage::oob::Span pickle;
   std::vector<sage::oob::Span> spans;
   uint64_t detail = 0;
@@ -679,9 +683,9 @@ py::tuple oob_buffers(py::handle payload, const py::dict& known) {
     case sage::oob::Status::kTruncatedHead:
       throw py::value_error("truncated header (" + fmt_bytes(n) + ")");
     case sage::oob::Status::kPickleOverruns:
-      throw py::value_error("pickle of " + fmt_bytes(detail) + of_n);
+      throw overruns("pickle", detail);
     case sage::oob::Status::kBufferOverruns:
-      throw py::value_error("buffer of " + fmt_bytes(detail) + of_n);
+      throw overruns("buffer", detail);
     default:
       throw py::value_error("bad out-of-band header");
   }
