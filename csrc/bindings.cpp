@@ -715,6 +715,99 @@ py::tuple oob_buffers(py::handle payload, const py::dict& known) {
   return py::make_tuple(slice(pickle.pos, pickle.len), std::move(out));
 }
 
+// A location record's bytes (oob.hpp): the slot `slot` (at generation
+// `gen`) of the slab `slab`, holding `length` bytes at `offset`.
+py::bytes location_record(const std::string& slab, uint64_t slot, uint64_t gen, uint64_t offset, uint64_t length) {
+  if (slab.size() > sage::oob::kMaxName)
+    throw py::value_error("a slab name of " + std::to_string(slab.size()) + " bytes is too long for a location record");
+  sage::oob::Record r;
+  r.slot = slot;
+  r.gen = gen;
+  r.offset = offset;
+  r.length = length;
+  r.name_len = slab.size();
+  std::string out(sage::oob::record_size(slab.size()), '\0');
+  sage::oob::write_record(reinterpret_cast<uint8_t*>(out.data()), r, slab.data());
+  return py::bytes(out);
+}
+
+// If `raw` is the buffer of a whole arena slot (see whole_slot): one more
+// holder of the slot, for the receiver `pid`, and (location record, its
+// fields as arena.Location's). None if it is not one, or its slot moved on
+// (then the sender copies the buffer). One call, where Python took five.
+py::object hold_slot(py::handle raw, uint64_t pid) {
+  py::object v = whole_slot(raw);
+  if (v.is_none()) return v;
+  SlotView& view = v.cast<SlotView&>();
+  if (view.word() < 0 || view.shm_name().size() > sage::oob::kMaxName || !view.hold(pid)) return py::none();
+  uint64_t slot = uint64_t(view.word()) / sage::kSlotWords;
+  return py::make_tuple(location_record(view.shm_name(), slot, view.gen(), view.offset(), view.length()),
+                        view.location());
+}
+
+// The parts of an out-of-band payload (oob.hpp's layout), to be written back
+// to back: its pickle `data`, then `items`, each a location record (bytes)
+// or a buffer to carry (anything else with the buffer protocol). Head,
+// lengths, padding and records are joined into few bytes objects; a pickle
+// above kJoinPickleMax and every carried buffer stay parts of their own, so
+// nothing large is copied here (the ring copies them once).
+constexpr Py_ssize_t kJoinPickleMax = 4096;
+
+py::list oob_frame(const py::bytes& data, const py::list& items) {
+  const size_t count = items.size();
+  if (count > UINT32_MAX) throw py::value_error("too many buffers for one message: " + std::to_string(count));
+  std::vector<uint64_t> lens(count);
+  for (size_t i = 0; i < count; ++i) {
+    PyObject* it = PyList_GET_ITEM(items.ptr(), Py_ssize_t(i));
+    if (PyBytes_CheckExact(it)) {
+      lens[i] = uint64_t(PyBytes_GET_SIZE(it)) | sage::oob::kLocated;
+    } else if (PyMemoryView_Check(it)) {
+      lens[i] = uint64_t(PyMemoryView_GET_BUFFER(it)->len);
+    } else {
+      View v(it);
+      lens[i] = uint64_t(v.b.len);
+    }
+  }
+  const Py_ssize_t plen = PyBytes_GET_SIZE(data.ptr());
+  const bool join_pickle = plen <= kJoinPickleMax;
+  std::string acc;
+  acc.reserve(sage::oob::kHeadSize + count * (sage::oob::kLenSize + sage::oob::kAlign + 128) +
+              (join_pickle ? size_t(plen) : 0));
+  acc.resize(sage::oob::kHeadSize + count * sage::oob::kLenSize);
+  auto* head = reinterpret_cast<uint8_t*>(acc.data());
+  sage::oob::write_head(head, uint32_t(count), uint64_t(plen));
+  for (size_t i = 0; i < count; ++i)
+    sage::oob::store_u64(head + sage::oob::kHeadSize + i * sage::oob::kLenSize, lens[i]);
+  py::list parts;
+  auto flush = [&]() {
+    if (!acc.empty()) parts.append(py::bytes(acc));
+    acc.clear();
+  };
+  if (join_pickle) {
+    acc.append(PyBytes_AS_STRING(data.ptr()), size_t(plen));
+  } else {
+    flush();
+    parts.append(data);
+  }
+  uint64_t pos = sage::oob::kHeadSize + count * sage::oob::kLenSize + uint64_t(plen);
+  for (size_t i = 0; i < count; ++i) {
+    uint64_t p = sage::oob::pad(pos);
+    acc.append(size_t(p), '\0');
+    pos += p;
+    PyObject* it = PyList_GET_ITEM(items.ptr(), Py_ssize_t(i));
+    if (lens[i] & sage::oob::kLocated) {
+      acc.append(PyBytes_AS_STRING(it), size_t(PyBytes_GET_SIZE(it)));
+      pos += lens[i] & ~sage::oob::kLocated;
+    } else {
+      flush();
+      parts.append(py::handle(it));
+      pos += lens[i];
+    }
+  }
+  flush();
+  return parts;
+}
+
 // A bytes object's memory as a buffer that pickle does not see as read-only.
 // A large bytes argument pickles as one out-of-band buffer over it; over a
 // read-only buffer pickle adds a READONLY_BUFFER step, and that step makes
@@ -965,6 +1058,10 @@ PYBIND11_MODULE(_core, m) {
       .def_property_readonly("data", &BytesBuffer::data);
   m.def("oob_buffers", &oob_buffers, py::arg("payload"), py::arg("known"));
   m.def("whole_slot", &whole_slot, py::arg("raw"));
+  m.def("hold_slot", &hold_slot, py::arg("raw"), py::arg("pid"));
+  m.def("oob_frame", &oob_frame, py::arg("data"), py::arg("items"));
+  m.def("location_record", &location_record, py::arg("slab"), py::arg("slot"), py::arg("gen"), py::arg("offset"),
+        py::arg("length"));
   m.def("stale_releases", []() { return g_stale_releases.load(); });
   m.def("reads_while_filling", []() { return g_reads_while_filling.load(); });
   m.def("process_alive", &sage::process_alive, py::arg("pid"), py::arg("start_time") = 0);

@@ -1,6 +1,7 @@
-// The layout of an out-of-band payload (sage_ray_comm/_codec.py writes it):
-// parsed here so that a receiver of a large array does not pay for it in
-// Python. No Python here; the binding turns the outcomes into objects.
+// The layout of an out-of-band payload, written and parsed here (and only
+// here) so that neither the sender nor the receiver of a large array pays
+// for it in Python. No Python here; the binding turns the outcomes into
+// objects (shm.oob_frame, shm.hold_slot, shm.oob_buffers).
 //
 //   [ head: magic "SQ5B", buffer count (u32), pickle length (u64) ]
 //   [ buffer lengths: u64 each; the top bit set: a location record ]
@@ -24,6 +25,7 @@ constexpr uint64_t kAlign = 16;
 constexpr uint64_t kLenSize = 8;
 constexpr uint64_t kLocated = 1ULL << 63;
 constexpr uint64_t kRecordFixed = 4 * 8 + 2;  // slot, generation, offset, length; name length
+constexpr uint64_t kMaxName = 0xFFFF;         // the name length is a u16
 
 enum class Status : int {
   kOk = 0,
@@ -45,6 +47,15 @@ struct Record {
   uint64_t slot = 0, gen = 0, offset = 0, length = 0;
   uint64_t name_pos = 0, name_len = 0;  // of the slab's name, in the record
 };
+
+// Bytes of padding that bring `pos` to the next buffer's alignment.
+inline uint64_t pad(uint64_t pos) {
+  return (kAlign - pos % kAlign) % kAlign;
+}
+
+inline void store_u64(uint8_t* p, uint64_t v) {
+  std::memcpy(p, &v, sizeof v);
+}
 
 inline uint64_t load_u64(const uint8_t* p) {
   uint64_t v;
@@ -101,6 +112,34 @@ inline Status parse_record(const uint8_t* p, uint64_t n, Record* r) {
   r->name_pos = kRecordFixed;
   r->name_len = nlen;
   return Status::kOk;
+}
+
+// ------------------------------------------------------------------ writing
+
+// Writes the head (kHeadSize bytes) of a payload of `count` buffers whose
+// pickle is `plen` bytes; the `count` buffer lengths follow it.
+inline void write_head(uint8_t* p, uint32_t count, uint64_t plen) {
+  std::memcpy(p, kMagic, sizeof kMagic);
+  std::memcpy(p + 4, &count, sizeof count);
+  store_u64(p + 8, plen);
+}
+
+// The size of a location record naming a slab by a name of `name_len` bytes.
+inline uint64_t record_size(uint64_t name_len) {
+  return kRecordFixed + name_len;
+}
+
+// Writes the location record `r` (its name_len bytes of `name`) at `p`,
+// record_size(r.name_len) bytes; parse_record reads it back. The caller
+// checked r.name_len <= kMaxName.
+inline void write_record(uint8_t* p, const Record& r, const char* name) {
+  store_u64(p, r.slot);
+  store_u64(p + 8, r.gen);
+  store_u64(p + 16, r.offset);
+  store_u64(p + 24, r.length);
+  uint16_t nlen = uint16_t(r.name_len);
+  std::memcpy(p + 32, &nlen, sizeof nlen);
+  std::memcpy(p + kRecordFixed, name, r.name_len);
 }
 
 }  // namespace sage::oob

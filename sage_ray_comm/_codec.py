@@ -18,7 +18,6 @@ import copyreg
 import io
 import itertools
 import pickle
-import struct
 import sys
 import threading
 from typing import Any
@@ -53,18 +52,12 @@ KIND_PICKLE_OOB = 3  # pickle protocol 5 plus out-of-band buffers (numpy...)
 
 
 # KIND_PICKLE_OOB payload: header, buffer lengths, pickle, then each buffer at
-# a 16-byte aligned offset (so numpy views of it are aligned). Written here,
-# read by csrc/oob.hpp (shm.oob_buffers): a change is made in both.
-_OOB_HEAD = struct.Struct("<4sIQ")  # magic, buffer count, pickle length
-_OOB_MAGIC = b"SQ5B"
-_ALIGN = 16
-_ZEROS = bytes(_ALIGN)
+# a 16-byte aligned offset (so numpy views of it are aligned), or in its
+# place the record of an arena slot that holds it. csrc/oob.hpp alone lays it
+# out (shm.oob_frame, shm.hold_slot, shm.location_record) and reads it
+# (shm.oob_buffers).
 # Out-of-band buffers totalling less than this are cheaper in-band.
 _OOB_MIN = 1024
-
-
-def _pad(n: int) -> int:
-    return (-n) % _ALIGN
 
 
 # Plain pickle names classes and functions by module; one defined in a script
@@ -352,30 +345,7 @@ def encode_payload(
         return [dumps(obj)], KIND_PICKLE  # tiny: the frame header costs more
     if arena is not None and biggest >= ARENA_MIN_BYTES:
         raws = _locate(raws, arena, reader_pid, timeout, placed, fills)
-    parts: list = [_OOB_HEAD.pack(_OOB_MAGIC, len(raws), len(data)), b"", data]
-    lens = []
-    offset = _OOB_HEAD.size + 8 * len(raws) + len(data)
-    for r in raws:
-        if type(r) is bytes:  # a location record
-            n = len(r)
-            lens.append(n | _LOCATED)
-        else:
-            n = r.nbytes
-            lens.append(n)
-        p = _pad(offset)
-        if p:
-            parts.append(_ZEROS[:p])
-            offset += p
-        parts.append(r)
-        offset += n
-    parts[1] = struct.pack(f"<{len(lens)}Q", *lens)
-    return parts, KIND_PICKLE_OOB
-
-
-# A buffer-length entry with this bit set is a location record (an arena
-# slot), not the buffer's bytes: _LOC's fields, then the slab's name.
-_LOCATED = 1 << 63
-_LOC = struct.Struct("<QQQQH")  # slot, generation, offset, length, length of the slab's name
+    return shm.oob_frame(data, raws), KIND_PICKLE_OOB
 
 
 def _locate(
@@ -386,28 +356,33 @@ def _locate(
     done: list = []
     try:
         for r in raws:
-            if r.nbytes < ARENA_MIN_BYTES or not arena.fits(r.nbytes):
-                if r.nbytes >= ARENA_MIN_BYTES:
-                    arena.too_big(r.nbytes)
+            n = r.nbytes
+            if n < ARENA_MIN_BYTES:
                 out.append(r)
                 continue
-            view = shm.whole_slot(r)  # an array received, or made in an arena: its slot
-            sent = r.obj.data if type(r.obj) is shm.BytesBuffer else r.obj if type(r.obj) is bytes else None
-            if view is None and sent is not None:
-                view = loans.kept_view(sent)  # large bytes received and sent on: their slot, not a copy
-            loc = arena.hold(view, reader_pid) if view is not None else None
-            if loc is not None:
+            held = shm.hold_slot(r, reader_pid)  # an array received, or made in an arena: its own slot
+            if held is not None:
+                record, fields = held
+                done.append(fields)
+                out.append(record)
                 # Sent without a copy: the sender's array must not change what the receiver sees.
                 flags = getattr(r.obj, "flags", None)
                 if flags is not None and getattr(flags, "writeable", False):
                     flags.writeable = False
-            else:
+                continue
+            if not arena.fits(n):
+                arena.too_big(n)
+                out.append(r)
+                continue
+            sent = r.obj.data if type(r.obj) is shm.BytesBuffer else r.obj if type(r.obj) is bytes else None
+            view = loans.kept_view(sent) if sent is not None else None  # large bytes received and sent on
+            loc = arena.hold(view, reader_pid) if view is not None else None
+            if loc is None:
                 loc = arena.place(r, reader_pid, timeout, fills)
             done.append(loc)
             if sent is not None:
                 loans.note_sent(loc.slab, loc.slot, loc.gen, sent)  # a reply naming this slot gets them back
-            name = loc.slab.encode()
-            out.append(_LOC.pack(loc.slot, loc.gen, loc.offset, loc.length, len(name)) + name)
+            out.append(shm.location_record(*loc))
     except BaseException:
         abandon([(loc, reader_pid) for loc in done])
         raise
@@ -418,7 +393,8 @@ def _locate(
 
 def abandon(placed: list) -> None:
     """Lets go of the holders taken for a payload that was never sent:
-    ``placed`` as :func:`encode_payload` filled it, (location, receiver pid)."""
+    ``placed`` as :func:`encode_payload` filled it: (location, or its fields
+    as shm.hold_slot gives them; receiver pid)."""
     for loc, reader_pid in placed:
         arena.READERS.let_go(loc, reader_pid)
 

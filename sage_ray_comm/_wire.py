@@ -131,7 +131,7 @@ __all__ = [
 # tuples change shape; a caller and a replica that differ get ProtocolMismatch.
 # 2: Request gained ``trace``, and the header's trace field is filled.
 # 3: the cancellation id is filled (claims.py), and an out-of-band body may
-#    carry arena locations instead of buffers (_codec._LOCATED).
+#    carry arena locations instead of buffers (csrc/oob.hpp).
 # 4: an arena slot's words name its holders (arena.py): a receiver of
 #    version 3 would let go of slots of version 4 at the wrong words.
 # 5: numpy arrays pickle as arrays.rebuild_array (a version 4 receiver has no

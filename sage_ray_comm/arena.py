@@ -450,14 +450,16 @@ class SlabReader:
             self.dropped += 1
             raise DeserializationError(f"a buffer of a message cannot be read from the arena: {e}") from None
 
-    def let_go(self, loc: Location, reader_pid: int) -> None:
+    def let_go(self, loc: Location | tuple, reader_pid: int) -> None:
         """Takes away the holder a sender gave ``reader_pid`` at ``loc`` (for a
         message that was never sent): that receiver's pid off the slot's list,
-        then one holder fewer, if the slot is still at its generation."""
-        seg = self.segment(loc.slab)
+        then one holder fewer, if the slot is still at its generation.
+        ``loc``: a Location, or its fields as shm.hold_slot gives them."""
+        slab, slot, gen = loc[0], loc[1], loc[2]
+        seg = self.segment(slab)
         if seg is None:
             return  # the slab is gone: nothing held
-        seg.slot_release(_WORDS * loc.slot, loc.gen, reader_pid)
+        seg.slot_release(_WORDS * slot, gen, reader_pid)
 
     def prune(self) -> None:
         """Lets go of slabs whose owner died (so shm.gc() can remove them)."""

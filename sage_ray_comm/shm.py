@@ -42,10 +42,13 @@ __all__ = [
     "default_namespace",
     "gc",
     "gc_buses",
+    "hold_slot",
     "host_id",
     "list_segments",
+    "location_record",
     "mapped_by_live_process",
     "oob_buffers",
+    "oob_frame",
     "process_alive",
     "process_start_time",
     "segment_name",
@@ -82,6 +85,13 @@ oob_buffers = _core.oob_buffers
 # The SlotView a buffer about to be sent covers exactly (found through its
 # exporters: an array over a slot), or None (_codec.py sends it by location).
 whole_slot = _core.whole_slot
+# The sender's side of both: one more holder of a whole slot about to be sent,
+# and its location record, in one call (or None: the buffer is copied); and
+# the parts of an out-of-band payload, head, lengths and records laid out
+# (csrc/oob.hpp writes the layout it reads).
+hold_slot = _core.hold_slot
+oob_frame = _core.oob_frame
+location_record = _core.location_record
 # Words per arena slot: its state word, then the pids of its holders
 # (SLOT_NAMES of them), then, at SLOT_UNFILLED, the bytes its writer has
 # still to copy in (arena.py; csrc/slots.hpp).

@@ -509,6 +509,80 @@ def test_the_layout_decoder_survives_fuzzing(arena):
     assert arena.in_use() <= 1
 
 
+def _layout(frame: bytes) -> tuple[bytes, bytes, list[tuple[bool, bytes, int]]]:
+    """The layout csrc/oob.hpp draws, read here independently of it: magic,
+    pickle, and each item as (a location record?, its bytes, its offset)."""
+    magic, nbufs, plen = struct.unpack_from("<4sIQ", frame, 0)
+    lens = struct.unpack_from(f"<{nbufs}Q", frame, 16)
+    pos = 16 + 8 * nbufs
+    pickled = frame[pos : pos + plen]
+    pos += plen
+    items = []
+    for ln in lens:
+        pos += (-pos) % 16
+        n = ln & ~(1 << 63)
+        items.append((bool(ln >> 63), frame[pos : pos + n], pos))
+        pos += n
+    assert pos == len(frame)  # nothing after the last item
+    return magic, pickled, items
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_the_frame_writer_lays_out_what_an_independent_reader_reads(seed):
+    """shm.oob_frame (the sender's side of csrc/oob.hpp) against a reader
+    written from the drawing, and against shm.oob_buffers: pickles of every
+    size around the joining limit, buffers and location records mixed."""
+    rng = random.Random(seed)
+    for _ in range(200):
+        data = rng.randbytes(rng.choice([0, 1, 15, 17, 300, 4096, 4097, 20000]))
+        items: list = []
+        fields = []
+        for _ in range(rng.randint(0, 5)):
+            if rng.random() < 0.5:
+                f = ("/" + shm.PREFIX + "s" * rng.randint(0, 40), *(rng.getrandbits(40) for _ in range(4)))
+                fields.append(f)
+                items.append(shm.location_record(*f))
+            else:
+                items.append(memoryview(rng.randbytes(rng.choice([1, 16, 1000, 70000]))))
+        parts = shm.oob_frame(data, items)
+        frame = b"".join(bytes(p) for p in parts)
+        magic, pickled, got = _layout(frame)
+        assert magic == b"SQ5B" and pickled == data
+        assert [(type(i) is bytes, bytes(i)) for i in items] == [(located, b) for located, b, _ in got]
+        assert all(pos % 16 == 0 for _, _, pos in got)  # numpy views of a buffer are aligned
+        # Nothing large is copied here: each carried buffer, and a large pickle, is a part of its own.
+        assert [id(p) for p in parts if type(p) is memoryview] == [id(i) for i in items if type(i) is memoryview]
+        assert any(p is data for p in parts) == (len(data) > 4096)
+        # The receiver's side reads back the same pickle, buffers and locations.
+        pk, bufs = shm.oob_buffers(memoryview(frame), {})
+        assert bytes(pk) == data
+        assert [b if type(b) is tuple else bytes(b) for b in bufs] == [
+            fields.pop(0) if type(i) is bytes else bytes(i) for i in items
+        ]
+
+
+def test_a_slab_name_too_long_for_a_record_is_refused():
+    with pytest.raises(ValueError, match="70000 bytes is too long"):
+        shm.location_record("x" * 70000, 0, 1, 0, 1)
+
+
+def test_hold_slot_holds_a_whole_slot_for_its_receiver_and_nothing_else(arena):
+    made = arena.array((MiB // 8,), "float64")
+    made[:] = 2.0
+    # Memory of the process's heap, or part of a slot: not held, the sender copies it.
+    assert shm.hold_slot(pickle.PickleBuffer(np.ones(MiB // 8)).raw(), os.getpid()) is None
+    assert shm.hold_slot(pickle.PickleBuffer(made[: MiB // 16]).raw(), os.getpid()) is None
+    record, loc = shm.hold_slot(pickle.PickleBuffer(made).raw(), os.getpid())
+    _pk, (fields,) = shm.oob_buffers(memoryview(b"".join(shm.oob_frame(b"", [record]))), {})
+    assert fields == loc and loc[4] == MiB
+    del made  # the maker lets go; the holder taken for the receiver keeps the slot
+    assert arena.in_use() == 1
+    view = READERS.view(Location(*loc))
+    assert np.frombuffer(view, dtype=np.float64).sum() == 2.0 * (MiB // 8)
+    del view  # the receiver's holder goes with its last view
+    assert arena.in_use() == 0
+
+
 def test_a_slot_released_twice_is_refused_and_counted(arena):
     from sage_ray_comm import _core
 

@@ -123,3 +123,5 @@ def test_queue_tests_pass_under_asan_and_ubsan(tmp_path):
     assert "test_the_location_decoder_survives_fuzzing[known-slab] PASSED" in r.stdout
     assert "test_the_layout_decoder_survives_fuzzing PASSED" in r.stdout
     assert "test_broken_layouts_are_refused_by_name PASSED" in r.stdout
+    assert "test_the_frame_writer_lays_out_what_an_independent_reader_reads[2] PASSED" in r.stdout
+    assert "test_hold_slot_holds_a_whole_slot_for_its_receiver_and_nothing_else PASSED" in r.stdout
