@@ -23,7 +23,7 @@ import threading
 from typing import Any
 
 from . import arena, arrays, loans, shm, tensors
-from .arena import ARENA_MIN_BYTES
+from .arena import ARENA_MIN_BYTES, HELD_MIN_BYTES
 from .errors import DeserializationError, SerializationError
 
 __all__ = [
@@ -278,13 +278,15 @@ def wrap_big_bytes(values: Any) -> Any:
 _BIG_LOOK = 32
 
 
-def big_buffers(value: Any) -> bool:
+def big_buffers(value: Any, least: int = HELD_MIN_BYTES) -> bool:
     """Whether a value has a buffer for the arena: itself, or one of its
-    items (a tuple, list or dict of them), of ARENA_MIN_BYTES or more."""
+    items (a tuple, list or dict of them), of ``least`` bytes or more (by
+    default HELD_MIN_BYTES: from there one that is a whole slot goes by its
+    location)."""
     items = value.values() if type(value) is dict else value if type(value) in (tuple, list) else (value,)
     for v in itertools.islice(items, _BIG_LOOK):
         n = len(v) if type(v) is bytes else getattr(v, "nbytes", 0)
-        if type(n) is int and n >= ARENA_MIN_BYTES:
+        if type(n) is int and n >= least:
             return True
     return False
 
@@ -304,7 +306,8 @@ def encode_payload(
     ARENA_MIN_BYTES or more go into a slot of it, and the payload carries
     their location: once into the arena, and read in place by the receiver
     (``reader_pid``: who lets go of them; ``timeout``: how long to wait for a
-    slot). A buffer that already lives in a slot is not copied at all.
+    slot). A buffer that already is a whole slot (HELD_MIN_BYTES or more)
+    is not copied at all.
     ``placed`` collects the locations, for the caller to abandon if the
     payload is never sent (:func:`abandon`). ``fills``, if given, collects
     the copies into slots instead of making them: the caller makes them
@@ -343,7 +346,7 @@ def encode_payload(
             biggest = n
     if total < _OOB_MIN:
         return [dumps(obj)], KIND_PICKLE  # tiny: the frame header costs more
-    if arena is not None and biggest >= ARENA_MIN_BYTES:
+    if arena is not None and biggest >= HELD_MIN_BYTES:
         raws = _locate(raws, arena, reader_pid, timeout, placed, fills)
     return shm.oob_frame(data, raws), KIND_PICKLE_OOB
 
@@ -357,7 +360,7 @@ def _locate(
     try:
         for r in raws:
             n = r.nbytes
-            if n < ARENA_MIN_BYTES:
+            if n < HELD_MIN_BYTES:
                 out.append(r)
                 continue
             held = shm.hold_slot(r, reader_pid)  # an array received, or made in an arena: its own slot
@@ -370,9 +373,10 @@ def _locate(
                 if flags is not None and getattr(flags, "writeable", False):
                     flags.writeable = False
                 continue
-            if not arena.fits(n):
-                arena.too_big(n)
-                out.append(r)
+            if n < ARENA_MIN_BYTES or not arena.fits(n):
+                if n >= ARENA_MIN_BYTES:
+                    arena.too_big(n)
+                out.append(r)  # copied with the frame
                 continue
             sent = r.obj.data if type(r.obj) is shm.BytesBuffer else r.obj if type(r.obj) is bytes else None
             view = loans.kept_view(sent) if sent is not None else None  # large bytes received and sent on

@@ -45,7 +45,7 @@ from ._wire import (
     encode_request,
     request_tuple,
 )
-from .arena import Arena, ArenaOwner, fill
+from .arena import ARENA_MIN_BYTES, Arena, ArenaOwner, fill
 from .blobs import SegmentBlob
 from .claims import EXPIRED, ClaimTable
 from .errors import (
@@ -476,7 +476,7 @@ class ShmTransport(Transport, ArenaOwner):
         the slots are free once the last subscriber lets go. ``payload``
         itself when it has none, or the arena has no free slot now (a
         publisher never waits)."""
-        if not big_buffers(payload):
+        if not big_buffers(payload, ARENA_MIN_BYTES):  # only buffers the arena takes are written once
             return payload
         try:
             parts, kind = encode_payload(wrap_big_bytes(payload), "an event", self.own_arena(), 0, 0.0)

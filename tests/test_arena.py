@@ -28,7 +28,7 @@ from sage_ray_comm._codec import (
     encode_payload,
     wrap_big_bytes,
 )
-from sage_ray_comm.arena import ARENA_MIN_BYTES, READERS, Arena, ArenaOwner, Location
+from sage_ray_comm.arena import ARENA_MIN_BYTES, HELD_MIN_BYTES, READERS, Arena, ArenaOwner, Location
 from sage_ray_comm.loans import drop_kept, keep_slots, track_sent, untrack_sent
 
 MiB = 1 << 20
@@ -206,6 +206,26 @@ def test_small_buffers_stay_in_the_frame(arena):
     x = np.ones(ARENA_MIN_BYTES // 8 - 1)
     frame = _frame(x, arena)
     assert len(frame) > x.nbytes and arena.stats()["slabs"] == 0
+
+
+@pytest.mark.parametrize("kib", [64, 256])
+def test_an_array_made_in_shared_memory_goes_by_location_below_the_copy_threshold(arena, kib):
+    """From HELD_MIN_BYTES, a buffer that already is a whole slot is never
+    copied (the ring would copy it in and out); a buffer of the same size on
+    the heap, or a smaller one, rides the frame."""
+    assert HELD_MIN_BYTES <= kib * 1024 < ARENA_MIN_BYTES
+    made = arena.array((kib * 128,), "float64")
+    made[:] = 5.0
+    frame = _frame(made, arena, pid=os.getpid())
+    assert len(frame) < 4096 and arena.stats()["copies"] == 0  # a location record, no bytes
+    got = decode_oob(memoryview(frame))
+    assert got.sum() == 5.0 * kib * 128 and not got.flags.writeable and not made.flags.writeable
+    assert len(_frame(np.ones(kib * 128), arena)) > kib * 1024  # heap memory: in the frame
+    small = arena.array((HELD_MIN_BYTES // 8 - 1,), "float64")
+    assert len(_frame(small, arena)) > small.nbytes  # under the threshold: in the frame
+    assert arena.stats()["copies"] == 0
+    del got, made, small
+    assert arena.in_use() == 0
 
 
 def test_a_full_arena_waits_for_a_slot_then_times_out():
