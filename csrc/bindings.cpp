@@ -739,7 +739,7 @@ py::object hold_slot(py::handle raw, uint64_t pid) {
   py::object v = whole_slot(raw);
   if (v.is_none()) return v;
   SlotView& view = v.cast<SlotView&>();
-  if (view.word() < 0 || view.shm_name().size() > sage::oob::kMaxName || !view.hold(pid)) return py::none();
+  if (view.shm_name().size() > sage::oob::kMaxName || !view.hold(pid)) return py::none();  // hold: a slot's view
   uint64_t slot = uint64_t(view.word()) / sage::kSlotWords;
   return py::make_tuple(location_record(view.shm_name(), slot, view.gen(), view.offset(), view.length()),
                         view.location());
@@ -757,10 +757,12 @@ py::list oob_frame(const py::bytes& data, const py::list& items) {
   const size_t count = items.size();
   if (count > UINT32_MAX) throw py::value_error("too many buffers for one message: " + std::to_string(count));
   std::vector<uint64_t> lens(count);
+  size_t joined = sage::oob::kHeadSize + count * (sage::oob::kLenSize + sage::oob::kAlign);  // head, lengths, padding
   for (size_t i = 0; i < count; ++i) {
     PyObject* it = PyList_GET_ITEM(items.ptr(), Py_ssize_t(i));
     if (PyBytes_CheckExact(it)) {
       lens[i] = uint64_t(PyBytes_GET_SIZE(it)) | sage::oob::kLocated;
+      joined += size_t(PyBytes_GET_SIZE(it));
     } else if (PyMemoryView_Check(it)) {
       lens[i] = uint64_t(PyMemoryView_GET_BUFFER(it)->len);
     } else {
@@ -771,8 +773,7 @@ py::list oob_frame(const py::bytes& data, const py::list& items) {
   const Py_ssize_t plen = PyBytes_GET_SIZE(data.ptr());
   const bool join_pickle = plen <= kJoinPickleMax;
   std::string acc;
-  acc.reserve(sage::oob::kHeadSize + count * (sage::oob::kLenSize + sage::oob::kAlign + 128) +
-              (join_pickle ? size_t(plen) : 0));
+  acc.reserve(joined + (join_pickle ? size_t(plen) : 0));
   acc.resize(sage::oob::kHeadSize + count * sage::oob::kLenSize);
   auto* head = reinterpret_cast<uint8_t*>(acc.data());
   sage::oob::write_head(head, uint32_t(count), uint64_t(plen));
@@ -1057,7 +1058,6 @@ PYBIND11_MODULE(_core, m) {
       .def_buffer(&BytesBuffer::info)
       .def_property_readonly("data", &BytesBuffer::data);
   m.def("oob_buffers", &oob_buffers, py::arg("payload"), py::arg("known"));
-  m.def("whole_slot", &whole_slot, py::arg("raw"));
   m.def("hold_slot", &hold_slot, py::arg("raw"), py::arg("pid"));
   m.def("oob_frame", &oob_frame, py::arg("data"), py::arg("items"));
   m.def("location_record", &location_record, py::arg("slab"), py::arg("slot"), py::arg("gen"), py::arg("offset"),

@@ -54,7 +54,6 @@ __all__ = [
     "segment_name",
     "shm_space",
     "unlink",
-    "whole_slot",
 ]
 
 PREFIX = "sage_rc."
@@ -82,13 +81,11 @@ BytesBuffer = _core.BytesBuffer
 # An out-of-band payload (_codec.py) split into its pickle and its buffers,
 # arena slots of slabs already known read in place (csrc/oob.hpp; arena.py).
 oob_buffers = _core.oob_buffers
-# The SlotView a buffer about to be sent covers exactly (found through its
-# exporters: an array over a slot), or None (_codec.py sends it by location).
-whole_slot = _core.whole_slot
-# The sender's side of both: one more holder of a whole slot about to be sent,
-# and its location record, in one call (or None: the buffer is copied); and
-# the parts of an out-of-band payload, head, lengths and records laid out
-# (csrc/oob.hpp writes the layout it reads).
+# The sender's side of oob_buffers: one more holder of a whole slot about to
+# be sent (an array over a slot, found through its exporters), and its
+# location record, in one call (or None: the buffer is copied); and the parts
+# of an out-of-band payload, head, lengths and records laid out (csrc/oob.hpp
+# writes the layout it reads).
 hold_slot = _core.hold_slot
 oob_frame = _core.oob_frame
 location_record = _core.location_record
