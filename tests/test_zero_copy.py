@@ -23,6 +23,7 @@ from sage_ray_comm import (
     service_function,
     shm,
 )
+from sage_ray_comm.arena import ARENA_MIN_BYTES, HELD_MIN_BYTES
 from sage_ray_comm.router import ROUTER_NAMESPACE
 from sage_ray_comm.service import subscribe
 
@@ -184,6 +185,31 @@ def test_buffers_made_in_shared_memory_travel_without_a_copy(bus):
         assert c.call("zc_echo", "stats")["arena"]["in_use"] == 1  # the caller holds the service's slot
         del got
         wait_for(lambda: c.call("zc_echo", "stats")["arena"]["in_use"] == 0, 10, "the service's slot back")
+
+
+@pytest.mark.parametrize("kib", [64, 256])
+def test_a_made_array_below_the_copy_threshold_goes_by_location_through_a_service(bus, kib):
+    """From HELD_MIN_BYTES an array made in shared memory goes by its location
+    through a real service and back, though a heap array of its size rides
+    the ring: the reply is a view of the caller's own slot, so holding it
+    holds that slot after the array it was made from is gone."""
+    assert HELD_MIN_BYTES <= kib * 1024 < ARENA_MIN_BYTES
+    ZcEcho.deploy(bus=bus)
+    with FunctionClient(bus=bus) as c:
+        n = kib * 128
+        frame = c.buffer((n,), "float64")
+        frame[:] = 4.0
+        got = c.call("zc_echo", "echo", frame)
+        assert got.sum() == 4.0 * n and not got.flags.writeable
+        theirs = c.call("zc_echo", "stats")["arena"]
+        assert theirs is None or theirs["copies"] == 0  # the replica sent back what it got: no copy
+        del frame
+        assert _in_use(c) == 1  # the reply holds the slot the array was made in
+        del got
+        wait_for(lambda: _in_use(c) == 0, 10, "the slot to come back")
+        heap = np.full(n, 4.0)
+        assert np.array_equal(c.call("zc_echo", "echo", heap), heap)
+        assert _in_use(c) == 0 and c.stats()["arena"]["copies"] == 0  # heap memory of this size: the ring
 
 
 def test_slots_held_by_a_replica_that_was_killed_come_back(bus):
