@@ -250,6 +250,51 @@ def timed(fn, payload, n: int, warm: int) -> list:
     return out
 
 
+def context_switches(pid: int) -> tuple[int, int]:
+    """(voluntary, involuntary) context switches so far, summed over every
+    thread of process ``pid``: a thread that went to sleep (on a futex, say)
+    counts a voluntary one, one the kernel took the CPU from an involuntary
+    one. Threads that ended meanwhile drop out of the sum, so compare short
+    spans of a steady process."""
+    vol = invol = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/status") as f:
+                for line in f:
+                    if line.startswith("voluntary_ctxt_switches:"):
+                        vol += int(line.split()[1])
+                    elif line.startswith("nonvoluntary_ctxt_switches:"):
+                        invol += int(line.split()[1])
+        except OSError:  # the thread ended meanwhile
+            pass
+    return vol, invol
+
+
+class Pairing:
+    """Counts, over the sage rows it times, how often the caller slept while
+    waiting and how often its replica was preempted: on a 2-core VM the
+    kernel sometimes runs both on one core, and then both counts approach
+    one a call (see README, "On a faster host"). The rows' own p50 is what
+    is judged; these say which mode a row ran in."""
+
+    def __init__(self, replica_pid: int) -> None:
+        self.replica_pid = replica_pid
+        self.calls = self.slept = self.preempted = 0
+
+    def timed(self, fn, payload, n: int, warm: int) -> list:
+        c0, r0 = context_switches(os.getpid()), context_switches(self.replica_pid)
+        out = timed(fn, payload, n, warm)
+        c1, r1 = context_switches(os.getpid()), context_switches(self.replica_pid)
+        self.calls += n + warm
+        self.slept += c1[0] - c0[0]
+        self.preempted += r1[1] - r0[1]
+        return out
+
+    def summary(self) -> dict:
+        n = max(self.calls, 1)
+        return {"caller_slept_per_call": self.slept / n, "replica_preempted_per_call": self.preempted / n}
+
+
 def alternating(switch, call, pairs: int, per_round: int) -> dict:
     """The added time per call of whatever ``switch(on)`` turns on, judged on
     the real call path: short rounds with it on and off alternate in this
@@ -783,14 +828,21 @@ def _summary(samples: dict) -> dict:
 _LABEL = {"numpy_made_in_shm": "made in shm", "bytes_new_reply": "bytes, new reply"}
 
 
+def _pairing_cols(entry: dict) -> str:
+    if "caller_slept_per_call" not in entry:
+        return ""
+    return f"{entry['caller_slept_per_call']:5.2f} {entry['replica_preempted_per_call']:5.2f}"
+
+
 def large(args) -> int:
     """The ``--large`` rows (see the module docstring)."""
     import numpy as np
 
     run = setup("lbench", args.no_cgraph)
     client, ray_actor = run.client, run.ray_actor
+    replica_pid = client.call("echo", "pid")
     if args.pinned:
-        for pid in [client.call("echo", "pid"), ray.get(ray_actor.pid.remote())] + ([run.cg_pid] if run.cg_pid else []):
+        for pid in [replica_pid, ray.get(ray_actor.pid.remote())] + ([run.cg_pid] if run.cg_pid else []):
             pin(pid, {0})
         pin(os.getpid(), {1})
     rounds = 3
@@ -802,18 +854,22 @@ def large(args) -> int:
         arr = rng.random(size // 8)
         payloads = {"bytes": arr.tobytes(), "numpy": arr}
         samples: dict = {}
+        pairing: dict = {}
         wait_quiet()  # after the last size's graph: its driver proxy's process boots meanwhile
         for kind, payload in payloads.items():
             same = (lambda a, b: a == b) if kind == "bytes" else np.array_equal
             assert same(client.call("echo", "echo", payload, timeout=60), payload)
             samples[kind] = {"sage_call": [], "ray_actor": [], "ray_cgraph": []}
+            pairing[kind] = Pairing(replica_pid)
         # Alternating rounds: the machine's drift hits both sides alike; and
         # the kinds take turns, as in the graph's rounds below, so that neither
         # kind always goes first after the last size's graph came down.
         for _ in range(rounds):
             for kind, payload in payloads.items():
                 got = samples[kind]
-                got["sage_call"] += timed(lambda p: client.call("echo", "echo", p, timeout=60), payload, n, 3)
+                got["sage_call"] += pairing[kind].timed(
+                    lambda p: client.call("echo", "echo", p, timeout=60), payload, n, 3
+                )
                 got["ray_actor"] += timed(lambda p: ray.get(ray_actor.echo.remote(p)), payload, n, 3)
         # The graph's rounds next, with the graph up for them only (Setup.graph).
         with run.graph(size + (1 << 20)) as graph:
@@ -826,26 +882,30 @@ def large(args) -> int:
         for kind, got in samples.items():
             entry = _summary(got)
             entry["memcpy"] = {"p50": pct(copies, 0.5), "n": len(copies)}
+            entry["sage_call"].update(pairing[kind].summary())
             results["latency_us"].setdefault(kind, {})[str(size)] = entry
         print(f"  measured {size} B", file=sys.stderr, flush=True)
         if size == 1 << 20:  # bytes answered with other bytes: copied in and out on both sides, no echo
             got = {"sage_call": [], "ray_actor": [], "ray_cgraph": []}
+            new_reply = Pairing(replica_pid)
             b = payloads["bytes"]
             wait_quiet()
             for _ in range(rounds):
-                got["sage_call"] += timed(lambda p: client.call("echo", "made", p, timeout=60), b, n, 3)
+                got["sage_call"] += new_reply.timed(lambda p: client.call("echo", "made", p, timeout=60), b, n, 3)
                 got["ray_actor"] += timed(lambda p: ray.get(ray_actor.made.remote(p)), b, n, 3)
             with run.graph(size + (1 << 20), "made") as graph:
                 wait_quiet()
                 for _ in range(rounds if cg else 0):
                     got["ray_cgraph"] += timed(lambda p: ray.get(graph.execute(p)), b, n, GRAPH_WARM)
             results["latency_us"]["bytes_new_reply"] = {str(size): _summary(got)}
+            results["latency_us"]["bytes_new_reply"][str(size)]["sage_call"].update(new_reply.summary())
         made = client.buffer((size // 8,), "float64")
         made[:] = arr
         wait_quiet()
-        ts = timed(lambda p: client.call("echo", "echo", p, timeout=60), made, n * rounds, 3)
+        made_pairing = Pairing(replica_pid)
+        ts = made_pairing.timed(lambda p: client.call("echo", "echo", p, timeout=60), made, n * rounds, 3)
         results["latency_us"].setdefault("numpy_made_in_shm", {})[str(size)] = {
-            "sage_call": {"p50": pct(ts, 0.5), "p99": pct(ts, 0.99), "n": len(ts)}
+            "sage_call": {"p50": pct(ts, 0.5), "p99": pct(ts, 0.99), "n": len(ts), **made_pairing.summary()}
         }
         del made
     lat = results["latency_us"]
@@ -863,7 +923,10 @@ def large(args) -> int:
         "64 MiB made in shared memory p50 <= 200 us": lat["numpy_made_in_shm"][big]["sage_call"]["p50"] <= 200,
     }
     print("\nlarge payloads, echoed back: p50 round trip (us), alternating rounds of one run")
-    hdr = f"{'payload':>18} | {'sage':>9} | {'ray':>9} | {'cgraph':>9} | {'memcpy':>8} | {'vs ray':>7} {'vs cg':>6} {'vs cpy':>7}"
+    hdr = (
+        f"{'payload':>18} | {'sage':>9} | {'ray':>9} | {'cgraph':>9} | {'memcpy':>8} | {'vs ray':>7} {'vs cg':>6} "
+        f"{'vs cpy':>7} | {'slept':>5} {'prmpt':>5}"
+    )
     print(hdr)
     print("-" * len(hdr))
     for kind in ("bytes", "numpy", "numpy_made_in_shm", "bytes_new_reply"):
@@ -882,8 +945,10 @@ def large(args) -> int:
                 + f"{m:8.1f} | "
                 + (f"{a / r:6.2f}x " if r else f"{'':>7} ")
                 + (f"{a / c:5.2f}x " if c else f"{'':>6} ")
-                + f"{a / m:6.2f}x"
+                + f"{a / m:6.2f}x | "
+                + _pairing_cols(e["sage_call"])
             )
+    print("  slept / prmpt: per sage call, how often the caller slept waiting and its replica was preempted")
     for name, ok in results["targets_met"].items():
         print(f"  [{'ok' if ok else 'MISSED'}] {name}")
     name = "service_bench-large-pinned" if args.pinned else "service_bench-large"
