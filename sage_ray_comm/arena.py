@@ -53,7 +53,7 @@ import uuid
 import weakref
 from typing import Any, NamedTuple
 
-from . import shm
+from . import context, shm
 from .errors import CallTimeout, DeserializationError, InvalidCallArgument, SageCommError
 from .names import slab_geometry, slab_name
 
@@ -373,14 +373,35 @@ class ArenaOwner:
                 a = self.arena
         return a
 
-    def buffer(self, shape: Any, dtype: Any) -> Any:
-        """An array in this owner's arena (Arena.array): sent, or returned, with no copy."""
-        return self.own_arena().array(shape, dtype)
+    def buffer(self, shape: Any, dtype: Any, timeout: Any, default: float, where: str) -> Any:
+        """An array in this owner's arena (Arena.array): sent, or returned,
+        with no copy. Waits for a free slot up to ``timeout`` seconds
+        (None: ``default``), cut to what is left of the deadline of the
+        request being handled, then raises CallTimeout naming ``where``."""
+        wait = slot_wait(timeout, default, where)
+        try:
+            return self.own_arena().array(shape, dtype, wait)
+        except CallTimeout as e:
+            raise CallTimeout(f"{where}: {e}") from None
 
     def close_arena(self) -> None:
         """Removes the arena's slabs (views of them stay valid until released)."""
         if self.arena is not None:
             self.arena.close()
+
+
+def slot_wait(timeout: Any, default: float, where: str) -> float:
+    """How long a ``buffer()`` may wait for a free slot: ``timeout`` (a
+    positive number of seconds; None: ``default``), no longer than what is
+    left before the deadline of the request being handled (as calls made
+    in a handler are; context.py). An arena whose receivers hold every slot
+    would otherwise keep the maker waiting for ever."""
+    if timeout is None:
+        timeout = default
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+        raise InvalidCallArgument(f"timeout of {where} must be a positive number of seconds, got {timeout!r}")
+    left = context.remaining()
+    return float(timeout) if left is None else max(0.0, min(float(timeout), left))
 
 
 def _unlink_all(slabs: dict) -> None:

@@ -268,10 +268,15 @@ class FunctionClient(StreamCalls, PubSubCalls, RegistryViews):
                 tracing.finish(span, e)
             raise
 
-    def buffer(self, shape: Any, dtype: Any = "float64") -> Any:
+    def buffer(self, shape: Any, dtype: Any = "float64", timeout: float | None = None) -> Any:
         """A writable numpy array that lives in shared memory (this process's
         arena): passing it to a service on this node copies nothing, and it
         turns read-only once sent (what the service saw never changes).
+
+        When receivers hold every slot of the arena, it waits for one to come
+        back up to ``timeout`` seconds (default: this client's call timeout;
+        inside a handler, no later than its request's deadline), then raises
+        CallTimeout.
 
         >>> frame = client.buffer((1080, 1920, 3), "uint8")  # doctest: +SKIP
         >>> camera.read_into(frame); client.call("detector", "detect", frame)  # doctest: +SKIP
@@ -279,7 +284,9 @@ class FunctionClient(StreamCalls, PubSubCalls, RegistryViews):
         make = getattr(self.endpoint.shm, "buffer", None)
         if make is None:
             raise InvalidCallArgument("this client has no shared-memory transport to make a buffer in")
-        return make(shape, dtype)
+        return make(
+            shape, dtype, timeout, self.default_timeout, f"buffer({shape!r}, {dtype!r}) of client {self.client_id}"
+        )
 
     def call_async(
         self,

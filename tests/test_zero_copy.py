@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -15,6 +17,7 @@ from _wait import wait_for
 
 from sage_ray_comm import (
     BaseService,
+    CallTimeout,
     FunctionClient,
     InvalidCallArgument,
     InvalidServiceDefinition,
@@ -210,6 +213,75 @@ def test_a_made_array_below_the_copy_threshold_goes_by_location_through_a_servic
         heap = np.full(n, 4.0)
         assert np.array_equal(c.call("zc_echo", "echo", heap), heap)
         assert _in_use(c) == 0 and c.stats()["arena"]["copies"] == 0  # heap memory of this size: the ring
+
+
+def test_buffer_waits_for_a_slot_up_to_its_timeout_then_raises(bus):
+    """With every slot held by a receiver, client.buffer() waits for one up
+    to its timeout (default: the client's call timeout), then raises
+    CallTimeout naming the buffer and the arena's sizes; a slot let go of
+    while it waits is taken."""
+    ZcEcho.deploy(bus=bus)
+    with FunctionClient(bus=bus, arena_bytes=2 * MiB, timeout=1.0) as c:  # room for one 1 MiB slot
+        n = MiB // 8
+        frame = c.buffer((n,), "float64")
+        frame[:] = 1.0
+        assert c.call("zc_echo", "keep", frame, 1000) == 1  # the replica holds the one slot
+        del frame
+        for timeout, waits in ((0.3, 0.3), (None, 1.0)):
+            t0 = time.monotonic()
+            with pytest.raises(
+                CallTimeout, match=r"buffer\(\(131072,\), 'float64'\) of client .*no free slot of 1048576"
+            ):
+                c.buffer((n,), "float64", timeout=timeout)
+            assert waits <= time.monotonic() - t0 < waits + 5
+        for bad in (0, -1.0, "1", True, float("nan")):
+            with pytest.raises(InvalidCallArgument, match="timeout of buffer"):
+                c.buffer((n,), "float64", timeout=bad)
+        threading.Timer(0.3, lambda: c.call("zc_echo", "drop", timeout=10)).start()  # lets go while we wait
+        got = c.buffer((n,), "float64", timeout=30)
+        assert got.shape == (n,) and got.flags.writeable and _in_use(c) == 1
+
+
+@sage_service(name="zc_small_arena", num_cpus=0.1, arena_bytes=2 * MiB)
+class ZcSmallArena(BaseService):
+    """A replica whose arena holds one 1 MiB slot."""
+
+    def initialize(self):
+        self.outcome = None
+
+    @service_function
+    def frame(self, n: int, timeout: float | None = None):
+        out = self.buffer((n,), "float64", timeout=timeout)
+        out[:] = 1.0
+        return out
+
+    @service_function
+    def frame_by_deadline(self, n: int) -> None:
+        t0 = time.monotonic()
+        try:
+            self.buffer((n,), "float64")
+        except CallTimeout as e:
+            self.outcome = (type(e).__name__, time.monotonic() - t0, str(e))
+
+    @service_function
+    def outcome_so_far(self):
+        return self.outcome
+
+
+def test_a_handler_buffer_waits_no_longer_than_its_timeout_or_its_request_deadline(bus):
+    ZcSmallArena.deploy(bus=bus)
+    with FunctionClient(bus=bus) as c:
+        n = MiB // 8
+        held = c.call("zc_small_arena", "frame", n)  # the caller holds the replica's one slot
+        assert held.sum() == n
+        with pytest.raises(CallTimeout, match=r"buffer\(\(131072,\), 'float64'\) in service 'zc_small_arena'"):
+            c.call("zc_small_arena", "frame", n, 0.3, timeout=30)
+        with pytest.raises(CallTimeout):  # no timeout given: the handler's wait ends at the request's deadline
+            c.call("zc_small_arena", "frame_by_deadline", n, timeout=1.0)
+        outcome = wait_for(lambda: c.call("zc_small_arena", "outcome_so_far"), 15, "the handler to give up")
+        assert outcome[0] == "CallTimeout" and 0.5 < outcome[1] < 5 and "zc_small_arena" in outcome[2]
+        del held
+        assert c.call("zc_small_arena", "frame", n, 30).sum() == n  # the slot came back
 
 
 def test_slots_held_by_a_replica_that_was_killed_come_back(bus):
