@@ -54,7 +54,7 @@ import weakref
 from typing import Any, NamedTuple
 
 from . import context, shm
-from .errors import CallTimeout, DeserializationError, InvalidCallArgument, SageCommError
+from .errors import CallTimeout, DeserializationError, InvalidCallArgument, MessageTooLarge, SageCommError
 from .names import slab_geometry, slab_name
 
 __all__ = [
@@ -224,7 +224,10 @@ class Arena:
             if got is not None:
                 return slab, *got
         if not self.fits(nbytes):
-            raise SageCommError(f"a buffer of {nbytes} bytes cannot fit this process's arena of {self.budget} bytes")
+            raise MessageTooLarge(
+                f"a buffer of {nbytes} bytes cannot fit this process's arena of {self.budget} bytes "
+                "(give it more room: arena_bytes=)"
+            )
         deadline = None if timeout is None else time.monotonic() + timeout
         pause = 0.00005
         waited = False
@@ -381,8 +384,8 @@ class ArenaOwner:
         wait = slot_wait(timeout, default, where)
         try:
             return self.own_arena().array(shape, dtype, wait)
-        except CallTimeout as e:
-            raise CallTimeout(f"{where}: {e}") from None
+        except (CallTimeout, MessageTooLarge) as e:
+            raise type(e)(f"{where}: {e}") from None
 
     def close_arena(self) -> None:
         """Removes the arena's slabs (views of them stay valid until released)."""

@@ -21,6 +21,7 @@ from sage_ray_comm import (
     FunctionClient,
     InvalidCallArgument,
     InvalidServiceDefinition,
+    MessageTooLarge,
     ServiceNotFound,
     sage_service,
     service_function,
@@ -234,6 +235,10 @@ def test_buffer_waits_for_a_slot_up_to_its_timeout_then_raises(bus):
             ):
                 c.buffer((n,), "float64", timeout=timeout)
             assert waits <= time.monotonic() - t0 < waits + 5
+        with pytest.raises(
+            MessageTooLarge, match=r"buffer\(\(524288,\), 'float64'\) of client .*4194304 bytes cannot fit"
+        ):
+            c.buffer((4 * n,), "float64", timeout=0.3)  # larger than the whole arena: can never fit
         for bad in (0, -1.0, "1", True, float("nan")):
             with pytest.raises(InvalidCallArgument, match="timeout of buffer"):
                 c.buffer((n,), "float64", timeout=bad)
