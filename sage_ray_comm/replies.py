@@ -18,10 +18,21 @@ from typing import Any
 
 from . import shm
 from ._codec import abandon, big_buffers, encode_payload, wrap_big_bytes
-from ._wire import ERR_SERIALIZATION, OP_CALL, ST_OK, ST_OK_BLOB, BadRequest, Request, bad_request_reply, error_reply
+from ._wire import (
+    ERR_SERIALIZATION,
+    ERR_TIMEOUT,
+    OP_CALL,
+    ST_OK,
+    ST_OK_BLOB,
+    BadRequest,
+    Request,
+    StreamBatch,
+    bad_request_reply,
+    error_reply,
+)
 from .arena import ArenaOwner, fill
 from .blobs import SegmentBlob
-from .errors import MessageTooLarge, QueueClosed, QueueFull, QueueNotFound, SerializationError
+from .errors import CallTimeout, MessageTooLarge, QueueClosed, QueueFull, QueueNotFound, SerializationError
 from .loans import drop_kept
 from .names import caller_pid, reply_ring_pid
 from .shm_transport import RingPool
@@ -85,8 +96,15 @@ class ReplyWriter(ArenaOwner):
         if sink is not None:  # over Ray: Ray carries any size, and pickles it
             sink((req.cid, ST_OK, result))
             return
+        if type(result) is StreamBatch:
+            # A stream's items, fetched as one reply: each large one goes through the arena, as a call's result would.
+            located = big_buffers(result.items)
+            if located:
+                result = result._replace(items=wrap_big_bytes(result.items))
+        else:
+            located = big_buffers(result)
         try:
-            self.put(req, (req.cid, ST_OK, result), raise_too_large=True, located=big_buffers(result))
+            self.put(req, (req.cid, ST_OK, result), raise_too_large=True, located=located)
         except MessageTooLarge:
             blob = SegmentBlob.put(result, self.namespace)
             self.blobs.append((blob, req.reply_to))
@@ -94,6 +112,16 @@ class ReplyWriter(ArenaOwner):
         except SerializationError as e:
             self.stats["errors"] += 1
             self.error(req, ERR_SERIALIZATION, f"the result of {req.service}.{req.function} cannot be sent back: {e}")
+        except CallTimeout as e:
+            # This replica's arena stayed full (its callers hold every slot): the
+            # caller hears why now, instead of waiting out its own timeout.
+            self.stats["errors"] += 1
+            self.error(
+                req,
+                ERR_TIMEOUT,
+                f"the result of {req.service}.{req.function} could not be sent back: {e} (let go of arrays "
+                "received from this service, or give it more room: arena_bytes=)",
+            )
 
     def bad_request(self, e: BadRequest, by: str) -> None:
         """Answers a request that cannot be run (see _wire.BadRequest), read by ``by``."""

@@ -84,6 +84,19 @@ class ZcEcho(BaseService):
         return float(x.sum())
 
     @service_function
+    def frames(self, n: int, size: int, made: bool):
+        """A stream of ``n`` arrays of ``size`` bytes, item i all i's."""
+        for i in range(n):
+            out = self.buffer((size // 8,), "float64") if made else np.empty(size // 8)
+            out[:] = i
+            yield out
+
+    @service_function
+    def blobs(self, n: int, size: int):
+        for i in range(n):
+            yield bytes([i]) * size
+
+    @service_function
     def stats(self) -> dict:
         return self.get_stats()
 
@@ -261,6 +274,10 @@ class ZcSmallArena(BaseService):
         return out
 
     @service_function
+    def heap(self, n: int):
+        return np.ones(n)  # copied into a slot of this replica's arena for the reply
+
+    @service_function
     def frame_by_deadline(self, n: int) -> None:
         t0 = time.monotonic()
         try:
@@ -287,6 +304,42 @@ def test_a_handler_buffer_waits_no_longer_than_its_timeout_or_its_request_deadli
         assert outcome[0] == "CallTimeout" and 0.5 < outcome[1] < 5 and "zc_small_arena" in outcome[2]
         del held
         assert c.call("zc_small_arena", "frame", n, 30).sum() == n  # the slot came back
+
+
+def test_a_reply_that_finds_the_replica_arena_full_fails_fast_with_the_reason(bus):
+    """A reply whose buffer finds every slot of the replica's arena held
+    waits for one (2 s), then the caller gets CallTimeout saying why, at
+    once: not silence until its own timeout."""
+    ZcSmallArena.deploy(bus=bus)
+    with FunctionClient(bus=bus) as c:
+        held = c.call("zc_small_arena", "heap", MiB // 8)  # the caller holds the replica's one slot
+        t0 = time.monotonic()
+        with pytest.raises(CallTimeout, match=r"result of zc_small_arena\.heap could not be sent back: .*no free slot"):
+            c.call("zc_small_arena", "heap", MiB // 8, timeout=60)
+        assert time.monotonic() - t0 < 30  # the reply's own wait, not the call's 60 s
+        del held
+        assert c.call("zc_small_arena", "heap", MiB // 8).sum() == MiB // 8  # the slot came back
+
+
+def test_a_stream_of_large_arrays_goes_through_the_arena(bus):
+    """A stream's items come in batches, each one reply: its large arrays go
+    by location, read in place (read-only) by the consumer, as a call's
+    result is; arrays made in shared memory with no copy at all; large
+    bytes stay bytes."""
+    ZcEcho.deploy(bus=bus)
+    with FunctionClient(bus=bus) as c:
+        got = list(c.stream("zc_echo", "frames", 8, MiB, False))
+        assert [float(x[-1]) for x in got] == list(range(8)) and not any(x.flags.writeable for x in got)
+        theirs = c.call("zc_echo", "stats")["arena"]
+        assert theirs["copies"] == 8 and theirs["in_use"] == 8  # copied in once each, held by the consumer
+        del got
+        wait_for(lambda: c.call("zc_echo", "stats")["arena"]["in_use"] == 0, 10, "the stream's slots to come back")
+        made = list(c.stream("zc_echo", "frames", 8, MiB, True))
+        assert [float(x[0]) for x in made] == list(range(8)) and not any(x.flags.writeable for x in made)
+        assert c.call("zc_echo", "stats")["arena"]["copies"] == 8  # made in a slot: sent with no copy
+        del made
+        blobs = list(c.stream("zc_echo", "blobs", 3, MiB))
+        assert [type(b) for b in blobs] == [bytes] * 3 and all(b == bytes([i]) * MiB for i, b in enumerate(blobs))
 
 
 def test_slots_held_by_a_replica_that_was_killed_come_back(bus):
