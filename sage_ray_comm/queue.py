@@ -205,6 +205,27 @@ class SageQueue:
         else:
             self._ring.put_parts(parts, kind, t)
 
+    def put_plain(self, obj: Any, timeout: float | None = None) -> bool:
+        """Puts ``obj`` and returns True when it pickles with no out-of-band
+        buffers and names no class of ``__main__`` (the common case: one C
+        call); returns False, having put nothing, otherwise. The service
+        layer then encodes it itself, its large buffers into its arena,
+        wherever in the object they are. Blocks up to ``timeout`` for room.
+
+        >>> q.put_plain({"label": "cat"})  # doctest: +SKIP
+        True
+        >>> q.put_plain([{"image": np.ones(1 << 20)}])  # doctest: +SKIP
+        False
+        """
+        t = _timeout_for(True, timeout)
+        left = self._put_object(obj, t)
+        if left is None:
+            return True
+        if isinstance(left, bytes) and not names_main(obj, left):
+            self._ring.put(left, KIND_PICKLE, t)
+            return True
+        return False
+
     def get(self, block: bool = True, timeout: float | None = None) -> Any:
         """Removes and returns the next object. Blocks while the queue is empty.
 

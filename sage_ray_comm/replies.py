@@ -182,10 +182,12 @@ class ReplyWriter(ArenaOwner):
             return
         try:
             q = self.replies.get(req.reply_to)
-            if located:  # large buffers go into this replica's arena, read in place by the caller
+            # Large buffers go into this replica's arena, read in place by the
+            # caller: those big_buffers sees at the top of the result at once,
+            # and any deeper in it (a dict, a list, a model) once the one-call
+            # put finds the result has buffers.
+            if located or not q.put_plain(rep, REPLY_PUT_TIMEOUT):
                 self._put_located(q, req.reply_to, rep)
-            else:
-                q.put(rep, timeout=REPLY_PUT_TIMEOUT)
         except (MessageTooLarge, SerializationError):
             if raise_too_large:  # the caller (result()) parks it or reports it
                 raise

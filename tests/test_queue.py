@@ -60,6 +60,21 @@ def test_objects_round_trip_in_order(ns):
         assert q.empty()
 
 
+def test_put_plain_puts_only_what_has_no_out_of_band_buffers(ns):
+    """The service layer's reply path: plain objects (and ones naming
+    importable globals) go in one call; an object with a buffer anywhere in
+    it is left to the caller, and nothing is put."""
+    with SageQueue("q", namespace=ns) as q:
+        assert q.put_plain({"label": "cat", "n": 3}) is True
+        assert q.put_plain(SageQueueRef) is True  # a global: pickled by name
+        assert q.put_plain([{"image": np.ones(4)}]) is False
+        assert q.put_plain(pickle.PickleBuffer(bytearray(8))) is False
+        assert q.qsize() == 2
+        assert q.get(timeout=1) == {"label": "cat", "n": 3} and q.get(timeout=1) is SageQueueRef
+        with pytest.raises(InvalidQueueArgument):
+            q.put_plain(1, timeout=-1)
+
+
 def test_bytes_and_objects_mix(ns):
     with SageQueue("q", namespace=ns) as q:
         q.put_bytes(b"raw\x00bytes")

@@ -5,12 +5,14 @@ slots come back when views are released or their holder dies."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import threading
 import time
 
 import numpy as np
+import pydantic
 import pytest
 import ray
 from _wait import wait_for
@@ -32,6 +34,19 @@ from sage_ray_comm.router import ROUTER_NAMESPACE
 from sage_ray_comm.service import subscribe
 
 MiB = 1 << 20
+
+
+class Tagged(pydantic.BaseModel):
+    """A message model holding an array, as pipeline stages pass them."""
+
+    model_config = pydantic.ConfigDict(arbitrary_types_allowed=True)
+    image: np.ndarray
+    label: str
+
+
+@dataclasses.dataclass
+class Boxed:
+    image: np.ndarray
 
 
 @sage_service(name="zc_echo", num_cpus=0.1, max_concurrency=2)
@@ -92,6 +107,13 @@ class ZcEcho(BaseService):
             yield out
 
     @service_function
+    def wrap(self, x, how: str):
+        """``x`` returned deeper than the result's top level."""
+        return {"list": [{"image": x, "label": "cat"}], "model": Tagged(image=x, label="cat"), "dataclass": Boxed(x)}[
+            how
+        ]
+
+    @service_function
     def blobs(self, n: int, size: int):
         for i in range(n):
             yield bytes([i]) * size
@@ -131,6 +153,19 @@ class WatchA(_Watcher):
 @sage_service(name="zc_watch_b", num_cpus=0.1)
 class WatchB(_Watcher):
     pass
+
+
+def _in_a_slot(arr) -> bool:
+    """Whether ``arr`` reads its bytes straight from an arena slot (its base
+    chain ends at a shm.SlotView), not from a frame copied out of a ring."""
+    b = arr
+    for _ in range(8):
+        if type(b) is shm.SlotView:
+            return True
+        b = b.obj if isinstance(b, memoryview) else getattr(b, "base", None)
+        if b is None:
+            return False
+    return False
 
 
 def _in_use(client: FunctionClient) -> int:
@@ -304,6 +339,24 @@ def test_a_handler_buffer_waits_no_longer_than_its_timeout_or_its_request_deadli
         assert outcome[0] == "CallTimeout" and 0.5 < outcome[1] < 5 and "zc_small_arena" in outcome[2]
         del held
         assert c.call("zc_small_arena", "frame", n, 30).sum() == n  # the slot came back
+
+
+@pytest.mark.parametrize("how", ["list", "model", "dataclass"])
+def test_an_array_deep_in_a_result_goes_through_the_arena(bus, how):
+    """A result that holds its arrays below its top level (in a dict in a
+    list, a pydantic model, a dataclass) still sends them by location: the
+    echoed view of the caller's own slot comes back read-only, copied
+    nowhere."""
+    ZcEcho.deploy(bus=bus)
+    with FunctionClient(bus=bus) as c:
+        x = np.random.rand(MiB // 8)
+        got = c.call("zc_echo", "wrap", x, how)
+        arr = got[0]["image"] if how == "list" else got.image
+        assert type(got).__name__ == {"list": "list", "model": "Tagged", "dataclass": "Boxed"}[how]
+        assert np.array_equal(arr, x) and not arr.flags.writeable and _in_a_slot(arr)
+        assert c.stats()["arena"]["copies"] == 1  # x, copied in once by the call
+        theirs = c.call("zc_echo", "stats")["arena"]
+        assert theirs is None or theirs["copies"] == 0  # the reply named the caller's slot again
 
 
 def test_a_reply_that_finds_the_replica_arena_full_fails_fast_with_the_reason(bus):
