@@ -65,8 +65,12 @@ def reduce_array(a: Any) -> tuple:
 
 def rebuild_array(buf: Any, dtype: str, shape: tuple) -> Any:
     """The receiving side of :func:`reduce_array`: an array over ``buf``
-    (no copy; read-only when ``buf`` is)."""
+    (no copy; read-only when ``buf`` is). A small array whose bytes came
+    inside the pickle (``bytes``) is copied, writable, as numpy's own
+    unpickling gives it."""
     np = _NUMPY or _numpy()
+    if type(buf) is bytes:
+        buf = bytearray(buf)
     return np.frombuffer(buf, dtype=dtype).reshape(shape)
 
 

@@ -73,6 +73,9 @@ def rebuild_tensor(buf: Any, dtype: str, shape: tuple) -> Any:
     (no copy; it keeps ``buf``, and so its arena slot, alive)."""
     import torch  # type: ignore[import-not-found]  # only where torch is installed
 
+    if type(buf) is bytes:  # a small tensor's bytes, inside the pickle: its own writable copy
+        buf = bytearray(buf)
+
     with warnings.catch_warnings():
         # The buffer is read-only (a slot other receivers may read, or the
         # received frame): torch warns that its tensor will not be.
