@@ -376,11 +376,13 @@ class ArenaOwner:
                 a = self.arena
         return a
 
-    def buffer(self, shape: Any, dtype: Any, timeout: Any, default: float, where: str) -> Any:
+    def buffer(self, shape: Any, dtype: Any, timeout: Any, default: float, owner: str) -> Any:
         """An array in this owner's arena (Arena.array): sent, or returned,
         with no copy. Waits for a free slot up to ``timeout`` seconds
         (None: ``default``), cut to what is left of the deadline of the
-        request being handled, then raises CallTimeout naming ``where``."""
+        request being handled, then raises CallTimeout naming the buffer
+        and its ``owner`` (who asked: a client, a service)."""
+        where = f"buffer({shape!r}, {dtype!r}) of {owner}"
         wait = slot_wait(timeout, default, where)
         try:
             return self.own_arena().array(shape, dtype, wait)

@@ -284,9 +284,7 @@ class FunctionClient(StreamCalls, PubSubCalls, RegistryViews):
         make = getattr(self.endpoint.shm, "buffer", None)
         if make is None:
             raise InvalidCallArgument("this client has no shared-memory transport to make a buffer in")
-        return make(
-            shape, dtype, timeout, self.default_timeout, f"buffer({shape!r}, {dtype!r}) of client {self.client_id}"
-        )
+        return make(shape, dtype, timeout, self.default_timeout, f"client {self.client_id}")
 
     def call_async(
         self,

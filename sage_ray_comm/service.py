@@ -388,12 +388,9 @@ class BaseService(ServiceCallMixin):
         return context.remaining()
 
     def buffer(self, shape: Any, dtype: Any = "float64", timeout: float | None = None) -> Any:
-        """Inside a handler: a writable numpy array in this replica's shared
-        memory, to fill and return: the caller on this node reads it in
-        place, with no copy (see ``FunctionClient.buffer``). When callers
-        hold every slot of the replica's arena, it waits for one up to
-        ``timeout`` seconds (default: what is left of the request's
-        deadline, else 30 s), then raises CallTimeout.
+        """Inside a handler: a writable numpy array in this replica's shared memory, to fill and
+        return, read in place by a caller on this node (see ``FunctionClient.buffer``; ``timeout``
+        default: what is left of the request's deadline, else 30 s).
 
         >>> @service_function
         ... def frame(self, h: int, w: int):  # of a BaseService
@@ -401,8 +398,7 @@ class BaseService(ServiceCallMixin):
         """
         if self._runtime is None:
             raise ServiceUnavailable(f"service '{self.service_name}' is not running: no arena to make a buffer in")
-        where = f"buffer({shape!r}, {dtype!r}) in service '{self.service_name}'"
-        return self._runtime.reply.buffer(shape, dtype, timeout, DEFAULT_TIMEOUT, where)
+        return self._runtime.reply.buffer(shape, dtype, timeout, DEFAULT_TIMEOUT, f"service '{self.service_name}'")
 
     @staticmethod
     def cancelled() -> bool:

@@ -331,7 +331,7 @@ def test_a_handler_buffer_waits_no_longer_than_its_timeout_or_its_request_deadli
         n = MiB // 8
         held = c.call("zc_small_arena", "frame", n)  # the caller holds the replica's one slot
         assert held.sum() == n
-        with pytest.raises(CallTimeout, match=r"buffer\(\(131072,\), 'float64'\) in service 'zc_small_arena'"):
+        with pytest.raises(CallTimeout, match=r"buffer\(\(131072,\), 'float64'\) of service 'zc_small_arena'"):
             c.call("zc_small_arena", "frame", n, 0.3, timeout=30)
         with pytest.raises(CallTimeout):  # no timeout given: the handler's wait ends at the request's deadline
             c.call("zc_small_arena", "frame_by_deadline", n, timeout=1.0)
