@@ -30,6 +30,7 @@ from sage_ray_comm import (
     get_communication_bus,
     sage_service,
     service_function,
+    shm,
     stream_service,
 )
 from sage_ray_comm.producers import IDLE_SECONDS
@@ -102,6 +103,9 @@ class Consumer:
 
     def more(self, k: int) -> list:
         return [next(self.held) for _ in range(k)]
+
+    def pid(self) -> int:
+        return os.getpid()
 
 
 def test_a_stream_delivers_every_item_in_order(bus):
@@ -206,9 +210,11 @@ def test_calls_and_streams_do_not_mix_up(bus):
 
 
 @pytest.mark.kills  # the reading actor is killed at the end
+@pytest.mark.kills  # the reader is killed holding its client: its reply ring is left for gc
 def test_a_handle_passed_to_another_actor_is_consumed_there(bus):
     Gen.deploy(bus=bus)
     reader = Consumer.remote()
+    reader_pid = ray.get(reader.pid.remote(), timeout=60)
     try:
         with FunctionClient(bus=bus) as client:
             handle = client.stream("gen", "count", 1000)
@@ -223,6 +229,8 @@ def test_a_handle_passed_to_another_actor_is_consumed_there(bus):
             assert ray.get(reader.more.remote(1), timeout=60) == [5]
     finally:
         ray.kill(reader)
+        # ray.kill only asks: the segments check at teardown must find the reader dead, not dying.
+        wait_for(lambda: not shm.process_alive(reader_pid, 0), 30, "the reader actor to exit")
 
 
 @pytest.mark.kills
