@@ -108,21 +108,27 @@ def names_main(obj: Any, data: bytes) -> bool:
     return _MAIN in data
 
 
-def dumps(obj: Any, bufs: list | None = None) -> bytes:
+def dumps(obj: Any, bufs: list | None = None, table: Any = None) -> bytes:
     """Pickles ``obj`` as Ray would: by reference where the receiver can import
     it (plain ``pickle``, the fast path), by value (Ray's cloudpickle) where it
     cannot: classes, models and dataclasses defined in ``__main__`` (a script
     or a notebook), lambdas, closures and local functions.
 
     The receiver always uses plain ``pickle.loads``. ``bufs``, if given,
-    collects the out-of-band buffers (pickle protocol 5).
+    collects the out-of-band buffers (pickle protocol 5). ``table``, if given
+    (:func:`dispatch_table`), pickles by this library's reducers (arrays.py,
+    tensors.py): a small array whose bytes go inside the pickle took 1.6 us
+    to pickle and 1.7 to unpickle by them, 4.5 and 2.8 by numpy's own.
 
     >>> import pickle
     >>> pickle.loads(dumps(lambda x: x + 1))(1)
     2
     """
     try:
-        data = pickle.dumps(obj, protocol=5, buffer_callback=None if bufs is None else bufs.append)
+        if table is None:
+            data = pickle.dumps(obj, protocol=5, buffer_callback=None if bufs is None else bufs.append)
+        else:
+            data = _dumps_with(table, obj, bufs)
         if _STACK_GLOBAL not in data or not names_main(obj, data):
             return data
     except (pickle.PicklingError, AttributeError, TypeError):
@@ -188,11 +194,11 @@ def _dumps_with(table: Any, obj: Any, bufs: list | None) -> bytes:
     """``obj`` pickled with ``table`` by this thread's kept pickler; its
     buffers out-of-band into ``bufs``, or, with ``bufs`` None, into the
     pickle (each kind has a pickler of its own)."""
-    in_band = bufs is None
-    k = getattr(_KEPT, "in_band" if in_band else "oob", None)
+    kind = "in_band" if bufs is None else "oob"  # this thread's kept pickler of that kind
+    k = getattr(_KEPT, kind, None)
     if k is None or k.table is not table:
-        k = _Kept(table, in_band)
-        setattr(_KEPT, "in_band" if in_band else "oob", k)
+        k = _Kept(table, bufs is None)
+        setattr(_KEPT, kind, k)
     elif k.busy:  # pickling runs user code, which may pickle: a fresh pickler then
         out = io.BytesIO()
         p = pickle.Pickler(out, protocol=5, buffer_callback=None if bufs is None else bufs.append)
@@ -213,22 +219,7 @@ def _dumps_with(table: Any, obj: Any, bufs: list | None) -> bytes:
         k.pickler.clear_memo()  # the memo holds what it pickled: arrays, and their slots
         k.busy = False
     if len(data) > _KEEP_OUT_BYTES:
-        setattr(_KEPT, "in_band" if in_band else "oob", None)
-    return data
-
-
-def _dumps_in_band(obj: Any, table: Any) -> bytes:
-    """``obj``, whose buffers are too small to be worth carrying out-of-band,
-    pickled with them inside, by this library's reducers (arrays.py,
-    tensors.py): numpy's own pickling of a small array took 4.5 us and its
-    unpickling 2.8; these, 1.6 and 1.7. By value where the receiver could
-    not import what it names (see :func:`dumps`)."""
-    try:
-        data = _dumps_with(table, obj, None)
-    except (pickle.PicklingError, AttributeError, TypeError):
-        return dumps(obj)
-    if _STACK_GLOBAL in data and names_main(obj, data):
-        return dumps(obj)
+        setattr(_KEPT, kind, None)
     return data
 
 
@@ -366,7 +357,7 @@ def encode_payload(
         if n > biggest:
             biggest = n
     if total < _OOB_MIN:  # tiny: the frame header costs more
-        return [dumps(obj) if table is None else _dumps_in_band(obj, table)], KIND_PICKLE
+        return [dumps(obj, table=table)], KIND_PICKLE
     if arena is not None and biggest >= HELD_MIN_BYTES:
         raws = _locate(raws, arena, reader_pid, timeout, placed, fills)
     return shm.oob_frame(data, raws), KIND_PICKLE_OOB

@@ -383,7 +383,7 @@ class ArenaOwner:
         request being handled, then raises CallTimeout naming the buffer
         and its ``owner`` (who asked: a client, a service)."""
         where = f"buffer({shape!r}, {dtype!r}) of {owner}"
-        wait = slot_wait(timeout, default, where)
+        wait = _slot_wait(timeout, default, where)
         try:
             return self.own_arena().array(shape, dtype, wait)
         except (CallTimeout, MessageTooLarge) as e:
@@ -395,7 +395,7 @@ class ArenaOwner:
             self.arena.close()
 
 
-def slot_wait(timeout: Any, default: float, where: str) -> float:
+def _slot_wait(timeout: Any, default: float, where: str) -> float:
     """How long a ``buffer()`` may wait for a free slot: ``timeout`` (a
     positive number of seconds; None: ``default``), no longer than what is
     left before the deadline of the request being handled (as calls made

@@ -209,8 +209,7 @@ def test_calls_and_streams_do_not_mix_up(bus):
         assert client.call("gen", "plain", 3) == 3
 
 
-@pytest.mark.kills  # the reading actor is killed at the end
-@pytest.mark.kills  # the reader is killed holding its client: its reply ring is left for gc
+@pytest.mark.kills  # the reading actor is killed at the end, holding its client: its reply ring is left for gc
 def test_a_handle_passed_to_another_actor_is_consumed_there(bus):
     Gen.deploy(bus=bus)
     reader = Consumer.remote()

@@ -393,6 +393,7 @@ def test_a_stream_of_large_arrays_goes_through_the_arena(bus):
         del made
         blobs = list(c.stream("zc_echo", "blobs", 3, MiB))
         assert [type(b) for b in blobs] == [bytes] * 3 and all(b == bytes([i]) * MiB for i, b in enumerate(blobs))
+        assert c.call("zc_echo", "stats")["arena"]["copies"] == 8 + 3  # the bytes went through slots too
 
 
 def test_slots_held_by_a_replica_that_was_killed_come_back(bus):
