@@ -38,6 +38,7 @@ __all__ = [
     "decode_payload",
     "dumps",
     "encode_payload",
+    "holds_no_buffers",
     "names_main",
     "release_located",
     "unpickle_error",
@@ -301,6 +302,43 @@ def big_buffers(value: Any, least: int = HELD_MIN_BYTES) -> bool:
         if type(n) is int and n >= least:
             return True
     return False
+
+
+# Types that hold no buffer a pickle would hand out-of-band (bytes pickle in-band).
+_SCALARS = frozenset({str, int, float, bool, bytes, type(None)})
+
+
+def holds_no_buffers(value: Any, depth: int = 3) -> bool:
+    """Whether ``value`` surely holds no array or other out-of-band buffer:
+    a plain scalar (str, int, float, bool, bytes, None), or a short tuple,
+    list or dict, a message model or a dataclass made of such values, looked
+    into up to ``depth`` levels. False means "perhaps": the caller then
+    pickles to find out. This is the cheap answer that saves that pickling
+    for the usual small event."""
+    t = type(value)
+    if t in _SCALARS:
+        return True
+    if depth == 0:
+        return False
+    if t is dict:
+        items: Any = value.values()
+    elif t is tuple or t is list:
+        items = value
+    elif hasattr(t, "__pydantic_fields__") or hasattr(t, "__dataclass_fields__"):
+        items = getattr(value, "__dict__", None)
+        # Extra and private values of a model pickle with it; slotted dataclasses have no __dict__.
+        if (
+            type(items) is not dict
+            or getattr(value, "__pydantic_extra__", None)
+            or getattr(value, "__pydantic_private__", None)
+        ):
+            return False
+        items = items.values()
+    else:
+        return False
+    if len(items) > _BIG_LOOK:
+        return False
+    return all(holds_no_buffers(v, depth - 1) for v in items)
 
 
 def encode_payload(

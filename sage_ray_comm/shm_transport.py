@@ -28,11 +28,10 @@ from typing import Any
 
 from . import shm
 from ._codec import (
-    KIND_PICKLE_OOB,
     abandon,
-    big_buffers,
     decode_oob,
     encode_payload,
+    holds_no_buffers,
     wrap_big_bytes,
 )
 from ._future import CallFuture
@@ -45,7 +44,7 @@ from ._wire import (
     encode_request,
     request_tuple,
 )
-from .arena import ARENA_MIN_BYTES, Arena, ArenaOwner, fill
+from .arena import Arena, ArenaOwner, fill
 from .blobs import SegmentBlob
 from .claims import EXPIRED, ClaimTable
 from .errors import (
@@ -475,14 +474,16 @@ class ShmTransport(Transport, ArenaOwner):
         subscriber on this node only adds a holder (no copy per subscriber);
         the slots are free once the last subscriber lets go. ``payload``
         itself when it has none, or the arena has no free slot now (a
-        publisher never waits)."""
-        if not big_buffers(payload, ARENA_MIN_BYTES):  # only buffers the arena takes are written once
+        publisher never waits). Arrays below the top level count too: events
+        are often message models that hold them."""
+        if holds_no_buffers(payload):  # nothing to find: skip the trial pickling
             return payload
+        placed: list = []
         try:
-            parts, kind = encode_payload(wrap_big_bytes(payload), "an event", self.own_arena(), 0, 0.0)
+            parts, _kind = encode_payload(wrap_big_bytes(payload), "an event", self.own_arena(), 0, 0.0, placed)
         except (CallTimeout, SerializationError):
             return payload
-        if kind != KIND_PICKLE_OOB:
+        if not placed:  # no buffer the arena takes
             return payload
         return decode_oob(memoryview(b"".join(parts)))
 

@@ -13,9 +13,11 @@ import subprocess
 import sys
 import uuid
 
+import numpy as np
+import pydantic
 import pytest
 
-from sage_ray_comm._codec import _MAIN, dumps
+from sage_ray_comm._codec import _MAIN, dumps, holds_no_buffers
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -91,3 +93,42 @@ def test_large_pickles_are_judged_by_their_objects(monkeypatch):
     plain = (1, "x", [big, {"k": (2.0, None)}], frozenset({b"y"}))
     assert _builtin_only(plain) and dumps(plain) == pickle.dumps(plain, protocol=5)
     assert not _builtin_only([Importable(1)]) and not _builtin_only(type("S", (str,), {})("s"))
+
+
+class _Event(pydantic.BaseModel):
+    seq: int
+    tags: list[str]
+
+
+class _ImageEvent(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(arbitrary_types_allowed=True, extra="allow")
+    seq: int
+
+
+@dataclasses.dataclass
+class _Point:
+    x: float
+    y: float
+
+
+def test_holds_no_buffers_is_sure_only_of_plain_values():
+    """Publishing skips its trial pickling only on this answer, so a "yes"
+    must be right: anything that could hold an array says "perhaps"."""
+    arr = np.ones(4)
+    sure = [None, 1, "s", b"b" * 10, {"a": 1, "b": [1, 2]}, (1.0, "x"), _Event(seq=1, tags=["a"]), [_Point(1, 2)]]
+    for v in sure:
+        assert holds_no_buffers(v), v
+    perhaps = [
+        arr,
+        memoryview(b"x"),
+        bytearray(3),
+        [arr],
+        {"a": {"b": arr}},
+        _Point(arr, 1.0),  # type: ignore[arg-type]  # a dataclass does not check its types
+        _ImageEvent(seq=1, image=arr),  # in the model's extra values
+        list(range(100)),  # too long to look through
+        [[[[1]]]],  # deeper than it looks
+        object(),
+    ]
+    for v in perhaps:
+        assert not holds_no_buffers(v), v

@@ -138,7 +138,8 @@ class _Watcher(BaseService):
 
     @subscribe("zc.frames")
     def on_frame(self, payload):
-        self.seen.append((bool(payload.flags.writeable), float(payload.sum())))  # keeps no view
+        arr = _the_array(payload)
+        self.seen.append((bool(arr.flags.writeable), float(arr.sum())))  # keeps no view
 
     @service_function
     def seen_so_far(self) -> list:
@@ -153,6 +154,13 @@ class WatchA(_Watcher):
 @sage_service(name="zc_watch_b", num_cpus=0.1)
 class WatchB(_Watcher):
     pass
+
+
+def _the_array(payload):
+    """The array in an event: itself, in a model or dataclass, or in a dict in a list."""
+    if isinstance(payload, (Tagged, Boxed)):
+        return payload.image
+    return payload[0]["image"] if isinstance(payload, list) else payload
 
 
 def _in_a_slot(arr) -> bool:
@@ -471,13 +479,22 @@ def test_memory_stays_flat_over_many_large_messages(bus):
             assert grew_shm <= allowed, f"{size} B x {n}: /dev/shm grew {grew_shm / MiB:.0f} MiB"
 
 
-def test_an_event_with_a_large_array_is_written_once_for_every_subscriber(bus):
+@pytest.mark.parametrize("how", ["bare", "model", "dataclass", "list"])
+def test_an_event_with_a_large_array_is_written_once_for_every_subscriber(bus, how):
+    """Also when the array sits below the event's top level: in a pydantic
+    model, a dataclass, or a dict in a list."""
     WatchA.deploy(bus=bus)
     WatchB.deploy(bus=bus)
+    shape = {
+        "bare": lambda a: a,
+        "model": lambda a: Tagged(image=a, label="frame"),
+        "dataclass": Boxed,
+        "list": lambda a: [{"image": a, "label": "frame"}],
+    }[how]
     with FunctionClient(bus=bus) as c:
         c.wait_for_subscribers("zc.frames", 2, timeout=30)
         for i in range(20):
-            assert c.publish("zc.frames", np.full(MiB // 8, float(i))) == 2
+            assert c.publish("zc.frames", shape(np.full(MiB // 8, float(i)))) == 2
         for svc in ("zc_watch_a", "zc_watch_b"):
             wait_for(lambda svc=svc: len(c.call(svc, "seen_so_far")) == 20, 30, f"{svc}'s events")
             seen = sorted(c.call(svc, "seen_so_far"), key=lambda e: e[1])  # handler threads: any order
