@@ -8,6 +8,8 @@ only: validation costs a few microseconds a call).
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import functools
 import inspect
 import logging
@@ -98,32 +100,60 @@ class Handler:
         )
 
 
-def _writable(value: Any) -> Any:
-    """A private, writable copy of a read-only array (one read in place from
-    the arena) or of a tensor over a received buffer (tensors.py); anything
-    else as it is."""
+# How many levels into its arguments ``writable=True`` looks for arrays to
+# copy: enough for a list of message models holding arrays, and an end to
+# a structure that refers to itself.
+WRITABLE_DEPTH = 4
+
+
+def _writable(value: Any, depth: int = WRITABLE_DEPTH) -> Any:
+    """``value`` with private, writable copies of the read-only arrays in it
+    (those read in place from the arena) and of tensors over received
+    buffers (tensors.py), up to ``depth`` levels down: in lists, tuples,
+    dicts, and the fields of pydantic models and dataclasses (a shallow copy
+    of the model is given the copies; the one received is left alone).
+    ``value`` itself when it holds none."""
     flags = getattr(value, "flags", None)
-    if flags is not None and not getattr(flags, "writeable", True) and hasattr(value, "copy"):
-        return value.copy()
+    if flags is not None and hasattr(value, "copy"):
+        return value.copy() if not getattr(flags, "writeable", True) else value
     if tensors.shares_memory(value):
         return value.clone()
-    return value
+    if depth == 0:
+        return value
+    t = type(value)
+    if t is list or t is tuple:
+        items = [_writable(x, depth - 1) for x in value]
+        return t(items) if any(a is not b for a, b in zip(items, value, strict=True)) else value
+    if t is dict:
+        changed = {k: n for k, x in value.items() if (n := _writable(x, depth - 1)) is not x}
+        return {**value, **changed} if changed else value
+    if dataclasses.is_dataclass(t):
+        names: Any = [f.name for f in dataclasses.fields(t)]
+    elif hasattr(t, "__pydantic_fields__"):
+        names = list(getattr(value, "__dict__", ()))
+    else:
+        return value
+    changed = {}
+    for k in names:
+        x = getattr(value, k)
+        n = _writable(x, depth - 1)
+        if n is not x:
+            changed[k] = n
+    if not changed:
+        return value
+    out = copy.copy(value)
+    for k, n in changed.items():
+        object.__setattr__(out, k, n)  # past a frozen dataclass's or model's guard: it is our own copy
+    return out
 
 
 def _with_writable_copies(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """``fn`` given writable copies of its read-only array arguments (and of
-    those in a list, tuple or dict argument): ``@service_function(writable=True)``."""
-
-    def one(v: Any) -> Any:
-        if type(v) in (list, tuple):
-            return type(v)(_writable(x) for x in v)
-        if type(v) is dict:
-            return {k: _writable(x) for k, x in v.items()}
-        return _writable(v)
+    """``fn`` given writable copies of the read-only arrays in its arguments,
+    at any depth :func:`_writable` looks: ``@service_function(writable=True)``."""
 
     @functools.wraps(fn)
     def call(*args: Any, **kwargs: Any) -> Any:
-        return fn(*map(one, args), **{k: one(v) for k, v in kwargs.items()})
+        return fn(*map(_writable, args), **{k: _writable(v) for k, v in kwargs.items()})
 
     return call
 

@@ -82,8 +82,8 @@ class ServiceFunction:
             (unset: the caller's default, 30 s unless configured).
         pattern: the communication pattern it is meant for (informational).
         idempotent: safe to run twice; a call whose replica died is retried on another.
-        writable: the handler gets private, writable copies of the arrays it
-            receives (arrays from this node are read in place, read-only).
+        writable: the handler gets private, writable copies of the arrays in
+            its arguments, models included (else, from this node: read-only).
 
     >>> class Calc(BaseService):
     ...     @ServiceFunction(name="add", timeout=5.0)

@@ -98,6 +98,15 @@ class ZcEcho(BaseService):
         x *= 2  # the opt-in: a private, writable copy
         return float(x.sum())
 
+    @service_function(writable=True)
+    def double_inside(self, msg, how: str) -> tuple:
+        """Doubles the array inside ``msg`` in place; says whether the
+        message it was given is still the received one (models and
+        dataclasses are shallow-copied to hold the copies)."""
+        arr = _the_array(msg)
+        arr *= 2
+        return float(arr.sum()), type(msg).__name__
+
     @service_function
     def frames(self, n: int, size: int, made: bool):
         """A stream of ``n`` arrays of ``size`` bytes, item i all i's."""
@@ -511,6 +520,23 @@ def test_a_handler_can_ask_for_writable_copies(bus):
             c.call("zc_echo", "double_in_place", x)
         assert c.call("zc_echo", "double_a_copy", x) == 2.0 * (MiB // 8)
         assert x.sum() == MiB // 8  # the caller's array never changes
+
+
+@pytest.mark.parametrize("how", ["model", "dataclass", "list"])
+def test_writable_copies_reach_arrays_inside_messages(bus, how):
+    """The opt-in also copies arrays a message holds: in a pydantic model, a
+    dataclass, or a dict in a list, and the handler still gets its type."""
+    ZcEcho.deploy(bus=bus)
+    wrap = {
+        "model": lambda a: Tagged(image=a, label="cat"),
+        "dataclass": Boxed,
+        "list": lambda a: [{"image": a, "label": "cat"}],
+    }[how]
+    with FunctionClient(bus=bus) as c:
+        x = np.ones(MiB // 8)
+        got = c.call("zc_echo", "double_inside", wrap(x), how)
+        assert got == (2.0 * (MiB // 8), {"model": "Tagged", "dataclass": "Boxed", "list": "list"}[how])
+        assert x.sum() == MiB // 8
 
 
 @pytest.mark.parametrize("bad", [0, -1, 1.5, "1 GiB", True])
