@@ -22,7 +22,7 @@ import sys
 import threading
 from typing import Any
 
-from . import arena, arrays, loans, shm, tensors
+from . import arena, arrays, byvalue, loans, shm, tensors
 from .arena import ARENA_MIN_BYTES, HELD_MIN_BYTES
 from .errors import DeserializationError, SerializationError
 
@@ -225,11 +225,9 @@ def _dumps_with(table: Any, obj: Any, bufs: list | None) -> bytes:
 
 
 def _dumps_by_value(obj: Any, bufs: list | None) -> bytes:
-    from ray import cloudpickle  # ray is a dependency; imported only when needed
-
     if bufs is not None:
         bufs.clear()  # the plain attempt may have handed out buffers already
-    return cloudpickle.dumps(obj, protocol=5, buffer_callback=None if bufs is None else bufs.append)
+    return byvalue.dumps_by_value(obj, bufs)
 
 
 class BigBytes:
