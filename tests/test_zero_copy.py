@@ -99,10 +99,9 @@ class ZcEcho(BaseService):
         return float(x.sum())
 
     @service_function(writable=True)
-    def double_inside(self, msg, how: str) -> tuple:
-        """Doubles the array inside ``msg`` in place; says whether the
-        message it was given is still the received one (models and
-        dataclasses are shallow-copied to hold the copies)."""
+    def double_inside(self, msg) -> tuple:
+        """Doubles the array inside ``msg`` in place; returns its sum and the
+        type of the message it was given."""
         arr = _the_array(msg)
         arr *= 2
         return float(arr.sum()), type(msg).__name__
@@ -118,9 +117,7 @@ class ZcEcho(BaseService):
     @service_function
     def wrap(self, x, how: str):
         """``x`` returned deeper than the result's top level."""
-        return {"list": [{"image": x, "label": "cat"}], "model": Tagged(image=x, label="cat"), "dataclass": Boxed(x)}[
-            how
-        ]
+        return _SHAPES[how](x)
 
     @service_function
     def blobs(self, n: int, size: int):
@@ -165,8 +162,18 @@ class WatchB(_Watcher):
     pass
 
 
+# The ways the tests put an array in a message: as the message, in a dict in
+# a list, in a pydantic model, in a dataclass. _the_array takes it back out.
+_SHAPES = {
+    "bare": lambda a: a,
+    "list": lambda a: [{"image": a, "label": "cat"}],
+    "model": lambda a: Tagged(image=a, label="cat"),
+    "dataclass": Boxed,
+}
+
+
 def _the_array(payload):
-    """The array in an event: itself, in a model or dataclass, or in a dict in a list."""
+    """The array in a message of one of the _SHAPES."""
     if isinstance(payload, (Tagged, Boxed)):
         return payload.image
     return payload[0]["image"] if isinstance(payload, list) else payload
@@ -368,8 +375,8 @@ def test_an_array_deep_in_a_result_goes_through_the_arena(bus, how):
     with FunctionClient(bus=bus) as c:
         x = np.random.rand(MiB // 8)
         got = c.call("zc_echo", "wrap", x, how)
-        arr = got[0]["image"] if how == "list" else got.image
-        assert type(got).__name__ == {"list": "list", "model": "Tagged", "dataclass": "Boxed"}[how]
+        arr = _the_array(got)
+        assert type(got) is type(_SHAPES[how](x))
         assert np.array_equal(arr, x) and not arr.flags.writeable and _in_a_slot(arr)
         assert c.stats()["arena"]["copies"] == 1  # x, copied in once by the call
         theirs = c.call("zc_echo", "stats")["arena"]
@@ -494,12 +501,7 @@ def test_an_event_with_a_large_array_is_written_once_for_every_subscriber(bus, h
     model, a dataclass, or a dict in a list."""
     WatchA.deploy(bus=bus)
     WatchB.deploy(bus=bus)
-    shape = {
-        "bare": lambda a: a,
-        "model": lambda a: Tagged(image=a, label="frame"),
-        "dataclass": Boxed,
-        "list": lambda a: [{"image": a, "label": "frame"}],
-    }[how]
+    shape = _SHAPES[how]
     with FunctionClient(bus=bus) as c:
         c.wait_for_subscribers("zc.frames", 2, timeout=30)
         for i in range(20):
@@ -527,15 +529,11 @@ def test_writable_copies_reach_arrays_inside_messages(bus, how):
     """The opt-in also copies arrays a message holds: in a pydantic model, a
     dataclass, or a dict in a list, and the handler still gets its type."""
     ZcEcho.deploy(bus=bus)
-    wrap = {
-        "model": lambda a: Tagged(image=a, label="cat"),
-        "dataclass": Boxed,
-        "list": lambda a: [{"image": a, "label": "cat"}],
-    }[how]
     with FunctionClient(bus=bus) as c:
         x = np.ones(MiB // 8)
-        got = c.call("zc_echo", "double_inside", wrap(x), how)
-        assert got == (2.0 * (MiB // 8), {"model": "Tagged", "dataclass": "Boxed", "list": "list"}[how])
+        msg = _SHAPES[how](x)
+        got = c.call("zc_echo", "double_inside", msg)
+        assert got == (2.0 * (MiB // 8), type(msg).__name__)
         assert x.sum() == MiB // 8
 
 
