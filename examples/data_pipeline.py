@@ -47,7 +47,7 @@ class Totals(BaseService):
 
 
 def main() -> int:
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ray.init(include_dashboard=False, log_to_driver=False)  # joins a running cluster, else starts one
     bus = get_communication_bus("example-pipeline").start()
     Clean.deploy(bus=bus.name)
     Totals.deploy(bus=bus.name)

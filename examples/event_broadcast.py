@@ -33,7 +33,7 @@ class Thermostat(BaseService):
 
 
 def main() -> int:
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ray.init(include_dashboard=False, log_to_driver=False)  # joins a running cluster, else starts one
     bus = get_communication_bus("example-events").start()
     h = Thermostat.deploy(bus=bus.name)
     everything, kitchen = queue.Queue(), queue.Queue()

@@ -35,7 +35,7 @@ class OrderConsumer:
 
 
 def main() -> int:
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ray.init(include_dashboard=False, log_to_driver=False)  # joins a running cluster, else starts one
     bus = get_communication_bus("example-legacy").start()
     consumer = OrderConsumer()
 

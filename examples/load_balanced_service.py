@@ -29,7 +29,7 @@ class Square(BaseService):
 
 
 def main() -> int:
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ray.init(include_dashboard=False, log_to_driver=False)  # joins a running cluster, else starts one
     bus = get_communication_bus("example-lb").start()
     Square.deploy(bus=bus.name)
     client = FunctionClient(bus=bus.name)

@@ -91,6 +91,7 @@ def main() -> int:
     here = os.path.dirname(os.path.abspath(__file__))
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p)
     ray.init(
+        address="local",  # its own Ray: the workers must inherit this driver's environment and tracing hook
         num_cpus=2,
         include_dashboard=False,
         log_to_driver=False,

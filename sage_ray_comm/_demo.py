@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import sys
 import time
 from typing import Any
 
 from .bus import get_communication_bus
 from .client import FunctionClient
+from .lifecycle import owns_ray
 from .service import BaseService, sage_service, service_function, subscribe
 
 SENSORS = ("kitchen", "garage", "attic", "cellar")
@@ -138,8 +140,15 @@ def run(records: int = 3000, window: int = 16) -> int:
 
     t_start = time.perf_counter()
     if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    bus_name = f"demo-{int(time.time())}"
+        # As a plain `ray.init()`: join the cluster this machine points at
+        # (RAY_ADDRESS, `ray start`'s current-cluster file), else start a local
+        # Ray. No num_cpus: Ray refuses resource options when it joins, and the
+        # services ask for 0.1 CPU each.
+        ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+    gcs = ray.get_runtime_context().gcs_address
+    on = "a local Ray started for the demo" if owns_ray() else f"the running cluster at {gcs}"
+    # Unique on a shared cluster: two demos at once must not share a bus.
+    bus_name = f"demo-{os.getpid()}-{int(time.time())}"
     bus = get_communication_bus(bus_name).start()
     try:
         handles = [Featurize.deploy(bus=bus_name), Aggregate.deploy(bus=bus_name), Monitor.deploy(bus=bus_name)]
@@ -190,6 +199,7 @@ def run(records: int = 3000, window: int = 16) -> int:
         print(
             f"  call latency      p50 {pct(0.5):,.0f} us   p99 {pct(0.99):,.0f} us   (source -> featurize -> aggregate -> back, under load)"
         )
+        print(f"  ray               {on}, bus {bus_name}")
         print(f"  transports        {shm_calls} calls over shared memory, {ray_calls} over Ray")
         print("  per-replica load  " + "   ".join(f"{k}: {v}" for k, v in sorted(per_replica.items())))
         print(

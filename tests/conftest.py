@@ -5,6 +5,8 @@
 - ``SAGE_TEST_CORE=path``: use that build of ``sage_ray_comm._core``.
 - ``ray_session``: one local Ray instance for the whole session (started on
   first use); actors get fractional ``num_cpus``.
+- ``RAY_ADDRESS=local`` for every process the suite starts: none joins a
+  cluster the machine happens to run.
 """
 
 from __future__ import annotations
@@ -18,6 +20,13 @@ import _core_override  # noqa: F401  (must precede the package import)
 import pytest
 
 from sage_ray_comm import shm
+
+# Every process the suite starts (drivers, examples, notebooks, the demo) starts
+# its own Ray, as on a fresh machine, even when this machine runs a cluster a
+# plain `ray.init()` would join (`ray start`, a test cluster left by a killed
+# run). Tests about joining a cluster drop this from their subprocess's
+# environment (test_ray_jobs).
+os.environ["RAY_ADDRESS"] = "local"
 
 
 def _unique_name(request) -> str:

@@ -26,6 +26,7 @@ def test_demo_pipeline_runs_and_checks_itself():
     assert r.returncode == 0, r.stdout + r.stderr
     out = r.stdout
     assert "check             OK" in out
+    assert "ray               a local Ray started for the demo, bus demo-" in out
     assert re.search(r"throughput\s+[\d,]+ records/s", out)
     assert re.search(r"p50 [\d,]+ us\s+p99 [\d,]+ us", out)
     m = re.search(r"transports\s+(\d+) calls over shared memory, (\d+) over Ray", out)

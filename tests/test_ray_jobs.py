@@ -9,7 +9,9 @@ jobs submitted through the job server.
 - two jobs at once: different buses never see each other, one bus is shared;
 - ``sage-comm status``/``metrics --address auto`` read the cluster from a shell;
 - ``bus.start()`` attaches to the running cluster (``RAY_ADDRESS`` or the
-  current cluster file) and starts a local Ray only when there is none.
+  current cluster file) and starts a local Ray only when there is none;
+- ``sage-comm demo`` and the examples join the running cluster, as a plain
+  ``ray.init()`` does, and leave no bus on it.
 
 Isolation: this module's cluster is the machine's "current cluster" while it
 runs; the suite's own Ray (``ray_session``) is started with
@@ -57,8 +59,17 @@ def _local_probe(env: dict) -> dict:
 
 
 def test_bus_start_without_a_cluster_starts_a_local_ray():
-    # Runs before the module's cluster exists (file order).
-    r = _local_probe(ENV)
+    # Runs before the module's cluster exists (file order). Ray's temp folder
+    # is a fresh one, so no current-cluster file another run left on this
+    # machine is found: this is a machine without a cluster.
+    import shutil
+    import tempfile
+
+    tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths live under it
+    try:
+        r = _local_probe(dict(ENV, RAY_TMPDIR=tmp))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     assert r["owned"] is True
 
 
@@ -288,6 +299,40 @@ def test_bus_start_attaches_to_the_running_cluster(cluster):
     for r in (on_file, on_env):
         # Ray names the GCS by the host's address; the port is the cluster's
         assert r["gcs"].rsplit(":", 1)[1] == cluster["address"].rsplit(":", 1)[1] and r["owned"] is False, r
+
+
+@pytest.mark.timeout(400)
+def test_demo_and_examples_join_the_running_cluster(cluster):
+    """What a plain `ray.init()` does on a machine that runs a cluster: the
+    demo and the examples join it (they ask for no resources, which Ray
+    refuses when joining) and leave no bus behind on it."""
+    exe = os.path.join(os.path.dirname(sys.executable), "sage-comm")
+    demo = subprocess.run([exe, "demo", "--records", "300"], capture_output=True, text=True, timeout=180, env=ENV)
+    assert demo.returncode == 0, demo.stdout[-3000:] + demo.stderr[-3000:]
+    port = cluster["address"].rsplit(":", 1)[1]
+    (line,) = [ln for ln in demo.stdout.splitlines() if ln.lstrip().startswith("ray ")]
+    assert "the running cluster at " in line and f":{port}, bus " in line, line
+    demo_bus = line.rsplit("bus ", 1)[1]
+    cluster["buses"].append(demo_bus)
+    assert "check             OK" in demo.stdout, demo.stdout
+    cluster["buses"].append("example-lb")
+    ex = subprocess.run(
+        [sys.executable, "examples/load_balanced_service.py"],
+        cwd=os.path.dirname(HERE),
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=ENV,
+    )
+    assert ex.returncode == 0, ex.stdout[-3000:] + ex.stderr[-3000:]
+    assert "Connecting to existing Ray cluster" in ex.stderr, ex.stderr[-2000:]
+    # both ended their buses on the cluster they joined: no router, no segment
+    for b in (demo_bus, "example-lb"):
+        status = sage_comm("status", "--address", cluster["address"], "--bus", b)
+        assert status.returncode != 0 and f"no bus '{b}'" in status.stderr + status.stdout, (
+            status.stdout + status.stderr
+        )
+        assert shm.list_segments(bus_namespace(b)) == []
 
 
 @pytest.mark.timeout(300)
