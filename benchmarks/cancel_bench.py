@@ -71,7 +71,7 @@ def main() -> int:
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = ap.parse_args()
     rounds = 3 if args.quick else 10
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     bus_name = f"cbench-{os.getpid()}"
     bus = get_communication_bus(bus_name)
     Held.deploy(bus=bus_name)

@@ -167,7 +167,8 @@ def serve(prefix: str, service: Any) -> tuple[str, Any, Any, FunctionClient]:
 
 def setup(prefix: str, no_cgraph: bool) -> Setup:
     """Starts Ray and the three sides of a same-node run (see Setup)."""
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    # address="local": its own Ray, never a cluster this machine happens to run.
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
     _, bus, _, client = serve(prefix, Echo)
     ray_actor = RayEcho.remote()
     ray.get(ray_actor.echo.remote(b""))
@@ -699,7 +700,7 @@ class RayGen:
 
 def streams(args) -> int:
     """The ``--streams`` rows (see the module docstring)."""
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     _, bus, _, client = serve("sbench", Gen)
     rgen = RayGen.remote()
     n_sage, n_ray = (100_000, 2_000) if args.quick else (1_000_000, 20_000)

@@ -278,7 +278,9 @@ def main() -> int:
         cluster.wait_for_nodes()
         address = cluster.address
     else:
-        ctx = ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        ctx = ray.init(
+            address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False
+        )
         address = ctx.address_info["gcs_address"]
     head = ray.get_runtime_context().get_node_id()
     bus_name = f"soak-{os.getpid()}"
