@@ -31,7 +31,6 @@ __all__ = [
     "KIND_PICKLE",
     "KIND_PICKLE_OOB",
     "KIND_RAW",
-    "BigBytes",
     "abandon",
     "big_buffers",
     "decode_oob",
@@ -42,7 +41,6 @@ __all__ = [
     "names_main",
     "release_located",
     "unpickle_error",
-    "wrap_big_bytes",
 ]
 
 # Ring frame kinds of SageQueue payloads (the binding encodes 1 and 2 itself:
@@ -228,61 +226,6 @@ def _dumps_by_value(obj: Any, bufs: list | None) -> bytes:
     if bufs is not None:
         bufs.clear()  # the plain attempt may have handed out buffers already
     return byvalue.dumps_by_value(obj, bufs)
-
-
-class BigBytes:
-    """A ``bytes`` argument or result of ARENA_MIN_BYTES or more, wrapped so
-    that it pickles out-of-band (into the arena) and unpickles as ``bytes``
-    again: a ``bytes`` owns its memory, so the receiver copies it out once."""
-
-    __slots__ = ("data",)
-
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-
-    def __reduce__(self) -> tuple:
-        # Over a BytesBuffer, not the bytes: a buffer pickle sees as read-only
-        # would make the receiver wait for all of it before copying any out.
-        buf: Any = shm.BytesBuffer(self.data)  # (the stub cannot say it is a Buffer: pybind11's exports only)
-        return bytes_out_of, (pickle.PickleBuffer(buf),)
-
-
-def bytes_out_of(buf: Any) -> bytes:
-    """The receiving side of :class:`BigBytes`: ``buf``'s bytes, copied out
-    (a ``bytes`` owns its memory), or, when this thread sent those very bytes
-    in the call it is making, its own object (loans.py). Read out of a slot,
-    they are kept with it (loans.keep_slots), to be sent on without a copy."""
-    in_slot = type(buf) is shm.SlotView  # (a flag: a narrowed SlotView is no Buffer to the type checker)
-    if not in_slot:
-        return bytes(buf)
-    own = loans.own_bytes(buf)
-    if own is not None:
-        return own
-    data = buf.read_bytes()  # copied out as its sender copies it in (arena.fill)
-    loans.keep(data, buf)
-    return data
-
-
-def wrap_big_bytes(values: Any) -> Any:
-    """``values`` (a tuple or list of arguments, a dict of keyword arguments,
-    or one value) with each ``bytes`` of ARENA_MIN_BYTES or more wrapped in
-    :class:`BigBytes`; the same object when there is none."""
-    # Plain loops, not any(<generator>): this runs on every call's arguments,
-    # which are almost never large (args and kwargs: 315 ns became 142).
-    t = type(values)
-    if t is tuple or t is list:
-        for v in values:
-            if type(v) is bytes and len(v) >= ARENA_MIN_BYTES:
-                return t(wrap_big_bytes(v) if type(v) is bytes else v for v in values)
-        return values
-    if t is dict:
-        for v in values.values():
-            if type(v) is bytes and len(v) >= ARENA_MIN_BYTES:
-                return {k: wrap_big_bytes(v) if type(v) is bytes else v for k, v in values.items()}
-        return values
-    if t is bytes and len(values) >= ARENA_MIN_BYTES:
-        return BigBytes(values)
-    return values
 
 
 # How many items of a value big_buffers looks at (a long list is not walked per message).

@@ -8,8 +8,6 @@ only: validation costs a few microseconds a call).
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 import functools
 import inspect
 import logging
@@ -20,6 +18,7 @@ import pydantic
 
 from . import tensors
 from .errors import NameConflict
+from .nested import replace_nested
 from .router import FunctionInfo
 
 if TYPE_CHECKING:
@@ -112,39 +111,18 @@ def _writable(value: Any, depth: int = WRITABLE_DEPTH) -> Any:
     buffers (tensors.py), up to ``depth`` levels down: in lists, tuples,
     dicts, and the fields of pydantic models and dataclasses (a shallow copy
     of the model is given the copies; the one received is left alone).
-    ``value`` itself when it holds none."""
+    ``value`` itself when it holds none. No width limit: the handler asked
+    for copies of all of them."""
+    return replace_nested(value, _writable_copy, depth)
+
+
+def _writable_copy(value: Any) -> Any:
     flags = getattr(value, "flags", None)
     if flags is not None and hasattr(value, "copy"):
         return value.copy() if not getattr(flags, "writeable", True) else value
     if tensors.shares_memory(value):
         return value.clone()
-    if depth == 0:
-        return value
-    t = type(value)
-    if t is list or t is tuple:
-        items = [_writable(x, depth - 1) for x in value]
-        return t(items) if any(a is not b for a, b in zip(items, value, strict=True)) else value
-    if t is dict:
-        changed = {k: n for k, x in value.items() if (n := _writable(x, depth - 1)) is not x}
-        return {**value, **changed} if changed else value
-    if dataclasses.is_dataclass(t):
-        names: Any = [f.name for f in dataclasses.fields(t)]
-    elif hasattr(t, "__pydantic_fields__"):
-        names = list(getattr(value, "__dict__", ()))
-    else:
-        return value
-    changed = {}
-    for k in names:
-        x = getattr(value, k)
-        n = _writable(x, depth - 1)
-        if n is not x:
-            changed[k] = n
-    if not changed:
-        return value
-    out = copy.copy(value)
-    for k, n in changed.items():
-        object.__setattr__(out, k, n)  # past a frozen dataclass's or model's guard: it is our own copy
-    return out
+    return value
 
 
 def _with_writable_copies(fn: Callable[..., Any]) -> Callable[..., Any]:

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from . import shm
-from ._codec import abandon, big_buffers, encode_payload, wrap_big_bytes
+from ._codec import abandon, big_buffers, encode_payload
 from ._wire import (
     ERR_SERIALIZATION,
     ERR_TIMEOUT,
@@ -31,6 +31,7 @@ from ._wire import (
     error_reply,
 )
 from .arena import ArenaOwner, fill
+from .bigbytes import holds_big_bytes, wrap_big_bytes
 from .blobs import SegmentBlob
 from .errors import CallTimeout, MessageTooLarge, QueueClosed, QueueFull, QueueNotFound, SerializationError
 from .loans import drop_kept
@@ -98,11 +99,12 @@ class ReplyWriter(ArenaOwner):
             return
         if type(result) is StreamBatch:
             # A stream's items, fetched as one reply: each large one goes through the arena, as a call's result would.
-            located = big_buffers(result.items)
+            located = big_buffers(result.items) or holds_big_bytes(result.items)
             if located:
                 result = result._replace(items=wrap_big_bytes(result.items))
         else:
-            located = big_buffers(result)
+            # Deeper bytes too: pickle would take them in-band, never telling the one-call put.
+            located = big_buffers(result) or holds_big_bytes(result)
         try:
             self.put(req, (req.cid, ST_OK, result), raise_too_large=True, located=located)
         except MessageTooLarge:

@@ -76,7 +76,7 @@ CREATE_ONLY = _core.CREATE_ONLY
 # slot when the last view of it is released (arena.py).
 SlotView = _core.SlotView
 # A bytes object's memory as a buffer pickle does not see as read-only, for
-# large bytes payloads (_codec.BigBytes; csrc/bindings.cpp says why).
+# large bytes payloads (bigbytes.BigBytes; csrc/bindings.cpp says why).
 BytesBuffer = _core.BytesBuffer
 # An out-of-band payload (_codec.py) split into its pickle and its buffers,
 # arena slots of slabs already known read in place (csrc/oob.hpp; arena.py).

@@ -32,7 +32,6 @@ from ._codec import (
     decode_oob,
     encode_payload,
     holds_no_buffers,
-    wrap_big_bytes,
 )
 from ._future import CallFuture
 from ._ray import cancel_on_replica, tell_replica
@@ -45,6 +44,7 @@ from ._wire import (
     request_tuple,
 )
 from .arena import Arena, ArenaOwner, fill
+from .bigbytes import wrap_big_bytes
 from .blobs import SegmentBlob
 from .claims import EXPIRED, ClaimTable
 from .errors import (

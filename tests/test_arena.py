@@ -26,9 +26,9 @@ from sage_ray_comm._codec import (
     abandon,
     decode_oob,
     encode_payload,
-    wrap_big_bytes,
 )
 from sage_ray_comm.arena import ARENA_MIN_BYTES, HELD_MIN_BYTES, READERS, Arena, ArenaOwner, Location
+from sage_ray_comm.bigbytes import wrap_big_bytes
 from sage_ray_comm.loans import drop_kept, keep_slots, track_sent, untrack_sent
 
 MiB = 1 << 20
