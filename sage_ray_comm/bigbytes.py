@@ -24,7 +24,7 @@ import pydantic
 
 from . import loans, shm
 from .arena import ARENA_MIN_BYTES
-from .nested import DEPTH, FIELDS, PLAIN, WIDTH, all_fields, kind, replace_nested
+from .nested import DEPTH, PLAIN, TYPES_MAX, WIDTH, all_fields, any_nested, replace_nested
 
 __all__ = ["BigBytes", "bytes_out_of", "holds_big_bytes", "wrap_big_bytes"]
 
@@ -78,40 +78,19 @@ def wrap_big_bytes(values: Any) -> Any:
                 break
         else:
             return values
-    if holds_big_bytes(values, DEPTH):
+    if holds_big_bytes(values):
         return replace_nested(values, _big_bytes, width=WIDTH, fields=_bytes_fields)
     return values
 
 
-def holds_big_bytes(value: Any, depth: int = DEPTH) -> bool:
+def holds_big_bytes(value: Any) -> bool:
     """Whether ``value`` holds a ``bytes`` of ARENA_MIN_BYTES or more where
-    wrap_big_bytes would wrap it (the same depth, width and fields)."""
-    t = type(value)
-    if t is bytes:
-        return len(value) >= ARENA_MIN_BYTES
-    if t is tuple or t is list:
-        items: Any = value
-    elif t is dict:
-        items = value.values()
-    elif t in PLAIN or kind(t) != FIELDS:
-        return False
-    else:
-        names = _bytes_fields(t)
-        if not names:
-            return False
-        items = [getattr(value, n, None) for n in names]
-    if depth == 0 or len(items) > WIDTH:
-        return False
-    for x in items:
-        tx = type(x)
-        if tx in PLAIN:
-            continue
-        if tx is bytes:
-            if len(x) >= ARENA_MIN_BYTES:
-                return True
-        elif holds_big_bytes(x, depth - 1):
-            return True
-    return False
+    wrap_big_bytes would wrap it."""
+    return any_nested(value, _is_big_bytes, DEPTH, WIDTH, _bytes_fields)
+
+
+def _is_big_bytes(v: Any) -> bool:
+    return type(v) is bytes and len(v) >= ARENA_MIN_BYTES
 
 
 def _big_bytes(v: Any) -> Any:
@@ -119,8 +98,6 @@ def _big_bytes(v: Any) -> Any:
 
 
 _BYTES_FIELDS: dict[type, tuple] = {}
-# Field types that never hold bytes (pydantic turns bytes given for a str into a str).
-_NO_BYTES = frozenset({str, int, float, bool, complex, type(None)})
 _OBJECT_GETSTATE = getattr(object, "__getstate__", None)  # Python 3.11+; absent before
 
 
@@ -137,7 +114,7 @@ def _bytes_fields(t: type) -> tuple:
             and (getstate is _OBJECT_GETSTATE or getstate is pydantic.BaseModel.__getstate__)
         )
         names = tuple(n for n in all_fields(t) if _may_hold_bytes(t, n)) if plain else ()
-        if len(_BYTES_FIELDS) < 4096:
+        if len(_BYTES_FIELDS) < TYPES_MAX:
             _BYTES_FIELDS[t] = names
     return names
 
@@ -155,7 +132,7 @@ def _may_hold_bytes(t: type, name: str) -> bool:
 
 
 def _hint_may_hold_bytes(hint: Any) -> bool:
-    if hint in _NO_BYTES:
+    if hint in PLAIN:  # (pydantic turns bytes given for a str into a str)
         return False
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         return any(_hint_may_hold_bytes(a) for a in typing.get_args(hint))

@@ -3,8 +3,9 @@
 One walk serves two jobs that must look into the same shapes: a handler's
 writable copies of the read-only arrays it received (handlers.py), and the
 large ``bytes`` a message carries, wrapped so that they travel out-of-band
-(_codec.py; pickle never asks about an exact ``bytes``, so they cannot be
-caught while pickling). Both look into lists, tuples, dicts and the fields
+(bigbytes.py; pickle never asks about an exact ``bytes``, so they cannot
+be caught while pickling, and the search for them, :func:`any_nested`,
+runs on every message). Both look into lists, tuples, dicts and the fields
 of pydantic models and dataclasses, and both leave the value they were
 given alone: a container or model that holds a replaced value is rebuilt
 (a shallow copy for a model), the rest is shared.
@@ -32,8 +33,10 @@ __all__ = [
     "PLAIN",
     "PLAIN_KIND",
     "SEQUENCE",
+    "TYPES_MAX",
     "WIDTH",
     "all_fields",
+    "any_nested",
     "kind",
     "replace_nested",
 ]
@@ -45,7 +48,7 @@ PLAIN: frozenset[type] = frozenset({str, int, float, bool, complex, type(None)})
 # What a type is to the walk.
 PLAIN_KIND, SEQUENCE, MAPPING, FIELDS, LEAF = range(5)
 _KINDS: dict[type, int] = {**dict.fromkeys(PLAIN, PLAIN_KIND), list: SEQUENCE, tuple: SEQUENCE, dict: MAPPING}
-_TYPES_MAX = 4096  # types remembered (classes made per cell in a notebook must not grow it without bound)
+TYPES_MAX = 4096  # types remembered (classes made per cell in a notebook must not grow it without bound)
 _FIELD_NAMES: dict[type, tuple] = {}
 
 
@@ -56,7 +59,7 @@ def kind(t: type) -> int:
     k = _KINDS.get(t)
     if k is None:
         k = FIELDS if dataclasses.is_dataclass(t) or hasattr(t, "__pydantic_fields__") else LEAF
-        if len(_KINDS) < _TYPES_MAX:
+        if len(_KINDS) < TYPES_MAX:
             _KINDS[t] = k
     return k
 
@@ -70,7 +73,7 @@ def all_fields(t: type) -> tuple:
             names = tuple(f.name for f in dataclasses.fields(t))
         else:
             names = tuple(getattr(t, "__pydantic_fields__", ()))
-        if len(_FIELD_NAMES) < _TYPES_MAX:
+        if len(_FIELD_NAMES) < TYPES_MAX:
             _FIELD_NAMES[t] = names
     return names
 
@@ -91,45 +94,62 @@ def replace_nested(
     k = kind(type(value))
     if k == LEAF:
         return leaf(value)
-    if k == PLAIN_KIND or depth == 0:
-        return value
-    if width is not None and k != FIELDS and len(value) > width:
+    if k == PLAIN_KIND or depth == 0 or (width is not None and k != FIELDS and len(value) > width):
         return value
     if k == SEQUENCE:
-        items = None
-        for i, x in enumerate(value):
-            if type(x) in PLAIN:
-                continue
+        pairs: Any = enumerate(value)
+    elif k == MAPPING:
+        pairs = value.items()
+    else:  # (a model made with model_construct may lack a field)
+        pairs = ((name, getattr(value, name, None)) for name in fields(type(value)))
+    changed = {}
+    for key, x in pairs:
+        if type(x) not in PLAIN:
             n = replace_nested(x, leaf, depth - 1, width, fields)
             if n is not x:
-                if items is None:
-                    items = list(value)
-                items[i] = n
-        return value if items is None else type(value)(items)
-    if k == MAPPING:
-        changed = None
-        for key, x in value.items():
-            if type(x) in PLAIN:
-                continue
-            n = replace_nested(x, leaf, depth - 1, width, fields)
-            if n is not x:
-                if changed is None:
-                    changed = {}
                 changed[key] = n
-        return value if changed is None else {**value, **changed}
-    replaced = None
-    for name in fields(type(value)):
-        x = getattr(value, name, None)  # (a model made with model_construct may lack one)
-        if type(x) in PLAIN:
-            continue
-        n = replace_nested(x, leaf, depth - 1, width, fields)
-        if n is not x:
-            if replaced is None:
-                replaced = {}
-            replaced[name] = n
-    if replaced is None:
+    if not changed:
         return value
+    if k == SEQUENCE:
+        items = list(value)
+        for i, n in changed.items():
+            items[i] = n
+        return type(value)(items)
+    if k == MAPPING:
+        return {**value, **changed}
     out = copy.copy(value)
-    for name, n in replaced.items():
+    for name, n in changed.items():
         object.__setattr__(out, name, n)  # past a frozen dataclass's or model's guard: it is our own copy
     return out
+
+
+def any_nested(
+    value: Any,
+    test: Callable[[Any], bool],
+    depth: int = DEPTH,
+    width: int | None = None,
+    fields: Callable[[type], tuple] = all_fields,
+) -> bool:
+    """Whether ``test(x)`` holds for a leaf ``x`` of ``value`` that
+    :func:`replace_nested`, given the same limits, would give its leaf
+    function: the search before a rewrite, which rebuilds nothing."""
+    t = type(value)
+    k = _KINDS.get(t)  # kind() inlined for the types seen before: this runs on every message
+    if k is None:
+        k = kind(t)
+    if k == LEAF:
+        return test(value)
+    if k == PLAIN_KIND or depth == 0:
+        return False
+    if k == SEQUENCE:
+        items: Any = value
+    elif k == MAPPING:
+        items = value.values()
+    else:
+        items = [getattr(value, name, None) for name in fields(t)]
+    if width is not None and k != FIELDS and len(items) > width:
+        return False
+    for x in items:  # noqa: SIM110 (a plain loop: any(<generator>) costs more on this per-message path)
+        if type(x) not in PLAIN and any_nested(x, test, depth - 1, width, fields):
+            return True
+    return False

@@ -9,7 +9,7 @@ import dataclasses
 import pydantic
 import pytest
 
-from sage_ray_comm.nested import DEPTH, replace_nested
+from sage_ray_comm.nested import DEPTH, any_nested, replace_nested
 
 
 def _upper(v):
@@ -69,3 +69,21 @@ def test_plain_values_are_never_given_to_the_leaf_function(value):
 def test_a_leaf_at_the_top_is_given_to_the_leaf_function():
     assert replace_nested(b"x", _upper) == b"X"
     assert replace_nested(bytearray(b"x"), lambda v: ("seen", bytes(v))) == ("seen", b"x")
+
+
+def test_the_search_sees_exactly_the_leaves_the_rewrite_replaces():
+    deep = b"x"
+    for _ in range(DEPTH):
+        deep = [deep]
+    m = Msg(name="n", body=b"b")
+    for value, kw in [
+        (deep, {}),  # at the depth limit: found
+        ([deep], {}),  # one level too deep: not
+        ([b"x"] * 40, {"width": 32}),  # too wide: not
+        ([b"x"] * 40, {"width": 40}),
+        (m, {"fields": lambda t: ()}),  # its fields not looked into
+        ({"m": m, "n": [1, 2]}, {}),
+        ({"n": [1, 2], "s": "text"}, {}),  # no leaf at all
+    ]:
+        found = any_nested(value, lambda v: type(v) is bytes, **kw)
+        assert found == (replace_nested(value, _upper, **kw) is not value), value

@@ -117,12 +117,9 @@ def cluster(tmp_path_factory):
     # This module's own calls (the job client) talk to its cluster: Ray's job
     # client takes RAY_ADDRESS over the URL it is given, so the suite's
     # RAY_ADDRESS=local (conftest) is lifted while the module runs.
-    saved = os.environ.pop("RAY_ADDRESS", None)
-    try:
+    with pytest.MonkeyPatch.context() as env:
+        env.delenv("RAY_ADDRESS", raising=False)
         yield from _cluster(tmp_path_factory)
-    finally:
-        if saved is not None:
-            os.environ["RAY_ADDRESS"] = saved
 
 
 def _cluster(tmp_path_factory):

@@ -49,6 +49,18 @@ class Boxed:
     image: np.ndarray
 
 
+class Frame(pydantic.BaseModel):
+    """A message model holding an encoded image (bytes: a JPEG, a protobuf)."""
+
+    image: bytes
+    label: str
+
+
+@dataclasses.dataclass
+class Blob:
+    image: bytes
+
+
 @sage_service(name="zc_echo", num_cpus=0.1, max_concurrency=2)
 class ZcEcho(BaseService):
     def initialize(self):
@@ -102,7 +114,7 @@ class ZcEcho(BaseService):
     def double_inside(self, msg) -> tuple:
         """Doubles the array inside ``msg`` in place; returns its sum and the
         type of the message it was given."""
-        arr = _the_array(msg)
+        arr = _the_image(msg)
         arr *= 2
         return float(arr.sum()), type(msg).__name__
 
@@ -144,7 +156,7 @@ class _Watcher(BaseService):
 
     @subscribe("zc.frames")
     def on_frame(self, payload):
-        arr = _the_array(payload)
+        arr = _the_image(payload)
         self.seen.append((bool(arr.flags.writeable), float(arr.sum())))  # keeps no view
 
     @service_function
@@ -163,7 +175,7 @@ class WatchB(_Watcher):
 
 
 # The ways the tests put an array in a message: as the message, in a dict in
-# a list, in a pydantic model, in a dataclass. _the_array takes it back out.
+# a list, in a pydantic model, in a dataclass. _the_image takes it back out.
 _SHAPES = {
     "bare": lambda a: a,
     "list": lambda a: [{"image": a, "label": "cat"}],
@@ -172,11 +184,22 @@ _SHAPES = {
 }
 
 
-def _the_array(payload):
-    """The array in a message of one of the _SHAPES."""
-    if isinstance(payload, (Tagged, Boxed)):
+# The ways the tests put large bytes in a message, below its top level.
+_BYTES_SHAPES = {
+    "dict": lambda b: {"image": b, "label": "cat"},
+    "list": _SHAPES["list"],
+    "model": lambda b: Frame(image=b, label="cat"),
+    "dataclass": Blob,
+}
+
+
+def _the_image(payload):
+    """The array or bytes in a message of one of the _SHAPES or _BYTES_SHAPES."""
+    if isinstance(payload, (Tagged, Boxed, Frame, Blob)):
         return payload.image
-    return payload[0]["image"] if isinstance(payload, list) else payload
+    if isinstance(payload, list):
+        return payload[0]["image"]
+    return payload["image"] if isinstance(payload, dict) else payload
 
 
 def _in_a_slot(arr) -> bool:
@@ -375,39 +398,12 @@ def test_an_array_deep_in_a_result_goes_through_the_arena(bus, how):
     with FunctionClient(bus=bus) as c:
         x = np.random.rand(MiB // 8)
         got = c.call("zc_echo", "wrap", x, how)
-        arr = _the_array(got)
+        arr = _the_image(got)
         assert type(got) is type(_SHAPES[how](x))
         assert np.array_equal(arr, x) and not arr.flags.writeable and _in_a_slot(arr)
         assert c.stats()["arena"]["copies"] == 1  # x, copied in once by the call
         theirs = c.call("zc_echo", "stats")["arena"]
         assert theirs is None or theirs["copies"] == 0  # the reply named the caller's slot again
-
-
-class Frame(pydantic.BaseModel):
-    """A message model holding encoded bytes (a JPEG, a protobuf)."""
-
-    data: bytes
-    label: str
-
-
-@dataclasses.dataclass
-class Blob:
-    data: bytes
-
-
-# The ways the tests put large bytes in a message, below its top level.
-_BYTES_SHAPES = {
-    "dict": lambda b: {"data": b, "label": "cat"},
-    "list": lambda b: [{"data": b, "label": "cat"}],
-    "model": lambda b: Frame(data=b, label="cat"),
-    "dataclass": Blob,
-}
-
-
-def _the_bytes(payload):
-    if isinstance(payload, (Frame, Blob)):
-        return payload.data
-    return payload[0]["data"] if isinstance(payload, list) else payload["data"]
 
 
 @pytest.mark.parametrize("how", sorted(_BYTES_SHAPES))
@@ -424,7 +420,7 @@ def test_bytes_deep_in_a_message_go_through_the_arena(bus, how):
         for i in range(3):
             got = c.call("zc_echo", "echo", msg)
             assert type(got) is type(msg) and got == msg
-            assert _the_bytes(got) is b  # its own object: the reply named the slot it was sent in
+            assert _the_image(got) is b  # its own object: the reply named the slot it was sent in
             assert c.stats()["arena"]["copies"] == i + 1  # once per call, into the caller's arena
             assert _in_use(c) == 0
         theirs = c.call("zc_echo", "stats")["arena"]
